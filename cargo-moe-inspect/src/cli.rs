@@ -1,0 +1,93 @@
+//! Raw command-line arguments (clap). Validation into library objects happens
+//! in `commands`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Inspect Mixture-of-Experts checkpoints: the analyses of Lo et al. (2024),
+/// drift checks against golden snapshots, and benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo moe-inspect", bin_name = "cargo moe-inspect", version, about)]
+#[command(arg_required_else_help = true)]
+pub struct Cli {
+    /// When to colour output (honours NO_COLOR and CARGO_TERM_COLOR).
+    #[arg(long, value_enum, global = true, env = "CARGO_TERM_COLOR", default_value = "auto")]
+    pub color: ColorChoice,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run analyses on a model: print tables, or write a JSON/Markdown report.
+    Analyze(AnalyzeArgs),
+    /// List the supported model families and what each supports.
+    Models(ModelsArgs),
+}
+
+/// Which model to open.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// HF model directory (config.json + model.safetensors, or a sharded index).
+    #[arg(long, value_name = "DIR", conflicts_with = "demo")]
+    pub model: Option<PathBuf>,
+
+    /// Use the embedded demo model (the default when no --model is given).
+    #[arg(long)]
+    pub demo: bool,
+
+    /// Device for computations: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+    Markdown,
+}
+
+#[derive(Debug, Args)]
+pub struct AnalyzeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Analyses to run: `static`, `all`, or names separated by commas.
+    #[arg(long, default_value = "static")]
+    pub analyses: String,
+
+    /// Layers to analyse, e.g. `0,5,31` or `0..8` (default: every MoE layer).
+    #[arg(long, value_name = "SPEC")]
+    pub layers: Option<String>,
+
+    /// A dense model of the same shape (e.g. Mistral-7B for Mixtral): its FFN
+    /// is added to the similarity matrices as row/column `F`.
+    #[arg(long, value_name = "DIR")]
+    pub dense_reference: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
+
+    /// Directory for report files (report.json / report.md and SVG figures).
+    /// Markdown defaults to `moe-inspect-report/`.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsArgs {
+    /// Output format (table or json).
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
+}

@@ -1,0 +1,149 @@
+//! Turns parsed arguments into library calls and output.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions, Progress};
+use moe_inspect::layers::LayerSelection;
+use moe_inspect::model::{DenseModel, Family, Model};
+use moe_inspect::report::{self, table::Styling};
+use moe_inspect::{Error, Result};
+
+use crate::cli::{AnalyzeArgs, Cli, ColorChoice, Command, ModelArgs, ModelsArgs, OutputFormat};
+
+/// Runs a command; the returned code is the process exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    let style = Styling {
+        color: use_color(cli.color),
+    };
+    match cli.command {
+        Command::Analyze(args) => analyze(args, style),
+        Command::Models(args) => models(args),
+    }
+}
+
+fn use_color(choice: ColorChoice) -> bool {
+    match choice {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                && std::io::stdout().is_terminal()
+        }
+    }
+}
+
+/// Whether to draw progress bars: only on a terminal, never on CI.
+fn interactive() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("CI").is_none()
+}
+
+fn open_model(args: &ModelArgs) -> Result<Model> {
+    check_device(&args.device)?;
+    match &args.model {
+        Some(dir) => Model::open(dir),
+        None => Model::demo(),
+    }
+}
+
+fn check_device(device: &str) -> Result<()> {
+    match device {
+        "cpu" => Ok(()),
+        d if d == "cuda" || d.starts_with("cuda:") => Err(Error::Usage(format!(
+            "--device {d}: this build has no CUDA support (rebuild with `--features cuda`)"
+        ))),
+        d => Err(Error::Usage(format!(
+            "--device `{d}`: expected `cpu` or `cuda[:N]`"
+        ))),
+    }
+}
+
+struct Bar(Option<ProgressBar>);
+
+impl Progress for Bar {
+    fn start(&self, total: usize) {
+        if let Some(b) = &self.0 {
+            b.set_length(total as u64);
+        }
+    }
+    fn layer_done(&self, layer: usize) {
+        if let Some(b) = &self.0 {
+            b.set_message(format!("layer {layer}"));
+            b.inc(1);
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn progress_bar() -> Bar {
+    if !interactive() {
+        return Bar(None);
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} layers {msg} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    Bar(Some(bar))
+}
+
+fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
+    let analyses = AnalysisKind::parse_selection(&args.analyses)?;
+    let layers = args.layers.as_deref().map(LayerSelection::parse).transpose()?;
+    let model = open_model(&args.model)?;
+    let dense = args.dense_reference.as_deref().map(DenseModel::open).transpose()?;
+    if let Some(sel) = &layers {
+        let (_, skipped) = analysis::selected_layers(&model, Some(sel))?;
+        if !skipped.is_empty() {
+            eprintln!(
+                "note: skipping dense (non-MoE) layers {}",
+                moe_inspect::layers::format_list(&skipped)
+            );
+        }
+    }
+    let opts = AnalyzeOptions {
+        analyses,
+        layers,
+        dense: dense.as_ref(),
+    };
+    let report = analysis::run(&model, &opts, &progress_bar())?;
+    match args.format {
+        OutputFormat::Table => print!("{}", report::table::render(&report, style)),
+        OutputFormat::Json => {
+            let json = report::to_json(&report);
+            if let Some(dir) = &args.out {
+                std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+                let path = dir.join("report.json");
+                std::fs::write(&path, &json).map_err(|e| io(&path, e))?;
+                eprintln!("wrote {}", path.display());
+            }
+            println!("{json}");
+        }
+        OutputFormat::Markdown => {
+            let dir = args.out.unwrap_or_else(|| PathBuf::from("moe-inspect-report"));
+            let path = report::markdown::write(&report, &dir)?;
+            eprintln!("wrote {} (with SVG figures)", path.display());
+        }
+    }
+    Ok(0)
+}
+
+fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+fn models(args: ModelsArgs) -> Result<u8> {
+    let rows: Vec<_> = Family::ALL.iter().map(|f| f.describe()).collect();
+    match args.format {
+        OutputFormat::Json => println!("{}", report::to_json_value(&rows)),
+        _ => print!("{}", report::table::families(&rows)),
+    }
+    Ok(0)
+}

@@ -1,0 +1,117 @@
+//! Typed errors of the library. Every variant names the file, tensor or key
+//! that is at fault, so the CLI can print one clear line and pick an exit code.
+
+use std::path::PathBuf;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while loading or analysing a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be opened or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `config.json` is absent from a model directory.
+    #[error("{}: no config.json in this model directory", dir.display())]
+    ConfigMissing { dir: PathBuf },
+
+    /// `config.json` is not valid JSON or not an object.
+    #[error("{}: malformed config.json: {reason}", path.display())]
+    ConfigSyntax { path: PathBuf, reason: String },
+
+    /// A key of `config.json` is missing or has the wrong type/value.
+    #[error("{}: config key `{key}`: {reason}", path.display())]
+    ConfigKey {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+
+    /// The `model_type` (or architecture) is not one of the supported families.
+    #[error("{}: unknown model family `{found}` (supported: {supported}); see `cargo moe-inspect models`", path.display())]
+    UnknownFamily {
+        path: PathBuf,
+        found: String,
+        supported: String,
+    },
+
+    /// No safetensors file (single or sharded index) in a model directory.
+    #[error("{}: no model.safetensors or model.safetensors.index.json in this model directory", dir.display())]
+    NoWeights { dir: PathBuf },
+
+    /// A safetensors file (or index) is structurally broken.
+    #[error("{}: {reason}", path.display())]
+    Safetensors { path: PathBuf, reason: String },
+
+    /// A shard is shorter than its header promises.
+    #[error("{}: truncated safetensors file: tensor `{tensor}` needs bytes {start}..{end} of the data section, but the file holds only {available} data bytes", path.display())]
+    Truncated {
+        path: PathBuf,
+        tensor: String,
+        start: u64,
+        end: u64,
+        available: u64,
+    },
+
+    /// A tensor the family adapter needs is not in the checkpoint.
+    #[error("{}: tensor `{tensor}` is missing from the checkpoint", dir.display())]
+    TensorMissing { dir: PathBuf, tensor: String },
+
+    /// A tensor has a shape that does not match the config.
+    #[error("{}: tensor `{tensor}` has shape {found:?}, but config.json implies {expected:?}", path.display())]
+    ShapeMismatch {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A tensor is stored in a dtype the analyses cannot read.
+    #[error("{}: tensor `{tensor}` has dtype {dtype}, which is not supported (supported: F32, F16, BF16)", path.display())]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+
+    /// A tensor holds NaN or infinite values.
+    #[error("{}: tensor `{tensor}` contains NaN or infinite values", path.display())]
+    NonFinite { path: PathBuf, tensor: String },
+
+    /// Two models that must have the same geometry do not.
+    #[error("{}: {reason}", path.display())]
+    Incompatible { path: PathBuf, reason: String },
+
+    /// A command-line or configuration value is invalid.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    /// The process exit code for this error (SPEC §3): 2 for usage, configuration
+    /// and input errors. (Drift and regressions, exit 1, are results, not errors.)
+    pub fn exit_code(&self) -> i32 {
+        2
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn key(path: impl Into<PathBuf>, key: &str, reason: impl Into<String>) -> Self {
+        Error::ConfigKey {
+            path: path.into(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}

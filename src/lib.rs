@@ -1,0 +1,17 @@
+//! `moe-inspect`: the analyses of Lo et al., *A Closer Look into
+//! Mixture-of-Experts in Large Language Models* (2024), on real MoE
+//! checkpoints, as a library. The `cargo-moe-inspect` binary is a thin CLI
+//! over it.
+//!
+//! - [`model`]: config.json, family adapters, safetensors through mmap;
+//! - [`analysis`]: the analyses, one file each;
+//! - [`report`]: tables, JSON (schema `moe-inspect/report/v1`), Markdown + SVG.
+
+pub mod analysis;
+pub mod demo;
+pub mod error;
+pub mod layers;
+pub mod model;
+pub mod report;
+
+pub use error::{Error, Result};

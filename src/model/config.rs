@@ -1,0 +1,173 @@
+//! `config.json` access that tolerates the spellings of different releases and
+//! transformers versions, and names the key when a value is missing or wrong.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// A parsed `config.json` with the path it came from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    path: PathBuf,
+    map: Map<String, Value>,
+}
+
+impl Config {
+    /// Reads `dir/config.json`.
+    pub fn read_dir(dir: &Path) -> Result<Config> {
+        let path = dir.join("config.json");
+        if !path.exists() {
+            return Err(Error::ConfigMissing {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Config::parse(&path, &bytes)
+    }
+
+    /// Parses config bytes; `path` is used in error messages.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| Error::ConfigSyntax {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        match value {
+            Value::Object(map) => Ok(Config {
+                path: path.to_path_buf(),
+                map,
+            }),
+            other => Err(Error::ConfigSyntax {
+                path: path.to_path_buf(),
+                reason: format!("expected a JSON object, found {}", kind(&other)),
+            }),
+        }
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The raw value of a key, treating JSON `null` as absent.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    /// A string value, if present.
+    pub fn str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(self.wrong(key, "a string", other)),
+        }
+    }
+
+    /// An optional non-negative integer.
+    pub fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
+        }
+    }
+
+    /// A required non-negative integer.
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?
+            .ok_or_else(|| Error::key(&self.path, key, "missing (required for this model family)"))
+    }
+
+    /// The first present key among `keys` (e.g. `num_local_experts` / `num_experts`).
+    pub fn usize_any(&self, keys: &[&str]) -> Result<Option<usize>> {
+        for key in keys {
+            if let Some(v) = self.usize_opt(key)? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Like [`Config::usize_any`] but required; the error lists all accepted spellings.
+    pub fn usize_any_req(&self, keys: &[&str]) -> Result<usize> {
+        self.usize_any(keys)?.ok_or_else(|| {
+            Error::key(
+                &self.path,
+                keys[0],
+                format!("missing (also looked for {})", keys[1..].join(", ")),
+            )
+        })
+    }
+
+    /// An optional boolean.
+    pub fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.wrong(key, "a boolean", other)),
+        }
+    }
+
+    /// An optional number (integers accepted).
+    pub fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a number", v)),
+        }
+    }
+
+    /// An optional list of non-negative integers (e.g. `mlp_only_layers`).
+    pub fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .map(|n| n as usize)
+                        .ok_or_else(|| self.wrong(key, "a list of non-negative integers", v))
+                })
+                .collect(),
+            Some(other) => Err(self.wrong(key, "a list of integers", other)),
+        }
+    }
+
+    /// The first entry of `architectures`, if any.
+    pub fn architecture(&self) -> Option<&str> {
+        self.get("architectures")?.as_array()?.first()?.as_str()
+    }
+
+    fn wrong(&self, key: &str, expected: &str, found: &Value) -> Error {
+        Error::key(
+            &self.path,
+            key,
+            format!("expected {expected}, found {}", short(found)),
+        )
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 40 {
+        format!("{}…", &s[..s.char_indices().nth(40).map_or(s.len(), |(i, _)| i)])
+    } else {
+        s
+    }
+}

@@ -1,0 +1,279 @@
+//! Checkpoints: config parsing, family adapters, safetensors through mmap, and
+//! the one view of "MoE layer: router, experts, shared experts" that analyses use.
+
+pub mod config;
+pub mod family;
+pub mod safetensors;
+
+use std::path::{Path, PathBuf};
+
+pub use config::Config;
+pub use family::{DenseInfo, Family, ModelInfo};
+pub use safetensors::{Dtype, TensorView, Weights};
+
+use crate::error::{Error, Result};
+
+/// The three matrices of a SwiGLU expert, named as in the paper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Matrix {
+    Up,
+    Gate,
+    Down,
+}
+
+impl Matrix {
+    /// In the order the paper (and every report) shows them.
+    pub const ALL: [Matrix; 3] = [Matrix::Up, Matrix::Gate, Matrix::Down];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Matrix::Up => "up",
+            Matrix::Gate => "gate",
+            Matrix::Down => "down",
+        }
+    }
+}
+
+/// One expert's (or dense FFN's) matrices: `gate`, `up` `[I, hidden]`, `down` `[hidden, I]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertView<'a> {
+    pub gate: TensorView<'a>,
+    pub up: TensorView<'a>,
+    pub down: TensorView<'a>,
+}
+
+impl<'a> ExpertView<'a> {
+    pub fn matrix(&self, m: Matrix) -> TensorView<'a> {
+        match m {
+            Matrix::Up => self.up,
+            Matrix::Gate => self.gate,
+            Matrix::Down => self.down,
+        }
+    }
+}
+
+/// What an analysis sees of one MoE layer: no tensor names, just roles.
+#[derive(Debug, Clone)]
+pub struct MoeLayerView<'a> {
+    /// The checkpoint's own layer index.
+    pub layer: usize,
+    /// Router matrix `[E, hidden]`.
+    pub router: TensorView<'a>,
+    /// Routed experts in checkpoint order.
+    pub experts: Vec<ExpertView<'a>>,
+    /// Shared expert(s), fused into one SwiGLU block, if the family has them.
+    pub shared: Option<ExpertView<'a>>,
+}
+
+/// An opened MoE checkpoint.
+pub struct Model {
+    pub info: ModelInfo,
+    pub config: Config,
+    weights: Weights,
+    label: String,
+    dtype: Dtype,
+}
+
+impl Model {
+    /// Opens an HF model directory (config.json + safetensors, sharded or not)
+    /// and validates every tensor the analyses need (names, shapes, dtypes)
+    /// from the headers alone.
+    pub fn open(dir: &Path) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
+        }
+        let config = Config::read_dir(dir)?;
+        let info = ModelInfo::from_config(&config)?;
+        let weights = Weights::open_dir(dir)?;
+        Model::from_parts(info, config, weights, dir.display().to_string())
+    }
+
+    /// The trained demo model embedded in the binary.
+    pub fn demo() -> Result<Model> {
+        let label = PathBuf::from(crate::demo::LABEL);
+        let config = Config::parse(&label.join("config.json"), crate::demo::CONFIG)?;
+        let info = ModelInfo::from_config(&config)?;
+        let weights = Weights::from_static(&label, crate::demo::WEIGHTS)?;
+        Model::from_parts(info, config, weights, crate::demo::LABEL.to_string())
+    }
+
+    fn from_parts(info: ModelInfo, config: Config, weights: Weights, label: String) -> Result<Model> {
+        let mut model = Model {
+            info,
+            config,
+            weights,
+            label,
+            dtype: Dtype::F32,
+        };
+        model.dtype = model.validate()?;
+        Ok(model)
+    }
+
+    /// Checks names, shapes and dtypes of every routed/shared expert and router;
+    /// returns the dtype of the experts.
+    fn validate(&self) -> Result<Dtype> {
+        let info = &self.info;
+        let (h, i) = (info.hidden_size, info.expert_intermediate);
+        let mut dtype = None;
+        for &layer in &info.moe_layers {
+            let router = info.family.router_name(layer);
+            self.weights.expect_shape(&router, &[info.num_experts, h])?;
+            self.weights.tensor(&router)?;
+            for e in 0..info.num_experts {
+                let names = info.family.expert_names(layer, e);
+                self.check_swiglu(&names, h, i)?;
+                dtype.get_or_insert(self.weights.tensor(&names[0])?.dtype);
+            }
+            if info.shared_intermediate > 0 {
+                if let Some(names) = info.family.shared_names(layer) {
+                    self.check_swiglu(&names, h, info.shared_intermediate)?;
+                }
+            }
+        }
+        Ok(dtype.unwrap_or(Dtype::F32))
+    }
+
+    fn check_swiglu(&self, names: &[String; 3], h: usize, i: usize) -> Result<()> {
+        self.weights.expect_shape(&names[0], &[i, h])?;
+        self.weights.expect_shape(&names[1], &[i, h])?;
+        self.weights.expect_shape(&names[2], &[h, i])?;
+        for n in names {
+            self.weights.tensor(n)?;
+        }
+        Ok(())
+    }
+
+    /// Where the model came from (directory, or `<demo>`), for reports.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Storage dtype of the experts.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// The checkpoint's tensors (for adapters and tools that need raw access).
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// The view of one MoE layer. Fails with a usage error for dense layers.
+    pub fn moe_layer(&self, layer: usize) -> Result<MoeLayerView<'_>> {
+        let info = &self.info;
+        if !info.moe_layers.contains(&layer) {
+            return Err(Error::Usage(format!(
+                "layer {layer} of {} is not an MoE layer (MoE layers: {})",
+                self.label,
+                crate::layers::format_list(&info.moe_layers)
+            )));
+        }
+        let fam = info.family;
+        let experts = (0..info.num_experts)
+            .map(|e| self.swiglu(&fam.expert_names(layer, e)))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match fam.shared_names(layer) {
+            Some(names) if info.shared_intermediate > 0 => Some(self.swiglu(&names)?),
+            _ => None,
+        };
+        Ok(MoeLayerView {
+            layer,
+            router: self.weights.tensor(&fam.router_name(layer))?,
+            experts,
+            shared,
+        })
+    }
+
+    fn swiglu(&self, names: &[String; 3]) -> Result<ExpertView<'_>> {
+        swiglu_view(&self.weights, names)
+    }
+
+    /// Drops a finished layer's pages from resident memory (see [`Weights::release`]).
+    pub fn release_layer(&self, layer: usize) {
+        let fam = self.info.family;
+        let mut names = vec![fam.router_name(layer)];
+        for e in 0..self.info.num_experts {
+            names.extend(fam.expert_names(layer, e));
+        }
+        if let Some(s) = fam.shared_names(layer) {
+            names.extend(s);
+        }
+        self.weights.release(names.iter().map(String::as_str));
+    }
+}
+
+fn swiglu_view<'a>(weights: &'a Weights, names: &[String; 3]) -> Result<ExpertView<'a>> {
+    Ok(ExpertView {
+        gate: weights.tensor(&names[0])?,
+        up: weights.tensor(&names[1])?,
+        down: weights.tensor(&names[2])?,
+    })
+}
+
+/// A dense model whose FFNs are compared with the experts (`--dense-reference`).
+pub struct DenseModel {
+    pub info: DenseInfo,
+    weights: Weights,
+    dir: PathBuf,
+}
+
+impl DenseModel {
+    /// Opens a dense HF checkpoint (Mistral, Llama, Qwen2...).
+    pub fn open(dir: &Path) -> Result<DenseModel> {
+        let config = Config::read_dir(dir)?;
+        let info = DenseInfo::from_config(&config)?;
+        let weights = Weights::open_dir(dir)?;
+        Ok(DenseModel {
+            info,
+            weights,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Checks that its FFN has the shape of the MoE model's experts.
+    pub fn check_compatible(&self, moe: &ModelInfo) -> Result<()> {
+        if self.info.hidden_size != moe.hidden_size
+            || self.info.intermediate_size != moe.expert_intermediate
+        {
+            return Err(Error::Incompatible {
+                path: self.dir.join("config.json"),
+                reason: format!(
+                    "dense reference has hidden {} × intermediate {}, but the experts are {} × {}",
+                    self.info.hidden_size,
+                    self.info.intermediate_size,
+                    moe.hidden_size,
+                    moe.expert_intermediate
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The FFN of a layer as an expert-shaped view.
+    pub fn ffn(&self, layer: usize) -> Result<ExpertView<'_>> {
+        if layer >= self.info.num_layers {
+            return Err(Error::Incompatible {
+                path: self.dir.join("config.json"),
+                reason: format!(
+                    "dense reference has {} layers, no layer {layer}",
+                    self.info.num_layers
+                ),
+            });
+        }
+        let names = family::swiglu_names(&format!("model.layers.{layer}.mlp"));
+        let (h, i) = (self.info.hidden_size, self.info.intermediate_size);
+        self.weights.expect_shape(&names[0], &[i, h])?;
+        self.weights.expect_shape(&names[1], &[i, h])?;
+        self.weights.expect_shape(&names[2], &[h, i])?;
+        swiglu_view(&self.weights, &names)
+    }
+
+    /// Drops a finished layer's FFN pages from resident memory.
+    pub fn release_layer(&self, layer: usize) {
+        let names = family::swiglu_names(&format!("model.layers.{layer}.mlp"));
+        self.weights.release(names.iter().map(String::as_str));
+    }
+}

@@ -1,0 +1,439 @@
+//! Zero-copy safetensors reading through mmap (or embedded bytes), with
+//! validation that names the shard and tensor when something is wrong.
+//!
+//! Tensors are never loaded eagerly: a [`TensorView`] borrows its bytes from
+//! the mapping, and analyses convert them to f32 in bounded chunks. After a
+//! layer is done, [`Weights::release`] drops its pages from the page cache of
+//! this process, so resident memory does not grow with the number of layers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Element types the analyses can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+
+    /// The short lower-case name used in reports (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+        }
+    }
+
+    fn parse(tag: &str) -> Option<Dtype> {
+        match tag {
+            "F32" => Some(Dtype::F32),
+            "F16" => Some(Dtype::F16),
+            "BF16" => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// Byte size of a safetensors dtype tag, for header validation.
+fn tag_size(tag: &str) -> Option<usize> {
+    Some(match tag {
+        "F64" | "I64" | "U64" | "C64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "F8_E4M3" | "F8_E5M2" | "I8" | "U8" | "BOOL" | "F8_E8M0" => 1,
+        _ => return None,
+    })
+}
+
+/// The bytes behind a shard: a read-only file mapping or bytes embedded in the binary.
+enum Storage {
+    Mmap(memmap2::Mmap),
+    Static(&'static [u8]),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mmap(m) => m,
+            Storage::Static(b) => b,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    tag: String,
+    shape: Vec<usize>,
+    /// Absolute byte range inside the file.
+    start: usize,
+    end: usize,
+}
+
+/// One safetensors file.
+struct Shard {
+    path: PathBuf,
+    storage: Storage,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Shard> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; a checkpoint modified while we read it
+        // is outside what this tool can defend against (as for every mmap reader).
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Shard::parse(path.to_path_buf(), Storage::Mmap(mmap))
+    }
+
+    fn parse(path: PathBuf, storage: Storage) -> Result<Shard> {
+        let bad = |reason: String| Error::Safetensors {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = storage.bytes();
+        if bytes.len() < 8 {
+            return Err(bad(format!(
+                "truncated safetensors file: {} bytes, too short for the 8-byte header length",
+                bytes.len()
+            )));
+        }
+        let mut len8 = [0u8; 8];
+        len8.copy_from_slice(&bytes[..8]);
+        let header_len = u64::from_le_bytes(len8);
+        let available = (bytes.len() - 8) as u64;
+        if header_len > available {
+            return Err(bad(format!(
+                "truncated or corrupt safetensors file: header claims {header_len} bytes, file has {available} after the length prefix"
+            )));
+        }
+        let header_end = 8 + header_len as usize;
+        let header: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(&bytes[8..header_end])
+                .map_err(|e| bad(format!("safetensors header is not valid JSON: {e}")))?;
+        let data_len = (bytes.len() - header_end) as u64;
+        let mut tensors = HashMap::with_capacity(header.len());
+        for (name, value) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let entry: RawEntry = serde_json::from_value(value)
+                .map_err(|e| bad(format!("header entry of tensor `{name}` is malformed: {e}")))?;
+            let [start, end] = entry.data_offsets;
+            if start > end {
+                return Err(bad(format!(
+                    "tensor `{name}` has data offsets {start}..{end} (start after end)"
+                )));
+            }
+            if end > data_len {
+                return Err(Error::Truncated {
+                    path: path.clone(),
+                    tensor: name,
+                    start,
+                    end,
+                    available: data_len,
+                });
+            }
+            let numel: u64 = entry.shape.iter().map(|&d| d as u64).product();
+            if let Some(size) = tag_size(&entry.dtype) {
+                if numel * size as u64 != end - start {
+                    return Err(bad(format!(
+                        "tensor `{name}`: shape {:?} of {} needs {} bytes but its data offsets span {}",
+                        entry.shape,
+                        entry.dtype,
+                        numel * size as u64,
+                        end - start
+                    )));
+                }
+            }
+            tensors.insert(
+                name,
+                TensorEntry {
+                    tag: entry.dtype,
+                    shape: entry.shape,
+                    start: header_end + start as usize,
+                    end: header_end + end as usize,
+                },
+            );
+        }
+        Ok(Shard {
+            path,
+            storage,
+            tensors,
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+#[derive(serde::Deserialize)]
+struct RawIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// A borrowed tensor: dtype, shape and raw little-endian bytes.
+#[derive(Clone, Copy)]
+pub struct TensorView<'a> {
+    /// Checkpoint name of the tensor (for error messages only; analyses never match on it).
+    pub name: &'a str,
+    /// The file that holds it.
+    pub path: &'a Path,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    bytes: &'a [u8],
+}
+
+impl std::fmt::Debug for TensorView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorView")
+            .field("name", &self.name)
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl<'a> TensorView<'a> {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Raw bytes of the tensor.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// Converts elements `start..start + out.len()` (row-major) to f32.
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        let size = self.dtype.size();
+        let src = &self.bytes[start * size..(start + out.len()) * size];
+        match self.dtype {
+            Dtype::F32 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Dtype::BF16 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            Dtype::F16 => {
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+        }
+    }
+
+    /// The whole tensor as f32 (use for small tensors such as routers).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.read_f32(0, &mut out);
+        out
+    }
+}
+
+/// All tensors of a checkpoint (one file, or an index and its shards).
+pub struct Weights {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// Tensor name → shard index.
+    location: HashMap<String, usize>,
+}
+
+impl Weights {
+    /// Opens `model.safetensors` or `model.safetensors.index.json` in `dir`.
+    pub fn open_dir(dir: &Path) -> Result<Weights> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        if index_path.exists() {
+            Weights::open_index(dir, &index_path)
+        } else if single.exists() {
+            let shard = Shard::open(&single)?;
+            let location = shard.tensors.keys().map(|k| (k.clone(), 0)).collect();
+            Ok(Weights {
+                dir: dir.to_path_buf(),
+                shards: vec![shard],
+                location,
+            })
+        } else {
+            Err(Error::NoWeights {
+                dir: dir.to_path_buf(),
+            })
+        }
+    }
+
+    fn open_index(dir: &Path, index_path: &Path) -> Result<Weights> {
+        let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+        let index: RawIndex = serde_json::from_slice(&text).map_err(|e| Error::Safetensors {
+            path: index_path.to_path_buf(),
+            reason: format!("malformed safetensors index: {e}"),
+        })?;
+        let mut shard_ids: BTreeMap<String, usize> = BTreeMap::new();
+        for file in index.weight_map.values() {
+            let next = shard_ids.len();
+            shard_ids.entry(file.clone()).or_insert(next);
+        }
+        let mut ordered: Vec<(&String, &usize)> = shard_ids.iter().collect();
+        ordered.sort_by_key(|(_, id)| **id);
+        let mut shards = Vec::with_capacity(ordered.len());
+        for (file, _) in ordered {
+            if file.contains("..") || Path::new(file).is_absolute() {
+                return Err(Error::Safetensors {
+                    path: index_path.to_path_buf(),
+                    reason: format!("shard name `{file}` leaves the model directory"),
+                });
+            }
+            shards.push(Shard::open(&dir.join(file))?);
+        }
+        let mut location = HashMap::with_capacity(index.weight_map.len());
+        for (tensor, file) in &index.weight_map {
+            let id = shard_ids[file];
+            if !shards[id].tensors.contains_key(tensor) {
+                return Err(Error::Safetensors {
+                    path: index_path.to_path_buf(),
+                    reason: format!("index places tensor `{tensor}` in `{file}`, but that shard does not contain it"),
+                });
+            }
+            location.insert(tensor.clone(), id);
+        }
+        Ok(Weights {
+            dir: dir.to_path_buf(),
+            shards,
+            location,
+        })
+    }
+
+    /// Weights embedded in the binary (the demo model).
+    pub fn from_static(label: &Path, bytes: &'static [u8]) -> Result<Weights> {
+        let shard = Shard::parse(label.join("model.safetensors"), Storage::Static(bytes))?;
+        let location = shard.tensors.keys().map(|k| (k.clone(), 0)).collect();
+        Ok(Weights {
+            dir: label.to_path_buf(),
+            shards: vec![shard],
+            location,
+        })
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the checkpoint has a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.location.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn entry(&self, name: &str) -> Result<(&Shard, &TensorEntry)> {
+        let id = *self
+            .location
+            .get(name)
+            .ok_or_else(|| Error::TensorMissing {
+                dir: self.dir.clone(),
+                tensor: name.to_string(),
+            })?;
+        let shard = &self.shards[id];
+        Ok((shard, &shard.tensors[name]))
+    }
+
+    /// Shape of a tensor, without touching its data.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.entry(name)?.1.shape)
+    }
+
+    /// A readable view of a tensor; fails on dtypes the analyses cannot read.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        let (shard, entry) = self.entry(name)?;
+        let dtype = Dtype::parse(&entry.tag).ok_or_else(|| Error::UnsupportedDtype {
+            path: shard.path.clone(),
+            tensor: name.to_string(),
+            dtype: entry.tag.clone(),
+        })?;
+        let (key, _) = shard
+            .tensors
+            .get_key_value(name)
+            .expect("entry() found the name");
+        Ok(TensorView {
+            name: key,
+            path: &shard.path,
+            dtype,
+            shape: &entry.shape,
+            bytes: &shard.storage.bytes()[entry.start..entry.end],
+        })
+    }
+
+    /// Checks a tensor's shape against what the config implies.
+    pub fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let (shard, entry) = self.entry(name)?;
+        if entry.shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops the pages of these tensors from this process's resident set
+    /// (they are re-read from disk if touched again). No-op for embedded bytes.
+    pub fn release<'n>(&self, names: impl IntoIterator<Item = &'n str>) {
+        for name in names {
+            let Ok((shard, entry)) = self.entry(name) else {
+                continue;
+            };
+            if let Storage::Mmap(m) = &shard.storage {
+                let page = page_size();
+                // Only whole pages inside the tensor, so neighbours stay mapped.
+                let start = entry.start.div_ceil(page) * page;
+                let end = entry.end / page * page;
+                if end > start {
+                    // SAFETY: the mapping is a read-only, file-backed, shared mapping;
+                    // MADV_DONTNEED only drops cached pages, which the kernel
+                    // re-reads from the file on the next access. No references into
+                    // this range outlive the layer whose analysis just finished.
+                    let _ = unsafe {
+                        m.unchecked_advise_range(
+                            memmap2::UncheckedAdvice::DontNeed,
+                            start,
+                            end - start,
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn page_size() -> usize {
+    4096
+}

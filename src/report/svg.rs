@@ -1,0 +1,164 @@
+//! Minimal SVG figures, drawn as the paper draws them: heatmaps of similarity
+//! matrices with up/gate/down side by side and a shared colour bar.
+
+use std::fmt::Write;
+
+/// Viridis anchor colours (matplotlib's default map), interpolated linearly.
+const VIRIDIS: [(f64, f64, f64); 6] = [
+    (68.0, 1.0, 84.0),
+    (65.0, 68.0, 135.0),
+    (42.0, 120.0, 142.0),
+    (34.0, 168.0, 132.0),
+    (122.0, 209.0, 81.0),
+    (253.0, 231.0, 37.0),
+];
+
+/// Colour for `t` in [0, 1] and whether text on it should be dark.
+pub fn viridis(t: f64) -> (String, bool) {
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let x = t * (VIRIDIS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
+    let f = x - i as f64;
+    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
+    let c = |p: f64, q: f64| (p + (q - p) * f).round() as u8;
+    (
+        format!("#{:02x}{:02x}{:02x}", c(a.0, b.0), c(a.1, b.1), c(a.2, b.2)),
+        t > 0.6,
+    )
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// One heatmap panel: a title and a square matrix.
+pub struct Panel<'a> {
+    pub title: &'a str,
+    pub matrix: &'a [Vec<f64>],
+}
+
+/// Draws panels side by side with one colour scale `[lo, hi]`, tick labels
+/// `labels` on both axes, and cell values written in when the matrix is small.
+pub fn heatmaps(title: &str, panels: &[Panel<'_>], labels: &[String], lo: f64, hi: f64) -> String {
+    let n = labels.len().max(1);
+    let cell = (420.0 / n as f64).clamp(6.0, 40.0);
+    let side = cell * n as f64;
+    let (margin_l, margin_t, gap) = (44.0, 56.0, 36.0);
+    let bar_w = 16.0;
+    let width = margin_l + panels.len() as f64 * (side + gap) + bar_w + 60.0;
+    let height = margin_t + side + 40.0;
+    let annotate = n <= 12;
+    let tick_step = n.div_ceil(16);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{margin_l}" y="22" font-size="15" font-weight="bold">{}</text>"#,
+        esc(title)
+    );
+    for (p, panel) in panels.iter().enumerate() {
+        let x0 = margin_l + p as f64 * (side + gap);
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="13" text-anchor="middle">{}</text>"#,
+            x0 + side / 2.0,
+            margin_t - 18.0,
+            esc(panel.title)
+        );
+        for (i, row) in panel.matrix.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let (fill, dark_text) = viridis((v - lo) / span);
+                let (x, y) = (x0 + j as f64 * cell, margin_t + i as f64 * cell);
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{y:.1}" width="{cell:.1}" height="{cell:.1}" fill="{fill}"><title>{} × {}: {v:.4}</title></rect>"#,
+                    esc(&labels[i.min(n - 1)]),
+                    esc(&labels[j.min(n - 1)])
+                );
+                if annotate {
+                    let _ = writeln!(
+                        s,
+                        r#"<text x="{:.1}" y="{:.1}" font-size="{:.0}" text-anchor="middle" fill="{}">{:.2}</text>"#,
+                        x + cell / 2.0,
+                        y + cell / 2.0 + 3.5,
+                        (cell / 3.4).min(11.0),
+                        if dark_text { "black" } else { "white" },
+                        v
+                    );
+                }
+            }
+        }
+        for (k, label) in labels.iter().enumerate().step_by(tick_step) {
+            let c = k as f64 * cell + cell / 2.0;
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
+                x0 + c,
+                margin_t - 4.0,
+                esc(label)
+            );
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"#,
+                x0 - 4.0,
+                margin_t + c + 3.5,
+                esc(label)
+            );
+        }
+    }
+    // Colour bar.
+    let bx = margin_l + panels.len() as f64 * (side + gap);
+    let steps = 32;
+    for k in 0..steps {
+        let t = 1.0 - k as f64 / steps as f64;
+        let (fill, _) = viridis(t);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{bx:.1}" y="{:.1}" width="{bar_w}" height="{:.2}" fill="{fill}"/>"#,
+            margin_t + k as f64 * side / steps as f64,
+            side / steps as f64 + 0.5
+        );
+    }
+    for (t, v) in [(0.0, hi), (0.5, (lo + hi) / 2.0), (1.0, lo)] {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10">{v:.2}</text>"#,
+            bx + bar_w + 4.0,
+            margin_t + t * side + 3.5
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viridis_ends_are_matplotlib_colours() {
+        assert_eq!(viridis(0.0).0, "#440154");
+        assert_eq!(viridis(1.0).0, "#fde725");
+        assert_eq!(viridis(f64::NAN).0, "#440154");
+    }
+
+    #[test]
+    fn heatmap_has_one_rect_per_cell_per_panel() {
+        let m = vec![vec![1.0, 0.5], vec![0.5, 1.0]];
+        let labels = vec!["0".to_string(), "1".to_string()];
+        let svg = heatmaps(
+            "t",
+            &[Panel { title: "up", matrix: &m }, Panel { title: "gate", matrix: &m }],
+            &labels,
+            0.0,
+            1.0,
+        );
+        assert_eq!(svg.matches("<title>").count(), 8);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+    }
+}
