@@ -51,7 +51,11 @@ impl LayerSelection {
     /// Keeps the selected MoE layers; errors on an index past the model's last
     /// layer, or on a selection that names no MoE layer at all. Dense layers in
     /// the selection are returned separately so the caller can say they were skipped.
-    pub fn resolve(&self, num_layers: usize, moe_layers: &[usize]) -> Result<(Vec<usize>, Vec<usize>)> {
+    pub fn resolve(
+        &self,
+        num_layers: usize,
+        moe_layers: &[usize],
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
         if let Some(&bad) = self.0.iter().find(|&&l| l >= num_layers) {
             return Err(Error::Usage(format!(
                 "--layers: layer {bad} does not exist (the model has {num_layers} layers, 0..{num_layers})"
@@ -98,9 +102,15 @@ mod tests {
 
     #[test]
     fn parses_lists_ranges_and_mixes() {
-        assert_eq!(LayerSelection::parse("0,5,31").unwrap().layers(), &[0, 5, 31]);
+        assert_eq!(
+            LayerSelection::parse("0,5,31").unwrap().layers(),
+            &[0, 5, 31]
+        );
         assert_eq!(LayerSelection::parse("0..3").unwrap().layers(), &[0, 1, 2]);
-        assert_eq!(LayerSelection::parse("2..=4, 1,3").unwrap().layers(), &[1, 2, 3, 4]);
+        assert_eq!(
+            LayerSelection::parse("2..=4, 1,3").unwrap().layers(),
+            &[1, 2, 3, 4]
+        );
     }
 
     #[test]
@@ -115,7 +125,11 @@ mod tests {
     fn resolve_splits_moe_and_dense_and_checks_bounds() {
         let sel = LayerSelection::parse("0..3").unwrap();
         assert_eq!(sel.resolve(3, &[1, 2]).unwrap(), (vec![1, 2], vec![0]));
-        assert!(sel.resolve(2, &[1]).unwrap_err().to_string().contains("layer 2 does not exist"));
+        assert!(sel
+            .resolve(2, &[1])
+            .unwrap_err()
+            .to_string()
+            .contains("layer 2 does not exist"));
         assert!(LayerSelection::parse("0")
             .unwrap()
             .resolve(3, &[1, 2])

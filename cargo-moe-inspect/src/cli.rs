@@ -8,11 +8,22 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Inspect Mixture-of-Experts checkpoints: the analyses of Lo et al. (2024),
 /// drift checks against golden snapshots, and benchmarks.
 #[derive(Debug, Parser)]
-#[command(name = "cargo moe-inspect", bin_name = "cargo moe-inspect", version, about)]
+#[command(
+    name = "cargo moe-inspect",
+    bin_name = "cargo moe-inspect",
+    version,
+    about
+)]
 #[command(arg_required_else_help = true)]
 pub struct Cli {
     /// When to colour output (honours NO_COLOR and CARGO_TERM_COLOR).
-    #[arg(long, value_enum, global = true, env = "CARGO_TERM_COLOR", default_value = "auto")]
+    #[arg(
+        long,
+        value_enum,
+        global = true,
+        env = "CARGO_TERM_COLOR",
+        default_value = "auto"
+    )]
     pub color: ColorChoice,
 
     #[command(subcommand)]

@@ -85,7 +85,8 @@ fn progress_bar() -> Bar {
         return Bar(None);
     }
     let bar = ProgressBar::new(0);
-    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} layers {msg} [{elapsed}]") {
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} layers {msg} [{elapsed}]")
+    {
         bar.set_style(style);
     }
     Bar(Some(bar))
@@ -93,9 +94,17 @@ fn progress_bar() -> Bar {
 
 fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     let analyses = AnalysisKind::parse_selection(&args.analyses)?;
-    let layers = args.layers.as_deref().map(LayerSelection::parse).transpose()?;
+    let layers = args
+        .layers
+        .as_deref()
+        .map(LayerSelection::parse)
+        .transpose()?;
     let model = open_model(&args.model)?;
-    let dense = args.dense_reference.as_deref().map(DenseModel::open).transpose()?;
+    let dense = args
+        .dense_reference
+        .as_deref()
+        .map(DenseModel::open)
+        .transpose()?;
     if let Some(sel) = &layers {
         let (_, skipped) = analysis::selected_layers(&model, Some(sel))?;
         if !skipped.is_empty() {
@@ -124,7 +133,9 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             println!("{json}");
         }
         OutputFormat::Markdown => {
-            let dir = args.out.unwrap_or_else(|| PathBuf::from("moe-inspect-report"));
+            let dir = args
+                .out
+                .unwrap_or_else(|| PathBuf::from("moe-inspect-report"));
             let path = report::markdown::write(&report, &dir)?;
             eprintln!("wrote {} (with SVG figures)", path.display());
         }

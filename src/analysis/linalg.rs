@@ -120,10 +120,18 @@ mod tests {
 
     #[test]
     fn dot_matches_f64_reference_on_long_vectors() {
-        let a: Vec<f32> = (0..100_003).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-        let b: Vec<f32> = (0..100_003).map(|i| ((i * 11 % 53) as f32 - 26.0) / 3.0).collect();
+        let a: Vec<f32> = (0..100_003)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let b: Vec<f32> = (0..100_003)
+            .map(|i| ((i * 11 % 53) as f32 - 26.0) / 3.0)
+            .collect();
         let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        let scale: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+        let scale: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (*x as f64 * *y as f64).abs())
+            .sum();
         let got = dot(&a, &b);
         // f32 products and 32-term f32 partial sums: error ≪ 1e-6 of Σ|a·b|.
         assert!((got - exact).abs() <= 1e-6 * scale, "{got} vs {exact}");

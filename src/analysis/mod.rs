@@ -99,7 +99,10 @@ pub fn model_summary(model: &Model) -> ModelSummary {
 }
 
 /// The MoE layers an analysis run covers, and the selected dense layers it skips.
-pub fn selected_layers(model: &Model, sel: Option<&LayerSelection>) -> Result<(Vec<usize>, Vec<usize>)> {
+pub fn selected_layers(
+    model: &Model,
+    sel: Option<&LayerSelection>,
+) -> Result<(Vec<usize>, Vec<usize>)> {
     match sel {
         None => Ok((model.info.moe_layers.clone(), Vec::new())),
         Some(sel) => sel.resolve(model.info.num_layers, &model.info.moe_layers),

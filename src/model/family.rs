@@ -306,7 +306,11 @@ impl ModelInfo {
                 let only = config.usize_list("mlp_only_layers")?;
                 let step = config.usize_opt("decoder_sparse_step")?.unwrap_or(1);
                 if step == 0 {
-                    return Err(Error::key(path, "decoder_sparse_step", "must be at least 1"));
+                    return Err(Error::key(
+                        path,
+                        "decoder_sparse_step",
+                        "must be at least 1",
+                    ));
                 }
                 Box::new(move |l| !only.contains(&l) && (l + 1) % step == 0)
             }
@@ -325,7 +329,11 @@ impl ModelInfo {
             None
         } else {
             Some(intermediate.ok_or_else(|| {
-                Error::key(path, "intermediate_size", "missing (needed for the dense layers)")
+                Error::key(
+                    path,
+                    "intermediate_size",
+                    "missing (needed for the dense layers)",
+                )
             })?)
         };
         Ok(ModelInfo {

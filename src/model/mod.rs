@@ -4,6 +4,7 @@
 pub mod config;
 pub mod family;
 pub mod safetensors;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 
@@ -100,7 +101,12 @@ impl Model {
         Model::from_parts(info, config, weights, crate::demo::LABEL.to_string())
     }
 
-    fn from_parts(info: ModelInfo, config: Config, weights: Weights, label: String) -> Result<Model> {
+    fn from_parts(
+        info: ModelInfo,
+        config: Config,
+        weights: Weights,
+        label: String,
+    ) -> Result<Model> {
         let mut model = Model {
             info,
             config,

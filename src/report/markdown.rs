@@ -36,7 +36,8 @@ pub fn write(report: &Report, dir: &Path) -> Result<PathBuf> {
     );
     if let Some(sim) = &report.analyses.expert_similarity {
         let _ = writeln!(md, "## Expert similarity\n");
-        let _ = writeln!(
+        let _ =
+            writeln!(
             md,
             "Cosine similarity of the flattened expert matrices (Lo et al. 2024, §3.1, Fig. 1); \
              rows and columns are experts in checkpoint order{}.\n",
@@ -46,7 +47,10 @@ pub fn write(report: &Report, dir: &Path) -> Result<PathBuf> {
                 ""
             }
         );
-        let _ = writeln!(md, "| layer | matrix | mean off-diagonal | max off-diagonal (pair) |");
+        let _ = writeln!(
+            md,
+            "| layer | matrix | mean off-diagonal | max off-diagonal (pair) |"
+        );
         let _ = writeln!(md, "|---|---|---|---|");
         for l in &sim.layers {
             for mat in Matrix::ALL {

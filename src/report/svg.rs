@@ -15,7 +15,11 @@ const VIRIDIS: [(f64, f64, f64); 6] = [
 
 /// Colour for `t` in [0, 1] and whether text on it should be dark.
 pub fn viridis(t: f64) -> (String, bool) {
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let x = t * (VIRIDIS.len() - 1) as f64;
     let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
     let f = x - i as f64;
@@ -28,7 +32,9 @@ pub fn viridis(t: f64) -> (String, bool) {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// One heatmap panel: a title and a square matrix.
@@ -153,7 +159,16 @@ mod tests {
         let labels = vec!["0".to_string(), "1".to_string()];
         let svg = heatmaps(
             "t",
-            &[Panel { title: "up", matrix: &m }, Panel { title: "gate", matrix: &m }],
+            &[
+                Panel {
+                    title: "up",
+                    matrix: &m,
+                },
+                Panel {
+                    title: "gate",
+                    matrix: &m,
+                },
+            ],
             &labels,
             0.0,
             1.0,

@@ -25,7 +25,9 @@ pub fn matrix_table(labels: &[String], m: &[Vec<f64>]) -> String {
 }
 
 /// Off-diagonal statistics of a similarity matrix: mean, (min, i, j), (max, i, j).
-pub fn off_diagonal_stats(m: &[Vec<f64>]) -> Option<(f64, (f64, usize, usize), (f64, usize, usize))> {
+pub fn off_diagonal_stats(
+    m: &[Vec<f64>],
+) -> Option<(f64, (f64, usize, usize), (f64, usize, usize))> {
     let mut sum = 0.0;
     let mut count = 0usize;
     let mut min = (f64::INFINITY, 0, 0);
@@ -47,7 +49,13 @@ pub fn off_diagonal_stats(m: &[Vec<f64>]) -> Option<(f64, (f64, usize, usize), (
 
 fn summary_table(layers: &[LayerMatrices]) -> String {
     let mut b = Builder::default();
-    b.push_record(["layer", "matrix", "mean off-diag", "min (pair)", "max (pair)"]);
+    b.push_record([
+        "layer",
+        "matrix",
+        "mean off-diag",
+        "min (pair)",
+        "max (pair)",
+    ]);
     for l in layers {
         for m in Matrix::ALL {
             if let Some((mean, min, max)) = off_diagonal_stats(l.get(m)) {

@@ -1,0 +1,106 @@
+//! Helpers shared by the integration tests: fixture paths, reference values,
+//! and copies of fixtures that tests may break.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use moe_inspect::model::writer::{self, TensorSpec};
+use moe_inspect::model::Weights;
+
+/// The MoE fixture directories (all families), relative to the repository root.
+pub const MOE_FIXTURES: [&str; 8] = [
+    "mixtral",
+    "qwen2-moe",
+    "qwen3-moe",
+    "olmoe",
+    "deepseek-v2",
+    "deepseek-v3",
+    "deepseek-moe",
+    "grok-1",
+];
+
+/// The repository root (this module is shared by the library's and the CLI's tests).
+pub fn repo_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if here.join("fixtures").is_dir() {
+        here.to_path_buf()
+    } else {
+        here.parent().unwrap().to_path_buf()
+    }
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("fixtures").join(name)
+}
+
+/// `fixtures/<name>/reference.json`, computed by fixtures/make_fixtures.py with numpy/scipy.
+pub fn reference(name: &str) -> serde_json::Value {
+    let path = fixture(name).join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A matrix from reference JSON.
+pub fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// Largest absolute difference between two matrices of the same shape.
+pub fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    assert_eq!(a.len(), b.len(), "row count");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "column count");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A writable copy of a fixture in a temporary directory.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    tmp
+}
+
+/// Rewrites `file` (a safetensors file in `dir`) tensor by tensor; `edit`
+/// may change each tensor's spec and bytes.
+pub fn rewrite_safetensors(
+    dir: &Path,
+    file: &str,
+    mut edit: impl FnMut(&mut TensorSpec, &mut Vec<u8>),
+) {
+    // Read through a scratch directory holding only this file.
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join(file), scratch.path().join("model.safetensors")).unwrap();
+    let weights = Weights::open_dir(scratch.path()).unwrap();
+    let mut tensors = Vec::new();
+    for name in weights.names() {
+        let t = weights.tensor(name).unwrap();
+        let tag = match t.dtype.name() {
+            "f32" => "F32",
+            "f16" => "F16",
+            _ => "BF16",
+        };
+        let mut spec = TensorSpec::new(name, tag, t.shape);
+        let mut bytes = t.bytes().to_vec();
+        edit(&mut spec, &mut bytes);
+        tensors.push((spec, bytes));
+    }
+    drop(weights);
+    writer::write(&dir.join(file), &tensors).unwrap();
+}
+
+/// Edits `config.json` in `dir` as JSON.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}

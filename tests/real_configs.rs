@@ -1,0 +1,122 @@
+//! The released `config.json` files of real checkpoints (copied byte for byte
+//! from shared/real-configs into tests/data/real-configs) parse unchanged into
+//! the view the analyses use.
+
+use std::path::{Path, PathBuf};
+
+use moe_inspect::model::{Config, DenseInfo, Family, ModelInfo};
+
+fn config(name: &str) -> Config {
+    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/real-configs")
+        .join(name);
+    Config::parse(&path, &std::fs::read(&path).unwrap()).unwrap()
+}
+
+#[test]
+fn mixtral_8x7b_instruct() {
+    let info = ModelInfo::from_config(&config("mixtral-8x7b-instruct-v0.1.json")).unwrap();
+    assert_eq!(info.family, Family::Mixtral);
+    assert_eq!(info.num_layers, 32);
+    assert_eq!(info.moe_layers, (0..32).collect::<Vec<_>>());
+    assert!(info.dense_layers.is_empty());
+    assert_eq!((info.num_experts, info.top_k), (8, 2));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (4096, 14336));
+    assert_eq!(info.shared_intermediate, 0);
+}
+
+#[test]
+fn deepseek_moe_16b_has_a_dense_first_layer_and_two_shared_experts() {
+    let info = ModelInfo::from_config(&config("deepseek-moe-16b-base.json")).unwrap();
+    assert_eq!(info.family, Family::DeepSeekMoe);
+    assert_eq!(info.num_layers, 28);
+    assert_eq!(info.dense_layers, vec![0]);
+    assert_eq!(info.moe_layers, (1..28).collect::<Vec<_>>());
+    assert_eq!((info.num_experts, info.top_k), (64, 6));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (2048, 1408));
+    assert_eq!(info.shared_intermediate, 2 * 1408);
+    assert_eq!(info.dense_intermediate, Some(10944));
+}
+
+#[test]
+fn grok_1_without_model_type_is_recognised_by_architecture() {
+    let cfg = config("grok-1-hpcai-tech.json");
+    assert!(cfg.get("model_type").is_none());
+    let info = ModelInfo::from_config(&cfg).unwrap();
+    assert_eq!(info.family, Family::Grok1);
+    assert_eq!(info.num_layers, 64);
+    assert_eq!(info.moe_layers.len(), 64);
+    assert_eq!((info.num_experts, info.top_k), (8, 2));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (6144, 32768));
+}
+
+#[test]
+fn qwen3_30b_a3b_reads_num_experts_and_moe_intermediate_size() {
+    let info = ModelInfo::from_config(&config("qwen3-30b-a3b.json")).unwrap();
+    assert_eq!(info.family, Family::Qwen3Moe);
+    assert_eq!(info.num_layers, 48);
+    assert_eq!(info.moe_layers.len(), 48);
+    assert_eq!((info.num_experts, info.top_k), (128, 8));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (2048, 768));
+}
+
+#[test]
+fn mistral_7b_is_a_dense_reference_not_an_moe_model() {
+    let cfg = config("mistral-7b-v0.1.json");
+    let err = ModelInfo::from_config(&cfg).unwrap_err().to_string();
+    assert!(err.contains("unknown model family `mistral`"), "{err}");
+    let dense = DenseInfo::from_config(&cfg).unwrap();
+    assert_eq!(
+        (dense.num_layers, dense.hidden_size, dense.intermediate_size),
+        (32, 4096, 14336)
+    );
+}
+
+#[test]
+fn transformers_5_spellings_are_accepted() {
+    // transformers 5 writes `num_local_experts` for Qwen3-MoE, `dtype`,
+    // `rope_parameters` and `head_dim: null`.
+    let path = Path::new("config.json");
+    let cfg = Config::parse(
+        path,
+        br#"{"model_type": "qwen3_moe", "num_hidden_layers": 4, "hidden_size": 64,
+             "num_local_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+             "intermediate_size": 128, "mlp_only_layers": [0], "decoder_sparse_step": 1,
+             "dtype": "bfloat16", "head_dim": null, "sliding_window": null,
+             "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}}"#,
+    )
+    .unwrap();
+    let info = ModelInfo::from_config(&cfg).unwrap();
+    assert_eq!(info.num_experts, 16);
+    assert_eq!(info.moe_layers, vec![1, 2, 3]);
+    assert_eq!(info.dense_layers, vec![0]);
+    assert_eq!(info.dense_intermediate, Some(128));
+}
+
+#[test]
+fn qwen_decoder_sparse_step_and_deepseek_moe_layer_freq_select_layers() {
+    let path = Path::new("config.json");
+    let qwen = Config::parse(
+        path,
+        br#"{"model_type": "qwen2_moe", "num_hidden_layers": 6, "hidden_size": 8,
+             "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 4,
+             "intermediate_size": 16, "decoder_sparse_step": 2, "mlp_only_layers": [5]}"#,
+    )
+    .unwrap();
+    // Sparse when (l + 1) % step == 0 and l not in mlp_only_layers.
+    assert_eq!(
+        ModelInfo::from_config(&qwen).unwrap().moe_layers,
+        vec![1, 3]
+    );
+    let ds = Config::parse(
+        path,
+        br#"{"model_type": "deepseek_v2", "num_hidden_layers": 7, "hidden_size": 8,
+             "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 4,
+             "intermediate_size": 16, "first_k_dense_replace": 2, "moe_layer_freq": 2,
+             "n_shared_experts": null}"#,
+    )
+    .unwrap();
+    let info = ModelInfo::from_config(&ds).unwrap();
+    assert_eq!(info.moe_layers, vec![2, 4, 6]);
+    assert_eq!(info.shared_intermediate, 0);
+}
