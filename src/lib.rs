@@ -8,6 +8,7 @@
 //! - [`report`]: tables, JSON (schema `moe-inspect/report/v1`), Markdown + SVG.
 
 pub mod analysis;
+pub mod bench;
 pub mod demo;
 pub mod error;
 pub mod layers;

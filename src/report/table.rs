@@ -24,10 +24,12 @@ pub fn matrix_table(labels: &[String], m: &[Vec<f64>]) -> String {
     b.build().with(Style::rounded()).to_string()
 }
 
-/// Off-diagonal statistics of a similarity matrix: mean, (min, i, j), (max, i, j).
-pub fn off_diagonal_stats(
-    m: &[Vec<f64>],
-) -> Option<(f64, (f64, usize, usize), (f64, usize, usize))> {
+/// A value of a matrix with its position `(value, row, column)`.
+pub type Cell = (f64, usize, usize);
+
+/// Off-diagonal statistics of a similarity matrix: mean, min cell, max cell
+/// (over the strict lower triangle).
+pub fn off_diagonal_stats(m: &[Vec<f64>]) -> Option<(f64, Cell, Cell)> {
     let mut sum = 0.0;
     let mut count = 0usize;
     let mut min = (f64::INFINITY, 0, 0);

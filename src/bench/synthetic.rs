@@ -1,0 +1,147 @@
+//! Synthetic Mixtral-layout checkpoints of any geometry, written tensor by
+//! tensor with deterministic pseudo-random weights (bounded memory whatever
+//! the size), for benchmarks and memory measurements.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::model::writer::{write_streaming, TensorSpec};
+
+/// Shape of a synthetic MoE checkpoint (Mixtral layout, MoE FFNs only: no
+/// attention or embeddings, which the static analyses do not read).
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry {
+    pub layers: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    /// `F32`, `F16` or `BF16`.
+    pub dtype: &'static str,
+}
+
+impl Geometry {
+    /// Mixtral-8x7B's MoE layer shape with `layers` layers, bf16.
+    pub fn mixtral_8x7b(layers: usize) -> Geometry {
+        Geometry {
+            layers,
+            experts: 8,
+            top_k: 2,
+            hidden: 4096,
+            intermediate: 14336,
+            dtype: "BF16",
+        }
+    }
+
+    /// Mixtral geometry scaled down by 4 (hidden 1024, intermediate 3584).
+    pub fn mixtral_scaled(layers: usize) -> Geometry {
+        Geometry {
+            hidden: 1024,
+            intermediate: 3584,
+            ..Geometry::mixtral_8x7b(layers)
+        }
+    }
+
+    /// Bytes of one layer's router and experts.
+    pub fn layer_bytes(&self) -> usize {
+        let size = if self.dtype == "F32" { 4 } else { 2 };
+        (self.experts * self.hidden + 3 * self.experts * self.hidden * self.intermediate) * size
+    }
+}
+
+/// SplitMix64: a small, fast, deterministic generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-scale, scale).
+    fn uniform(&mut self, scale: f32) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+}
+
+fn encode(dtype: &str, v: f32, out: &mut Vec<u8>) {
+    match dtype {
+        "F32" => out.extend_from_slice(&v.to_le_bytes()),
+        "F16" => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
+        _ => out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
+    }
+}
+
+/// Writes `config.json` and `model.safetensors` for `g` into `dir`.
+pub fn write_checkpoint(dir: &Path, g: &Geometry, seed: u64) -> Result<()> {
+    if !matches!(g.dtype, "F32" | "F16" | "BF16") {
+        return Err(Error::Usage(format!(
+            "synthetic checkpoint dtype must be F32, F16 or BF16, not {}",
+            g.dtype
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config = serde_json::json!({
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "num_hidden_layers": g.layers,
+        "hidden_size": g.hidden,
+        "intermediate_size": g.intermediate,
+        "num_local_experts": g.experts,
+        "num_experts_per_tok": g.top_k,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "vocab_size": 32000,
+        "torch_dtype": match g.dtype { "F32" => "float32", "F16" => "float16", _ => "bfloat16" },
+    });
+    let cpath = dir.join("config.json");
+    std::fs::write(
+        &cpath,
+        serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io(&cpath, e))?;
+    let mut specs = Vec::new();
+    for l in 0..g.layers {
+        let p = format!("model.layers.{l}.block_sparse_moe");
+        specs.push(TensorSpec::new(
+            format!("{p}.gate.weight"),
+            g.dtype,
+            &[g.experts, g.hidden],
+        ));
+        for e in 0..g.experts {
+            for (w, shape) in [
+                ("w1", [g.intermediate, g.hidden]),
+                ("w3", [g.intermediate, g.hidden]),
+                ("w2", [g.hidden, g.intermediate]),
+            ] {
+                specs.push(TensorSpec::new(
+                    format!("{p}.experts.{e}.{w}.weight"),
+                    g.dtype,
+                    &shape,
+                ));
+            }
+        }
+    }
+    let scale = 1.0 / (g.hidden as f32).sqrt();
+    let mut buf = Vec::with_capacity(1 << 20);
+    write_streaming(&dir.join("model.safetensors"), &specs, |i, out| {
+        let mut rng = Rng(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        let n: usize = specs[i].shape.iter().product();
+        let mut left = n;
+        while left > 0 {
+            let take = left.min(1 << 18);
+            buf.clear();
+            for _ in 0..take {
+                encode(g.dtype, rng.uniform(scale), &mut buf);
+            }
+            out.write_all(&buf)?;
+            left -= take;
+        }
+        Ok(())
+    })
+}
