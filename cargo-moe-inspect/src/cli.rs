@@ -22,6 +22,7 @@ pub struct Cli {
         value_enum,
         global = true,
         env = "CARGO_TERM_COLOR",
+        hide_env_values = true,
         default_value = "auto"
     )]
     pub color: ColorChoice,
