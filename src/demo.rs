@@ -5,9 +5,9 @@
 /// How reports name the demo model.
 pub const LABEL: &str = "<demo>";
 /// `config.json` of the demo model.
-pub const CONFIG: &[u8] = include_bytes!("../fixtures/mixtral/config.json");
+pub const CONFIG: &[u8] = include_bytes!("../demo/config.json");
 /// `model.safetensors` of the demo model (bf16).
-pub static WEIGHTS: &[u8] = include_bytes!("../fixtures/mixtral/model.safetensors");
+pub static WEIGHTS: &[u8] = include_bytes!("../demo/model.safetensors");
 /// `tokenizer.json` of the demo model.
 pub const TOKENIZER: &[u8] = include_bytes!("../demo/tokenizer.json");
 /// The built-in prompt set for the demo model, one prompt per line.

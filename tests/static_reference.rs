@@ -122,3 +122,179 @@ fn layer_selection_keeps_only_the_chosen_moe_layers() {
     // Layer 0 is dense (first_k_dense_replace = 1): skipped.
     assert_eq!(layers, vec![2]);
 }
+
+fn run_all(name: &str, dense: Option<&DenseModel>) -> moe_inspect::report::schema::Analyses {
+    let model = Model::open(&fixture(name)).unwrap();
+    // Every layer selected, so neuron-reorder also covers every MoE layer
+    // (by default it runs on the first, middle and last only).
+    let all = format!("0..{}", model.info.num_layers);
+    let opts = AnalyzeOptions {
+        analyses: AnalysisKind::parse_selection("static").unwrap(),
+        layers: Some(moe_inspect::layers::LayerSelection::parse(&all).unwrap()),
+        dense,
+    };
+    analysis::run(&model, &opts, &()).unwrap().analyses
+}
+
+#[test]
+fn neuron_similarity_matches_numpy_for_every_family() {
+    for name in MOE_FIXTURES {
+        let a = run_all(name, None);
+        let r = reference(name);
+        for l in &a.neuron_similarity.unwrap().layers {
+            let want = &r["neuron_similarity"][l.layer.to_string()];
+            for m in Matrix::ALL {
+                let d = max_abs_diff(l.get(m), &matrix(&want[m.name()]));
+                assert!(d <= TOL, "{name} layer {} {}: {d:e}", l.layer, m.name());
+            }
+        }
+    }
+    let dense = DenseModel::open(&fixture("mistral-dense")).unwrap();
+    let a = run_all("mixtral", Some(&dense));
+    let r = reference("mixtral");
+    for l in &a.neuron_similarity.unwrap().layers {
+        let want = &r["neuron_similarity_dense"][l.layer.to_string()];
+        for m in Matrix::ALL {
+            assert!(max_abs_diff(l.get(m), &matrix(&want[m.name()])) <= TOL);
+        }
+    }
+}
+
+#[test]
+fn gate_embedding_matches_scipy_pearson_for_every_family() {
+    for name in MOE_FIXTURES {
+        let g = run_all(name, None).gate_embedding.unwrap();
+        let r = &reference(name)["gate_embedding"];
+        for l in &g.layers {
+            let want = &r["layers"][l.layer.to_string()];
+            assert!(
+                max_abs_diff(&l.similarity, &matrix(&want["similarity"])) <= TOL,
+                "{name}"
+            );
+            for m in Matrix::ALL {
+                let got_r = l.r.get(m).unwrap();
+                let got_r2 = l.r2.get(m).unwrap();
+                assert!(
+                    (got_r - want["r"][m.name()].as_f64().unwrap()).abs() <= TOL,
+                    "{name} {}",
+                    m.name()
+                );
+                assert!(
+                    (got_r2 - want["r2"][m.name()].as_f64().unwrap()).abs() <= TOL,
+                    "{name}"
+                );
+            }
+        }
+        for m in Matrix::ALL {
+            let got = g.r2_avg.get(m).unwrap();
+            assert!(
+                (got - r["r2_avg"][m.name()].as_f64().unwrap()).abs() <= TOL,
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn neuron_reorder_matches_scipy_assignment_and_kendall_tau() {
+    for name in MOE_FIXTURES {
+        let a = run_all(name, None).neuron_reorder.unwrap();
+        let r = reference(name);
+        assert_eq!(
+            a.layers.len(),
+            r["moe_layers"].as_array().unwrap().len(),
+            "{name}"
+        );
+        for l in &a.layers {
+            let want = &r["neuron_reorder"][l.layer.to_string()];
+            for m in Matrix::ALL {
+                let got = l.matrices.get(m);
+                let w = &want[m.name()];
+                let d = max_abs_diff(&got.similarity, &matrix(&w["similarity"]));
+                assert!(
+                    d <= TOL,
+                    "{name} layer {} {} similarity: {d:e}",
+                    l.layer,
+                    m.name()
+                );
+                // The same optimal permutation: tau is a ratio of integer counts.
+                let d = max_abs_diff(&got.kendall_tau, &matrix(&w["kendall_tau"]));
+                assert!(
+                    d <= 1e-12,
+                    "{name} layer {} {} tau: {d:e}",
+                    l.layer,
+                    m.name()
+                );
+                let d = max_abs_diff(&got.optimum, &matrix(&w["optimum"]));
+                assert!(
+                    d <= 1e-9,
+                    "{name} layer {} {} optimum: {d:e}",
+                    l.layer,
+                    m.name()
+                );
+            }
+        }
+    }
+}
+
+/// Columns of 2-D points equal up to sign, within `tol` of the column's scale.
+fn assert_points_match(got: &[[f64; 2]], want: &serde_json::Value, tol: f64, what: &str) {
+    let want: Vec<[f64; 2]> = serde_json::from_value(want.clone()).unwrap();
+    assert_eq!(got.len(), want.len(), "{what}");
+    for c in 0..2 {
+        let scale = want
+            .iter()
+            .map(|p| p[c].abs())
+            .fold(0.0, f64::max)
+            .max(1e-12);
+        let dot: f64 = got.iter().zip(&want).map(|(g, w)| g[c] * w[c]).sum();
+        let sign = if dot < 0.0 { -1.0 } else { 1.0 };
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (sign * g[c] - w[c]).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            d <= tol * scale,
+            "{what} component {c}: {d:e} (scale {scale:e})"
+        );
+    }
+}
+
+#[test]
+fn projection_matches_sklearn_pca_up_to_sign() {
+    for name in MOE_FIXTURES {
+        let p = run_all(name, None).projection.unwrap();
+        let r = reference(name);
+        for l in &p.layers {
+            let want = &r["projection"][l.layer.to_string()];
+            for m in Matrix::ALL {
+                let got = l.matrices.get(m);
+                let w = &want[m.name()];
+                let what = format!("{name} layer {} {}", l.layer, m.name());
+                let ev: Vec<f64> =
+                    serde_json::from_value(w["experts"]["explained_variance"].clone()).unwrap();
+                for (g, e) in got.explained_variance.iter().zip(&ev) {
+                    assert!((g - e).abs() <= 1e-4, "{what} experts EV {g} vs {e}");
+                }
+                assert_points_match(
+                    &got.points,
+                    &w["experts"]["points"],
+                    1e-4,
+                    &format!("{what} experts"),
+                );
+                let ev: Vec<f64> =
+                    serde_json::from_value(w["neurons"]["explained_variance"].clone()).unwrap();
+                for (g, e) in got.neurons.explained_variance.iter().zip(&ev) {
+                    assert!((g - e).abs() <= 1e-4, "{what} neurons EV {g} vs {e}");
+                }
+                assert_points_match(
+                    &got.neurons.points,
+                    &w["neurons"]["points"],
+                    1e-4,
+                    &format!("{what} neurons"),
+                );
+            }
+        }
+    }
+}

@@ -1,13 +1,6 @@
-//! Streaming reductions over mmapped tensors: each byte is read once, converted
-//! to f32 in bounded chunks, and reduced with f64 accumulation on all cores.
-
-use rayon::prelude::*;
-
-use crate::error::{Error, Result};
-use crate::model::TensorView;
-
-/// Elements converted per chunk and tensor (64 KiB of f32).
-const CHUNK: usize = 1 << 14;
+//! Small dense linear algebra for the analyses: accurate dot products,
+//! cosine matrices, Pearson correlation, a Jacobi eigensolver for small
+//! symmetric matrices, and f32/f64 matrix products through `gemm` (all cores).
 
 /// Dot product with 8 f32 lanes per block of 256 and f64 across blocks, so
 /// long vectors keep about f64-level relative accuracy at f32 speed.
@@ -32,66 +25,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     total
 }
 
-/// The Gram matrix `G[i][j] = <v_i, v_j>` of tensors with the same number of
-/// elements (flattened row-major). Fails on NaN/inf, naming the tensor.
-pub fn gram(vs: &[TensorView<'_>]) -> Result<Vec<Vec<f64>>> {
-    let e = vs.len();
-    let n = vs.first().map_or(0, |v| v.numel());
-    if let Some(v) = vs.iter().find(|v| v.numel() != n) {
-        return Err(Error::Incompatible {
-            path: v.path.to_path_buf(),
-            reason: format!(
-                "tensor `{}` has {} elements, expected {n} like `{}`",
-                v.name,
-                v.numel(),
-                vs[0].name
-            ),
-        });
-    }
-    let chunks = n.div_ceil(CHUNK);
-    let flat = (0..chunks)
-        .into_par_iter()
-        .fold(
-            || (vec![0f64; e * e], vec![0f32; e * CHUNK]),
-            |(mut g, mut buf), c| {
-                let start = c * CHUNK;
-                let len = CHUNK.min(n - start);
-                for (k, v) in vs.iter().enumerate() {
-                    v.read_f32(start, &mut buf[k * CHUNK..k * CHUNK + len]);
-                }
-                for i in 0..e {
-                    let a = &buf[i * CHUNK..i * CHUNK + len];
-                    for j in 0..=i {
-                        g[i * e + j] += dot(a, &buf[j * CHUNK..j * CHUNK + len]);
-                    }
-                }
-                (g, buf)
-            },
-        )
-        .map(|(g, _)| g)
-        .reduce(
-            || vec![0f64; e * e],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
-    let mut out = vec![vec![0f64; e]; e];
-    for i in 0..e {
-        if !flat[i * e + i].is_finite() {
-            return Err(Error::NonFinite {
-                path: vs[i].path.to_path_buf(),
-                tensor: vs[i].name.to_string(),
-            });
-        }
-        for j in 0..=i {
-            out[i][j] = flat[i * e + j];
-            out[j][i] = flat[i * e + j];
-        }
-    }
-    Ok(out)
-}
-
 /// Cosine similarities from a Gram matrix; a zero vector has similarity 0 to
 /// everything but itself (1), so the result never holds NaN.
 pub fn cosine_from_gram(g: &[Vec<f64>]) -> Vec<Vec<f64>> {
@@ -112,6 +45,191 @@ pub fn cosine_from_gram(g: &[Vec<f64>]) -> Vec<Vec<f64>> {
                 .collect()
         })
         .collect()
+}
+
+/// Cosine similarity matrix of vectors (rows).
+pub fn cosine_of_rows(rows: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let g: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|a| {
+            rows.iter()
+                .map(|b| a.iter().zip(b).map(|(x, y)| x * y).sum())
+                .collect()
+        })
+        .collect();
+    cosine_from_gram(&g)
+}
+
+/// Values of the strict lower triangle, row by row (numpy's `tril_indices(n, -1)` order).
+pub fn strict_lower(m: &[Vec<f64>]) -> Vec<f64> {
+    m.iter()
+        .enumerate()
+        .flat_map(|(i, row)| row[..i].iter().copied())
+        .collect()
+}
+
+/// Pearson correlation; `None` when undefined (fewer than 2 points or a constant side).
+pub fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
+    let n = a.len();
+    if n < 2 || b.len() != n {
+        return None;
+    }
+    let ma = a.iter().sum::<f64>() / n as f64;
+    let mb = b.iter().sum::<f64>() / n as f64;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        let (dx, dy) = (x - ma, y - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    if saa == 0.0 || sbb == 0.0 {
+        return None;
+    }
+    Some((sab / (saa.sqrt() * sbb.sqrt())).clamp(-1.0, 1.0))
+}
+
+/// Eigen-decomposition of a small symmetric matrix by cyclic Jacobi rotations.
+/// Returns eigenvalues in decreasing order and the matching unit eigenvectors
+/// (`vectors[k]` belongs to `values[k]`).
+pub fn symmetric_eigen(m: &[Vec<f64>]) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let n = m.len();
+    let mut a: Vec<Vec<f64>> = m.to_vec();
+    let mut v: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
+    let scale: f64 = a
+        .iter()
+        .flatten()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
+    for _sweep in 0..100 {
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i][j] * a[i][j])
+            .sum::<f64>()
+            .sqrt();
+        if off <= 1e-15 * scale {
+            break;
+        }
+        for p in 0..n {
+            for q in p + 1..n {
+                if a[p][q].abs() <= 1e-300 {
+                    continue;
+                }
+                let theta = (a[q][q] - a[p][p]) / (2.0 * a[p][q]);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let t = if theta == 0.0 { 1.0 } else { t };
+                let c = 1.0 / (t * t + 1.0).sqrt();
+                let s = t * c;
+                for k in 0..n {
+                    let (akp, akq) = (a[k][p], a[k][q]);
+                    a[k][p] = c * akp - s * akq;
+                    a[k][q] = s * akp + c * akq;
+                }
+                for k in 0..n {
+                    let (apk, aqk) = (a[p][k], a[q][k]);
+                    a[p][k] = c * apk - s * aqk;
+                    a[q][k] = s * apk + c * aqk;
+                }
+                for row in v.iter_mut() {
+                    let (vp, vq) = (row[p], row[q]);
+                    row[p] = c * vp - s * vq;
+                    row[q] = s * vp + c * vq;
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| a[y][y].total_cmp(&a[x][x]));
+    let values = order.iter().map(|&k| a[k][k]).collect();
+    let vectors = order
+        .iter()
+        .map(|&k| (0..n).map(|i| v[i][k]).collect())
+        .collect();
+    (values, vectors)
+}
+
+/// Whether an operand of [`matmul`] is used as stored or transposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `A` is stored `m×k` (or `B` stored `k×n`).
+    N,
+    /// `A` is stored `k×m` and used as `Aᵀ` (or `B` stored `n×k`, used as `Bᵀ`).
+    T,
+}
+
+/// Row-major `C (m×n) = op(A) · op(B)`, f32 or f64, parallel on all cores.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul<T: Copy + Default + 'static>(
+    a: &[T],
+    op_a: Op,
+    b: &[T],
+    op_b: Op,
+    m: usize,
+    k: usize,
+    n: usize,
+    one: T,
+) -> Vec<T> {
+    assert_eq!(
+        a.len(),
+        m * k,
+        "matmul: A has {} elements, expected {m}×{k}",
+        a.len()
+    );
+    assert_eq!(
+        b.len(),
+        k * n,
+        "matmul: B has {} elements, expected {k}×{n}",
+        b.len()
+    );
+    let mut c = vec![T::default(); m * n];
+    if m == 0 || n == 0 || k == 0 {
+        return c;
+    }
+    // (column stride, row stride) of op(A) (m×k) and op(B) (k×n).
+    let (a_cs, a_rs) = match op_a {
+        Op::N => (1, k as isize),
+        Op::T => (m as isize, 1),
+    };
+    let (b_cs, b_rs) = match op_b {
+        Op::N => (1, n as isize),
+        Op::T => (k as isize, 1),
+    };
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: with these strides the pointers address exactly m×k, k×n and
+    // m×n elements (lengths checked above); `c` is fresh and aliases nothing.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::default(),
+            one,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    c
 }
 
 #[cfg(test)]
@@ -135,6 +253,65 @@ mod tests {
         let got = dot(&a, &b);
         // f32 products and 32-term f32 partial sums: error ≪ 1e-6 of Σ|a·b|.
         assert!((got - exact).abs() <= 1e-6 * scale, "{got} vs {exact}");
+    }
+
+    #[test]
+    fn jacobi_recovers_a_known_spectrum() {
+        // Q diag(5, 2, -1) Qᵀ with a rotation Q.
+        let (c, s) = (0.6f64, 0.8f64);
+        let q = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]];
+        let d = [5.0, 2.0, -1.0];
+        let m: Vec<Vec<f64>> = (0..3)
+            .map(|i| {
+                (0..3)
+                    .map(|j| (0..3).map(|k| q[i][k] * d[k] * q[j][k]).sum())
+                    .collect()
+            })
+            .collect();
+        let (vals, vecs) = symmetric_eigen(&m);
+        for (got, want) in vals.iter().zip(d) {
+            assert!((got - want).abs() < 1e-12);
+        }
+        // First eigenvector is ±(c, s, 0).
+        assert!((vecs[0][0].abs() - c).abs() < 1e-12 && (vecs[0][1].abs() - s).abs() < 1e-12);
+    }
+
+    #[test]
+    fn matmul_matches_naive_products() {
+        let a: Vec<f64> = (0..6).map(|x| x as f64).collect(); // 2×3
+        let b: Vec<f64> = (0..12).map(|x| (x as f64) - 3.0).collect(); // 3×4
+        let c = matmul(&a, Op::N, &b, Op::N, 2, 3, 4, 1.0);
+        for i in 0..2 {
+            for j in 0..4 {
+                let want: f64 = (0..3).map(|k| a[i * 3 + k] * b[k * 4 + j]).sum();
+                assert_eq!(c[i * 4 + j], want);
+            }
+        }
+        // Aᵀ·B with A given as 3×2.
+        let at: Vec<f64> = (0..6).map(|x| x as f64).collect();
+        let c = matmul(&at, Op::T, &b, Op::N, 2, 3, 4, 1.0);
+        for i in 0..2 {
+            for j in 0..4 {
+                let want: f64 = (0..3).map(|k| at[k * 2 + i] * b[k * 4 + j]).sum();
+                assert_eq!(c[i * 4 + j], want);
+            }
+        }
+        // A·Bᵀ with B given as 4×3.
+        let bt: Vec<f64> = (0..12).map(|x| (x as f64) * 0.5).collect();
+        let c = matmul(&a, Op::N, &bt, Op::T, 2, 3, 4, 1.0);
+        for i in 0..2 {
+            for j in 0..4 {
+                let want: f64 = (0..3).map(|k| a[i * 3 + k] * bt[j * 3 + k]).sum();
+                assert_eq!(c[i * 4 + j], want);
+            }
+        }
+    }
+
+    #[test]
+    fn pearson_is_none_for_constant_input() {
+        assert_eq!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
+        let r = pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 7.0]).unwrap();
+        assert!((r - 0.9933992677987828).abs() < 1e-12);
     }
 
     #[test]

@@ -2,32 +2,18 @@
 //! cosine similarity of the flattened expert matrices; with a dense reference
 //! its FFN is appended as row/column `F`.
 
-use crate::analysis::linalg::{cosine_from_gram, gram};
-use crate::error::Result;
-use crate::model::{ExpertView, Matrix, MoeLayerView};
+use crate::analysis::linalg::cosine_from_gram;
+use crate::analysis::stream::MatrixStats;
 use crate::report::schema::LayerMatrices;
 
-/// Computes one layer's matrices, streaming each matrix type once over the mmap.
-pub fn expert_similarity(
-    layer: &MoeLayerView<'_>,
-    dense: Option<&ExpertView<'_>>,
-) -> Result<LayerMatrices> {
-    let mut labels: Vec<String> = (0..layer.experts.len()).map(|e| e.to_string()).collect();
-    if dense.is_some() {
-        labels.push("F".to_string());
-    }
-    let mut out = [Vec::new(), Vec::new(), Vec::new()];
-    for (slot, m) in out.iter_mut().zip(Matrix::ALL) {
-        let mut views: Vec<_> = layer.experts.iter().map(|x| x.matrix(m)).collect();
-        views.extend(dense.map(|d| d.matrix(m)));
-        *slot = cosine_from_gram(&gram(&views)?);
-    }
-    let [up, gate, down] = out;
-    Ok(LayerMatrices {
-        layer: layer.layer,
-        labels,
+/// From one layer's streaming statistics (`up`, `gate`, `down` order).
+pub fn from_stats(layer: usize, labels: &[String], stats: &[MatrixStats; 3]) -> LayerMatrices {
+    let [up, gate, down] = stats.each_ref().map(|s| cosine_from_gram(&s.gram));
+    LayerMatrices {
+        layer,
+        labels: labels.to_vec(),
         up,
         gate,
         down,
-    })
+    }
 }

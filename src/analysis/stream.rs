@@ -1,0 +1,213 @@
+//! One streaming pass over a matrix type of a layer (all experts' `up`, or all
+//! `gate`, or all `down`): every byte is read once from the mmap, converted to
+//! f32 in bounded chunks on all cores, and reduced with f64 accumulation into
+//! what the static analyses need:
+//!
+//! - the Gram matrix of the flattened matrices (expert similarity);
+//! - each expert's neuron sum (its mean neuron times the neuron count);
+//! - the Gram matrix of the per-coordinate standardised experts (PCA).
+
+use rayon::prelude::*;
+
+use crate::analysis::linalg::dot;
+use crate::error::{Error, Result};
+use crate::model::TensorView;
+
+/// Elements converted per chunk and tensor (64 KiB of f32).
+const CHUNK: usize = 1 << 14;
+
+/// What one pass should compute (the Gram matrix always: it also catches NaN).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    pub neuron_sum: bool,
+    pub standardized_gram: bool,
+}
+
+/// Results of a pass; fields not asked for are empty.
+#[derive(Debug, Clone, Default)]
+pub struct MatrixStats {
+    /// `G[i][j] = <vec(M_i), vec(M_j)>`.
+    pub gram: Vec<Vec<f64>>,
+    /// Per matrix, the sum of its neurons (a hidden-size vector).
+    pub neuron_sum: Vec<Vec<f64>>,
+    /// Gram matrix of the experts after centring each coordinate across
+    /// experts and dividing by its sample standard deviation (ddof = 1).
+    pub standardized_gram: Vec<Vec<f64>>,
+}
+
+/// Where the neurons of a matrix are: rows (`gate`, `up` `[I, H]`) or
+/// columns (`down` `[H, I]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeuronAxis {
+    Rows,
+    Columns,
+}
+
+struct Acc {
+    gram: Vec<f64>,
+    std_gram: Vec<f64>,
+    sums: Vec<f64>,
+    buf: Vec<f32>,
+    z: Vec<f64>,
+}
+
+/// Runs one pass over `vs` (matrices of identical shape `[R, C]`).
+pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<MatrixStats> {
+    let e = vs.len();
+    let Some(first) = vs.first() else {
+        return Ok(MatrixStats::default());
+    };
+    if let Some(v) = vs.iter().find(|v| v.shape != first.shape) {
+        return Err(Error::Incompatible {
+            path: v.path.to_path_buf(),
+            reason: format!(
+                "tensor `{}` has shape {:?}, expected {:?} like `{}`",
+                v.name, v.shape, first.shape, first.name
+            ),
+        });
+    }
+    let n = first.numel();
+    let cols = *first.shape.last().unwrap_or(&1);
+    let hidden = match axis {
+        NeuronAxis::Rows => cols,
+        NeuronAxis::Columns => first.shape.first().copied().unwrap_or(1),
+    };
+    let chunks = n.div_ceil(CHUNK);
+    let new_acc = || Acc {
+        gram: vec![0.0; e * e],
+        std_gram: if needs.standardized_gram {
+            vec![0.0; e * e]
+        } else {
+            Vec::new()
+        },
+        sums: if needs.neuron_sum {
+            vec![0.0; e * hidden]
+        } else {
+            Vec::new()
+        },
+        buf: vec![0.0; e * CHUNK],
+        z: if needs.standardized_gram {
+            vec![0.0; e]
+        } else {
+            Vec::new()
+        },
+    };
+    let acc = (0..chunks)
+        .into_par_iter()
+        .fold(new_acc, |mut acc, c| {
+            let start = c * CHUNK;
+            let len = CHUNK.min(n - start);
+            for (k, v) in vs.iter().enumerate() {
+                v.read_f32(start, &mut acc.buf[k * CHUNK..k * CHUNK + len]);
+            }
+            let buf = &acc.buf;
+            for i in 0..e {
+                let a = &buf[i * CHUNK..i * CHUNK + len];
+                for j in 0..=i {
+                    acc.gram[i * e + j] += dot(a, &buf[j * CHUNK..j * CHUNK + len]);
+                }
+            }
+            if needs.neuron_sum {
+                for k in 0..e {
+                    let a = &buf[k * CHUNK..k * CHUNK + len];
+                    let sums = &mut acc.sums[k * hidden..(k + 1) * hidden];
+                    accumulate_neurons(a, start, cols, axis, sums);
+                }
+            }
+            if needs.standardized_gram && e > 1 {
+                for t in 0..len {
+                    let mean = (0..e).map(|k| buf[k * CHUNK + t] as f64).sum::<f64>() / e as f64;
+                    let mut ss = 0.0;
+                    for k in 0..e {
+                        let d = buf[k * CHUNK + t] as f64 - mean;
+                        acc.z[k] = d;
+                        ss += d * d;
+                    }
+                    let std = (ss / (e - 1) as f64).sqrt();
+                    if std == 0.0 {
+                        continue; // a constant coordinate contributes nothing
+                    }
+                    let inv = 1.0 / std;
+                    for k in 0..e {
+                        acc.z[k] *= inv;
+                    }
+                    for i in 0..e {
+                        let zi = acc.z[i];
+                        for j in 0..=i {
+                            acc.std_gram[i * e + j] += zi * acc.z[j];
+                        }
+                    }
+                }
+            }
+            acc
+        })
+        .reduce(new_acc, |mut a, b| {
+            add(&mut a.gram, &b.gram);
+            add(&mut a.std_gram, &b.std_gram);
+            add(&mut a.sums, &b.sums);
+            a
+        });
+    for (i, v) in vs.iter().enumerate() {
+        if !acc.gram[i * e + i].is_finite() {
+            return Err(Error::NonFinite {
+                path: v.path.to_path_buf(),
+                tensor: v.name.to_string(),
+            });
+        }
+    }
+    Ok(MatrixStats {
+        gram: symmetric(&acc.gram, e),
+        neuron_sum: if needs.neuron_sum {
+            acc.sums.chunks(hidden).map(<[f64]>::to_vec).collect()
+        } else {
+            Vec::new()
+        },
+        standardized_gram: if needs.standardized_gram {
+            symmetric(&acc.std_gram, e)
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// Adds the elements `start..start + a.len()` of a row-major `[R, cols]`
+/// matrix to the per-neuron-coordinate sums.
+fn accumulate_neurons(a: &[f32], start: usize, cols: usize, axis: NeuronAxis, sums: &mut [f64]) {
+    let mut pos = start;
+    let mut rest = a;
+    while !rest.is_empty() {
+        let (row, col) = (pos / cols, pos % cols);
+        let take = (cols - col).min(rest.len());
+        let seg = &rest[..take];
+        match axis {
+            // Neurons are rows: sum rows, coordinate = column.
+            NeuronAxis::Rows => {
+                for (s, &x) in sums[col..col + take].iter_mut().zip(seg) {
+                    *s += x as f64;
+                }
+            }
+            // Neurons are columns: sum each row's entries, coordinate = row.
+            NeuronAxis::Columns => {
+                sums[row] += seg.iter().map(|&x| x as f64).sum::<f64>();
+            }
+        }
+        pos += take;
+        rest = &rest[take..];
+    }
+}
+
+fn add(a: &mut [f64], b: &[f64]) {
+    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+}
+
+/// Fills a full symmetric matrix from its lower triangle.
+fn symmetric(lower: &[f64], e: usize) -> Vec<Vec<f64>> {
+    let mut out = vec![vec![0.0; e]; e];
+    for i in 0..e {
+        for j in 0..=i {
+            out[i][j] = lower[i * e + j];
+            out[j][i] = lower[i * e + j];
+        }
+    }
+    out
+}
