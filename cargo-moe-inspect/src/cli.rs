@@ -74,7 +74,10 @@ pub struct AnalyzeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Analyses to run: `static`, `all`, or names separated by commas.
+    /// Analyses to run: `static`, `all`, or names separated by commas
+    /// (expert-similarity, neuron-similarity, neuron-reorder, gate-embedding,
+    /// projection). neuron-reorder runs on --layers, by default on the first,
+    /// middle and last MoE layer.
     #[arg(long, default_value = "static")]
     pub analyses: String,
 
@@ -90,6 +93,10 @@ pub struct AnalyzeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: OutputFormat,
+
+    /// Markdown: one colour scale for all heatmaps of an analysis (across layers).
+    #[arg(long)]
+    pub shared_scale: bool,
 
     /// Directory for report files (report.json / report.md and SVG figures).
     /// Markdown defaults to `moe-inspect-report/`.

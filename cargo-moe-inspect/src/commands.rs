@@ -136,7 +136,10 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             let dir = args
                 .out
                 .unwrap_or_else(|| PathBuf::from("moe-inspect-report"));
-            let path = report::markdown::write(&report, &dir)?;
+            let md = report::markdown::MarkdownOptions {
+                shared_scale: args.shared_scale,
+            };
+            let path = report::markdown::write(&report, &dir, md)?;
             eprintln!("wrote {} (with SVG figures)", path.display());
         }
     }

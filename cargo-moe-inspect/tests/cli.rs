@@ -96,7 +96,13 @@ fn analyze_summarises_when_many_layers_are_selected() {
         dtype: "F32",
     };
     moe_inspect::bench::synthetic::write_checkpoint(dir.path(), &g, 3).unwrap();
-    let out = ok(&["analyze", "--model", dir.path().to_str().unwrap()]);
+    let out = ok(&[
+        "analyze",
+        "--analyses",
+        "expert-similarity",
+        "--model",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(
         out.contains("expert-similarity · 6 layers (summary"),
         "{out}"
@@ -105,6 +111,8 @@ fn analyze_summarises_when_many_layers_are_selected() {
     assert_eq!(out.matches("│ up ").count(), 6, "{out}");
     let out = ok(&[
         "analyze",
+        "--analyses",
+        "expert-similarity",
         "--model",
         dir.path().to_str().unwrap(),
         "--layers",
@@ -175,5 +183,25 @@ fn markdown_report_writes_one_heatmap_per_layer() {
         // 3 panels (up, gate, down) of 8×8 cells.
         assert_eq!(svg.matches("<title>").count(), 3 * 64);
     }
+    // Every static analysis has its figures: neuron similarity heatmaps, the
+    // gate-vs-neuron scatter (28 expert pairs per panel), PCA scatters, reorder heatmaps.
+    for name in [
+        "neuron-similarity-layer2.svg",
+        "gate-embedding-layer1.svg",
+        "neuron-reorder-layer2.svg",
+        "projection-experts-layer1.svg",
+        "projection-neurons-layer2.svg",
+    ] {
+        assert!(md.contains(&format!("]({name})")), "{name} not linked");
+        assert!(out_dir.path().join(name).exists(), "{name} not written");
+    }
+    let scatter =
+        std::fs::read_to_string(out_dir.path().join("gate-vs-neuron-layer1.svg")).unwrap();
+    assert_eq!(scatter.matches("<circle").count(), 3 * 28);
+    assert_eq!(scatter.matches("<line").count(), 3);
+    assert!(
+        md.contains("| model | up | gate | down |"),
+        "Table 3 layout"
+    );
     assert!(!out_dir.path().join("expert-similarity-layer0.svg").exists());
 }

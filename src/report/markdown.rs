@@ -1,28 +1,66 @@
-//! Markdown report with SVG figures, written to an output directory.
+//! Markdown report with SVG figures, written to an output directory: the
+//! figures are drawn as the paper draws them (heatmaps with up/gate/down side
+//! by side, the gate-vs-neuron similarity scatter with its regression line,
+//! PCA scatters coloured by expert).
 
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
+use crate::analysis::linalg::strict_lower;
 use crate::error::{Error, Result};
 use crate::model::Matrix;
-use crate::report::schema::Report;
-use crate::report::svg::{heatmaps, Panel};
+use crate::report::schema::{LayerMatrices, MatrixSimilarity, Report};
+use crate::report::svg::{heatmaps, regression_line, scatter, Panel, ScatterPanel};
 use crate::report::table::off_diagonal_stats;
 
-fn write_file(path: &Path, contents: &str) -> Result<()> {
-    std::fs::write(path, contents).map_err(|e| Error::io(path, e))
+/// Options of the Markdown report.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MarkdownOptions {
+    /// One colour scale for every heatmap of an analysis (across layers),
+    /// instead of one per figure.
+    pub shared_scale: bool,
+}
+
+/// At most this many neuron points are drawn per PCA panel (evenly subsampled).
+pub const MAX_SCATTER_POINTS: usize = 4000;
+
+struct Writer<'a> {
+    dir: &'a Path,
+    md: String,
+}
+
+impl Writer<'_> {
+    fn figure(&mut self, name: &str, alt: &str, svg: &str) -> Result<()> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, svg).map_err(|e| Error::io(&path, e))?;
+        let _ = writeln!(self.md, "![{alt}]({name})\n");
+        Ok(())
+    }
+}
+
+fn min_of(ms: &[&Vec<Vec<f64>>]) -> f64 {
+    ms.iter()
+        .flat_map(|m| m.iter().flatten().copied())
+        .fold(f64::INFINITY, f64::min)
+        .min(0.0)
 }
 
 /// Writes `report.md` and one SVG per figure into `dir`; returns the report's path.
-pub fn write(report: &Report, dir: &Path) -> Result<PathBuf> {
+pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut w = Writer {
+        dir,
+        md: String::new(),
+    };
     let m = &report.model;
-    let mut md = String::new();
-    let _ = writeln!(md, "# MoE inspection report\n");
-    let _ = writeln!(md, "| model | family | layers | MoE layers | experts | top-k | hidden | expert width | dtype |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w.md, "# MoE inspection report\n");
     let _ = writeln!(
-        md,
+        w.md,
+        "| model | family | layers | MoE layers | experts | top-k | hidden | expert width | dtype |"
+    );
+    let _ = writeln!(w.md, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        w.md,
         "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         m.path,
         m.family,
@@ -34,66 +72,350 @@ pub fn write(report: &Report, dir: &Path) -> Result<PathBuf> {
         m.intermediate_size,
         m.dtype
     );
-    if let Some(sim) = &report.analyses.expert_similarity {
-        let _ = writeln!(md, "## Expert similarity\n");
-        let _ =
-            writeln!(
-            md,
-            "Cosine similarity of the flattened expert matrices (Lo et al. 2024, §3.1, Fig. 1); \
-             rows and columns are experts in checkpoint order{}.\n",
-            if sim.layers.first().is_some_and(|l| l.labels.last().is_some_and(|x| x == "F")) {
-                ", `F` is the dense reference model's FFN"
-            } else {
-                ""
-            }
+    let a = &report.analyses;
+    if let Some(sim) = &a.expert_similarity {
+        similarity_section(
+            &mut w,
+            sim,
+            opts,
+            "expert-similarity",
+            "Expert similarity",
+            "Cosine similarity of the flattened expert matrices (Lo et al. 2024, §3.1, Fig. 1)",
+        )?;
+    }
+    if let Some(sim) = &a.neuron_similarity {
+        similarity_section(
+            &mut w,
+            sim,
+            opts,
+            "neuron-similarity",
+            "Neuron similarity",
+            "Cosine similarity of each expert's mean neuron (rows of up/gate, columns of down; §3.1)",
+        )?;
+    }
+    if let Some(g) = &a.gate_embedding {
+        gate_section(&mut w, g, a.neuron_similarity.as_ref(), &m.path, opts)?;
+    }
+    if let Some(r) = &a.neuron_reorder {
+        let _ = writeln!(w.md, "## Neuron reorder\n");
+        let _ = writeln!(
+            w.md,
+            "Each pair's neurons aligned by an exact linear sum assignment on the neuron cosine matrix (§3.1, Table 2): \
+             similarity of the flattened matrices after reordering, and Kendall's τ of the permutation (1 = no reordering needed).\n"
         );
         let _ = writeln!(
-            md,
-            "| layer | matrix | mean off-diagonal | max off-diagonal (pair) |"
+            w.md,
+            "| layer | matrix | mean similarity after reorder | mean Kendall τ |"
         );
-        let _ = writeln!(md, "|---|---|---|---|");
-        for l in &sim.layers {
+        let _ = writeln!(w.md, "|---|---|---|---|");
+        for l in &r.layers {
             for mat in Matrix::ALL {
-                if let Some((mean, _, max)) = off_diagonal_stats(l.get(mat)) {
-                    let _ = writeln!(
-                        md,
-                        "| {} | {} | {mean:.3} | {:.3} ({}, {}) |",
-                        l.layer,
-                        mat.name(),
-                        max.0,
-                        l.labels[max.2],
-                        l.labels[max.1]
-                    );
-                }
+                let x = l.matrices.get(mat);
+                let mean = |m: &Vec<Vec<f64>>| off_diagonal_stats(m).map_or(f64::NAN, |s| s.0);
+                let _ = writeln!(
+                    w.md,
+                    "| {} | {} | {:.3} | {:.3} |",
+                    l.layer,
+                    mat.name(),
+                    mean(&x.similarity),
+                    mean(&x.kendall_tau)
+                );
             }
         }
-        md.push('\n');
-        for l in &sim.layers {
-            let lo = Matrix::ALL
-                .iter()
-                .flat_map(|&mat| l.get(mat).iter().flatten().copied())
-                .fold(f64::INFINITY, f64::min)
-                .min(0.0);
+        w.md.push('\n');
+        let labels: Vec<String> = (0..m.num_experts).map(|e| e.to_string()).collect();
+        for l in &r.layers {
             let panels: Vec<Panel<'_>> = Matrix::ALL
                 .iter()
                 .map(|&mat| Panel {
                     title: mat.name(),
-                    matrix: l.get(mat),
+                    matrix: &l.matrices.get(mat).similarity,
                 })
                 .collect();
-            let name = format!("expert-similarity-layer{}.svg", l.layer);
+            let lo = min_of(&Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity));
             let svg = heatmaps(
-                &format!("Expert similarity, layer {}", l.layer),
+                &format!("Similarity after neuron reorder, layer {}", l.layer),
                 &panels,
-                &l.labels,
+                &labels,
                 lo,
                 1.0,
             );
-            write_file(&dir.join(&name), &svg)?;
-            let _ = writeln!(md, "![expert similarity, layer {}]({name})\n", l.layer);
+            w.figure(
+                &format!("neuron-reorder-layer{}.svg", l.layer),
+                &format!("neuron reorder, layer {}", l.layer),
+                &svg,
+            )?;
+        }
+    }
+    if let Some(p) = &a.projection {
+        let _ = writeln!(w.md, "## Projection\n");
+        let _ = writeln!(
+            w.md,
+            "PCA of the experts (flattened, standardised per coordinate) and of all experts' neurons (§3.2, Fig. 3).\n"
+        );
+        let _ = writeln!(w.md, "| layer | matrix | experts PC1 | experts PC2 | neurons PC1 | neurons PC2 | neuron method |");
+        let _ = writeln!(w.md, "|---|---|---|---|---|---|---|");
+        for l in &p.layers {
+            for mat in Matrix::ALL {
+                let x = l.matrices.get(mat);
+                let _ = writeln!(
+                    w.md,
+                    "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
+                    l.layer,
+                    mat.name(),
+                    x.explained_variance[0],
+                    x.explained_variance[1],
+                    x.neurons.explained_variance[0],
+                    x.neurons.explained_variance[1],
+                    x.neurons.method
+                );
+            }
+        }
+        w.md.push('\n');
+        let legend: Vec<String> = (0..m.num_experts).map(|e| format!("expert {e}")).collect();
+        for l in &p.layers {
+            let experts: Vec<Vec<(f64, f64, usize)>> = Matrix::ALL
+                .iter()
+                .map(|&mat| {
+                    l.matrices
+                        .get(mat)
+                        .points
+                        .iter()
+                        .enumerate()
+                        .map(|(e, q)| (q[0], q[1], e))
+                        .collect()
+                })
+                .collect();
+            let neurons: Vec<Vec<(f64, f64, usize)>> = Matrix::ALL
+                .iter()
+                .map(|&mat| {
+                    let pts = &l.matrices.get(mat).neurons.points;
+                    let per_expert = (pts.len() / m.num_experts.max(1)).max(1);
+                    let step = pts.len().div_ceil(MAX_SCATTER_POINTS).max(1);
+                    pts.iter()
+                        .enumerate()
+                        .step_by(step)
+                        .map(|(i, q)| (q[0], q[1], i / per_expert))
+                        .collect()
+                })
+                .collect();
+            for (kind, pts) in [("experts", &experts), ("neurons", &neurons)] {
+                let panels: Vec<ScatterPanel<'_>> = Matrix::ALL
+                    .iter()
+                    .zip(pts.iter())
+                    .map(|(&mat, p)| ScatterPanel {
+                        title: mat.name(),
+                        points: p,
+                        line: None,
+                    })
+                    .collect();
+                let svg = scatter(
+                    &format!("PCA of {kind}, layer {}", l.layer),
+                    &panels,
+                    &legend,
+                    "PC1",
+                    "PC2",
+                );
+                w.figure(
+                    &format!("projection-{kind}-layer{}.svg", l.layer),
+                    &format!("PCA of {kind}, layer {}", l.layer),
+                    &svg,
+                )?;
+            }
         }
     }
     let path = dir.join("report.md");
-    write_file(&path, &md)?;
+    std::fs::write(&path, &w.md).map_err(|e| Error::io(&path, e))?;
     Ok(path)
+}
+
+fn similarity_section(
+    w: &mut Writer<'_>,
+    sim: &MatrixSimilarity,
+    opts: MarkdownOptions,
+    slug: &str,
+    title: &str,
+    what: &str,
+) -> Result<()> {
+    let _ = writeln!(w.md, "## {title}\n");
+    let has_f = sim
+        .layers
+        .first()
+        .is_some_and(|l| l.labels.last().is_some_and(|x| x == "F"));
+    let _ = writeln!(
+        w.md,
+        "{what}; rows and columns are experts in checkpoint order{}.\n",
+        if has_f {
+            ", `F` is the dense reference model's FFN"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        w.md,
+        "| layer | matrix | mean off-diagonal | max off-diagonal (pair) |"
+    );
+    let _ = writeln!(w.md, "|---|---|---|---|");
+    for l in &sim.layers {
+        for mat in Matrix::ALL {
+            if let Some((mean, _, max)) = off_diagonal_stats(l.get(mat)) {
+                let _ = writeln!(
+                    w.md,
+                    "| {} | {} | {mean:.3} | {:.3} ({}, {}) |",
+                    l.layer,
+                    mat.name(),
+                    max.0,
+                    l.labels[max.2],
+                    l.labels[max.1]
+                );
+            }
+        }
+    }
+    w.md.push('\n');
+    let all: Vec<&Vec<Vec<f64>>> = sim
+        .layers
+        .iter()
+        .flat_map(|l| Matrix::ALL.map(|mat| l.get(mat)))
+        .collect();
+    let shared_lo = min_of(&all);
+    for l in &sim.layers {
+        let lo = if opts.shared_scale {
+            shared_lo
+        } else {
+            min_of(&Matrix::ALL.map(|mat| l.get(mat)))
+        };
+        let panels: Vec<Panel<'_>> = Matrix::ALL
+            .iter()
+            .map(|&mat| Panel {
+                title: mat.name(),
+                matrix: l.get(mat),
+            })
+            .collect();
+        let svg = heatmaps(
+            &format!("{title}, layer {}", l.layer),
+            &panels,
+            &l.labels,
+            lo,
+            1.0,
+        );
+        w.figure(
+            &format!("{slug}-layer{}.svg", l.layer),
+            &format!("{title}, layer {}", l.layer),
+            &svg,
+        )?;
+    }
+    Ok(())
+}
+
+fn gate_section(
+    w: &mut Writer<'_>,
+    g: &crate::report::schema::GateEmbedding,
+    neuron: Option<&MatrixSimilarity>,
+    model: &str,
+    opts: MarkdownOptions,
+) -> Result<()> {
+    let f = |x: &Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.2}"));
+    let _ = writeln!(w.md, "## Gate embedding\n");
+    let _ = writeln!(
+        w.md,
+        "Cosine similarity of the router rows, and r² of its linear fit to each matrix's neuron similarity, \
+         averaged over MoE layers (§3.3, Table 3; the paper reports Mixtral 0.06/0.33/0.07, DeepSeek 0.00/0.40/0.00, Grok 0.04/0.15/0.04).\n"
+    );
+    let _ = writeln!(w.md, "| model | up | gate | down |\n|---|---|---|---|");
+    let _ = writeln!(
+        w.md,
+        "| `{model}` | {} | {} | {} |\n",
+        f(&g.r2_avg.up),
+        f(&g.r2_avg.gate),
+        f(&g.r2_avg.down)
+    );
+    let _ = writeln!(
+        w.md,
+        "| layer | r up | r gate | r down | r² up | r² gate | r² down |"
+    );
+    let _ = writeln!(w.md, "|---|---|---|---|---|---|---|");
+    for l in &g.layers {
+        let _ = writeln!(
+            w.md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            l.layer,
+            f(&l.r.up),
+            f(&l.r.gate),
+            f(&l.r.down),
+            f(&l.r2.up),
+            f(&l.r2.gate),
+            f(&l.r2.down)
+        );
+    }
+    w.md.push('\n');
+    let shared_lo = min_of(&g.layers.iter().map(|l| &l.similarity).collect::<Vec<_>>());
+    for l in &g.layers {
+        let e = l.similarity.len();
+        let labels: Vec<String> = (0..e).map(|i| i.to_string()).collect();
+        let lo = if opts.shared_scale {
+            shared_lo
+        } else {
+            min_of(&[&l.similarity])
+        };
+        let svg = heatmaps(
+            &format!("Router (gate embedding) similarity, layer {}", l.layer),
+            &[Panel {
+                title: "router rows",
+                matrix: &l.similarity,
+            }],
+            &labels,
+            lo,
+            1.0,
+        );
+        w.figure(
+            &format!("gate-embedding-layer{}.svg", l.layer),
+            &format!("gate embedding similarity, layer {}", l.layer),
+            &svg,
+        )?;
+        // Scatter: gate similarity (x) vs neuron similarity (y), per matrix.
+        let Some(ns) = neuron.and_then(|n| n.layers.iter().find(|x| x.layer == l.layer)) else {
+            continue;
+        };
+        let gx = strict_lower(&l.similarity);
+        let pts: Vec<Vec<(f64, f64, usize)>> = Matrix::ALL
+            .iter()
+            .map(|&mat| {
+                let only = experts_only(ns, mat, e);
+                gx.iter()
+                    .zip(strict_lower(&only))
+                    .map(|(&x, y)| (x, y, 0))
+                    .collect()
+            })
+            .collect();
+        let titles: Vec<String> = Matrix::ALL
+            .iter()
+            .map(|&mat| format!("{} (r² = {})", mat.name(), f(l.r2.get(mat))))
+            .collect();
+        let panels: Vec<ScatterPanel<'_>> = pts
+            .iter()
+            .zip(&titles)
+            .map(|(p, t)| ScatterPanel {
+                title: t,
+                points: p,
+                line: regression_line(p),
+            })
+            .collect();
+        let svg = scatter(
+            &format!("Gate vs neuron similarity, layer {}", l.layer),
+            &panels,
+            &[],
+            "gate embedding similarity",
+            "neuron similarity",
+        );
+        w.figure(
+            &format!("gate-vs-neuron-layer{}.svg", l.layer),
+            &format!("gate vs neuron similarity, layer {}", l.layer),
+            &svg,
+        )?;
+    }
+    Ok(())
+}
+
+fn experts_only(l: &LayerMatrices, m: Matrix, e: usize) -> Vec<Vec<f64>> {
+    l.get(m)[..e].iter().map(|r| r[..e].to_vec()).collect()
 }

@@ -142,9 +142,217 @@ pub fn heatmaps(title: &str, panels: &[Panel<'_>], labels: &[String], lo: f64, h
     s
 }
 
+/// matplotlib's `tab10` colours; beyond 10 groups, hues around the circle.
+pub fn group_colour(g: usize, groups: usize) -> String {
+    const TAB10: [&str; 10] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf",
+    ];
+    if groups <= TAB10.len() {
+        TAB10[g % TAB10.len()].to_string()
+    } else {
+        format!("hsl({:.0},65%,45%)", 360.0 * g as f64 / groups as f64)
+    }
+}
+
+/// One scatter panel: points `(x, y, group)` and an optional line `y = a·x + b`.
+pub struct ScatterPanel<'a> {
+    pub title: &'a str,
+    pub points: &'a [(f64, f64, usize)],
+    pub line: Option<(f64, f64)>,
+}
+
+/// Scatter plots side by side, coloured by group, with a legend.
+pub fn scatter(
+    title: &str,
+    panels: &[ScatterPanel<'_>],
+    legend: &[String],
+    x_label: &str,
+    y_label: &str,
+) -> String {
+    let (pw, ph) = (300.0, 260.0);
+    let (ml, mt, gap) = (56.0, 48.0, 56.0);
+    let legend_w = if legend.len() <= 16 { 90.0 } else { 0.0 };
+    let width = ml + panels.len() as f64 * (pw + gap) + legend_w;
+    let height = mt + ph + 48.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{ml}" y="20" font-size="15" font-weight="bold">{}</text>"#,
+        esc(title)
+    );
+    let radius = |n: usize| {
+        if n > 2000 {
+            1.2
+        } else if n > 200 {
+            2.0
+        } else {
+            4.0
+        }
+    };
+    for (p, panel) in panels.iter().enumerate() {
+        let x0 = ml + p as f64 * (pw + gap);
+        let finite = panel
+            .points
+            .iter()
+            .filter(|q| q.0.is_finite() && q.1.is_finite());
+        let (mut xmin, mut xmax, mut ymin, mut ymax) = (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        );
+        for q in finite {
+            xmin = xmin.min(q.0);
+            xmax = xmax.max(q.0);
+            ymin = ymin.min(q.1);
+            ymax = ymax.max(q.1);
+        }
+        if !xmin.is_finite() {
+            (xmin, xmax, ymin, ymax) = (0.0, 1.0, 0.0, 1.0);
+        }
+        let pad = |lo: f64, hi: f64| {
+            let d = if hi > lo { (hi - lo) * 0.06 } else { 0.5 };
+            (lo - d, hi + d)
+        };
+        let (xmin, xmax) = pad(xmin, xmax);
+        let (ymin, ymax) = pad(ymin, ymax);
+        let sx = |x: f64| x0 + (x - xmin) / (xmax - xmin) * pw;
+        let sy = |y: f64| mt + ph - (y - ymin) / (ymax - ymin) * ph;
+        let _ = writeln!(
+            s,
+            r##"<rect x="{x0:.1}" y="{mt:.1}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="13" text-anchor="middle">{}</text>"#,
+            x0 + pw / 2.0,
+            mt - 8.0,
+            esc(panel.title)
+        );
+        for (v, anchor_x) in [(xmin, x0), (xmax, x0 + pw)] {
+            let _ = writeln!(
+                s,
+                r#"<text x="{anchor_x:.1}" y="{:.1}" font-size="10" text-anchor="middle">{v:.2}</text>"#,
+                mt + ph + 14.0
+            );
+        }
+        for (v, y) in [(ymin, mt + ph), (ymax, mt)] {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{v:.2}</text>"#,
+                x0 - 4.0,
+                y + 3.5
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">{}</text>"#,
+            x0 + pw / 2.0,
+            mt + ph + 32.0,
+            esc(x_label)
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
+            x0 - 30.0,
+            mt + ph / 2.0,
+            x0 - 30.0,
+            mt + ph / 2.0,
+            esc(y_label)
+        );
+        let r = radius(panel.points.len());
+        for &(x, y, g) in panel.points {
+            if x.is_finite() && y.is_finite() {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{:.1}" cy="{:.1}" r="{r}" fill="{}" fill-opacity="0.75"/>"#,
+                    sx(x),
+                    sy(y),
+                    group_colour(g, legend.len().max(1))
+                );
+            }
+        }
+        if let Some((a, b)) = panel.line {
+            if a.is_finite() && b.is_finite() {
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#d62728" stroke-width="1.5"/>"##,
+                    sx(xmin),
+                    sy(a * xmin + b).clamp(mt, mt + ph),
+                    sx(xmax),
+                    sy(a * xmax + b).clamp(mt, mt + ph)
+                );
+            }
+        }
+    }
+    if legend_w > 0.0 {
+        let lx = ml + panels.len() as f64 * (pw + gap) - gap / 2.0;
+        for (g, label) in legend.iter().enumerate() {
+            let y = mt + 8.0 + g as f64 * 15.0;
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{lx:.1}" cy="{y:.1}" r="4" fill="{}"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
+                group_colour(g, legend.len()),
+                lx + 8.0,
+                y + 4.0,
+                esc(label)
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Least-squares line `y = a·x + b` through points (None if x is constant).
+pub fn regression_line(points: &[(f64, f64, usize)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxx > 0.0).then(|| (sxy / sxx, my - sxy / sxx * mx))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regression_line_recovers_an_exact_line() {
+        let pts: Vec<(f64, f64, usize)> = (0..5)
+            .map(|i| (i as f64, 2.0 * i as f64 + 1.0, 0))
+            .collect();
+        let (a, b) = regression_line(&pts).unwrap();
+        assert!((a - 2.0).abs() < 1e-12 && (b - 1.0).abs() < 1e-12);
+        assert_eq!(regression_line(&[(1.0, 2.0, 0), (1.0, 3.0, 0)]), None);
+    }
+
+    #[test]
+    fn scatter_draws_every_finite_point() {
+        let pts = vec![(0.0, 1.0, 0), (1.0, 0.0, 1), (f64::NAN, 0.0, 1)];
+        let svg = scatter(
+            "t",
+            &[ScatterPanel {
+                title: "up",
+                points: &pts,
+                line: Some((1.0, 0.0)),
+            }],
+            &["0".to_string(), "1".to_string()],
+            "x",
+            "y",
+        );
+        assert_eq!(svg.matches("<circle").count(), 2 + 2); // points + legend
+        assert_eq!(svg.matches("<line").count(), 1);
+    }
 
     #[test]
     fn viridis_ends_are_matplotlib_colours() {

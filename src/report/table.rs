@@ -90,6 +90,42 @@ impl Styling {
     }
 }
 
+fn similarity_tables(
+    out: &mut String,
+    name: &str,
+    what: &str,
+    layers: &[LayerMatrices],
+    style: Styling,
+) {
+    out.push('\n');
+    if layers.len() <= FULL_TABLE_LAYERS {
+        for l in layers {
+            for mat in Matrix::ALL {
+                out.push_str(&style.title(&format!(
+                    "{name} · layer {} · {} ({what})",
+                    l.layer,
+                    mat.name()
+                )));
+                out.push('\n');
+                out.push_str(&matrix_table(&l.labels, l.get(mat)));
+                out.push_str("\n\n");
+            }
+        }
+    } else {
+        out.push_str(&style.title(&format!(
+            "{name} · {} layers (summary; select layers with --layers for full matrices)",
+            layers.len()
+        )));
+        out.push('\n');
+        out.push_str(&summary_table(layers));
+        out.push('\n');
+    }
+}
+
+fn opt(x: &Option<f64>) -> String {
+    x.map_or("n/a".to_string(), |v| format!("{v:.3}"))
+}
+
 /// Renders a report for the terminal.
 pub fn render(report: &Report, style: Styling) -> String {
     let m = &report.model;
@@ -105,30 +141,125 @@ pub fn render(report: &Report, style: Styling) -> String {
         m.intermediate_size,
         m.dtype
     );
-    if let Some(sim) = &report.analyses.expert_similarity {
+    let a = &report.analyses;
+    if let Some(sim) = &a.expert_similarity {
+        similarity_tables(
+            &mut out,
+            "expert-similarity",
+            "cosine of flattened weights",
+            &sim.layers,
+            style,
+        );
+    }
+    if let Some(sim) = &a.neuron_similarity {
+        similarity_tables(
+            &mut out,
+            "neuron-similarity",
+            "cosine of mean neurons",
+            &sim.layers,
+            style,
+        );
+    }
+    if let Some(g) = &a.gate_embedding {
         out.push('\n');
-        if sim.layers.len() <= FULL_TABLE_LAYERS {
-            for l in &sim.layers {
-                for mat in Matrix::ALL {
-                    out.push_str(&style.title(&format!(
-                        "expert-similarity · layer {} · {} (cosine of flattened weights)",
-                        l.layer,
-                        mat.name()
-                    )));
-                    out.push('\n');
-                    out.push_str(&matrix_table(&l.labels, l.get(mat)));
-                    out.push_str("\n\n");
+        out.push_str(&style.title("gate-embedding · r² of gate similarity vs neuron similarity, mean over MoE layers (paper Table 3)"));
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record(["model", "up", "gate", "down"]);
+        b.push_record([
+            m.path.clone(),
+            opt(&g.r2_avg.up),
+            opt(&g.r2_avg.gate),
+            opt(&g.r2_avg.down),
+        ]);
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record([
+            "layer", "r up", "r gate", "r down", "r² up", "r² gate", "r² down",
+        ]);
+        for l in &g.layers {
+            b.push_record([
+                l.layer.to_string(),
+                opt(&l.r.up),
+                opt(&l.r.gate),
+                opt(&l.r.down),
+                opt(&l.r2.up),
+                opt(&l.r2.gate),
+                opt(&l.r2.down),
+            ]);
+        }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+    }
+    if let Some(r) = &a.neuron_reorder {
+        out.push('\n');
+        out.push_str(
+            &style.title("neuron-reorder · expert pairs after optimal neuron permutation"),
+        );
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record([
+            "layer",
+            "matrix",
+            "mean similarity",
+            "max similarity (pair)",
+            "mean Kendall τ",
+            "min Kendall τ",
+        ]);
+        for l in &r.layers {
+            for mat in Matrix::ALL {
+                let x = l.matrices.get(mat);
+                if let (Some((ms, _, mx)), Some((mt, mn, _))) = (
+                    off_diagonal_stats(&x.similarity),
+                    off_diagonal_stats(&x.kendall_tau),
+                ) {
+                    b.push_record([
+                        l.layer.to_string(),
+                        mat.name().to_string(),
+                        format!("{ms:.3}"),
+                        format!("{:.3} ({}, {})", mx.0, mx.2, mx.1),
+                        format!("{mt:.3}"),
+                        format!("{:.3}", mn.0),
+                    ]);
                 }
             }
-        } else {
-            out.push_str(&style.title(&format!(
-                "expert-similarity · {} layers (summary; select layers with --layers for full matrices)",
-                sim.layers.len()
-            )));
-            out.push('\n');
-            out.push_str(&summary_table(&sim.layers));
-            out.push('\n');
         }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+    }
+    if let Some(p) = &a.projection {
+        out.push('\n');
+        out.push_str(
+            &style.title("projection · explained variance of the first two principal components"),
+        );
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record([
+            "layer",
+            "matrix",
+            "experts PC1",
+            "experts PC2",
+            "neurons PC1",
+            "neurons PC2",
+            "neuron PCA",
+        ]);
+        for l in &p.layers {
+            for mat in Matrix::ALL {
+                let x = l.matrices.get(mat);
+                b.push_record([
+                    l.layer.to_string(),
+                    mat.name().to_string(),
+                    format!("{:.3}", x.explained_variance[0]),
+                    format!("{:.3}", x.explained_variance[1]),
+                    format!("{:.3}", x.neurons.explained_variance[0]),
+                    format!("{:.3}", x.neurons.explained_variance[1]),
+                    x.neurons.method.clone(),
+                ]);
+            }
+        }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
     }
     out
 }
