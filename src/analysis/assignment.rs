@@ -28,22 +28,27 @@ impl Cost for f64 {
 
 /// For a square `n×n` row-major matrix, the permutation `p` (row `i` →
 /// column `p[i]`) that maximises `Σ m[i][p[i]]`. Non-finite entries are
-/// treated as forbidden pairs; returns `None` if no complete assignment exists.
+/// treated as forbidden pairs; returns `None` if no complete assignment exists
+/// or the matrix holds NaN.
 pub fn maximize<T: Cost>(m: &[T], n: usize) -> Option<Vec<usize>> {
     assert_eq!(m.len(), n * n, "assignment: matrix is not {n}×{n}");
     // Minimise the negated matrix.
-    solve(n, |i, j| -m[i * n + j].to_f64())
+    solve(m, n, -1.0)
 }
 
 /// For a square `n×n` row-major matrix, the permutation minimising `Σ m[i][p[i]]`.
 pub fn minimize<T: Cost>(m: &[T], n: usize) -> Option<Vec<usize>> {
     assert_eq!(m.len(), n * n, "assignment: matrix is not {n}×{n}");
-    solve(n, |i, j| m[i * n + j].to_f64())
+    solve(m, n, 1.0)
 }
 
 const NONE: usize = usize::MAX;
 
-fn solve(n: usize, cost: impl Fn(usize, usize) -> f64) -> Option<Vec<usize>> {
+/// Minimises `Σ sign·m[i][p[i]]`.
+fn solve<T: Cost>(m: &[T], n: usize, sign: f64) -> Option<Vec<usize>> {
+    if m.iter().any(|x| x.to_f64().is_nan()) {
+        return None;
+    }
     let mut u = vec![0f64; n];
     let mut v = vec![0f64; n];
     let mut shortest = vec![f64::INFINITY; n];
@@ -70,13 +75,10 @@ fn solve(n: usize, cost: impl Fn(usize, usize) -> f64) -> Option<Vec<usize>> {
             let mut index = NONE;
             let mut lowest = f64::INFINITY;
             let base = min_val - u[i];
+            let row = &m[i * n..(i + 1) * n];
             for (it, &j) in remaining[..num_remaining].iter().enumerate() {
-                let c = cost(i, j);
-                let r = if c.is_finite() {
-                    base + c - v[j]
-                } else {
-                    f64::INFINITY
-                };
+                // A forbidden (infinite) cost gives r = +inf: never on a path.
+                let r = base + sign * row[j].to_f64() - v[j];
                 if r < shortest[j] {
                     path[j] = i;
                     shortest[j] = r;

@@ -1,4 +1,34 @@
 //! Benchmark support shared by `benches/` and the CLI: synthetic checkpoints
-//! with the geometry of real models, written without downloads.
+//! with the geometry of real models, written without downloads, and the
+//! reference measurements benchmarks are compared with.
 
+pub mod static_bench;
 pub mod synthetic;
+
+use std::path::PathBuf;
+
+/// A directory for generated benchmark checkpoints (kept between runs):
+/// `$MOE_INSPECT_BENCH_DIR`, or `target/moe-inspect-bench`.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("MOE_INSPECT_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/moe-inspect-bench")
+        })
+}
+
+/// Writes a synthetic checkpoint into `data_dir()/name` unless one with the
+/// same geometry is already there; returns its directory.
+pub fn cached_checkpoint(name: &str, g: &synthetic::Geometry) -> crate::Result<PathBuf> {
+    let dir = data_dir().join(name);
+    let stamp = dir.join("geometry.txt");
+    let want = format!("{g:?}");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
+        synthetic::write_checkpoint(&dir, g, 7)?;
+        std::fs::write(&stamp, &want).map_err(|e| crate::Error::Io {
+            path: stamp,
+            source: e,
+        })?;
+    }
+    Ok(dir)
+}

@@ -8,7 +8,7 @@
 //!   pass, is eigen-decomposed (`gram`);
 //! - neurons: E·I samples (114 688 for Mixtral) of dimension hidden, so the
 //!   hidden×hidden covariance is the small side: formed exactly when hidden ≤
-//!   256 (`covariance`), otherwise the top components come from randomised
+//!   64 (`covariance`), otherwise the top components come from randomised
 //!   subspace iteration (16 columns, 8 power iterations, `randomized`).
 
 use crate::analysis::linalg::{matmul, symmetric_eigen, Op};
@@ -19,7 +19,7 @@ use crate::model::{Matrix, MoeLayerView};
 use crate::report::schema::{PcaResult, PerMatrix, ProjectionLayer, ProjectionMatrix};
 
 /// Largest hidden size for which the neuron covariance is formed exactly.
-pub const EXACT_MAX_HIDDEN: usize = 256;
+pub const EXACT_MAX_HIDDEN: usize = 64;
 const SUBSPACE: usize = 16;
 const POWER_ITERATIONS: usize = 8;
 
