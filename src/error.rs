@@ -88,6 +88,14 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Incompatible { path: PathBuf, reason: String },
 
+    /// A tensor computation failed (shapes the config promised did not hold, a device error).
+    #[error("while computing {what}: {reason}")]
+    Compute { what: String, reason: String },
+
+    /// Prompts or token ids could not be read or tokenized.
+    #[error("{}: {reason}", path.display())]
+    Input { path: PathBuf, reason: String },
+
     /// A command-line or configuration value is invalid.
     #[error("{0}")]
     Usage(String),

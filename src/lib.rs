@@ -11,6 +11,7 @@ pub mod analysis;
 pub mod bench;
 pub mod demo;
 pub mod error;
+pub mod forward;
 pub mod layers;
 pub mod model;
 pub mod report;

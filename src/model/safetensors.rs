@@ -324,6 +324,27 @@ impl Weights {
         })
     }
 
+    /// Opens one safetensors file (e.g. a trace or a reference file).
+    pub fn open_file(path: &Path) -> Result<Weights> {
+        let shard = Shard::open(path)?;
+        let location = shard.tensors.keys().map(|k| (k.clone(), 0)).collect();
+        Ok(Weights {
+            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            shards: vec![shard],
+            location,
+        })
+    }
+
+    /// A tensor of any dtype: its safetensors dtype tag (`I64`, `F32`...), shape and bytes.
+    pub fn raw(&self, name: &str) -> Result<(&str, &[usize], &[u8])> {
+        let (shard, entry) = self.entry(name)?;
+        Ok((
+            &entry.tag,
+            &entry.shape,
+            &shard.storage.bytes()[entry.start..entry.end],
+        ))
+    }
+
     /// Weights embedded in the binary (the demo model).
     pub fn from_static(label: &Path, bytes: &'static [u8]) -> Result<Weights> {
         let shard = Shard::parse(label.join("model.safetensors"), Storage::Static(bytes))?;

@@ -1,0 +1,575 @@
+//! The candle forward pass with an observer for router and expert values
+//! (SPEC §9). Layers are loaded one at a time from the mmap (f32 conversion
+//! once per layer), every prompt goes through a layer before the next layer is
+//! loaded, and the layer's pages are released afterwards: memory holds one
+//! layer of weights plus the prompts' hidden states, whatever the depth.
+
+pub mod config;
+pub mod observer;
+pub mod routing;
+pub mod weights;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::model::{Family, Model};
+use config::{AttentionKind, ForwardConfig, QkNorm};
+use observer::{MoeObservation, Observer, Wants};
+use weights::{ce, AttnWeights, Ffn, HeadWeights, LayerWeights, MlpWeights};
+
+/// A forward pass over a model on a device.
+pub struct Forward<'m> {
+    model: &'m Model,
+    pub cfg: ForwardConfig,
+    device: Device,
+}
+
+/// Output of [`Forward::run`].
+pub struct ForwardOutput {
+    /// Final logits `[tokens, vocab]` per prompt, when asked for.
+    pub logits: Vec<Tensor>,
+}
+
+type R<T> = std::result::Result<T, candle_core::Error>;
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// RMSNorm over the last axis, in f32: `x / sqrt(mean(x²) + eps) * w`.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> R<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+/// `cos`, `sin` of `[tokens, d/2]` for positions `0..tokens`.
+fn rope_tables(tokens: usize, dim: usize, theta: f64, device: &Device) -> R<(Tensor, Tensor)> {
+    let half = dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / dim as f64)) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(tokens * half);
+    let mut sin = Vec::with_capacity(tokens * half);
+    for t in 0..tokens {
+        for &f in &inv {
+            let a = t as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (tokens, half), device)?,
+        Tensor::from_vec(sin, (tokens, half), device)?,
+    ))
+}
+
+/// Half-split (`rotate_half`) rotary embedding of `x` `[heads, tokens, d]`.
+fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, d / 2)?,
+        x.narrow(D::Minus1, d / 2, d / 2)?,
+    );
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+/// Interleaved rotary embedding (pairs (2i, 2i+1)), returned de-interleaved
+/// (`[evens | odds]`): the same permutation for q and k leaves q·k unchanged.
+fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = dims[dims.len() - 1];
+    let mut split = dims[..dims.len() - 1].to_vec();
+    split.extend([d / 2, 2]);
+    let pairs = x.reshape(split)?;
+    let last = pairs.rank() - 1;
+    let even = pairs.narrow(last, 0, 1)?.squeeze(last)?;
+    let odd = pairs.narrow(last, 1, 1)?.squeeze(last)?;
+    rope_half(&Tensor::cat(&[even, odd], D::Minus1)?, cos, sin)
+}
+
+fn causal_mask(tokens: usize, device: &Device) -> R<Tensor> {
+    let m: Vec<f32> = (0..tokens)
+        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (tokens, tokens), device)
+}
+
+/// `[T, heads·d]` → `[heads, T, d]`.
+fn split_heads(x: &Tensor, heads: usize) -> R<Tensor> {
+    let (t, w) = x.dims2()?;
+    x.reshape((t, heads, w / heads))?
+        .transpose(0, 1)?
+        .contiguous()
+}
+
+/// Scaled dot-product attention over `[heads, T, d]` (k/v already per query head).
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    mask: &Tensor,
+) -> R<Tensor> {
+    let mut s = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? * scale)?;
+    if let Some(cap) = softcap {
+        s = ((s / cap)?.tanh()? * cap)?;
+    }
+    let s = s.broadcast_add(mask)?;
+    let p = candle_nn::ops::softmax_last_dim(&s)?;
+    let o = p.matmul(v)?; // [heads, T, dv]
+    let (h, t, dv) = o.dims3()?;
+    o.transpose(0, 1)?.contiguous()?.reshape((t, h * dv))
+}
+
+/// Repeats `[kv_heads, T, d]` to `[kv_heads·rep, T, d]` (GQA).
+fn repeat_kv(x: &Tensor, rep: usize) -> R<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (h, t, d) = x.dims3()?;
+    x.unsqueeze(1)?
+        .expand((h, rep, t, d))?
+        .reshape((h * rep, t, d))
+}
+
+impl<'m> Forward<'m> {
+    /// Prepares a forward pass of `model` on `device`.
+    pub fn new(model: &'m Model, device: Device) -> Result<Forward<'m>> {
+        let cfg = ForwardConfig::from_config(&model.config, &model.info)?;
+        Ok(Forward { model, cfg, device })
+    }
+
+    /// The device computations run on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn act(&self, x: &Tensor) -> R<Tensor> {
+        if self.cfg.family == Family::Grok1 {
+            x.gelu_erf()
+        } else {
+            x.silu()
+        }
+    }
+
+    /// `act(gate·x)` and the FFN output `down(act(gate·x) * up·x)`.
+    fn ffn(&self, f: &Ffn, x: &Tensor) -> R<(Tensor, Tensor)> {
+        let a = self.act(&linear(x, &f.gate, None)?)?;
+        let h = (&a * linear(x, &f.up, None)?)?;
+        let y = linear(&h, &f.down, None)?;
+        Ok((a, y))
+    }
+
+    /// Runs the prompts (token ids) through the model. `observer` receives every
+    /// MoE layer's routing (and what it asks for); `logits` keeps the final logits.
+    pub fn run(
+        &self,
+        prompts: &[Vec<u32>],
+        observer: &mut dyn Observer,
+        logits: bool,
+    ) -> Result<ForwardOutput> {
+        let model = self.model;
+        let dev = &self.device;
+        let vocab = self.cfg.vocab_size;
+        for (p, ids) in prompts.iter().enumerate() {
+            if ids.is_empty() {
+                return Err(Error::Usage(format!("prompt {p} has no tokens")));
+            }
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::Usage(format!(
+                    "prompt {p}: token id {bad} is outside the vocabulary (vocab_size {vocab})"
+                )));
+            }
+        }
+        let head = HeadWeights::load(model, &self.cfg, dev)?;
+        let mut hidden = prompts
+            .iter()
+            .map(|ids| {
+                let idx = Tensor::new(ids.as_slice(), dev)?;
+                let h = head.embed.index_select(&idx, 0)?;
+                if self.cfg.embedding_multiplier != 1.0 {
+                    h * self.cfg.embedding_multiplier
+                } else {
+                    Ok(h)
+                }
+            })
+            .collect::<R<Vec<Tensor>>>()
+            .map_err(ce("embeddings"))?;
+        let max_t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let rope_dim = match &self.cfg.attention {
+            AttentionKind::Standard { head_dim, .. } => *head_dim,
+            AttentionKind::Mla {
+                qk_rope_head_dim, ..
+            } => *qk_rope_head_dim,
+        };
+        let (cos, sin) =
+            rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev).map_err(ce("rotary tables"))?;
+        let wants = observer.wants();
+        for layer in 0..model.info.num_layers {
+            let lw = LayerWeights::load(model, &self.cfg, layer, dev)?;
+            for (p, h) in hidden.iter_mut().enumerate() {
+                let t = h.dim(0).map_err(ce("hidden state"))?;
+                let (c, s) = (
+                    cos.narrow(0, 0, t).map_err(ce("rotary tables"))?,
+                    sin.narrow(0, 0, t).map_err(ce("rotary tables"))?,
+                );
+                *h = self.layer(layer, p, h, &lw, &c, &s, wants, observer)?;
+            }
+            drop(lw);
+            let names = weights::layer_tensor_names(model.weights(), layer);
+            model.weights().release(names.iter().map(String::as_str));
+        }
+        let mut out = Vec::new();
+        if logits {
+            for h in &hidden {
+                let l = (|| {
+                    let n = rms_norm(h, &head.norm, self.cfg.rms_eps)?;
+                    let l = match &head.lm_head {
+                        Some(w) => linear(&n, w, None)?,
+                        None => linear(&n, &head.embed, None)?,
+                    };
+                    if self.cfg.output_multiplier != 1.0 {
+                        l * self.cfg.output_multiplier
+                    } else {
+                        Ok(l)
+                    }
+                })()
+                .map_err(ce("final logits"))?;
+                out.push(l);
+            }
+        }
+        Ok(ForwardOutput { logits: out })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        layer: usize,
+        prompt: usize,
+        h: &Tensor,
+        lw: &LayerWeights,
+        cos: &Tensor,
+        sin: &Tensor,
+        wants: Wants,
+        observer: &mut dyn Observer,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_eps;
+        let what = format!("layer {layer}");
+        let a = rms_norm(h, &lw.attn_norm, eps).map_err(ce(&what))?;
+        let mut attn = self.attention(&a, &lw.attn, cos, sin).map_err(ce(&what))?;
+        if let Some(n) = &lw.post_attn_norm {
+            attn = rms_norm(&attn, n, eps).map_err(ce(&what))?;
+        }
+        let h = (h + attn).map_err(ce(&what))?;
+        let m = rms_norm(&h, &lw.mlp_norm, eps).map_err(ce(&what))?;
+        let mut y = match &lw.mlp {
+            MlpWeights::Dense(f) => self.ffn(f, &m).map_err(ce(&what))?.1,
+            MlpWeights::Moe { .. } => self.moe(layer, prompt, &m, &lw.mlp, wants, observer)?,
+        };
+        if let Some(n) = &lw.post_mlp_norm {
+            y = rms_norm(&y, n, eps).map_err(ce(&what))?;
+        }
+        (h + y).map_err(ce(&what))
+    }
+
+    fn attention(&self, x: &Tensor, w: &AttnWeights, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+        let t = x.dim(0)?;
+        let mask = causal_mask(t, &self.device)?;
+        match (&self.cfg.attention, w) {
+            (
+                AttentionKind::Standard {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    qk_norm,
+                    ..
+                },
+                AttnWeights::Standard {
+                    q,
+                    k,
+                    v,
+                    o,
+                    q_bias,
+                    k_bias,
+                    v_bias,
+                    q_norm,
+                    k_norm,
+                },
+            ) => {
+                let eps = self.cfg.rms_eps;
+                let mut qx = linear(x, q, q_bias.as_ref())?;
+                let mut kx = linear(x, k, k_bias.as_ref())?;
+                let vx = linear(x, v, v_bias.as_ref())?;
+                if *qk_norm == QkNorm::Full {
+                    qx = rms_norm(&qx, q_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;
+                    kx = rms_norm(&kx, k_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;
+                }
+                let mut qh = split_heads(&qx, *heads)?;
+                let mut kh = split_heads(&kx, *kv_heads)?;
+                if *qk_norm == QkNorm::PerHead {
+                    qh = rms_norm(
+                        &qh,
+                        q_norm.as_ref().expect("loaded with QkNorm::PerHead"),
+                        eps,
+                    )?;
+                    kh = rms_norm(
+                        &kh,
+                        k_norm.as_ref().expect("loaded with QkNorm::PerHead"),
+                        eps,
+                    )?;
+                }
+                let qh = rope_half(&qh, cos, sin)?;
+                let kh = rope_half(&kh, cos, sin)?;
+                let rep = heads / kv_heads;
+                let kh = repeat_kv(&kh, rep)?;
+                let vh = repeat_kv(&split_heads(&vx, *kv_heads)?, rep)?;
+                let scale = self
+                    .cfg
+                    .attn_output_multiplier
+                    .unwrap_or(1.0 / (*head_dim as f64).sqrt());
+                let out = attend(&qh, &kh, &vh, scale, self.cfg.max_attn_value, &mask)?;
+                linear(&out, o, None)
+            }
+            (
+                AttentionKind::Mla {
+                    heads,
+                    kv_lora_rank,
+                    qk_nope_head_dim: nope,
+                    qk_rope_head_dim: rope,
+                    v_head_dim,
+                    rope_interleave,
+                    ..
+                },
+                AttnWeights::Mla {
+                    q,
+                    q_a,
+                    q_a_norm,
+                    q_b,
+                    kv_a,
+                    kv_a_norm,
+                    kv_b,
+                    o,
+                },
+            ) => {
+                // The latent norms use eps 1e-6 whatever rms_norm_eps says (as the reference does).
+                let latent_eps = 1e-6;
+                let qx = match (q, q_a, q_a_norm, q_b) {
+                    (Some(q), _, _, _) => linear(x, q, None)?,
+                    (None, Some(a), Some(n), Some(b)) => {
+                        linear(&rms_norm(&linear(x, a, None)?, n, latent_eps)?, b, None)?
+                    }
+                    _ => candle_core::bail!("MLA query weights incomplete"),
+                };
+                let qh = split_heads(&qx, *heads)?; // [H, T, nope+rope]
+                let q_nope = qh.narrow(D::Minus1, 0, *nope)?;
+                let q_pe = qh.narrow(D::Minus1, *nope, *rope)?;
+                let ckv = linear(x, kv_a, None)?;
+                let c = ckv.narrow(1, 0, *kv_lora_rank)?;
+                let k_pe = ckv.narrow(1, *kv_lora_rank, *rope)?.unsqueeze(0)?; // [1, T, rope]
+                let kv = linear(&rms_norm(&c, kv_a_norm, latent_eps)?, kv_b, None)?;
+                let kvh = split_heads(&kv, *heads)?; // [H, T, nope+v]
+                let k_nope = kvh.narrow(D::Minus1, 0, *nope)?;
+                let vh = kvh.narrow(D::Minus1, *nope, *v_head_dim)?.contiguous()?;
+                let rot = |x: &Tensor| {
+                    if *rope_interleave {
+                        rope_interleaved(x, cos, sin)
+                    } else {
+                        rope_half(x, cos, sin)
+                    }
+                };
+                let q_pe = rot(&q_pe.contiguous()?)?;
+                let k_pe = rot(&k_pe.contiguous()?)?.broadcast_as((*heads, t, *rope))?;
+                let query = Tensor::cat(&[q_nope, q_pe], D::Minus1)?.contiguous()?;
+                let key = Tensor::cat(&[k_nope, k_pe], D::Minus1)?.contiguous()?;
+                let scale = 1.0 / ((nope + rope) as f64).sqrt();
+                let out = attend(&query, &key, &vh, scale, None, &mask)?;
+                linear(&out, o, None)
+            }
+            _ => candle_core::bail!("attention weights do not match the attention kind"),
+        }
+    }
+
+    /// The MoE block: routing on the host, tokens grouped by expert (one
+    /// matmul per active expert over its token block), accumulation in place.
+    /// All experts are evaluated on every token only when the observer asks.
+    fn moe(
+        &self,
+        layer: usize,
+        prompt: usize,
+        x: &Tensor,
+        mlp: &MlpWeights,
+        wants: Wants,
+        observer: &mut dyn Observer,
+    ) -> Result<Tensor> {
+        let MlpWeights::Moe {
+            router,
+            bias,
+            experts,
+            shared,
+            shared_gate,
+        } = mlp
+        else {
+            unreachable!("moe() is called for MoE layers only")
+        };
+        let what = format!("MoE layer {layer}");
+        let e_count = experts.len();
+        let k = self.model.info.top_k;
+        let (t, hdim) = x.dims2().map_err(ce(&what))?;
+        let logits: Vec<f32> = linear(x, router, None)
+            .and_then(|l| l.flatten_all()?.to_vec1())
+            .map_err(ce(&what))?;
+        let mut scores = Vec::with_capacity(t * e_count);
+        let mut selected = Vec::with_capacity(t * k);
+        let mut weights = Vec::with_capacity(t * k);
+        let mut by_expert: Vec<Vec<(u32, f32)>> = vec![Vec::new(); e_count];
+        for tok in 0..t {
+            let row = &logits[tok * e_count..(tok + 1) * e_count];
+            scores.extend(self.cfg.routing.scores(row).iter().map(|&s| s as f32));
+            let route = self.cfg.routing.route(row, k, bias.as_deref());
+            for (&e, &w) in route.experts.iter().zip(&route.weights) {
+                selected.push(e as u32);
+                weights.push(w);
+                by_expert[e].push((tok as u32, w));
+            }
+        }
+        let mut out = vec![0f32; t * hdim];
+        let all = wants.all_expert_outputs || wants.activations;
+        let mut all_out: Vec<f32> = Vec::new();
+        let mut all_act: Vec<f32> = Vec::new();
+        let inter = self.model.info.expert_intermediate;
+        for (e, f) in experts.iter().enumerate() {
+            if all {
+                let (a, y) = self.ffn(f, x).map_err(ce(&what))?;
+                let y: Vec<f32> = y
+                    .flatten_all()
+                    .and_then(|y| y.to_vec1())
+                    .map_err(ce(&what))?;
+                for &(tok, w) in &by_expert[e] {
+                    let tok = tok as usize;
+                    let src = &y[tok * hdim..(tok + 1) * hdim];
+                    for (o, v) in out[tok * hdim..(tok + 1) * hdim].iter_mut().zip(src) {
+                        *o += w * v;
+                    }
+                }
+                if wants.all_expert_outputs {
+                    all_out.extend_from_slice(&y);
+                }
+                if wants.activations {
+                    let a: Vec<f32> = a
+                        .flatten_all()
+                        .and_then(|a| a.to_vec1())
+                        .map_err(ce(&what))?;
+                    all_act.extend_from_slice(&a);
+                }
+            } else if !by_expert[e].is_empty() {
+                let toks: Vec<u32> = by_expert[e].iter().map(|&(tok, _)| tok).collect();
+                let idx = Tensor::new(toks.as_slice(), x.device()).map_err(ce(&what))?;
+                let y: Vec<f32> = x
+                    .index_select(&idx, 0)
+                    .and_then(|xe| self.ffn(f, &xe))
+                    .and_then(|(_, y)| y.flatten_all()?.to_vec1())
+                    .map_err(ce(&what))?;
+                for (row, &(tok, w)) in by_expert[e].iter().enumerate() {
+                    let tok = tok as usize;
+                    let src = &y[row * hdim..(row + 1) * hdim];
+                    for (o, v) in out[tok * hdim..(tok + 1) * hdim].iter_mut().zip(src) {
+                        *o += w * v;
+                    }
+                }
+            }
+        }
+        let mut shared_host: Option<Vec<f32>> = None;
+        if let Some(f) = shared {
+            let y = self.ffn(f, x).map_err(ce(&what))?.1;
+            let y_host: Vec<f32> = y
+                .flatten_all()
+                .and_then(|y| y.to_vec1())
+                .map_err(ce(&what))?;
+            let gate: Option<Vec<f32>> = match shared_gate {
+                Some(g) => Some(
+                    candle_nn::ops::sigmoid(&linear(x, g, None).map_err(ce(&what))?)
+                        .and_then(|s| s.flatten_all()?.to_vec1())
+                        .map_err(ce(&what))?,
+                ),
+                None => None,
+            };
+            for tok in 0..t {
+                let g = gate.as_ref().map_or(1.0, |g| g[tok]);
+                for (o, v) in out[tok * hdim..(tok + 1) * hdim]
+                    .iter_mut()
+                    .zip(&y_host[tok * hdim..(tok + 1) * hdim])
+                {
+                    *o += g * v;
+                }
+            }
+            if wants.shared_output {
+                shared_host = Some(y_host);
+            }
+        }
+        let input: Option<Vec<f32>> = if wants.input {
+            Some(
+                x.flatten_all()
+                    .and_then(|x| x.to_vec1())
+                    .map_err(ce(&what))?,
+            )
+        } else {
+            None
+        };
+        observer.moe_layer(&MoeObservation {
+            layer,
+            prompt,
+            tokens: t,
+            hidden: hdim,
+            experts: e_count,
+            top_k: k,
+            input: input.as_deref(),
+            router_logits: &logits,
+            scores: &scores,
+            selected: &selected,
+            weights: &weights,
+            expert_outputs: wants.all_expert_outputs.then_some(all_out.as_slice()),
+            activations: wants.activations.then_some(all_act.as_slice()),
+            intermediate: inter,
+            shared_output: shared_host.as_deref(),
+        });
+        Tensor::from_vec(out, (t, hdim), x.device()).map_err(ce(&what))
+    }
+}
+
+/// Parses `--device cpu|cuda[:N]`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let ordinal = match d.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| Error::Usage(format!("--device `{d}`: expected cuda:N")))?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                return Err(Error::Usage(format!(
+                    "--device {d}: this build has no CUDA support (rebuild with `--features cuda`)"
+                )));
+            }
+            Device::new_cuda(ordinal).map_err(|e| Error::Usage(format!("--device {d}: {e}")))
+        }
+        d => Err(Error::Usage(format!(
+            "--device `{d}`: expected `cpu` or `cuda[:N]`"
+        ))),
+    }
+}
+
+/// Reads a `[tokens, vocab]` logits tensor to the host.
+pub fn to_host(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.to_vec2())
+        .map_err(ce("copying to the host"))
+}

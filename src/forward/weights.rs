@@ -1,0 +1,277 @@
+//! Loading one decoder layer's weights (attention, norms, MLP or MoE) from the
+//! mmap into f32 candle tensors, once per layer and forward run. Hub names of
+//! the attention and norm tensors per family live here; router and expert
+//! names come from the family adapter.
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::forward::config::{AttentionKind, ForwardConfig, QkNorm};
+use crate::model::{Family, Model, Weights};
+
+/// Converts a candle error into the crate's error, naming what was computed.
+pub fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+    move |e| Error::Compute {
+        what: what.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Loads a tensor as f32 on `device` (bf16/f16 converted once, here).
+pub fn load(weights: &Weights, name: &str, device: &Device) -> Result<Tensor> {
+    let view = weights.tensor(name)?;
+    let data = view.to_f32_vec();
+    if data.iter().any(|x| !x.is_finite()) {
+        return Err(Error::NonFinite {
+            path: view.path.to_path_buf(),
+            tensor: name.to_string(),
+        });
+    }
+    Tensor::from_vec(data, view.shape, device).map_err(ce(name))
+}
+
+fn load_opt(weights: &Weights, name: &str, device: &Device) -> Result<Option<Tensor>> {
+    if weights.contains(name) {
+        load(weights, name, device).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A SwiGLU (or GeGLU) block: `down(act(gate·x) * up·x)`.
+pub struct Ffn {
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+}
+
+impl Ffn {
+    fn load(weights: &Weights, names: &[String; 3], device: &Device) -> Result<Ffn> {
+        Ok(Ffn {
+            gate: load(weights, &names[0], device)?,
+            up: load(weights, &names[1], device)?,
+            down: load(weights, &names[2], device)?,
+        })
+    }
+}
+
+/// Attention projections.
+pub enum AttnWeights {
+    Standard {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        o: Tensor,
+        q_bias: Option<Tensor>,
+        k_bias: Option<Tensor>,
+        v_bias: Option<Tensor>,
+        q_norm: Option<Tensor>,
+        k_norm: Option<Tensor>,
+    },
+    Mla {
+        /// `q_proj`, or `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
+        q: Option<Tensor>,
+        q_a: Option<Tensor>,
+        q_a_norm: Option<Tensor>,
+        q_b: Option<Tensor>,
+        kv_a: Tensor,
+        kv_a_norm: Tensor,
+        kv_b: Tensor,
+        o: Tensor,
+    },
+}
+
+/// The MLP part of a layer.
+pub enum MlpWeights {
+    Dense(Ffn),
+    Moe {
+        router: Tensor,
+        /// DeepSeek-V3 `e_score_correction_bias`, on the host.
+        bias: Option<Vec<f32>>,
+        experts: Vec<Ffn>,
+        shared: Option<Ffn>,
+        /// Qwen2-MoE `shared_expert_gate` `[1, hidden]`.
+        shared_gate: Option<Tensor>,
+    },
+}
+
+/// One decoder layer's weights.
+pub struct LayerWeights {
+    /// Norm before attention (`input_layernorm`, Grok `pre_attn_norm`).
+    pub attn_norm: Tensor,
+    /// Grok-1 only: norm after attention (`post_attn_norm`).
+    pub post_attn_norm: Option<Tensor>,
+    /// Norm before the MLP (`post_attention_layernorm`, Grok `pre_moe_norm`).
+    pub mlp_norm: Tensor,
+    /// Grok-1 only: norm after the MoE (`post_moe_norm`).
+    pub post_mlp_norm: Option<Tensor>,
+    pub attn: AttnWeights,
+    pub mlp: MlpWeights,
+}
+
+/// Names of every tensor of a layer (for releasing its pages afterwards).
+pub fn layer_tensor_names(weights: &Weights, layer: usize) -> Vec<String> {
+    let prefix = format!("model.layers.{layer}.");
+    weights
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+impl LayerWeights {
+    /// Loads layer `layer` of `model`.
+    pub fn load(
+        model: &Model,
+        cfg: &ForwardConfig,
+        layer: usize,
+        device: &Device,
+    ) -> Result<LayerWeights> {
+        let w = model.weights();
+        let p = format!("model.layers.{layer}");
+        let fam = cfg.family;
+        let grok = fam == Family::Grok1;
+        let norm = |name: &str| load(w, &format!("{p}.{name}"), device);
+        let (attn_norm, post_attn_norm, mlp_norm, post_mlp_norm) = if grok {
+            (
+                norm("pre_attn_norm.scale")?,
+                Some(norm("post_attn_norm.scale")?),
+                norm("pre_moe_norm.scale")?,
+                Some(norm("post_moe_norm.scale")?),
+            )
+        } else {
+            (
+                norm("input_layernorm.weight")?,
+                None,
+                norm("post_attention_layernorm.weight")?,
+                None,
+            )
+        };
+        let a = if grok {
+            format!("{p}.attn")
+        } else {
+            format!("{p}.self_attn")
+        };
+        let attn = match &cfg.attention {
+            AttentionKind::Standard { qk_norm, .. } => {
+                let get = |n: &str| load(w, &format!("{a}.{n}"), device);
+                let opt = |n: &str| load_opt(w, &format!("{a}.{n}"), device);
+                AttnWeights::Standard {
+                    q: get("q_proj.weight")?,
+                    k: get("k_proj.weight")?,
+                    v: get("v_proj.weight")?,
+                    o: get("o_proj.weight")?,
+                    q_bias: opt("q_proj.bias")?,
+                    k_bias: opt("k_proj.bias")?,
+                    v_bias: opt("v_proj.bias")?,
+                    q_norm: match qk_norm {
+                        QkNorm::None => None,
+                        _ => Some(get("q_norm.weight")?),
+                    },
+                    k_norm: match qk_norm {
+                        QkNorm::None => None,
+                        _ => Some(get("k_norm.weight")?),
+                    },
+                }
+            }
+            AttentionKind::Mla { q_lora_rank, .. } => {
+                let get = |n: &str| load(w, &format!("{a}.{n}"), device);
+                let lora = q_lora_rank.is_some();
+                AttnWeights::Mla {
+                    q: if lora {
+                        None
+                    } else {
+                        Some(get("q_proj.weight")?)
+                    },
+                    q_a: if lora {
+                        Some(get("q_a_proj.weight")?)
+                    } else {
+                        None
+                    },
+                    q_a_norm: if lora {
+                        Some(get("q_a_layernorm.weight")?)
+                    } else {
+                        None
+                    },
+                    q_b: if lora {
+                        Some(get("q_b_proj.weight")?)
+                    } else {
+                        None
+                    },
+                    kv_a: get("kv_a_proj_with_mqa.weight")?,
+                    kv_a_norm: get("kv_a_layernorm.weight")?,
+                    kv_b: get("kv_b_proj.weight")?,
+                    o: get("o_proj.weight")?,
+                }
+            }
+        };
+        let info = &model.info;
+        let mlp = if info.moe_layers.contains(&layer) {
+            let experts = (0..info.num_experts)
+                .map(|e| Ffn::load(w, &fam.expert_names(layer, e), device))
+                .collect::<Result<Vec<_>>>()?;
+            let shared = match fam.shared_names(layer) {
+                Some(names) if info.shared_intermediate > 0 => Some(Ffn::load(w, &names, device)?),
+                _ => None,
+            };
+            let router_name = fam.router_name(layer);
+            let bias_name = router_name.replace(".weight", ".e_score_correction_bias");
+            let bias = if fam == Family::DeepSeekV3 && w.contains(&bias_name) {
+                Some(w.tensor(&bias_name)?.to_f32_vec())
+            } else {
+                None
+            };
+            MlpWeights::Moe {
+                router: load(w, &router_name, device)?,
+                bias,
+                experts,
+                shared,
+                shared_gate: if cfg.shared_expert_gate {
+                    load_opt(w, &format!("{p}.mlp.shared_expert_gate.weight"), device)?
+                } else {
+                    None
+                },
+            }
+        } else {
+            MlpWeights::Dense(Ffn::load(w, &fam.dense_names(layer), device)?)
+        };
+        Ok(LayerWeights {
+            attn_norm,
+            post_attn_norm,
+            mlp_norm,
+            post_mlp_norm,
+            attn,
+            mlp,
+        })
+    }
+}
+
+/// Embedding matrix, final norm and output head.
+pub struct HeadWeights {
+    pub embed: Tensor,
+    pub norm: Tensor,
+    /// `None` when tied to the embeddings.
+    pub lm_head: Option<Tensor>,
+}
+
+impl HeadWeights {
+    pub fn load(model: &Model, cfg: &ForwardConfig, device: &Device) -> Result<HeadWeights> {
+        let w = model.weights();
+        let norm_name = if cfg.family == Family::Grok1 {
+            "model.norm.scale"
+        } else {
+            "model.norm.weight"
+        };
+        let lm_head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(load(w, "lm_head.weight", device)?)
+        };
+        Ok(HeadWeights {
+            embed: load(w, "model.embed_tokens.weight", device)?,
+            norm: load(w, norm_name, device)?,
+            lm_head,
+        })
+    }
+}

@@ -1,0 +1,217 @@
+//! The forward pass against fixtures/<name>/forward_reference.safetensors,
+//! computed by fixtures/make_forward_refs.py with HF transformers (Mixtral,
+//! Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3) and with the separate PyTorch reference
+//! fixtures/torch_reference.py (DeepSeekMoE, Grok-1). See fixtures/FORWARD.md.
+
+mod common;
+
+use candle_core::Device;
+use common::fixture;
+use moe_inspect::forward::observer::{MoeObservation, Observer, Wants};
+use moe_inspect::forward::{to_host, Forward};
+use moe_inspect::model::{Model, Weights};
+
+/// Tolerances (max-abs): f32 fixtures 1e-5 (the issue asks for 1e-4; real
+/// mistakes such as a wrong rope layout move the logits by 4e-4..7e-4 on these
+/// fixtures, see fixtures/FORWARD.md), the bf16 fixture (OLMoE) 2e-2.
+fn tolerance(model: &Model) -> f32 {
+    if model.dtype().name() == "f32" {
+        1e-5
+    } else {
+        2e-2
+    }
+}
+
+struct Reference(Weights);
+
+impl Reference {
+    fn open(name: &str) -> Reference {
+        Reference(Weights::open_file(&fixture(name).join("forward_reference.safetensors")).unwrap())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+    fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let t = self.0.tensor(name).unwrap();
+        (t.shape.to_vec(), t.to_f32_vec())
+    }
+    fn i64(&self, name: &str) -> Vec<i64> {
+        let (tag, _, bytes) = self.0.raw(name).unwrap();
+        assert_eq!(tag, "I64");
+        bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    /// (prompt, layer) → observation copies.
+    seen: Vec<(usize, usize, Recorded)>,
+}
+
+struct Recorded {
+    input: Vec<f32>,
+    router_logits: Vec<f32>,
+    selected: Vec<u32>,
+    weights: Vec<f32>,
+    expert_outputs: Vec<f32>,
+    activations: Vec<f32>,
+    shared: Option<Vec<f32>>,
+}
+
+impl Observer for Recorder {
+    fn wants(&self) -> Wants {
+        Wants {
+            all_expert_outputs: true,
+            activations: true,
+            shared_output: true,
+            input: true,
+        }
+    }
+    fn moe_layer(&mut self, o: &MoeObservation<'_>) {
+        self.seen.push((
+            o.prompt,
+            o.layer,
+            Recorded {
+                input: o.input.unwrap().to_vec(),
+                router_logits: o.router_logits.to_vec(),
+                selected: o.selected.to_vec(),
+                weights: o.weights.to_vec(),
+                expert_outputs: o.expert_outputs.unwrap().to_vec(),
+                activations: o.activations.unwrap().to_vec(),
+                shared: o.shared_output.map(<[f32]>::to_vec),
+            },
+        ));
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// `[layers, T, rest...]` → the slice of one layer.
+fn layer_slice(data: &[f32], shape: &[usize], li: usize) -> Vec<f32> {
+    let per: usize = shape[1..].iter().product();
+    data[li * per..(li + 1) * per].to_vec()
+}
+
+/// `[T, E, X]` → `[E, T, X]` (the observer's expert-major layout).
+fn expert_major(data: &[f32], t: usize, e: usize, x: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    for tok in 0..t {
+        for ex in 0..e {
+            let src = &data[(tok * e + ex) * x..(tok * e + ex + 1) * x];
+            out[(ex * t + tok) * x..(ex * t + tok + 1) * x].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+fn check_family(name: &str) {
+    let model = Model::open(&fixture(name)).unwrap();
+    let tol = tolerance(&model);
+    let r = Reference::open(name);
+    let moe_layers: Vec<usize> = r.i64("moe_layers").iter().map(|&l| l as usize).collect();
+    assert_eq!(moe_layers, model.info.moe_layers, "{name}");
+    let mut prompts = Vec::new();
+    while r.has(&format!("prompt{}.token_ids", prompts.len())) {
+        let ids = r.i64(&format!("prompt{}.token_ids", prompts.len()));
+        prompts.push(ids.iter().map(|&i| i as u32).collect::<Vec<u32>>());
+    }
+    assert!(!prompts.is_empty());
+    let fwd = Forward::new(&model, Device::Cpu).unwrap();
+    let mut rec = Recorder::default();
+    let out = fwd.run(&prompts, &mut rec, true).unwrap();
+    let (e, h, i) = (
+        model.info.num_experts,
+        model.info.hidden_size,
+        model.info.expert_intermediate,
+    );
+    for (p, ids) in prompts.iter().enumerate() {
+        let t = ids.len();
+        let (_, want_logits) = r.f32(&format!("prompt{p}.logits"));
+        let got: Vec<f32> = to_host(&out.logits[p]).unwrap().concat();
+        let d = max_abs(&got, &want_logits);
+        assert!(d <= tol, "{name} prompt {p}: logits differ by {d:e}");
+        let (rl_shape, rl) = r.f32(&format!("prompt{p}.router_logits"));
+        let sel = r.i64(&format!("prompt{p}.selected_experts"));
+        let (rw_shape, rw) = r.f32(&format!("prompt{p}.routing_weights"));
+        let (in_shape, inputs) = r.f32(&format!("prompt{p}.moe_input"));
+        let (eo_shape, eo) = r.f32(&format!("prompt{p}.expert_outputs"));
+        let (ea_shape, ea) = r.f32(&format!("prompt{p}.expert_act"));
+        let shared_key = format!("prompt{p}.shared_output");
+        for (li, &layer) in moe_layers.iter().enumerate() {
+            let what = format!("{name} prompt {p} layer {layer}");
+            let got = &rec
+                .seen
+                .iter()
+                .find(|(pp, ll, _)| *pp == p && *ll == layer)
+                .unwrap_or_else(|| panic!("{what}: not observed"))
+                .2;
+            let k = model.info.top_k;
+            let want_sel: Vec<u32> = sel[li * t * k..(li + 1) * t * k]
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
+            assert_eq!(got.selected, want_sel, "{what}: selected experts");
+            let d = max_abs(&got.router_logits, &layer_slice(&rl, &rl_shape, li));
+            assert!(d <= tol, "{what}: router logits differ by {d:e}");
+            let d = max_abs(&got.weights, &layer_slice(&rw, &rw_shape, li));
+            assert!(d <= tol, "{what}: routing weights differ by {d:e}");
+            let d = max_abs(&got.input, &layer_slice(&inputs, &in_shape, li));
+            assert!(d <= tol, "{what}: layer input differs by {d:e}");
+            let want = expert_major(&layer_slice(&eo, &eo_shape, li), t, e, h);
+            let d = max_abs(&got.expert_outputs, &want);
+            assert!(d <= tol, "{what}: all-expert outputs differ by {d:e}");
+            let want = expert_major(&layer_slice(&ea, &ea_shape, li), t, e, i);
+            let d = max_abs(&got.activations, &want);
+            assert!(d <= tol, "{what}: activations differ by {d:e}");
+            if r.has(&shared_key) {
+                let (s_shape, s) = r.f32(&shared_key);
+                let d = max_abs(got.shared.as_ref().unwrap(), &layer_slice(&s, &s_shape, li));
+                assert!(d <= tol, "{what}: shared expert output differs by {d:e}");
+            } else {
+                assert!(got.shared.is_none(), "{what}: no shared expert expected");
+            }
+        }
+    }
+}
+
+#[test]
+fn mixtral() {
+    check_family("mixtral");
+}
+#[test]
+fn qwen2_moe() {
+    check_family("qwen2-moe");
+}
+#[test]
+fn qwen3_moe() {
+    check_family("qwen3-moe");
+}
+#[test]
+fn olmoe_bf16() {
+    check_family("olmoe");
+}
+#[test]
+fn deepseek_v2() {
+    check_family("deepseek-v2");
+}
+#[test]
+fn deepseek_v3() {
+    check_family("deepseek-v3");
+}
+#[test]
+fn deepseek_moe() {
+    check_family("deepseek-moe");
+}
+#[test]
+fn grok_1() {
+    check_family("grok-1");
+}
