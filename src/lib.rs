@@ -12,8 +12,10 @@ pub mod bench;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod input;
 pub mod layers;
 pub mod model;
 pub mod report;
+pub mod trace;
 
 pub use error::{Error, Result};

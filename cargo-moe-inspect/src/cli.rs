@@ -44,6 +44,38 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// List the supported model families and what each supports.
     Models(ModelsArgs),
+    /// Dump router logits and top-k routing per token to a safetensors file.
+    Trace(TraceArgs),
+}
+
+/// Where prompts come from (the demo model has a built-in set).
+#[derive(Debug, Args)]
+pub struct PromptArgs {
+    /// Prompts: text, one per line, or JSON Lines with a "text" field
+    /// (tokenized with the model's tokenizer.json).
+    #[arg(long, value_name = "FILE", conflicts_with = "token_ids")]
+    pub prompts: Option<PathBuf>,
+
+    /// Token ids: one prompt per line, ids separated by whitespace.
+    #[arg(long, value_name = "FILE")]
+    pub token_ids: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+
+    /// Output safetensors file.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+
+    /// Also store the final logits `[tokens, vocab]`.
+    #[arg(long)]
+    pub logits: bool,
 }
 
 /// Which model to open.

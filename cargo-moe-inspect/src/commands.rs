@@ -8,9 +8,12 @@ use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions, Progress};
 use moe_inspect::layers::LayerSelection;
 use moe_inspect::model::{DenseModel, Family, Model};
 use moe_inspect::report::{self, table::Styling};
+use moe_inspect::{forward, input};
 use moe_inspect::{Error, Result};
 
-use crate::cli::{AnalyzeArgs, Cli, ColorChoice, Command, ModelArgs, ModelsArgs, OutputFormat};
+use crate::cli::{
+    AnalyzeArgs, Cli, ColorChoice, Command, ModelArgs, ModelsArgs, OutputFormat, TraceArgs,
+};
 
 /// Runs a command; the returned code is the process exit code.
 pub fn run(cli: Cli) -> Result<u8> {
@@ -20,6 +23,7 @@ pub fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Analyze(args) => analyze(args, style),
         Command::Models(args) => models(args),
+        Command::Trace(args) => trace(args),
     }
 }
 
@@ -40,23 +44,39 @@ fn interactive() -> bool {
 }
 
 fn open_model(args: &ModelArgs) -> Result<Model> {
-    check_device(&args.device)?;
+    forward::parse_device(&args.device)?;
     match &args.model {
         Some(dir) => Model::open(dir),
         None => Model::demo(),
     }
 }
 
-fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        d if d == "cuda" || d.starts_with("cuda:") => Err(Error::Usage(format!(
-            "--device {d}: this build has no CUDA support (rebuild with `--features cuda`)"
-        ))),
-        d => Err(Error::Usage(format!(
-            "--device `{d}`: expected `cpu` or `cuda[:N]`"
-        ))),
-    }
+fn trace(args: TraceArgs) -> Result<u8> {
+    let device = forward::parse_device(&args.model.device)?;
+    let model = open_model(&args.model)?;
+    let prompts = input::resolve(
+        args.model.model.as_deref(),
+        &input::PromptArgs {
+            prompts: args.prompts.prompts.as_deref(),
+            token_ids: args.prompts.token_ids.as_deref(),
+        },
+    )?;
+    let fwd = forward::Forward::new(&model, device)?;
+    let summary = moe_inspect::trace::trace(
+        &fwd,
+        &model.info.moe_layers,
+        &prompts,
+        args.logits,
+        &args.out,
+    )?;
+    eprintln!(
+        "wrote {}: {} prompts, {} tokens, {} MoE layers",
+        args.out.display(),
+        summary.prompts,
+        summary.tokens,
+        summary.moe_layers
+    );
+    Ok(0)
 }
 
 struct Bar(Option<ProgressBar>);
