@@ -73,7 +73,7 @@ pub enum Error {
     },
 
     /// A tensor is stored in a dtype the analyses cannot read.
-    #[error("{}: tensor `{tensor}` has dtype {dtype}, which is not supported (supported: F32, F16, BF16)", path.display())]
+    #[error("{}: tensor `{tensor}` has dtype {dtype}, which is not supported (supported: F32, F16, BF16, F8_E4M3)", path.display())]
     UnsupportedDtype {
         path: PathBuf,
         tensor: String,

@@ -298,3 +298,42 @@ fn projection_matches_sklearn_pca_up_to_sign() {
         }
     }
 }
+
+#[test]
+fn fp8_block_scaled_weights_are_dequantised_for_the_static_analyses() {
+    let model = Model::open(&fixture("deepseek-v3-fp8")).unwrap();
+    assert_eq!(model.dtype().name(), "f8_e4m3");
+    let r = reference("deepseek-v3-fp8");
+    // Direct check of the decoding: weight × the scale of its block.
+    for (name, values) in r["dequantised_samples"].as_object().unwrap() {
+        let got = model.weights().tensor(name).unwrap().to_f32_vec();
+        for (i, want) in values.as_array().unwrap().iter().enumerate() {
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got[i] as f64 - want).abs() <= 1e-7 * want.abs().max(1e-3),
+                "{name}[{i}]"
+            );
+        }
+    }
+    let opts = AnalyzeOptions {
+        analyses: vec![
+            AnalysisKind::ExpertSimilarity,
+            AnalysisKind::NeuronSimilarity,
+        ],
+        layers: None,
+        dense: None,
+    };
+    let a = analysis::run(&model, &opts, &()).unwrap().analyses;
+    for (key, sim) in [
+        ("expert_similarity", a.expert_similarity.unwrap()),
+        ("neuron_similarity", a.neuron_similarity.unwrap()),
+    ] {
+        for l in &sim.layers {
+            let want = &r[key][l.layer.to_string()];
+            for m in Matrix::ALL {
+                let d = max_abs_diff(l.get(m), &matrix(&want[m.name()]));
+                assert!(d <= TOL, "{key} layer {} {}: {d:e}", l.layer, m.name());
+            }
+        }
+    }
+}

@@ -18,6 +18,9 @@ pub enum Dtype {
     F32,
     F16,
     BF16,
+    /// FP8 e4m3 (`float8_e4m3fn`), dequantised with its `weight_scale_inv`
+    /// block scales when the checkpoint has them (DeepSeek-V3 releases).
+    F8E4M3,
 }
 
 impl Dtype {
@@ -26,6 +29,7 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F8E4M3 => 1,
         }
     }
 
@@ -35,6 +39,7 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
             Dtype::BF16 => "bf16",
+            Dtype::F8E4M3 => "f8_e4m3",
         }
     }
 
@@ -43,6 +48,7 @@ impl Dtype {
             "F32" => Some(Dtype::F32),
             "F16" => Some(Dtype::F16),
             "BF16" => Some(Dtype::BF16),
+            "F8_E4M3" => Some(Dtype::F8E4M3),
             _ => None,
         }
     }
@@ -189,6 +195,32 @@ struct RawIndex {
     weight_map: BTreeMap<String, String>,
 }
 
+/// Side of the square blocks that FP8 `weight_scale_inv` scales cover.
+pub const FP8_BLOCK: usize = 128;
+
+/// Decodes an FP8 e4m3fn byte (1 sign, 4 exponent bits with bias 7, 3
+/// mantissa bits; no infinities; `S.1111.111` is NaN).
+pub fn fp8_e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exp = ((b >> 3) & 0x0f) as i32;
+    let man = (b & 0x07) as f32;
+    if exp == 0x0f && b & 0x07 == 0x07 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * man / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+/// Per-block f32 scales of an FP8 matrix (`[ceil(rows/128), ceil(cols/128)]`).
+#[derive(Clone, Copy)]
+struct BlockScale<'a> {
+    bytes: &'a [u8],
+    block_cols: usize,
+}
+
 /// A borrowed tensor: dtype, shape and raw little-endian bytes.
 #[derive(Clone, Copy)]
 pub struct TensorView<'a> {
@@ -199,6 +231,7 @@ pub struct TensorView<'a> {
     pub dtype: Dtype,
     pub shape: &'a [usize],
     bytes: &'a [u8],
+    scale: Option<BlockScale<'a>>,
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -240,6 +273,31 @@ impl<'a> TensorView<'a> {
             Dtype::F16 => {
                 for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
                     *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            Dtype::F8E4M3 => {
+                let table = fp8_table();
+                match self.scale {
+                    None => {
+                        for (o, &b) in out.iter_mut().zip(src) {
+                            *o = table[b as usize];
+                        }
+                    }
+                    Some(sc) => {
+                        let cols = self.shape.last().copied().unwrap_or(1).max(1);
+                        for (k, (o, &b)) in out.iter_mut().zip(src).enumerate() {
+                            let idx = start + k;
+                            let (r, c) = (idx / cols, idx % cols);
+                            let at = ((r / FP8_BLOCK) * sc.block_cols + c / FP8_BLOCK) * 4;
+                            let s = f32::from_le_bytes([
+                                sc.bytes[at],
+                                sc.bytes[at + 1],
+                                sc.bytes[at + 2],
+                                sc.bytes[at + 3],
+                            ]);
+                            *o = table[b as usize] * s;
+                        }
+                    }
                 }
             }
         }
@@ -402,13 +460,46 @@ impl Weights {
             .tensors
             .get_key_value(name)
             .expect("entry() found the name");
+        let scale = if dtype == Dtype::F8E4M3 {
+            self.block_scale(name, &entry.shape)?
+        } else {
+            None
+        };
         Ok(TensorView {
             name: key,
             path: &shard.path,
             dtype,
             shape: &entry.shape,
             bytes: &shard.storage.bytes()[entry.start..entry.end],
+            scale,
         })
+    }
+
+    /// The `<name>_scale_inv` block scales of an FP8 matrix, checked against its shape.
+    fn block_scale(&self, name: &str, shape: &[usize]) -> Result<Option<BlockScale<'_>>> {
+        let scale_name = format!("{name}_scale_inv");
+        if !self.contains(&scale_name) {
+            return Ok(None);
+        }
+        let (shard, entry) = self.entry(&scale_name)?;
+        let (rows, cols) = match shape {
+            [r, c] => (*r, *c),
+            _ => (shape.iter().product(), 1),
+        };
+        let want = [rows.div_ceil(FP8_BLOCK), cols.div_ceil(FP8_BLOCK)];
+        if entry.tag != "F32" || entry.shape != want {
+            return Err(Error::Safetensors {
+                path: shard.path.clone(),
+                reason: format!(
+                    "`{scale_name}` should be F32 {want:?} (one scale per {FP8_BLOCK}×{FP8_BLOCK} block of {shape:?}), found {} {:?}",
+                    entry.tag, entry.shape
+                ),
+            });
+        }
+        Ok(Some(BlockScale {
+            bytes: &shard.storage.bytes()[entry.start..entry.end],
+            block_cols: want[1],
+        }))
     }
 
     /// Checks a tensor's shape against what the config implies.
@@ -425,7 +516,7 @@ impl Weights {
         Ok(())
     }
 
-    /// Drops the pages of these tensors from this process's resident set
+    /// Drops the pages of these tensors (and of FP8 scales) from this process's resident set
     /// (they are re-read from disk if touched again). No-op for embedded bytes.
     pub fn release<'n>(&self, names: impl IntoIterator<Item = &'n str>) {
         for name in names {
@@ -455,6 +546,82 @@ impl Weights {
     }
 }
 
+fn fp8_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|b| fp8_e4m3_to_f32(b as u8)))
+}
+
 fn page_size() -> usize {
     4096
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::writer::{write, TensorSpec};
+
+    #[test]
+    fn fp8_e4m3fn_decoding() {
+        assert_eq!(fp8_e4m3_to_f32(0x38), 1.0);
+        assert_eq!(fp8_e4m3_to_f32(0xb8), -1.0);
+        assert_eq!(fp8_e4m3_to_f32(0x7e), 448.0); // largest finite
+        assert_eq!(fp8_e4m3_to_f32(0x01), 2f32.powi(-9)); // smallest subnormal
+        assert_eq!(fp8_e4m3_to_f32(0x3c), 1.5);
+        assert!(fp8_e4m3_to_f32(0x7f).is_nan() && fp8_e4m3_to_f32(0xff).is_nan());
+        assert_eq!(fp8_e4m3_to_f32(0x78), 256.0); // exponent 15 is finite in e4m3fn
+    }
+
+    #[test]
+    fn fp8_blocks_are_scaled_by_their_own_scale() {
+        // 200 × 300: 2 × 3 blocks of 128 (edge blocks partial), each with its own scale.
+        let (rows, cols) = (200usize, 300usize);
+        let q: Vec<u8> = (0..rows * cols)
+            .map(|i| [0x38u8, 0x3c, 0xb8][i % 3])
+            .collect();
+        let scales: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        write(
+            &path,
+            &[
+                (
+                    TensorSpec::new("w.weight", "F8_E4M3", &[rows, cols]),
+                    q.clone(),
+                ),
+                (
+                    TensorSpec::new("w.weight_scale_inv", "F32", &[2, 3]),
+                    crate::model::writer::f32_bytes(&scales),
+                ),
+                (
+                    TensorSpec::new("bad.weight", "F8_E4M3", &[rows, cols]),
+                    q.clone(),
+                ),
+                (
+                    TensorSpec::new("bad.weight_scale_inv", "F32", &[1, 3]),
+                    crate::model::writer::f32_bytes(&scales[..3]),
+                ),
+            ],
+        )
+        .unwrap();
+        let w = Weights::open_file(&path).unwrap();
+        let t = w.tensor("w.weight").unwrap();
+        assert_eq!(t.dtype, Dtype::F8E4M3);
+        let got = t.to_f32_vec();
+        for r in [0, 127, 128, 199] {
+            for c in [0, 127, 128, 255, 256, 299] {
+                let i = r * cols + c;
+                let want = fp8_e4m3_to_f32(q[i]) * scales[(r / 128) * 3 + c / 128];
+                assert_eq!(got[i], want, "({r}, {c})");
+            }
+        }
+        // A chunked read from the middle agrees with the whole read.
+        let mut part = vec![0f32; 1000];
+        t.read_f32(40_000, &mut part);
+        assert_eq!(part, got[40_000..41_000]);
+        let e = w.tensor("bad.weight").unwrap_err().to_string();
+        assert!(
+            e.contains("bad.weight_scale_inv") && e.contains("[2, 3]"),
+            "{e}"
+        );
+    }
 }
