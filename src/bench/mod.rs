@@ -20,11 +20,20 @@ pub fn data_dir() -> PathBuf {
 /// Writes a synthetic checkpoint into `data_dir()/name` unless one with the
 /// same geometry is already there; returns its directory.
 pub fn cached_checkpoint(name: &str, g: &synthetic::Geometry) -> crate::Result<PathBuf> {
+    cached_model(name, g, None)
+}
+
+/// Like [`cached_checkpoint`], for a full model the forward pass can run.
+pub fn cached_model(
+    name: &str,
+    g: &synthetic::Geometry,
+    full: Option<synthetic::FullModel>,
+) -> crate::Result<PathBuf> {
     let dir = data_dir().join(name);
     let stamp = dir.join("geometry.txt");
-    let want = format!("{g:?}");
+    let want = format!("{g:?} {full:?}");
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
-        synthetic::write_checkpoint(&dir, g, 7)?;
+        synthetic::write_model(&dir, g, full, 7)?;
         std::fs::write(&stamp, &want).map_err(|e| crate::Error::Io {
             path: stamp,
             source: e,

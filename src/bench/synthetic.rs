@@ -20,6 +20,14 @@ pub struct Geometry {
     pub dtype: &'static str,
 }
 
+/// Vocabulary and attention of a full synthetic model (for forward passes).
+#[derive(Debug, Clone, Copy)]
+pub struct FullModel {
+    pub vocab: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
 impl Geometry {
     /// Mixtral-8x7B's MoE layer shape with `layers` layers, bf16.
     pub fn mixtral_8x7b(layers: usize) -> Geometry {
@@ -77,6 +85,12 @@ fn encode(dtype: &str, v: f32, out: &mut Vec<u8>) {
 
 /// Writes `config.json` and `model.safetensors` for `g` into `dir`.
 pub fn write_checkpoint(dir: &Path, g: &Geometry, seed: u64) -> Result<()> {
+    write_model(dir, g, None, seed)
+}
+
+/// Like [`write_checkpoint`], plus embeddings, attention, norms and the
+/// output head when `full` is given, so the forward pass can run on it.
+pub fn write_model(dir: &Path, g: &Geometry, full: Option<FullModel>, seed: u64) -> Result<()> {
     if !matches!(g.dtype, "F32" | "F16" | "BF16") {
         return Err(Error::Usage(format!(
             "synthetic checkpoint dtype must be F32, F16 or BF16, not {}",
@@ -92,11 +106,12 @@ pub fn write_checkpoint(dir: &Path, g: &Geometry, seed: u64) -> Result<()> {
         "intermediate_size": g.intermediate,
         "num_local_experts": g.experts,
         "num_experts_per_tok": g.top_k,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
+        "num_attention_heads": full.map_or(8, |f| f.heads),
+        "num_key_value_heads": full.map_or(8, |f| f.kv_heads),
         "rms_norm_eps": 1e-5,
         "rope_theta": 1e6,
-        "vocab_size": 32000,
+        "vocab_size": full.map_or(32000, |f| f.vocab),
+        "tie_word_embeddings": false,
         "torch_dtype": match g.dtype { "F32" => "float32", "F16" => "float16", _ => "bfloat16" },
     });
     let cpath = dir.join("config.json");
@@ -106,6 +121,51 @@ pub fn write_checkpoint(dir: &Path, g: &Geometry, seed: u64) -> Result<()> {
     )
     .map_err(|e| Error::io(&cpath, e))?;
     let mut specs = Vec::new();
+    // Norm weights are written as ones (recognised by name below).
+    let mut ones = std::collections::HashSet::new();
+    if let Some(f) = full {
+        specs.push(TensorSpec::new(
+            "model.embed_tokens.weight",
+            g.dtype,
+            &[f.vocab, g.hidden],
+        ));
+        specs.push(TensorSpec::new(
+            "lm_head.weight",
+            g.dtype,
+            &[f.vocab, g.hidden],
+        ));
+        specs.push(TensorSpec::new("model.norm.weight", g.dtype, &[g.hidden]));
+        ones.insert("model.norm.weight".to_string());
+        let hd = g.hidden / f.heads;
+        for l in 0..g.layers {
+            let a = format!("model.layers.{l}.self_attn");
+            specs.push(TensorSpec::new(
+                format!("{a}.q_proj.weight"),
+                g.dtype,
+                &[f.heads * hd, g.hidden],
+            ));
+            specs.push(TensorSpec::new(
+                format!("{a}.k_proj.weight"),
+                g.dtype,
+                &[f.kv_heads * hd, g.hidden],
+            ));
+            specs.push(TensorSpec::new(
+                format!("{a}.v_proj.weight"),
+                g.dtype,
+                &[f.kv_heads * hd, g.hidden],
+            ));
+            specs.push(TensorSpec::new(
+                format!("{a}.o_proj.weight"),
+                g.dtype,
+                &[g.hidden, f.heads * hd],
+            ));
+            for n in ["input_layernorm", "post_attention_layernorm"] {
+                let name = format!("model.layers.{l}.{n}.weight");
+                ones.insert(name.clone());
+                specs.push(TensorSpec::new(name, g.dtype, &[g.hidden]));
+            }
+        }
+    }
     for l in 0..g.layers {
         let p = format!("model.layers.{l}.block_sparse_moe");
         specs.push(TensorSpec::new(
@@ -132,12 +192,14 @@ pub fn write_checkpoint(dir: &Path, g: &Geometry, seed: u64) -> Result<()> {
     write_streaming(&dir.join("model.safetensors"), &specs, |i, out| {
         let mut rng = Rng(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
         let n: usize = specs[i].shape.iter().product();
+        let is_one = ones.contains(&specs[i].name);
         let mut left = n;
         while left > 0 {
             let take = left.min(1 << 18);
             buf.clear();
             for _ in 0..take {
-                encode(g.dtype, rng.uniform(scale), &mut buf);
+                let v = if is_one { 1.0 } else { rng.uniform(scale) };
+                encode(g.dtype, v, &mut buf);
             }
             out.write_all(&buf)?;
             left -= take;

@@ -22,6 +22,10 @@ pub struct Forward<'m> {
     model: &'m Model,
     pub cfg: ForwardConfig,
     device: Device,
+    /// With [`Forward::keep_weights`]: every layer's f32 weights, loaded on
+    /// first use and kept (for repeated runs on a model that fits in memory).
+    resident: Option<std::sync::Mutex<Vec<Option<std::sync::Arc<LayerWeights>>>>>,
+    head: std::sync::OnceLock<std::sync::Arc<HeadWeights>>,
 }
 
 /// Output of [`Forward::run`].
@@ -143,7 +147,37 @@ impl<'m> Forward<'m> {
     /// Prepares a forward pass of `model` on `device`.
     pub fn new(model: &'m Model, device: Device) -> Result<Forward<'m>> {
         let cfg = ForwardConfig::from_config(&model.config, &model.info)?;
-        Ok(Forward { model, cfg, device })
+        Ok(Forward {
+            model,
+            cfg,
+            device,
+            resident: None,
+            head: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Keeps every layer's converted f32 weights after first use instead of
+    /// streaming them from the mmap on each run: for repeated runs (serving,
+    /// benchmarks) on a model whose f32 weights fit in memory. The default
+    /// streams one layer at a time, with memory bounded by one layer.
+    pub fn keep_weights(mut self) -> Self {
+        self.resident = Some(std::sync::Mutex::new(
+            (0..self.model.info.num_layers).map(|_| None).collect(),
+        ));
+        self
+    }
+
+    fn layer_weights(&self, layer: usize) -> Result<std::sync::Arc<LayerWeights>> {
+        let Some(cache) = &self.resident else {
+            return Ok(std::sync::Arc::new(self.load_layer(layer)?));
+        };
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = &cache[layer] {
+            return Ok(w.clone());
+        }
+        let w = std::sync::Arc::new(self.load_layer(layer)?);
+        cache[layer] = Some(w.clone());
+        Ok(w)
     }
 
     /// The device computations run on.
@@ -167,6 +201,27 @@ impl<'m> Forward<'m> {
         Ok((a, y))
     }
 
+    /// Loads one decoder layer's weights (for benchmarks of a single block).
+    pub fn load_layer(&self, layer: usize) -> Result<LayerWeights> {
+        LayerWeights::load(self.model, &self.cfg, layer, &self.device)
+    }
+
+    /// The MoE block of `layer` on `x` `[tokens, hidden]` (already normed),
+    /// reporting to `observer`; `Err` for a dense layer.
+    pub fn moe_block(
+        &self,
+        layer: usize,
+        lw: &LayerWeights,
+        x: &Tensor,
+        observer: &mut dyn Observer,
+    ) -> Result<Tensor> {
+        if !matches!(lw.mlp, MlpWeights::Moe { .. }) {
+            return Err(Error::Usage(format!("layer {layer} is not an MoE layer")));
+        }
+        let wants = observer.wants();
+        self.moe(layer, 0, x, &lw.mlp, wants, observer)
+    }
+
     /// Runs the prompts (token ids) through the model. `observer` receives every
     /// MoE layer's routing (and what it asks for); `logits` keeps the final logits.
     pub fn run(
@@ -188,20 +243,15 @@ impl<'m> Forward<'m> {
                 )));
             }
         }
-        let head = HeadWeights::load(model, &self.cfg, dev)?;
-        let mut hidden = prompts
-            .iter()
-            .map(|ids| {
-                let idx = Tensor::new(ids.as_slice(), dev)?;
-                let h = head.embed.index_select(&idx, 0)?;
-                if self.cfg.embedding_multiplier != 1.0 {
-                    h * self.cfg.embedding_multiplier
-                } else {
-                    Ok(h)
-                }
-            })
-            .collect::<R<Vec<Tensor>>>()
-            .map_err(ce("embeddings"))?;
+        let mut hidden = Vec::with_capacity(prompts.len());
+        for ids in prompts {
+            let h = weights::embed(model, ids, dev)?;
+            hidden.push(if self.cfg.embedding_multiplier != 1.0 {
+                (h * self.cfg.embedding_multiplier).map_err(ce("embeddings"))?
+            } else {
+                h
+            });
+        }
         let max_t = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let rope_dim = match &self.cfg.attention {
             AttentionKind::Standard { head_dim, .. } => *head_dim,
@@ -213,7 +263,7 @@ impl<'m> Forward<'m> {
             rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev).map_err(ce("rotary tables"))?;
         let wants = observer.wants();
         for layer in 0..model.info.num_layers {
-            let lw = LayerWeights::load(model, &self.cfg, layer, dev)?;
+            let lw = self.layer_weights(layer)?;
             for (p, h) in hidden.iter_mut().enumerate() {
                 let t = h.dim(0).map_err(ce("hidden state"))?;
                 let (c, s) = (
@@ -223,18 +273,27 @@ impl<'m> Forward<'m> {
                 *h = self.layer(layer, p, h, &lw, &c, &s, wants, observer)?;
             }
             drop(lw);
-            let names = weights::layer_tensor_names(model.weights(), layer);
-            model.weights().release(names.iter().map(String::as_str));
+            if self.resident.is_none() {
+                let names = weights::layer_tensor_names(model.weights(), layer);
+                model.weights().release(names.iter().map(String::as_str));
+            }
         }
         let mut out = Vec::new();
         if logits {
+            let head = match (&self.resident, self.head.get()) {
+                (Some(_), Some(h)) => h.clone(),
+                _ => {
+                    let h = std::sync::Arc::new(HeadWeights::load(model, &self.cfg, dev)?);
+                    if self.resident.is_some() {
+                        let _ = self.head.set(h.clone());
+                    }
+                    h
+                }
+            };
             for h in &hidden {
                 let l = (|| {
                     let n = rms_norm(h, &head.norm, self.cfg.rms_eps)?;
-                    let l = match &head.lm_head {
-                        Some(w) => linear(&n, w, None)?,
-                        None => linear(&n, &head.embed, None)?,
-                    };
+                    let l = linear(&n, &head.lm_head, None)?;
                     if self.cfg.output_multiplier != 1.0 {
                         l * self.cfg.output_multiplier
                     } else {

@@ -247,12 +247,11 @@ impl LayerWeights {
     }
 }
 
-/// Embedding matrix, final norm and output head.
+/// Final norm and output head (embeddings are gathered row by row from the mmap).
 pub struct HeadWeights {
-    pub embed: Tensor,
     pub norm: Tensor,
-    /// `None` when tied to the embeddings.
-    pub lm_head: Option<Tensor>,
+    /// The output matrix: `lm_head`, or the embeddings when tied.
+    pub lm_head: Tensor,
 }
 
 impl HeadWeights {
@@ -263,15 +262,29 @@ impl HeadWeights {
         } else {
             "model.norm.weight"
         };
-        let lm_head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
-            None
+        let head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
+            "model.embed_tokens.weight"
         } else {
-            Some(load(w, "lm_head.weight", device)?)
+            "lm_head.weight"
         };
         Ok(HeadWeights {
-            embed: load(w, "model.embed_tokens.weight", device)?,
             norm: load(w, norm_name, device)?,
-            lm_head,
+            lm_head: load(w, head, device)?,
         })
     }
+}
+
+/// Embeddings of token ids `[tokens, hidden]`, read row by row from the mmap.
+pub fn embed(model: &Model, ids: &[u32], device: &Device) -> Result<Tensor> {
+    let name = "model.embed_tokens.weight";
+    let view = model.weights().tensor(name)?;
+    let hidden = view.shape.get(1).copied().unwrap_or(0);
+    let rows = view.gather_rows(ids);
+    if rows.iter().any(|x| !x.is_finite()) {
+        return Err(Error::NonFinite {
+            path: view.path.to_path_buf(),
+            tensor: name.to_string(),
+        });
+    }
+    Tensor::from_vec(rows, (ids.len(), hidden), device).map_err(ce(name))
 }

@@ -303,10 +303,28 @@ impl<'a> TensorView<'a> {
         }
     }
 
-    /// The whole tensor as f32 (use for small tensors such as routers).
+    /// The whole tensor as f32, converted on all cores for large tensors.
     pub fn to_f32_vec(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        const PAR_CHUNK: usize = 1 << 16;
         let mut out = vec![0f32; self.numel()];
-        self.read_f32(0, &mut out);
+        if out.len() <= PAR_CHUNK {
+            self.read_f32(0, &mut out);
+        } else {
+            out.par_chunks_mut(PAR_CHUNK)
+                .enumerate()
+                .for_each(|(i, chunk)| self.read_f32(i * PAR_CHUNK, chunk));
+        }
+        out
+    }
+
+    /// Rows `ids` of a 2-D tensor (e.g. embeddings of token ids), as f32.
+    pub fn gather_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let cols = self.shape.get(1).copied().unwrap_or(1);
+        let mut out = vec![0f32; ids.len() * cols];
+        for (row, &id) in out.chunks_mut(cols).zip(ids) {
+            self.read_f32(id as usize * cols, row);
+        }
         out
     }
 }
