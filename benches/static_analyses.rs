@@ -35,6 +35,7 @@ fn similarity_opts() -> AnalyzeOptions<'static> {
         ],
         layers: None,
         dense: None,
+        dynamic: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn expert_similarity_matches_numpy_for_every_family() {
             analyses: vec![AnalysisKind::ExpertSimilarity],
             layers: None,
             dense: None,
+            dynamic: None,
         };
         let report = analysis::run(&model, &opts, &()).unwrap();
         let sim = report.analyses.expert_similarity.unwrap();
@@ -88,6 +89,7 @@ fn dense_reference_adds_an_f_row_matching_numpy() {
         analyses: vec![AnalysisKind::ExpertSimilarity],
         layers: None,
         dense: Some(&dense),
+        dynamic: None,
     };
     let report = analysis::run(&model, &opts, &()).unwrap();
     let r = reference("mixtral");
@@ -109,6 +111,7 @@ fn layer_selection_keeps_only_the_chosen_moe_layers() {
         analyses: vec![AnalysisKind::ExpertSimilarity],
         layers: Some(moe_inspect::layers::LayerSelection::parse("0,2").unwrap()),
         dense: None,
+        dynamic: None,
     };
     let report = analysis::run(&model, &opts, &()).unwrap();
     let layers: Vec<usize> = report
@@ -132,6 +135,7 @@ fn run_all(name: &str, dense: Option<&DenseModel>) -> moe_inspect::report::schem
         analyses: AnalysisKind::parse_selection("static").unwrap(),
         layers: Some(moe_inspect::layers::LayerSelection::parse(&all).unwrap()),
         dense,
+        dynamic: None,
     };
     analysis::run(&model, &opts, &()).unwrap().analyses
 }
@@ -322,6 +326,7 @@ fn fp8_block_scaled_weights_are_dequantised_for_the_static_analyses() {
         ],
         layers: None,
         dense: None,
+        dynamic: None,
     };
     let a = analysis::run(&model, &opts, &()).unwrap().analyses;
     for (key, sim) in [

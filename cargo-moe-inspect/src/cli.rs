@@ -106,16 +106,25 @@ pub struct AnalyzeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Analyses to run: `static`, `all`, or names separated by commas
-    /// (expert-similarity, neuron-similarity, neuron-reorder, gate-embedding,
-    /// projection). neuron-reorder runs on --layers, by default on the first,
-    /// middle and last MoE layer.
+    /// Analyses to run: `static`, `dynamic`, `all`, or names separated by
+    /// commas (static: expert-similarity, neuron-similarity, neuron-reorder,
+    /// gate-embedding, projection; dynamic, from one forward pass over the
+    /// prompts: output-similarity, norm-score, intermediate, chosen-experts).
+    /// neuron-reorder runs on --layers, by default on the first, middle and
+    /// last MoE layer.
     #[arg(long, default_value = "static")]
     pub analyses: String,
 
     /// Layers to analyse, e.g. `0,5,31` or `0..8` (default: every MoE layer).
     #[arg(long, value_name = "SPEC")]
     pub layers: Option<String>,
+
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+
+    /// intermediate: count activations above this fraction of the layer's largest |a|.
+    #[arg(long, default_value_t = 0.1, value_name = "FRACTION")]
+    pub threshold: f64,
 
     /// A dense model of the same shape (e.g. Mistral-7B for Mixtral): its FFN
     /// is added to the similarity matrices as row/column `F`.

@@ -134,12 +134,46 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             );
         }
     }
+    let needs_forward = analyses.iter().any(|a| !a.is_static());
+    let prompts = if needs_forward {
+        Some(input::resolve(
+            args.model.model.as_deref(),
+            &input::PromptArgs {
+                prompts: args.prompts.prompts.as_deref(),
+                token_ids: args.prompts.token_ids.as_deref(),
+            },
+        )?)
+    } else {
+        None
+    };
+    let fwd = if needs_forward {
+        Some(forward::Forward::new(
+            &model,
+            forward::parse_device(&args.model.device)?,
+        )?)
+    } else {
+        None
+    };
     let opts = AnalyzeOptions {
         analyses,
         layers,
         dense: dense.as_ref(),
+        dynamic: match (&fwd, &prompts) {
+            (Some(f), Some(p)) => Some(analysis::DynamicInput {
+                forward: f,
+                prompts: &p.ids,
+                threshold_fraction: args.threshold,
+            }),
+            _ => None,
+        },
     };
-    let report = analysis::run(&model, &opts, &progress_bar())?;
+    let mut report = analysis::run(&model, &opts, &progress_bar())?;
+    if let Some(p) = &prompts {
+        if let Ok(tok) = input::tokenizer(args.model.model.as_deref()) {
+            report.maps.token_ids = p.ids.first().cloned().unwrap_or_default();
+            report.token_labels = tok.token_strings(&report.maps.token_ids);
+        }
+    }
     match args.format {
         OutputFormat::Table => print!("{}", report::table::render(&report, style)),
         OutputFormat::Json => {

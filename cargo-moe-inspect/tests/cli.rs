@@ -205,3 +205,82 @@ fn markdown_report_writes_one_heatmap_per_layer() {
     );
     assert!(!out_dir.path().join("expert-similarity-layer0.svg").exists());
 }
+
+#[test]
+fn dynamic_analyses_on_the_demo_model_from_one_forward_pass() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let stdout = ok(&[
+        "analyze",
+        "--analyses",
+        "dynamic",
+        "--format",
+        "json",
+        "--out",
+        out_dir.path().to_str().unwrap(),
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let a = &json["analyses"];
+    for name in [
+        "output-similarity",
+        "norm-score",
+        "intermediate",
+        "chosen-experts",
+    ] {
+        assert!(a.get(name).is_some(), "{name} missing");
+    }
+    assert!(
+        a.get("expert-similarity").is_none(),
+        "static analyses were not asked for"
+    );
+    let tokens = a["chosen-experts"]["tokens"].as_u64().unwrap();
+    // Every token selects top-2 experts in each of the 4 layers.
+    for l in a["chosen-experts"]["layers"].as_array().unwrap() {
+        let load: u64 = l["load"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .sum();
+        assert_eq!(load, 2 * tokens);
+    }
+    // The counts of each layer cover every (token, expert) pair once.
+    for l in a["norm-score"]["layers"].as_array().unwrap() {
+        let total: u64 = l["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
+            .sum();
+        assert_eq!(total, 8 * tokens);
+    }
+    let rate = a["norm-score"]["top1_match_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate));
+    // Markdown: the figures with decoded tokens on the axis.
+    let md_dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(&[
+        "analyze",
+        "--analyses",
+        "chosen-experts,norm-score",
+        "--format",
+        "markdown",
+        "--out",
+        md_dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let svg = std::fs::read_to_string(md_dir.path().join("chosen-experts-layer0.svg")).unwrap();
+    assert!(svg.contains("&lt;s&gt;"), "decoded BOS token on the axis");
+    assert!(md_dir.path().join("norm-score-ranks.svg").exists());
+}
+
+#[test]
+fn dynamic_analyses_on_a_model_need_prompts() {
+    let (code, _, stderr) = run(&[
+        "analyze",
+        "--analyses",
+        "norm-score",
+        "--model",
+        "fixtures/mixtral",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--prompts FILE"), "{stderr}");
+}

@@ -2,6 +2,7 @@
 //! a selection of them over a model one layer at a time.
 
 pub mod assignment;
+pub mod dynamic;
 pub mod linalg;
 pub mod neurons;
 #[path = "static/mod.rs"]
@@ -25,16 +26,24 @@ pub enum AnalysisKind {
     NeuronReorder,
     GateEmbedding,
     Projection,
+    OutputSimilarity,
+    NormScore,
+    Intermediate,
+    ChosenExperts,
 }
 
 impl AnalysisKind {
     /// Every analysis this build implements.
-    pub const ALL: [AnalysisKind; 5] = [
+    pub const ALL: [AnalysisKind; 9] = [
         AnalysisKind::ExpertSimilarity,
         AnalysisKind::NeuronSimilarity,
         AnalysisKind::NeuronReorder,
         AnalysisKind::GateEmbedding,
         AnalysisKind::Projection,
+        AnalysisKind::OutputSimilarity,
+        AnalysisKind::NormScore,
+        AnalysisKind::Intermediate,
+        AnalysisKind::ChosenExperts,
     ];
 
     /// The name used on the command line and in reports.
@@ -45,12 +54,22 @@ impl AnalysisKind {
             AnalysisKind::NeuronReorder => "neuron-reorder",
             AnalysisKind::GateEmbedding => "gate-embedding",
             AnalysisKind::Projection => "projection",
+            AnalysisKind::OutputSimilarity => "output-similarity",
+            AnalysisKind::NormScore => "norm-score",
+            AnalysisKind::Intermediate => "intermediate",
+            AnalysisKind::ChosenExperts => "chosen-experts",
         }
     }
 
-    /// Whether it needs only the weights.
+    /// Whether it needs only the weights (else a forward pass over prompts).
     pub fn is_static(self) -> bool {
-        true
+        !matches!(
+            self,
+            AnalysisKind::OutputSimilarity
+                | AnalysisKind::NormScore
+                | AnalysisKind::Intermediate
+                | AnalysisKind::ChosenExperts
+        )
     }
 
     /// Parses `static`, `dynamic`, `all` or a comma-separated list of names.
@@ -60,18 +79,14 @@ impl AnalysisKind {
             match part {
                 "all" => out.extend(AnalysisKind::ALL),
                 "static" => out.extend(AnalysisKind::ALL.into_iter().filter(|a| a.is_static())),
-                "dynamic" => {
-                    return Err(Error::Usage(
-                        "--analyses dynamic: the dynamic analyses need the forward pass, which this build does not have yet".into(),
-                    ))
-                }
+                "dynamic" => out.extend(AnalysisKind::ALL.into_iter().filter(|a| !a.is_static())),
                 name => out.push(
                     AnalysisKind::ALL
                         .into_iter()
                         .find(|a| a.name() == name)
                         .ok_or_else(|| {
                             Error::Usage(format!(
-                                "--analyses: unknown analysis `{name}` (available: static, all, {})",
+                                "--analyses: unknown analysis `{name}` (available: static, dynamic, all, {})",
                                 AnalysisKind::ALL.map(|a| a.name()).join(", ")
                             ))
                         })?,
@@ -91,6 +106,16 @@ pub struct AnalyzeOptions<'a> {
     pub layers: Option<LayerSelection>,
     /// `--dense-reference`: its FFN becomes row/column `F`.
     pub dense: Option<&'a DenseModel>,
+    /// The forward pass and prompts for the dynamic analyses.
+    pub dynamic: Option<DynamicInput<'a>>,
+}
+
+/// What the dynamic analyses run on.
+pub struct DynamicInput<'a> {
+    pub forward: &'a crate::forward::Forward<'a>,
+    pub prompts: &'a [Vec<u32>],
+    /// `intermediate`: threshold as a fraction of the layer's largest |a| (0.1).
+    pub threshold_fraction: f64,
 }
 
 /// Receives progress, one step per finished layer (the CLI draws a bar).
@@ -153,6 +178,30 @@ pub fn run(model: &Model, opts: &AnalyzeOptions<'_>, progress: &dyn Progress) ->
         || want(AnalysisKind::GateEmbedding)
         || want(AnalysisKind::Projection);
     let experts = model.info.num_experts;
+    let dynamic_wanted = opts.analyses.iter().any(|a| !a.is_static());
+    let dynamic = match (&opts.dynamic, dynamic_wanted) {
+        (Some(d), true) => Some(dynamic::run(
+            d.forward,
+            d.prompts,
+            &dynamic::DynamicOptions {
+                output_similarity: want(AnalysisKind::OutputSimilarity),
+                norm_score: want(AnalysisKind::NormScore),
+                intermediate: want(AnalysisKind::Intermediate),
+                chosen_experts: want(AnalysisKind::ChosenExperts),
+                layers: layers.clone(),
+                threshold_fraction: d.threshold_fraction,
+            },
+            opts.dense,
+        )?),
+        (None, true) => {
+            return Err(Error::Usage(
+                "the dynamic analyses need prompts and a forward pass".into(),
+            ))
+        }
+        _ => None,
+    };
+    let static_wanted = opts.analyses.iter().any(|a| a.is_static());
+    let layers = if static_wanted { layers } else { Vec::new() };
     let mut labels: Vec<String> = (0..experts).map(|e| e.to_string()).collect();
     if opts.dense.is_some() {
         labels.push("F".to_string());
@@ -224,6 +273,12 @@ pub fn run(model: &Model, opts: &AnalyzeOptions<'_>, progress: &dyn Progress) ->
                 layers: gate,
             }),
             projection: want(AnalysisKind::Projection).then_some(Projection { layers: proj }),
+            output_similarity: dynamic.as_ref().and_then(|d| d.output_similarity.clone()),
+            norm_score: dynamic.as_ref().and_then(|d| d.norm_score.clone()),
+            intermediate: dynamic.as_ref().and_then(|d| d.intermediate.clone()),
+            chosen_experts: dynamic.as_ref().and_then(|d| d.chosen_experts.clone()),
         },
+        maps: dynamic.map(|d| d.maps).unwrap_or_default(),
+        token_labels: Vec::new(),
     })
 }

@@ -180,6 +180,11 @@ impl<'m> Forward<'m> {
         Ok(w)
     }
 
+    /// The geometry of the model.
+    pub fn model_info(&self) -> &crate::model::ModelInfo {
+        &self.model.info
+    }
+
     /// The device computations run on.
     pub fn device(&self) -> &Device {
         &self.device

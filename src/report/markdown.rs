@@ -10,7 +10,7 @@ use crate::analysis::linalg::strict_lower;
 use crate::error::{Error, Result};
 use crate::model::Matrix;
 use crate::report::schema::{LayerMatrices, MatrixSimilarity, Report};
-use crate::report::svg::{heatmaps, regression_line, scatter, Panel, ScatterPanel};
+use crate::report::svg::{bars, heatmaps, regression_line, scatter, Panel, ScatterPanel};
 use crate::report::table::off_diagonal_stats;
 
 /// Options of the Markdown report.
@@ -224,9 +224,190 @@ pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathB
             }
         }
     }
+    dynamic_sections(&mut w, report, opts)?;
     let path = dir.join("report.md");
     std::fs::write(&path, &w.md).map_err(|e| Error::io(&path, e))?;
     Ok(path)
+}
+
+fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: MarkdownOptions) -> Result<()> {
+    let a = &report.analyses;
+    let experts = report.model.num_experts;
+    let expert_labels: Vec<String> = (0..experts).map(|e| e.to_string()).collect();
+    let token_labels: Vec<String> = if report.token_labels.is_empty() {
+        report
+            .maps
+            .token_ids
+            .iter()
+            .map(|t| t.to_string())
+            .collect()
+    } else {
+        report.token_labels.clone()
+    };
+    if let Some(o) = &a.output_similarity {
+        let _ = writeln!(w.md, "## Expert output similarity\n");
+        let _ = writeln!(
+            w.md,
+            "Mean angular similarity `1 - acos(cos)/π` of all experts' outputs on each layer's real input, over {} tokens \
+             (§4.1, Fig. 5){}.\n",
+            o.tokens,
+            if o.layers.first().is_some_and(|l| l.labels.iter().any(|x| x == "SE")) {
+                "; `SE` is the shared expert"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            w.md,
+            "| layer | mean off-diagonal | most similar pair |\n|---|---|---|"
+        );
+        for l in &o.layers {
+            if let Some((mean, _, max)) = off_diagonal_stats(&l.mean_angular) {
+                let _ = writeln!(
+                    w.md,
+                    "| {} | {mean:.3} | {:.3} ({}, {}) |",
+                    l.layer, max.0, l.labels[max.2], l.labels[max.1]
+                );
+            }
+        }
+        w.md.push('\n');
+        let shared_lo = min_of(&o.layers.iter().map(|l| &l.mean_angular).collect::<Vec<_>>());
+        for l in &o.layers {
+            let lo = if opts.shared_scale {
+                shared_lo
+            } else {
+                min_of(&[&l.mean_angular])
+            };
+            let svg = heatmaps(
+                &format!("Expert output similarity, layer {}", l.layer),
+                &[Panel {
+                    title: "mean angular similarity",
+                    matrix: &l.mean_angular,
+                }],
+                &l.labels,
+                lo,
+                1.0,
+            );
+            w.figure(
+                &format!("output-similarity-layer{}.svg", l.layer),
+                &format!("output similarity, layer {}", l.layer),
+                &svg,
+            )?;
+        }
+    }
+    if let Some(n) = &a.norm_score {
+        let _ = writeln!(w.md, "## Output norm vs gate score\n");
+        let _ = writeln!(
+            w.md,
+            "For {:.1}% of tokens the expert with the highest gate score also has the largest output norm \
+             (chance {:.1}%; the paper reports about 69% for Mixtral, §4.2, Fig. 6); mean Spearman correlation \
+             between scores and norms {:.3}.\n",
+            100.0 * n.top1_match_rate,
+            100.0 * n.chance,
+            n.spearman_mean
+        );
+        let _ = writeln!(w.md, "| layer | top-1 match rate |\n|---|---|");
+        for l in &n.layers {
+            let _ = writeln!(w.md, "| {} | {:.3} |", l.layer, l.top1_match_rate);
+        }
+        w.md.push('\n');
+        if let Some(top) = n.total.first() {
+            let values: Vec<f64> = top.iter().map(|&c| c as f64).collect();
+            let labels: Vec<String> = (1..=values.len()).map(|r| r.to_string()).collect();
+            let svg = bars(
+                "Norm rank of the highest-score expert (all layers)",
+                &values,
+                &labels,
+                "tokens",
+            );
+            w.figure(
+                "norm-score-ranks.svg",
+                "norm rank of the top-scored expert",
+                &svg,
+            )?;
+        }
+    }
+    if let Some(it) = &a.intermediate {
+        let _ = writeln!(w.md, "## Intermediate activations\n");
+        let _ = writeln!(
+            w.md,
+            "`act(gate·x)` per expert (§4.3, Fig. 7): mean |a| and the share of entries above {} × the layer's max |a|.\n",
+            it.threshold_fraction
+        );
+        let _ = writeln!(
+            w.md,
+            "| layer | expert | mean \\|a\\| | share above | top neurons |\n|---|---|---|---|---|"
+        );
+        for l in &it.layers {
+            for (x, e) in l.experts.iter().enumerate() {
+                let _ = writeln!(
+                    w.md,
+                    "| {} | {x} | {:.4} | {:.4} | {:?} |",
+                    l.layer, e.mean_abs, e.share_above, e.top_neurons
+                );
+            }
+        }
+        w.md.push('\n');
+        for (layer, map) in &report.maps.activation {
+            let hi = map.iter().flatten().copied().fold(0.0, f64::max);
+            let svg = crate::report::svg::heatmap_rect(
+                &format!("Mean |act(gate·x)| per token and expert, layer {layer} (first prompt)"),
+                map,
+                &token_labels,
+                &expert_labels,
+                0.0,
+                hi,
+            );
+            w.figure(
+                &format!("intermediate-layer{layer}.svg"),
+                &format!("activation map, layer {layer}"),
+                &svg,
+            )?;
+        }
+    }
+    if let Some(c) = &a.chosen_experts {
+        let _ = writeln!(w.md, "## Chosen experts\n");
+        let _ = writeln!(
+            w.md,
+            "Routing over {} tokens (§4.4, Fig. 8): expert load, balancedness (mean/max load), coefficient of variation, \
+             share of experts never chosen, and exp(H)/E of the load distribution.\n",
+            c.tokens
+        );
+        let _ = writeln!(
+            w.md,
+            "| layer | balancedness | cv | dead share | exp(H)/E |\n|---|---|---|---|---|"
+        );
+        for l in &c.layers {
+            let _ = writeln!(
+                w.md,
+                "| {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                l.layer, l.balancedness, l.cv, l.dead_share, l.entropy_ratio
+            );
+        }
+        let q = &c.summary;
+        let _ = writeln!(
+            w.md,
+            "\nAcross layers (min / p50 / p90 / max): balancedness {:.3} / {:.3} / {:.3} / {:.3}; exp(H)/E {:.3} / {:.3} / {:.3} / {:.3}.\n",
+            q.balancedness.min, q.balancedness.p50, q.balancedness.p90, q.balancedness.max,
+            q.entropy_ratio.min, q.entropy_ratio.p50, q.entropy_ratio.p90, q.entropy_ratio.max
+        );
+        for (layer, map) in &report.maps.routing {
+            let svg = crate::report::svg::heatmap_rect(
+                &format!("Routing weights per token, layer {layer} (first prompt)"),
+                map,
+                &token_labels,
+                &expert_labels,
+                0.0,
+                map.iter().flatten().copied().fold(0.0, f64::max),
+            );
+            w.figure(
+                &format!("chosen-experts-layer{layer}.svg"),
+                &format!("chosen experts, layer {layer}"),
+                &svg,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn similarity_section(

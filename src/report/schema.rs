@@ -12,6 +12,12 @@ pub struct Report {
     pub schema: String,
     pub model: ModelSummary,
     pub analyses: Analyses,
+    /// Per-token maps of the first prompt for the Markdown figures (not in the JSON).
+    #[serde(skip)]
+    pub maps: crate::analysis::dynamic::TokenMaps,
+    /// Decoded tokens of `maps.token_ids` (axis labels), when a tokenizer is known.
+    #[serde(skip)]
+    pub token_labels: Vec<String>,
 }
 
 /// What was analysed.
@@ -61,6 +67,128 @@ pub struct Analyses {
         skip_serializing_if = "Option::is_none"
     )]
     pub projection: Option<Projection>,
+    #[serde(
+        rename = "output-similarity",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub output_similarity: Option<OutputSimilarity>,
+    #[serde(
+        rename = "norm-score",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub norm_score: Option<NormScore>,
+    #[serde(
+        rename = "intermediate",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub intermediate: Option<Intermediate>,
+    #[serde(
+        rename = "chosen-experts",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub chosen_experts: Option<ChosenExperts>,
+}
+
+/// `output-similarity`: mean angular similarity of all experts' outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputSimilarity {
+    pub layers: Vec<OutputSimilarityLayer>,
+    /// Tokens averaged over.
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputSimilarityLayer {
+    pub layer: usize,
+    /// Experts in checkpoint order, then `SE` (shared expert) and `F` (dense reference) if present.
+    pub labels: Vec<String>,
+    /// Mean over tokens of `1 - acos(cos)/π`.
+    pub mean_angular: Vec<Vec<f64>>,
+}
+
+/// `norm-score`: do experts with larger outputs get larger gate scores?
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NormScore {
+    pub layers: Vec<NormScoreLayer>,
+    /// `counts` summed over layers.
+    pub total: Vec<Vec<u64>>,
+    /// Share of (token, layer) pairs whose highest-score expert has the highest output norm.
+    pub top1_match_rate: f64,
+    /// Mean Spearman correlation between gate scores and output norms.
+    pub spearman_mean: f64,
+    /// Chance level of `top1_match_rate` (1/E).
+    pub chance: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NormScoreLayer {
+    pub layer: usize,
+    /// `counts[score_rank][norm_rank]`.
+    pub counts: Vec<Vec<u64>>,
+    pub top1_match_rate: f64,
+}
+
+/// `intermediate`: the experts' intermediate activations `act(gate·x)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Intermediate {
+    /// The threshold as a fraction of each layer's largest |a|.
+    pub threshold_fraction: f64,
+    pub layers: Vec<IntermediateLayer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntermediateLayer {
+    pub layer: usize,
+    pub threshold: f64,
+    pub experts: Vec<IntermediateExpert>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IntermediateExpert {
+    pub mean_abs: f64,
+    pub share_above: f64,
+    /// Neuron indices with the largest mean |a|, decreasing.
+    pub top_neurons: Vec<usize>,
+}
+
+/// `chosen-experts`: routing statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChosenExperts {
+    pub layers: Vec<ChosenExpertsLayer>,
+    pub tokens: usize,
+    /// min / p50 / p90 / max over layers of each per-layer statistic.
+    pub summary: ChosenSummary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChosenExpertsLayer {
+    pub layer: usize,
+    pub load: Vec<u64>,
+    pub balancedness: f64,
+    pub cv: f64,
+    pub dead_share: f64,
+    pub entropy_ratio: f64,
+    pub coactivation: Vec<Vec<u64>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChosenSummary {
+    pub balancedness: Quantiles,
+    pub cv: Quantiles,
+    pub dead_share: Quantiles,
+    pub entropy_ratio: Quantiles,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quantiles {
+    pub min: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub max: f64,
 }
 
 /// A value per expert matrix (`up`, `gate`, `down`).

@@ -142,6 +142,133 @@ pub fn heatmaps(title: &str, panels: &[Panel<'_>], labels: &[String], lo: f64, h
     s
 }
 
+/// A rectangular heatmap (`rows × cols`, e.g. tokens × experts) with its own
+/// row and column labels; rows beyond 64 are not drawn (the title says so).
+pub fn heatmap_rect(
+    title: &str,
+    matrix: &[Vec<f64>],
+    row_labels: &[String],
+    col_labels: &[String],
+    lo: f64,
+    hi: f64,
+) -> String {
+    let rows = matrix.len().min(64);
+    let cols = col_labels.len().max(1);
+    let cell_w = (480.0 / cols as f64).clamp(6.0, 36.0);
+    let cell_h = 16.0;
+    let (ml, mt) = (110.0, 50.0);
+    let width = ml + cols as f64 * cell_w + 80.0;
+    let height = mt + rows as f64 * cell_h + 20.0;
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let more = if matrix.len() > rows {
+        format!(" (first {rows} of {} rows)", matrix.len())
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">{}{}</text>"#,
+        esc(title),
+        esc(&more)
+    );
+    for (j, label) in col_labels.iter().enumerate().step_by(cols.div_ceil(32)) {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
+            ml + (j as f64 + 0.5) * cell_w,
+            mt - 6.0,
+            esc(label)
+        );
+    }
+    for (i, row) in matrix.iter().take(rows).enumerate() {
+        let y = mt + i as f64 * cell_h;
+        let label = row_labels.get(i).map(String::as_str).unwrap_or("");
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" xml:space="preserve">{}</text>"#,
+            ml - 6.0,
+            y + cell_h / 2.0 + 3.5,
+            esc(&label.replace('\n', "⏎"))
+        );
+        for (j, &v) in row.iter().enumerate() {
+            let (fill, _) = viridis((v - lo) / span);
+            let _ = writeln!(
+                s,
+                r#"<rect x="{:.1}" y="{y:.1}" width="{cell_w:.1}" height="{cell_h}" fill="{fill}"><title>{} × {}: {v:.4}</title></rect>"#,
+                ml + j as f64 * cell_w,
+                esc(label),
+                esc(col_labels.get(j).map(String::as_str).unwrap_or(""))
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// A bar chart of `values` with `labels` under the bars.
+pub fn bars(title: &str, values: &[f64], labels: &[String], y_label: &str) -> String {
+    let n = values.len().max(1);
+    let bw = (480.0 / n as f64).clamp(4.0, 40.0);
+    let (ml, mt, ph) = (60.0, 40.0, 220.0);
+    let width = ml + n as f64 * bw + 30.0;
+    let height = mt + ph + 50.0;
+    let max = values
+        .iter()
+        .copied()
+        .fold(0.0, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
+        esc(title)
+    );
+    for (i, &v) in values.iter().enumerate() {
+        let h = v / max * ph;
+        let x = ml + i as f64 * bw;
+        let _ = writeln!(
+            s,
+            r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="#1f77b4"><title>{}: {v}</title></rect>"##,
+            x + 1.0,
+            mt + ph - h,
+            bw - 2.0,
+            esc(labels.get(i).map(String::as_str).unwrap_or(""))
+        );
+        if n <= 32 {
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{}</text>"#,
+                x + bw / 2.0,
+                mt + ph + 14.0,
+                esc(labels.get(i).map(String::as_str).unwrap_or(""))
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{max:.0}</text><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle" transform="rotate(-90 14 {:.1})">{}</text>"#,
+        ml - 4.0,
+        mt + 4.0,
+        14.0,
+        mt + ph / 2.0,
+        mt + ph / 2.0,
+        esc(y_label)
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
 /// matplotlib's `tab10` colours; beyond 10 groups, hues around the circle.
 pub fn group_colour(g: usize, groups: usize) -> String {
     const TAB10: [&str; 10] = [

@@ -261,7 +261,161 @@ pub fn render(report: &Report, style: Styling) -> String {
         out.push_str(&b.build().with(Style::rounded()).to_string());
         out.push('\n');
     }
+    dynamic_tables(&mut out, report, style);
     out
+}
+
+fn matrix_table_u64(labels: &[String], m: &[Vec<u64>]) -> String {
+    let mut b = Builder::default();
+    let mut header = vec!["score \\ norm".to_string()];
+    header.extend(labels.iter().cloned());
+    b.push_record(header);
+    for (label, row) in labels.iter().zip(m) {
+        let mut rec = vec![label.clone()];
+        rec.extend(row.iter().map(|v| v.to_string()));
+        b.push_record(rec);
+    }
+    b.build().with(Style::rounded()).to_string()
+}
+
+fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
+    let a = &report.analyses;
+    if let Some(o) = &a.output_similarity {
+        let layers: Vec<LayerMatrices> = o
+            .layers
+            .iter()
+            .map(|l| LayerMatrices {
+                layer: l.layer,
+                labels: l.labels.clone(),
+                up: l.mean_angular.clone(),
+                gate: Vec::new(),
+                down: Vec::new(),
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&style.title(&format!(
+            "output-similarity · mean angular similarity 1 - acos(cos)/π of the experts' outputs over {} tokens",
+            o.tokens
+        )));
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record([
+            "layer",
+            "mean off-diagonal",
+            "most similar pair",
+            "least similar pair",
+        ]);
+        for l in &layers {
+            if let Some((mean, min, max)) = off_diagonal_stats(&l.up) {
+                b.push_record([
+                    l.layer.to_string(),
+                    format!("{mean:.3}"),
+                    format!("{:.3} ({}, {})", max.0, l.labels[max.2], l.labels[max.1]),
+                    format!("{:.3} ({}, {})", min.0, l.labels[min.2], l.labels[min.1]),
+                ]);
+            }
+        }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+        if layers.len() <= FULL_TABLE_LAYERS {
+            for l in &layers {
+                out.push_str(&format!("layer {}\n", l.layer));
+                out.push_str(&matrix_table(&l.labels, &l.up));
+                out.push('\n');
+            }
+        }
+    }
+    if let Some(n) = &a.norm_score {
+        out.push('\n');
+        out.push_str(&style.title(&format!(
+            "norm-score · highest gate score is also the largest output: {:.3} of tokens (chance {:.3}; paper, Mixtral: ~0.69) · mean Spearman {:.3}",
+            n.top1_match_rate, n.chance, n.spearman_mean
+        )));
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record(["layer", "top-1 match rate"]);
+        for l in &n.layers {
+            b.push_record([l.layer.to_string(), format!("{:.3}", l.top1_match_rate)]);
+        }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+        let labels: Vec<String> = (0..n.total.len()).map(|r| format!("#{}", r + 1)).collect();
+        out.push_str("tokens by (score rank, norm rank), all layers:\n");
+        out.push_str(&matrix_table_u64(&labels, &n.total));
+        out.push('\n');
+    }
+    if let Some(it) = &a.intermediate {
+        out.push('\n');
+        out.push_str(&style.title(&format!(
+            "intermediate · act(gate·x): mean |a| and share above {} × the layer's max |a|",
+            it.threshold_fraction
+        )));
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record(["layer", "expert", "mean |a|", "share above", "top neurons"]);
+        for l in &it.layers {
+            for (x, e) in l.experts.iter().enumerate() {
+                b.push_record([
+                    l.layer.to_string(),
+                    x.to_string(),
+                    format!("{:.4}", e.mean_abs),
+                    format!("{:.4}", e.share_above),
+                    format!("{:?}", e.top_neurons),
+                ]);
+            }
+        }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+    }
+    if let Some(c) = &a.chosen_experts {
+        out.push('\n');
+        out.push_str(&style.title(&format!("chosen-experts · routing of {} tokens", c.tokens)));
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record([
+            "layer",
+            "load per expert",
+            "balancedness",
+            "cv",
+            "dead share",
+            "exp(H)/E",
+        ]);
+        for l in &c.layers {
+            b.push_record([
+                l.layer.to_string(),
+                if l.load.len() <= 16 {
+                    format!("{:?}", l.load)
+                } else {
+                    let (mn, mx) = (l.load.iter().min(), l.load.iter().max());
+                    format!("min {} / max {}", mn.unwrap_or(&0), mx.unwrap_or(&0))
+                },
+                format!("{:.3}", l.balancedness),
+                format!("{:.3}", l.cv),
+                format!("{:.3}", l.dead_share),
+                format!("{:.3}", l.entropy_ratio),
+            ]);
+        }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+        let mut b = Builder::default();
+        b.push_record(["over layers", "min", "p50", "p90", "max"]);
+        for (name, q) in [
+            ("balancedness", c.summary.balancedness),
+            ("cv", c.summary.cv),
+            ("dead share", c.summary.dead_share),
+            ("exp(H)/E", c.summary.entropy_ratio),
+        ] {
+            b.push_record([
+                name.to_string(),
+                format!("{:.3}", q.min),
+                format!("{:.3}", q.p50),
+                format!("{:.3}", q.p90),
+                format!("{:.3}", q.max),
+            ]);
+        }
+        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push('\n');
+    }
 }
 
 /// The `models` listing.

@@ -41,6 +41,12 @@ pub fn reference(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// Any JSON file of a fixture (e.g. `dynamic_reference.json`).
+pub fn reference_file(name: &str, file: &str) -> serde_json::Value {
+    let path = fixture(name).join(file);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
 /// A matrix from reference JSON.
 pub fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
     serde_json::from_value(v.clone()).unwrap()
