@@ -11,6 +11,9 @@
 //! - `cpu/prefill/256/resident`: the same with the f32 weights kept in memory
 //!   (`Forward::keep_weights`), as PyTorch holds them.
 //!
+//! - `cpu/dynamic/256/all-four-analyses` vs `cpu/dynamic/256/all-experts-forward`:
+//!   the dynamic analyses' cost over the forward pass they observe.
+//!
 //! `benches/compare_torch.py` times PyTorch/transformers on the same
 //! checkpoint. Run: `cargo bench --bench forward`.
 
@@ -19,6 +22,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use moe_inspect::analysis::dynamic::{self, DynamicOptions};
 use moe_inspect::bench::cached_model;
 use moe_inspect::bench::synthetic::{FullModel, Geometry};
 use moe_inspect::forward::observer::{Observer, Wants};
@@ -90,6 +94,37 @@ fn forward(c: &mut Criterion) {
                     .run(std::slice::from_ref(&ids), &mut (), true)
                     .unwrap(),
             )
+        })
+    });
+    group.finish();
+
+    // The four dynamic analyses from one pass, next to the all-experts forward
+    // pass they need (both with resident weights, no logits).
+    let mut group = c.benchmark_group("cpu/dynamic");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(30))
+        .throughput(Throughput::Elements(TOKENS as u64));
+    group.bench_function(format!("{TOKENS}/all-experts-forward"), |b| {
+        b.iter(|| {
+            black_box(
+                resident
+                    .run(std::slice::from_ref(&ids), &mut AllExperts, false)
+                    .unwrap(),
+            )
+        })
+    });
+    let opts = DynamicOptions {
+        output_similarity: true,
+        norm_score: true,
+        intermediate: true,
+        chosen_experts: true,
+        layers: model.info.moe_layers.clone(),
+        threshold_fraction: 0.1,
+    };
+    group.bench_function(format!("{TOKENS}/all-four-analyses"), |b| {
+        b.iter(|| {
+            black_box(dynamic::run(&resident, std::slice::from_ref(&ids), &opts, None).unwrap())
         })
     });
     group.finish();
