@@ -2,18 +2,39 @@
 //! cosine matrices, Pearson correlation, a Jacobi eigensolver for small
 //! symmetric matrices, and f32/f64 matrix products through `gemm` (all cores).
 
-/// Dot product with 8 f32 lanes per block of 256 and f64 across blocks, so
-/// long vectors keep about f64-level relative accuracy at f32 speed.
+/// Dot product with 32 f32 lanes per block of 256 and f64 across blocks, so
+/// long vectors keep about f64-level relative accuracy at f32 speed. Uses
+/// AVX2+FMA when the CPU has them (checked at run time).
 pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { dot_avx2_fma(a, b) };
+        }
+    }
+    dot_blocks(a, b, |x, y, acc| x * y + acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f64 {
+    dot_blocks(a, b, f32::mul_add)
+}
+
+/// The blocked dot product; `fma(x, y, acc)` is `x * y + acc`, fused or not.
+#[inline(always)]
+fn dot_blocks(a: &[f32], b: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> f64 {
+    const LANES: usize = 32;
     let mut total = 0f64;
     for (ca, cb) in a.chunks(256).zip(b.chunks(256)) {
-        let mut lanes = [0f32; 8];
-        let mut ia = ca.chunks_exact(8);
-        let mut ib = cb.chunks_exact(8);
+        let mut lanes = [0f32; LANES];
+        let mut ia = ca.chunks_exact(LANES);
+        let mut ib = cb.chunks_exact(LANES);
         for (x, y) in (&mut ia).zip(&mut ib) {
-            for k in 0..8 {
-                lanes[k] += x[k] * y[k];
+            for k in 0..LANES {
+                lanes[k] = fma(x[k], y[k], lanes[k]);
             }
         }
         let mut block: f64 = lanes.iter().map(|&v| v as f64).sum();
