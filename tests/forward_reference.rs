@@ -235,3 +235,38 @@ fn deepseek_v3_fp8_runs_close_to_the_full_precision_model() {
     // e4m3 keeps 3 mantissa bits: a few percent of the logits' scale, not more.
     assert!(d > 0.0 && d < 0.1 * scale, "{d} vs scale {scale}");
 }
+
+#[test]
+fn resident_weights_give_the_same_results_as_streaming() {
+    for name in ["mixtral", "deepseek-v2", "grok-1"] {
+        let model = Model::open(&fixture(name)).unwrap();
+        let r = Reference::open(name);
+        let ids: Vec<u32> = r
+            .i64("prompt1.token_ids")
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let streamed = Forward::new(&model, Device::Cpu).unwrap();
+        let resident = Forward::new(&model, Device::Cpu).unwrap().keep_weights();
+        let a = to_host(
+            &streamed
+                .run(std::slice::from_ref(&ids), &mut (), true)
+                .unwrap()
+                .logits[0],
+        )
+        .unwrap()
+        .concat();
+        for _ in 0..2 {
+            let b = to_host(
+                &resident
+                    .run(std::slice::from_ref(&ids), &mut (), true)
+                    .unwrap()
+                    .logits[0],
+            )
+            .unwrap()
+            .concat();
+            let d = max_abs(&a, &b);
+            assert!(d <= 1e-5, "{name}: resident run differs by {d:e}");
+        }
+    }
+}

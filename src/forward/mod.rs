@@ -36,8 +36,18 @@ pub struct ForwardOutput {
 
 type R<T> = std::result::Result<T, candle_core::Error>;
 
+/// `x · Wᵀ (+ b)` for `W` in the hub layout `[out, in]`.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Tensor> {
     let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// `x · W (+ b)` for `W` stored transposed, `[in, out]`.
+fn linear_t(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Tensor> {
+    let y = x.matmul(w)?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
@@ -180,6 +190,15 @@ impl<'m> Forward<'m> {
         Ok(w)
     }
 
+    /// A projection with a weight loaded by this forward pass.
+    fn lin(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Tensor> {
+        if self.resident.is_some() {
+            linear_t(x, w, b)
+        } else {
+            linear(x, w, b)
+        }
+    }
+
     /// The geometry of the model.
     pub fn model_info(&self) -> &crate::model::ModelInfo {
         &self.model.info
@@ -200,15 +219,21 @@ impl<'m> Forward<'m> {
 
     /// `act(gate·x)` and the FFN output `down(act(gate·x) * up·x)`.
     fn ffn(&self, f: &Ffn, x: &Tensor) -> R<(Tensor, Tensor)> {
-        let a = self.act(&linear(x, &f.gate, None)?)?;
-        let h = (&a * linear(x, &f.up, None)?)?;
-        let y = linear(&h, &f.down, None)?;
+        let a = self.act(&self.lin(x, &f.gate, None)?)?;
+        let h = (&a * self.lin(x, &f.up, None)?)?;
+        let y = self.lin(&h, &f.down, None)?;
         Ok((a, y))
     }
 
     /// Loads one decoder layer's weights (for benchmarks of a single block).
     pub fn load_layer(&self, layer: usize) -> Result<LayerWeights> {
-        LayerWeights::load(self.model, &self.cfg, layer, &self.device)
+        LayerWeights::load(
+            self.model,
+            &self.cfg,
+            layer,
+            &self.device,
+            self.resident.is_some(),
+        )
     }
 
     /// The MoE block of `layer` on `x` `[tokens, hidden]` (already normed),
@@ -288,7 +313,12 @@ impl<'m> Forward<'m> {
             let head = match (&self.resident, self.head.get()) {
                 (Some(_), Some(h)) => h.clone(),
                 _ => {
-                    let h = std::sync::Arc::new(HeadWeights::load(model, &self.cfg, dev)?);
+                    let h = std::sync::Arc::new(HeadWeights::load(
+                        model,
+                        &self.cfg,
+                        dev,
+                        self.resident.is_some(),
+                    )?);
                     if self.resident.is_some() {
                         let _ = self.head.set(h.clone());
                     }
@@ -298,7 +328,7 @@ impl<'m> Forward<'m> {
             for h in &hidden {
                 let l = (|| {
                     let n = rms_norm(h, &head.norm, self.cfg.rms_eps)?;
-                    let l = linear(&n, &head.lm_head, None)?;
+                    let l = self.lin(&n, &head.lm_head, None)?;
                     if self.cfg.output_multiplier != 1.0 {
                         l * self.cfg.output_multiplier
                     } else {
@@ -368,9 +398,9 @@ impl<'m> Forward<'m> {
                 },
             ) => {
                 let eps = self.cfg.rms_eps;
-                let mut qx = linear(x, q, q_bias.as_ref())?;
-                let mut kx = linear(x, k, k_bias.as_ref())?;
-                let vx = linear(x, v, v_bias.as_ref())?;
+                let mut qx = self.lin(x, q, q_bias.as_ref())?;
+                let mut kx = self.lin(x, k, k_bias.as_ref())?;
+                let vx = self.lin(x, v, v_bias.as_ref())?;
                 if *qk_norm == QkNorm::Full {
                     qx = rms_norm(&qx, q_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;
                     kx = rms_norm(&kx, k_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;
@@ -399,7 +429,7 @@ impl<'m> Forward<'m> {
                     .attn_output_multiplier
                     .unwrap_or(1.0 / (*head_dim as f64).sqrt());
                 let out = attend(&qh, &kh, &vh, scale, self.cfg.max_attn_value, &mask)?;
-                linear(&out, o, None)
+                self.lin(&out, o, None)
             }
             (
                 AttentionKind::Mla {
@@ -425,19 +455,19 @@ impl<'m> Forward<'m> {
                 // The latent norms use eps 1e-6 whatever rms_norm_eps says (as the reference does).
                 let latent_eps = 1e-6;
                 let qx = match (q, q_a, q_a_norm, q_b) {
-                    (Some(q), _, _, _) => linear(x, q, None)?,
+                    (Some(q), _, _, _) => self.lin(x, q, None)?,
                     (None, Some(a), Some(n), Some(b)) => {
-                        linear(&rms_norm(&linear(x, a, None)?, n, latent_eps)?, b, None)?
+                        self.lin(&rms_norm(&self.lin(x, a, None)?, n, latent_eps)?, b, None)?
                     }
                     _ => candle_core::bail!("MLA query weights incomplete"),
                 };
                 let qh = split_heads(&qx, *heads)?; // [H, T, nope+rope]
                 let q_nope = qh.narrow(D::Minus1, 0, *nope)?;
                 let q_pe = qh.narrow(D::Minus1, *nope, *rope)?;
-                let ckv = linear(x, kv_a, None)?;
+                let ckv = self.lin(x, kv_a, None)?;
                 let c = ckv.narrow(1, 0, *kv_lora_rank)?;
                 let k_pe = ckv.narrow(1, *kv_lora_rank, *rope)?.unsqueeze(0)?; // [1, T, rope]
-                let kv = linear(&rms_norm(&c, kv_a_norm, latent_eps)?, kv_b, None)?;
+                let kv = self.lin(&rms_norm(&c, kv_a_norm, latent_eps)?, kv_b, None)?;
                 let kvh = split_heads(&kv, *heads)?; // [H, T, nope+v]
                 let k_nope = kvh.narrow(D::Minus1, 0, *nope)?;
                 let vh = kvh.narrow(D::Minus1, *nope, *v_head_dim)?.contiguous()?;
@@ -454,7 +484,7 @@ impl<'m> Forward<'m> {
                 let key = Tensor::cat(&[k_nope, k_pe], D::Minus1)?.contiguous()?;
                 let scale = 1.0 / ((nope + rope) as f64).sqrt();
                 let out = attend(&query, &key, &vh, scale, None, &mask)?;
-                linear(&out, o, None)
+                self.lin(&out, o, None)
             }
             _ => candle_core::bail!("attention weights do not match the attention kind"),
         }
@@ -486,7 +516,8 @@ impl<'m> Forward<'m> {
         let e_count = experts.len();
         let k = self.model.info.top_k;
         let (t, hdim) = x.dims2().map_err(ce(&what))?;
-        let logits: Vec<f32> = linear(x, router, None)
+        let logits: Vec<f32> = self
+            .lin(x, router, None)
             .and_then(|l| l.flatten_all()?.to_vec1())
             .map_err(ce(&what))?;
         let mut scores = Vec::with_capacity(t * e_count);
@@ -558,7 +589,7 @@ impl<'m> Forward<'m> {
                 .map_err(ce(&what))?;
             let gate: Option<Vec<f32>> = match shared_gate {
                 Some(g) => Some(
-                    candle_nn::ops::sigmoid(&linear(x, g, None).map_err(ce(&what))?)
+                    candle_nn::ops::sigmoid(&self.lin(x, g, None).map_err(ce(&what))?)
                         .and_then(|s| s.flatten_all()?.to_vec1())
                         .map_err(ce(&what))?,
                 ),

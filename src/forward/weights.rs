@@ -17,8 +17,11 @@ pub fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     }
 }
 
-/// Loads a tensor as f32 on `device` (bf16/f16 converted once, here).
-pub fn load(weights: &Weights, name: &str, device: &Device) -> Result<Tensor> {
+/// Loads a tensor as f32 on `device` (bf16/f16/FP8 converted once, here).
+/// Matrices keep the hub layout `[out, in]`, or with `transposed` are stored
+/// `[in, out]`: a copy that pays off when weights stay resident across runs
+/// (the matrix products then read a contiguous right-hand side).
+pub fn load(weights: &Weights, name: &str, device: &Device, transposed: bool) -> Result<Tensor> {
     let view = weights.tensor(name)?;
     let data = view.to_f32_vec();
     if data.iter().any(|x| !x.is_finite()) {
@@ -27,12 +30,41 @@ pub fn load(weights: &Weights, name: &str, device: &Device) -> Result<Tensor> {
             tensor: name.to_string(),
         });
     }
-    Tensor::from_vec(data, view.shape, device).map_err(ce(name))
+    match view.shape {
+        [rows, cols] if transposed => {
+            Tensor::from_vec(transpose(&data, *rows, *cols), (*cols, *rows), device)
+                .map_err(ce(name))
+        }
+        shape => Tensor::from_vec(data, shape, device).map_err(ce(name)),
+    }
 }
 
-fn load_opt(weights: &Weights, name: &str, device: &Device) -> Result<Option<Tensor>> {
+/// Row-major `rows × cols` → `cols × rows`, in cache-sized tiles on all cores.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let mut out = vec![0f32; data.len()];
+    // Each task owns TILE output rows (= input columns c0..c0+TILE).
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(tile, dst)| {
+            let c0 = tile * TILE;
+            let width = dst.len() / rows.max(1);
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let src = &data[r * cols + c0..r * cols + c0 + width];
+                    for (dc, &v) in src.iter().enumerate() {
+                        dst[dc * rows + r] = v;
+                    }
+                }
+            }
+        });
+    out
+}
+
+fn load_opt(weights: &Weights, name: &str, device: &Device, t: bool) -> Result<Option<Tensor>> {
     if weights.contains(name) {
-        load(weights, name, device).map(Some)
+        load(weights, name, device, t).map(Some)
     } else {
         Ok(None)
     }
@@ -46,11 +78,11 @@ pub struct Ffn {
 }
 
 impl Ffn {
-    fn load(weights: &Weights, names: &[String; 3], device: &Device) -> Result<Ffn> {
+    fn load(weights: &Weights, names: &[String; 3], device: &Device, t: bool) -> Result<Ffn> {
         Ok(Ffn {
-            gate: load(weights, &names[0], device)?,
-            up: load(weights, &names[1], device)?,
-            down: load(weights, &names[2], device)?,
+            gate: load(weights, &names[0], device, t)?,
+            up: load(weights, &names[1], device, t)?,
+            down: load(weights, &names[2], device, t)?,
         })
     }
 }
@@ -127,12 +159,13 @@ impl LayerWeights {
         cfg: &ForwardConfig,
         layer: usize,
         device: &Device,
+        t: bool,
     ) -> Result<LayerWeights> {
         let w = model.weights();
         let p = format!("model.layers.{layer}");
         let fam = cfg.family;
         let grok = fam == Family::Grok1;
-        let norm = |name: &str| load(w, &format!("{p}.{name}"), device);
+        let norm = |name: &str| load(w, &format!("{p}.{name}"), device, t);
         let (attn_norm, post_attn_norm, mlp_norm, post_mlp_norm) = if grok {
             (
                 norm("pre_attn_norm.scale")?,
@@ -155,8 +188,8 @@ impl LayerWeights {
         };
         let attn = match &cfg.attention {
             AttentionKind::Standard { qk_norm, .. } => {
-                let get = |n: &str| load(w, &format!("{a}.{n}"), device);
-                let opt = |n: &str| load_opt(w, &format!("{a}.{n}"), device);
+                let get = |n: &str| load(w, &format!("{a}.{n}"), device, t);
+                let opt = |n: &str| load_opt(w, &format!("{a}.{n}"), device, t);
                 AttnWeights::Standard {
                     q: get("q_proj.weight")?,
                     k: get("k_proj.weight")?,
@@ -176,7 +209,7 @@ impl LayerWeights {
                 }
             }
             AttentionKind::Mla { q_lora_rank, .. } => {
-                let get = |n: &str| load(w, &format!("{a}.{n}"), device);
+                let get = |n: &str| load(w, &format!("{a}.{n}"), device, t);
                 let lora = q_lora_rank.is_some();
                 AttnWeights::Mla {
                     q: if lora {
@@ -209,10 +242,12 @@ impl LayerWeights {
         let info = &model.info;
         let mlp = if info.moe_layers.contains(&layer) {
             let experts = (0..info.num_experts)
-                .map(|e| Ffn::load(w, &fam.expert_names(layer, e), device))
+                .map(|e| Ffn::load(w, &fam.expert_names(layer, e), device, t))
                 .collect::<Result<Vec<_>>>()?;
             let shared = match fam.shared_names(layer) {
-                Some(names) if info.shared_intermediate > 0 => Some(Ffn::load(w, &names, device)?),
+                Some(names) if info.shared_intermediate > 0 => {
+                    Some(Ffn::load(w, &names, device, t)?)
+                }
                 _ => None,
             };
             let router_name = fam.router_name(layer);
@@ -223,18 +258,18 @@ impl LayerWeights {
                 None
             };
             MlpWeights::Moe {
-                router: load(w, &router_name, device)?,
+                router: load(w, &router_name, device, t)?,
                 bias,
                 experts,
                 shared,
                 shared_gate: if cfg.shared_expert_gate {
-                    load_opt(w, &format!("{p}.mlp.shared_expert_gate.weight"), device)?
+                    load_opt(w, &format!("{p}.mlp.shared_expert_gate.weight"), device, t)?
                 } else {
                     None
                 },
             }
         } else {
-            MlpWeights::Dense(Ffn::load(w, &fam.dense_names(layer), device)?)
+            MlpWeights::Dense(Ffn::load(w, &fam.dense_names(layer), device, t)?)
         };
         Ok(LayerWeights {
             attn_norm,
@@ -255,7 +290,12 @@ pub struct HeadWeights {
 }
 
 impl HeadWeights {
-    pub fn load(model: &Model, cfg: &ForwardConfig, device: &Device) -> Result<HeadWeights> {
+    pub fn load(
+        model: &Model,
+        cfg: &ForwardConfig,
+        device: &Device,
+        t: bool,
+    ) -> Result<HeadWeights> {
         let w = model.weights();
         let norm_name = if cfg.family == Family::Grok1 {
             "model.norm.scale"
@@ -268,8 +308,8 @@ impl HeadWeights {
             "lm_head.weight"
         };
         Ok(HeadWeights {
-            norm: load(w, norm_name, device)?,
-            lm_head: load(w, head, device)?,
+            norm: load(w, norm_name, device, t)?,
+            lm_head: load(w, head, device, t)?,
         })
     }
 }
@@ -287,4 +327,22 @@ pub fn embed(model: &Model, ids: &[u32], device: &Device) -> Result<Tensor> {
         });
     }
     Tensor::from_vec(rows, (ids.len(), hidden), device).map_err(ce(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_of_non_tile_multiples() {
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (100, 1)] {
+            let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(&data, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], data[r * cols + c]);
+                }
+            }
+        }
+    }
 }
