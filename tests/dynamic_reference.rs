@@ -196,18 +196,32 @@ fn dense_reference_output_is_the_f_row() {
             threshold_fraction: 0.1,
         }),
     };
-    let os = analysis::run(&model, &opts, &()).unwrap().analyses.output_similarity.unwrap();
+    let os = analysis::run(&model, &opts, &())
+        .unwrap()
+        .analyses
+        .output_similarity
+        .unwrap();
     let r = Weights::open_file(&fixture("mixtral").join("forward_reference.safetensors")).unwrap();
     let (h, i) = (32usize, 48usize);
     for (li, l) in os.layers.iter().enumerate() {
         assert_eq!(l.labels.last().map(String::as_str), Some("F"));
         let ffn = dense.ffn(l.layer).unwrap();
-        let (g, u, d) = (ffn.gate.to_f32_vec(), ffn.up.to_f32_vec(), ffn.down.to_f32_vec());
+        let (g, u, d) = (
+            ffn.gate.to_f32_vec(),
+            ffn.up.to_f32_vec(),
+            ffn.down.to_f32_vec(),
+        );
         // Mean angular similarity of expert 3 (built as F + noise) and F, by hand.
         let (mut sum, mut n) = (0.0f64, 0usize);
         for pi in 0..p.len() {
-            let x = r.tensor(&format!("prompt{pi}.moe_input")).unwrap().to_f32_vec();
-            let eo = r.tensor(&format!("prompt{pi}.expert_outputs")).unwrap().to_f32_vec();
+            let x = r
+                .tensor(&format!("prompt{pi}.moe_input"))
+                .unwrap()
+                .to_f32_vec();
+            let eo = r
+                .tensor(&format!("prompt{pi}.expert_outputs"))
+                .unwrap()
+                .to_f32_vec();
             let t = p[pi].len();
             for tok in 0..t {
                 let xt = &x[(li * t + tok) * h..(li * t + tok + 1) * h];
@@ -217,7 +231,9 @@ fn dense_reference_output_is_the_f_row() {
                     let uk: f64 = (0..h).map(|c| u[k * h + c] as f64 * xt[c] as f64).sum();
                     *a = gk / (1.0 + (-gk).exp()) * uk;
                 }
-                let f: Vec<f64> = (0..h).map(|o| (0..i).map(|k| d[o * i + k] as f64 * act[k]).sum()).collect();
+                let f: Vec<f64> = (0..h)
+                    .map(|o| (0..i).map(|k| d[o * i + k] as f64 * act[k]).sum())
+                    .collect();
                 let e3 = &eo[((li * t + tok) * 8 + 3) * h..((li * t + tok) * 8 + 4) * h];
                 let dot: f64 = f.iter().zip(e3).map(|(a, b)| a * *b as f64).sum();
                 let nf = f.iter().map(|a| a * a).sum::<f64>().sqrt();
@@ -228,7 +244,11 @@ fn dense_reference_output_is_the_f_row() {
         }
         let want = sum / n as f64;
         let got = l.mean_angular[3][8];
-        assert!((got - want).abs() <= TOL, "layer {}: F vs expert 3 {got} vs {want}", l.layer);
+        assert!(
+            (got - want).abs() <= TOL,
+            "layer {}: F vs expert 3 {got} vs {want}",
+            l.layer
+        );
         assert_eq!(l.mean_angular[8][3], got);
     }
 }

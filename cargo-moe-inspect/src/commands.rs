@@ -84,6 +84,7 @@ struct Bar(Option<ProgressBar>);
 impl Progress for Bar {
     fn start(&self, total: usize) {
         if let Some(b) = &self.0 {
+            b.reset();
             b.set_length(total as u64);
         }
     }
@@ -94,6 +95,14 @@ impl Progress for Bar {
         }
     }
     fn finish(&self) {
+        if let Some(b) = &self.0 {
+            b.set_position(b.length().unwrap_or(0));
+        }
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
         if let Some(b) = &self.0 {
             b.finish_and_clear();
         }

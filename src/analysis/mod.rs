@@ -180,7 +180,7 @@ pub fn run(model: &Model, opts: &AnalyzeOptions<'_>, progress: &dyn Progress) ->
     let experts = model.info.num_experts;
     let dynamic_wanted = opts.analyses.iter().any(|a| !a.is_static());
     let dynamic = match (&opts.dynamic, dynamic_wanted) {
-        (Some(d), true) => Some(dynamic::run(
+        (Some(d), true) => Some(dynamic::run_with_progress(
             d.forward,
             d.prompts,
             &dynamic::DynamicOptions {
@@ -192,6 +192,7 @@ pub fn run(model: &Model, opts: &AnalyzeOptions<'_>, progress: &dyn Progress) ->
                 threshold_fraction: d.threshold_fraction,
             },
             opts.dense,
+            progress,
         )?),
         (None, true) => {
             return Err(Error::Usage(

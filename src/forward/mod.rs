@@ -303,6 +303,7 @@ impl<'m> Forward<'m> {
                 *h = self.layer(layer, p, h, &lw, &c, &s, wants, observer)?;
             }
             drop(lw);
+            observer.layer_done(layer);
             if self.resident.is_none() {
                 let names = weights::layer_tensor_names(model.weights(), layer);
                 model.weights().release(names.iter().map(String::as_str));

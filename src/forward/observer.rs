@@ -52,6 +52,8 @@ pub trait Observer {
     }
     /// Called once per prompt and MoE layer, in layer order.
     fn moe_layer(&mut self, _obs: &MoeObservation<'_>) {}
+    /// Called when every prompt has gone through decoder layer `layer` (for progress).
+    fn layer_done(&mut self, _layer: usize) {}
 }
 
 /// Observes nothing.

@@ -62,6 +62,7 @@ struct LayerAcc {
 
 struct Collector<'a> {
     opts: &'a DynamicOptions,
+    progress: &'a dyn crate::analysis::Progress,
     layers: BTreeMap<usize, LayerAcc>,
     dense: Option<&'a DenseModel>,
     dense_cache: Option<(usize, [Tensor; 3])>,
@@ -197,6 +198,10 @@ impl Observer for Collector<'_> {
         }
     }
 
+    fn layer_done(&mut self, layer: usize) {
+        self.progress.layer_done(layer);
+    }
+
     fn moe_layer(&mut self, o: &MoeObservation<'_>) {
         if self.error.is_some() {
             return;
@@ -213,6 +218,17 @@ pub fn run(
     prompts: &[Vec<u32>],
     opts: &DynamicOptions,
     dense: Option<&DenseModel>,
+) -> Result<DynamicResults> {
+    run_with_progress(fwd, prompts, opts, dense, &())
+}
+
+/// [`run`], reporting each finished decoder layer to `progress`.
+pub fn run_with_progress(
+    fwd: &Forward<'_>,
+    prompts: &[Vec<u32>],
+    opts: &DynamicOptions,
+    dense: Option<&DenseModel>,
+    progress: &dyn crate::analysis::Progress,
 ) -> Result<DynamicResults> {
     let info = fwd.model_info();
     let e = info.num_experts;
@@ -251,6 +267,7 @@ pub fn run(
         .collect();
     let mut c = Collector {
         opts,
+        progress,
         layers,
         dense,
         dense_cache: None,
@@ -260,7 +277,9 @@ pub fn run(
         maps: TokenMaps::default(),
         error: None,
     };
+    progress.start(info.num_layers);
     fwd.run(prompts, &mut c, false)?;
+    progress.finish();
     if let Some(err) = c.error {
         return Err(err);
     }
