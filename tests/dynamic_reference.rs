@@ -213,7 +213,7 @@ fn dense_reference_output_is_the_f_row() {
         );
         // Mean angular similarity of expert 3 (built as F + noise) and F, by hand.
         let (mut sum, mut n) = (0.0f64, 0usize);
-        for pi in 0..p.len() {
+        for (pi, ids) in p.iter().enumerate() {
             let x = r
                 .tensor(&format!("prompt{pi}.moe_input"))
                 .unwrap()
@@ -222,7 +222,7 @@ fn dense_reference_output_is_the_f_row() {
                 .tensor(&format!("prompt{pi}.expert_outputs"))
                 .unwrap()
                 .to_f32_vec();
-            let t = p[pi].len();
+            let t = ids.len();
             for tok in 0..t {
                 let xt = &x[(li * t + tok) * h..(li * t + tok + 1) * h];
                 let mut act = vec![0f64; i];
