@@ -57,53 +57,41 @@ impl Family {
 
     /// What `models` prints about the family.
     pub fn describe(self) -> FamilyDescription {
-        let (examples, layout, shared, dense) = match self {
+        let (examples, layout, dense) = match self {
             Family::Mixtral => (
                 "Mixtral-8x7B, Mixtral-8x22B",
                 "block_sparse_moe.gate, experts.{e}.w1/w3/w2",
-                false,
                 "none",
             ),
             Family::DeepSeekMoe => (
                 "deepseek-moe-16b",
                 "mlp.gate, mlp.experts.{e}.*_proj, mlp.shared_experts",
-                true,
                 "first_k_dense_replace, moe_layer_freq",
             ),
             Family::Grok1 => (
                 "Grok-1 (hpcai-tech)",
                 "moe_block.gate, experts.{e}.linear/linear_v/linear_1",
-                false,
                 "none",
             ),
             Family::Qwen2Moe => (
                 "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B",
                 "mlp.gate, mlp.experts.{e}.*_proj, mlp.shared_expert(+_gate)",
-                true,
                 "mlp_only_layers, decoder_sparse_step",
             ),
             Family::Qwen3Moe => (
                 "Qwen3-30B-A3B, Qwen3-235B-A22B",
                 "mlp.gate, mlp.experts.{e}.*_proj",
-                false,
                 "mlp_only_layers, decoder_sparse_step",
             ),
-            Family::Olmoe => (
-                "OLMoE-1B-7B",
-                "mlp.gate, mlp.experts.{e}.*_proj",
-                false,
-                "none",
-            ),
+            Family::Olmoe => ("OLMoE-1B-7B", "mlp.gate, mlp.experts.{e}.*_proj", "none"),
             Family::DeepSeekV2 => (
                 "DeepSeek-V2, DeepSeek-V2-Lite",
                 "mlp.gate, mlp.experts.{e}.*_proj, mlp.shared_experts",
-                true,
                 "first_k_dense_replace, moe_layer_freq",
             ),
             Family::DeepSeekV3 => (
                 "DeepSeek-V3, DeepSeek-R1",
                 "mlp.gate(+e_score_correction_bias), mlp.experts.{e}.*_proj, mlp.shared_experts",
-                true,
                 "first_k_dense_replace, moe_layer_freq",
             ),
         };
@@ -112,7 +100,7 @@ impl Family {
             model_type: self.id(),
             examples,
             layout,
-            shared_experts: shared && self.has_shared(),
+            shared_experts: self.has_shared(),
             dense_layers: dense,
         }
     }

@@ -31,6 +31,15 @@ pub fn viridis(t: f64) -> (String, bool) {
     )
 }
 
+/// Starts an SVG document of the given size on a white background.
+fn open_svg(s: &mut String, width: f64, height: f64) {
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -57,11 +66,7 @@ pub fn heatmaps(title: &str, panels: &[Panel<'_>], labels: &[String], lo: f64, h
     let tick_step = n.div_ceil(16);
     let span = if hi > lo { hi - lo } else { 1.0 };
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    open_svg(&mut s, width, height);
     let _ = writeln!(
         s,
         r#"<text x="{margin_l}" y="22" font-size="15" font-weight="bold">{}</text>"#,
@@ -161,11 +166,7 @@ pub fn heatmap_rect(
     let height = mt + rows as f64 * cell_h + 20.0;
     let span = if hi > lo { hi - lo } else { 1.0 };
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    open_svg(&mut s, width, height);
     let more = if matrix.len() > rows {
         format!(" (first {rows} of {} rows)", matrix.len())
     } else {
@@ -224,11 +225,7 @@ pub fn bars(title: &str, values: &[f64], labels: &[String], y_label: &str) -> St
         .fold(0.0, f64::max)
         .max(f64::MIN_POSITIVE);
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    open_svg(&mut s, width, height);
     let _ = writeln!(
         s,
         r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
@@ -303,11 +300,7 @@ pub fn scatter(
     let width = ml + panels.len() as f64 * (pw + gap) + legend_w;
     let height = mt + ph + 48.0;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    open_svg(&mut s, width, height);
     let _ = writeln!(
         s,
         r#"<text x="{ml}" y="20" font-size="15" font-weight="bold">{}</text>"#,
