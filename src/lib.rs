@@ -5,6 +5,7 @@
 //!
 //! - [`model`]: config.json, family adapters, safetensors through mmap;
 //! - [`analysis`]: the analyses, one file each;
+//! - [`golden`]: golden snapshots, drift metrics, configuration from Cargo.toml;
 //! - [`report`]: tables, JSON (schema `moe-inspect/report/v1`), Markdown + SVG.
 
 pub mod analysis;
@@ -12,6 +13,7 @@ pub mod bench;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod golden;
 pub mod input;
 pub mod layers;
 pub mod model;

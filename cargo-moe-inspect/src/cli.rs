@@ -44,8 +44,132 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// List the supported model families and what each supports.
     Models(ModelsArgs),
+    /// Write the golden snapshot of a model's expert behaviour.
+    Snapshot(SnapshotArgs),
+    /// Recompute and compare with the golden snapshot; exit 1 on drift.
+    Check(CheckArgs),
+    /// Show each pending snapshot (`*.json.new`) and accept or reject it.
+    Review(PendingArgs),
+    /// Accept pending snapshots: they replace the golden files.
+    Accept(PendingArgs),
+    /// Reject pending snapshots: delete them.
+    Reject(PendingArgs),
+    /// Compare two checkpoints of the same family and shape.
+    Diff(DiffArgs),
     /// Dump router logits and top-k routing per token to a safetensors file.
     Trace(TraceArgs),
+}
+
+/// Where golden snapshots live and which configuration applies.
+#[derive(Debug, Args)]
+pub struct GoldenDirArgs {
+    /// Directory of golden snapshots (default: `golden-dir` from the
+    /// configuration, else `golden`).
+    #[arg(long, value_name = "DIR")]
+    pub golden_dir: Option<PathBuf>,
+
+    /// Snapshot name: the file is `<golden-dir>/<name>.json` (default: the
+    /// model directory's name, `demo` for the demo model, or every model of
+    /// the configuration).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Cargo.toml whose `[package.metadata.moe-inspect]` or
+    /// `[workspace.metadata.moe-inspect]` configures models, prompts,
+    /// analyses, golden directory and tolerances (default: the current package).
+    #[arg(long, value_name = "PATH")]
+    pub manifest_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+
+    #[command(flatten)]
+    pub golden: GoldenDirArgs,
+
+    /// What to record: `static`, `dynamic`, `all` or names
+    /// (expert-similarity, neuron-similarity, gate-embedding, chosen-experts,
+    /// norm-score). Default: `all` for snapshot; for check, what the golden
+    /// file recorded.
+    #[arg(long, value_name = "LIST")]
+    pub analyses: Option<String>,
+
+    /// Override a tolerance, e.g. `similarity=1e-4` (repeatable; keys:
+    /// similarity, routing-top1-agreement, routing-topk-agreement, router-jsd,
+    /// load-shift, gate-r2, norm-score-top1).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub tolerance: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckFormat {
+    Table,
+    Json,
+    Junit,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub snapshot: SnapshotArgs,
+
+    /// Output format of the drift report (GitHub annotations and the step
+    /// summary are added under GitHub Actions whatever the format).
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: CheckFormat,
+
+    /// Show every check in the table, not only those beyond tolerance.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PendingArgs {
+    #[command(flatten)]
+    pub golden: GoldenDirArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The reference checkpoint (e.g. the base or bf16 model).
+    #[arg(long, value_name = "DIR")]
+    pub baseline: PathBuf,
+
+    /// The checkpoint compared with it (fine-tune, quantized, converted).
+    #[arg(long, value_name = "DIR")]
+    pub candidate: PathBuf,
+
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+
+    /// What to compare (as for `snapshot`; default: all).
+    #[arg(long, value_name = "LIST")]
+    pub analyses: Option<String>,
+
+    /// Override a tolerance, e.g. `routing-top1-agreement=0.9` (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub tolerance: Vec<String>,
+
+    /// Cargo.toml with the tolerances to use (default: the current package).
+    #[arg(long, value_name = "PATH")]
+    pub manifest_path: Option<PathBuf>,
+
+    /// Device for the forward passes.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Output format (table or json).
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: CheckFormat,
+
+    /// Show every metric, not only those beyond tolerance.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Where prompts come from (the demo model has a built-in set).

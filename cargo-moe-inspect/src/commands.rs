@@ -24,6 +24,12 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Analyze(args) => analyze(args, style),
         Command::Models(args) => models(args),
         Command::Trace(args) => trace(args),
+        Command::Snapshot(args) => crate::golden_cmd::snapshot(args),
+        Command::Check(args) => crate::golden_cmd::check(args, style.color),
+        Command::Review(args) => crate::golden_cmd::review(args, style.color),
+        Command::Accept(args) => crate::golden_cmd::accept(args),
+        Command::Reject(args) => crate::golden_cmd::reject(args),
+        Command::Diff(args) => crate::golden_cmd::diff(args, style.color),
     }
 }
 
@@ -79,7 +85,7 @@ fn trace(args: TraceArgs) -> Result<u8> {
     Ok(0)
 }
 
-struct Bar(Option<ProgressBar>);
+pub(crate) struct Bar(Option<ProgressBar>);
 
 impl Progress for Bar {
     fn start(&self, total: usize) {
@@ -109,7 +115,7 @@ impl Drop for Bar {
     }
 }
 
-fn progress_bar() -> Bar {
+pub(crate) fn progress_bar() -> Bar {
     if !interactive() {
         return Bar(None);
     }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod commands;
+mod golden_cmd;
 
 use std::process::ExitCode;
 

@@ -34,6 +34,10 @@ fn ok(args: &[&str]) -> String {
 fn help_texts() {
     insta::assert_snapshot!("help", ok(&["--help"]));
     insta::assert_snapshot!("analyze_help", ok(&["analyze", "--help"]));
+    insta::assert_snapshot!("snapshot_help", ok(&["snapshot", "--help"]));
+    insta::assert_snapshot!("check_help", ok(&["check", "--help"]));
+    insta::assert_snapshot!("review_help", ok(&["review", "--help"]));
+    insta::assert_snapshot!("diff_help", ok(&["diff", "--help"]));
 }
 
 #[test]

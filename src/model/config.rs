@@ -45,7 +45,12 @@ impl Config {
         }
     }
 
-    /// Path of the file.
+    /// All keys and values as read.
+    pub fn map(&self) -> &Map<String, Value> {
+        &self.map
+    }
+
+    /// The file it was read from.
     pub fn path(&self) -> &Path {
         &self.path
     }

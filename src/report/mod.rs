@@ -1,5 +1,6 @@
 //! Output: terminal tables, the JSON report, Markdown with SVG figures.
 
+pub mod drift;
 pub mod markdown;
 pub mod schema;
 pub mod svg;

@@ -1,0 +1,594 @@
+//! Drift metrics between two snapshots (golden vs now, or baseline vs
+//! candidate), per MoE layer, each with a tolerance and a verdict.
+//!
+//! Experts are matched first: per layer, a linear assignment on the cosine of
+//! the experts' fingerprints finds which expert of `now` is which expert of
+//! the golden. A consistent relabelling (weights and router rows moved
+//! together) computes the same function: it is reported as a notice and every
+//! metric of that layer is compared under the matching. Expert weights that
+//! moved without their router rows change the function: that is drift
+//! (`expert-assignment`), and the layer is compared as stored.
+
+use serde::Serialize;
+
+use crate::analysis::assignment;
+use crate::golden::{LayerSnapshot, Snapshot, Tolerances};
+use crate::model::Matrix;
+
+/// How a metric is held to its tolerance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Limit {
+    /// `now ≥ tolerance` (agreements).
+    Min,
+    /// `now ≤ tolerance` (divergences, distances, counts).
+    Max,
+    /// `|now − golden| ≤ tolerance`.
+    AbsDelta,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Ok,
+    Drift,
+}
+
+/// One line of the drift table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DriftRow {
+    pub metric: String,
+    pub layer: usize,
+    pub golden: f64,
+    pub now: f64,
+    pub delta: f64,
+    pub tolerance: f64,
+    pub limit: Limit,
+    pub verdict: Verdict,
+    /// Where in a matrix the largest change is, or other context.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl DriftRow {
+    fn new(
+        metric: &str,
+        layer: usize,
+        golden: f64,
+        now: f64,
+        tolerance: f64,
+        limit: Limit,
+    ) -> Self {
+        let delta = now - golden;
+        let ok = match limit {
+            Limit::Min => now >= tolerance,
+            Limit::Max => now <= tolerance,
+            Limit::AbsDelta => delta.abs() <= tolerance,
+        };
+        DriftRow {
+            metric: metric.to_string(),
+            layer,
+            golden,
+            now,
+            delta,
+            tolerance,
+            limit,
+            verdict: if ok && now.is_finite() {
+                Verdict::Ok
+            } else {
+                Verdict::Drift
+            },
+            detail: String::new(),
+        }
+    }
+
+    /// The tolerance as shown in tables: `≥ 0.99`, `≤ 0.005`, `± 0.001`.
+    pub fn tolerance_text(&self) -> String {
+        let sign = match self.limit {
+            Limit::Min => "≥",
+            Limit::Max => "≤",
+            Limit::AbsDelta => "±",
+        };
+        format!("{sign} {}", self.tolerance)
+    }
+}
+
+/// Something worth knowing that is not drift by itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Notice {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
+    pub message: String,
+}
+
+/// The result of comparing two snapshots.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    pub name: String,
+    pub rows: Vec<DriftRow>,
+    pub notices: Vec<Notice>,
+}
+
+impl Comparison {
+    /// Whether any metric is beyond its tolerance.
+    pub fn drift(&self) -> bool {
+        self.rows.iter().any(|r| r.verdict == Verdict::Drift)
+    }
+
+    /// The rows beyond tolerance.
+    pub fn drifted(&self) -> impl Iterator<Item = &DriftRow> {
+        self.rows.iter().filter(|r| r.verdict == Verdict::Drift)
+    }
+}
+
+/// How the experts of one layer correspond.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Matching {
+    /// Expert `i` is expert `i`.
+    Same,
+    /// `perm[i]` of `now` is expert `i` of the golden; router rows moved too.
+    Relabelled(Vec<usize>),
+    /// The weights of expert `i` are now at `perm[i]`, but the router rows stayed.
+    WeightsMoved(Vec<usize>),
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Matches the experts of one layer by their fingerprints.
+pub fn match_experts(gold: &LayerSnapshot, now: &LayerSnapshot) -> Matching {
+    let (Some(g), Some(n)) = (&gold.fingerprint, &now.fingerprint) else {
+        return Matching::Same;
+    };
+    let e = g.router.len();
+    if e < 2 || n.router.len() != e {
+        return Matching::Same;
+    }
+    let mut c = vec![0.0f64; e * e];
+    for i in 0..e {
+        for j in 0..e {
+            c[i * e + j] = Matrix::ALL
+                .iter()
+                .map(|&m| dot(&g.experts.get(m)[i], &n.experts.get(m)[j]))
+                .sum::<f64>()
+                / 3.0;
+        }
+    }
+    let Some(perm) = assignment::maximize(&c, e) else {
+        return Matching::Same;
+    };
+    let moved: Vec<usize> = (0..e).filter(|&i| perm[i] != i).collect();
+    // Only a clear, strong match counts as a move (never noise between look-alikes).
+    let clear = moved
+        .iter()
+        .all(|&i| c[i * e + perm[i]] > 0.9 && c[i * e + perm[i]] > c[i * e + i] + 0.05);
+    if moved.is_empty() || !clear {
+        return Matching::Same;
+    }
+    let router_followed = moved
+        .iter()
+        .all(|&i| dot(&g.router[i], &n.router[perm[i]]) > dot(&g.router[i], &n.router[i]));
+    if router_followed {
+        Matching::Relabelled(perm)
+    } else {
+        Matching::WeightsMoved(perm)
+    }
+}
+
+fn describe(perm: &[usize]) -> String {
+    perm.iter()
+        .enumerate()
+        .filter(|(i, p)| *i != **p)
+        .map(|(i, p)| format!("{i}→{p}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Largest change between two E×E matrices under `perm` (now's `perm[i]` is golden's `i`).
+fn matrix_row(
+    metric: &str,
+    layer: usize,
+    gold: &[Vec<f32>],
+    now: &[Vec<f32>],
+    perm: &[usize],
+    tol: f64,
+) -> DriftRow {
+    let mut best = (0.0f64, 0usize, 0usize);
+    for (i, row) in gold.iter().enumerate() {
+        for (j, &g) in row.iter().enumerate() {
+            let n = now[perm[i]][perm[j]];
+            let d = (n as f64 - g as f64).abs();
+            if d > best.0 || !d.is_finite() {
+                best = (if d.is_finite() { d } else { f64::INFINITY }, i, j);
+            }
+        }
+    }
+    let (_, i, j) = best;
+    let g = gold[i][j] as f64;
+    let n = now[perm[i]][perm[j]] as f64;
+    let mut row = DriftRow::new(metric, layer, g, n, tol, Limit::AbsDelta);
+    row.detail = format!("entry ({i}, {j})");
+    row
+}
+
+/// Jensen–Shannon divergence in nats.
+pub fn jsd(p: &[f64], q: &[f64]) -> f64 {
+    let kl = |a: &[f64], m: &[f64]| -> f64 {
+        a.iter()
+            .zip(m)
+            .filter(|(&x, _)| x > 0.0)
+            .map(|(&x, &y)| x * (x / y).ln())
+            .sum()
+    };
+    let m: Vec<f64> = p.iter().zip(q).map(|(a, b)| 0.5 * (a + b)).collect();
+    (0.5 * kl(p, &m) + 0.5 * kl(q, &m)).max(0.0)
+}
+
+/// Total-variation distance `½ Σ |p − q|` of two distributions.
+pub fn total_variation(p: &[f64], q: &[f64]) -> f64 {
+    0.5 * p.iter().zip(q).map(|(x, y)| (x - y).abs()).sum::<f64>()
+}
+
+fn normalised(v: &[f64]) -> Vec<f64> {
+    let s: f64 = v.iter().sum();
+    v.iter()
+        .map(|x| if s > 0.0 { x / s } else { 0.0 })
+        .collect()
+}
+
+/// Compares `now` with `gold`. Fails (with a reason) when they describe
+/// different model shapes or were recorded on different prompts.
+pub fn compare(
+    gold: &Snapshot,
+    now: &Snapshot,
+    tol: &Tolerances,
+) -> std::result::Result<Comparison, String> {
+    let (g, n) = (&gold.model, &now.model);
+    let shape = |m: &crate::golden::Identity| {
+        (
+            m.family.clone(),
+            m.moe_layers.clone(),
+            m.num_experts,
+            m.top_k,
+            m.hidden_size,
+            m.intermediate_size,
+        )
+    };
+    if shape(g) != shape(n) {
+        return Err(format!(
+            "the snapshot describes a different model: {} with {} experts (top-{}), hidden {}, intermediate {}, MoE layers {:?}; now {} with {} experts (top-{}), hidden {}, intermediate {}, MoE layers {:?}",
+            g.family, g.num_experts, g.top_k, g.hidden_size, g.intermediate_size, g.moe_layers,
+            n.family, n.num_experts, n.top_k, n.hidden_size, n.intermediate_size, n.moe_layers
+        ));
+    }
+    let mut notices = Vec::new();
+    let note =
+        |notices: &mut Vec<Notice>, layer, message: String| notices.push(Notice { layer, message });
+    if g.dtype != n.dtype {
+        note(
+            &mut notices,
+            None,
+            format!("expert dtype changed: {} → {}", g.dtype, n.dtype),
+        );
+    }
+    if g.config_hash != n.config_hash {
+        note(
+            &mut notices,
+            None,
+            format!(
+                "config.json changed (hash {} → {})",
+                g.config_hash, n.config_hash
+            ),
+        );
+    }
+    if g.tensor_index_hash != n.tensor_index_hash {
+        note(
+            &mut notices,
+            None,
+            format!(
+                "tensor index changed: names, dtypes or shapes (hash {} → {})",
+                g.tensor_index_hash, n.tensor_index_hash
+            ),
+        );
+    }
+    let missing: Vec<&String> = gold
+        .analyses
+        .iter()
+        .filter(|a| !now.analyses.contains(a))
+        .collect();
+    if !missing.is_empty() {
+        note(
+            &mut notices,
+            None,
+            format!(
+                "not recomputed, so not compared: {}",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    let routing_both = gold.top_k_ids.is_some() && now.top_k_ids.is_some();
+    let dynamic_both = routing_both
+        || gold.layers.iter().any(|l| l.norm_score.is_some())
+            && now.layers.iter().any(|l| l.norm_score.is_some());
+    if dynamic_both
+        && gold.prompts.as_ref().map(|p| &p.hash) != now.prompts.as_ref().map(|p| &p.hash)
+    {
+        return Err(format!(
+            "recorded on different prompts ({} prompts, {} tokens, hash {}; now {} prompts, {} tokens, hash {}): compare on the same prompts, or record the snapshot again",
+            gold.prompts.as_ref().map_or(0, |p| p.count),
+            gold.prompts.as_ref().map_or(0, |p| p.tokens),
+            gold.prompts.as_ref().map_or("-", |p| p.hash.as_str()),
+            now.prompts.as_ref().map_or(0, |p| p.count),
+            now.prompts.as_ref().map_or(0, |p| p.tokens),
+            now.prompts.as_ref().map_or("-", |p| p.hash.as_str()),
+        ));
+    }
+    let ids = match (&gold.top_k_ids, &now.top_k_ids) {
+        (Some(a), Some(b)) => Some((a.decode()?, b.decode()?, a.shape)),
+        _ => None,
+    };
+    let e = g.num_experts;
+    let identity: Vec<usize> = (0..e).collect();
+    let mut rows = Vec::new();
+    for (li, (gl, nl)) in gold.layers.iter().zip(&now.layers).enumerate() {
+        let layer = gl.layer;
+        let perm = match match_experts(gl, nl) {
+            Matching::Same => identity.clone(),
+            Matching::Relabelled(p) => {
+                note(
+                    &mut notices,
+                    Some(layer),
+                    format!("experts relabelled consistently (golden→now: {}); their weights and router rows moved together, so the layer computes the same function; compared under this matching", describe(&p)),
+                );
+                p
+            }
+            Matching::WeightsMoved(p) => {
+                let moved = p.iter().enumerate().filter(|(i, x)| i != *x).count();
+                let mut row = DriftRow::new(
+                    "expert-assignment",
+                    layer,
+                    0.0,
+                    moved as f64,
+                    0.0,
+                    Limit::Max,
+                );
+                row.detail = format!(
+                    "expert weights moved without their router rows (golden→now: {})",
+                    describe(&p)
+                );
+                rows.push(row);
+                identity.clone()
+            }
+        };
+        for (name, a, b) in [
+            (
+                "expert-similarity",
+                &gl.expert_similarity,
+                &nl.expert_similarity,
+            ),
+            (
+                "neuron-similarity",
+                &gl.neuron_similarity,
+                &nl.neuron_similarity,
+            ),
+        ] {
+            if let (Some(a), Some(b)) = (a, b) {
+                for m in Matrix::ALL {
+                    let metric = format!("{name}.{}", m.name());
+                    rows.push(matrix_row(
+                        &metric,
+                        layer,
+                        a.get(m),
+                        b.get(m),
+                        &perm,
+                        tol.similarity,
+                    ));
+                }
+            }
+        }
+        if let (Some(a), Some(b)) = (&gl.gate_similarity, &nl.gate_similarity) {
+            rows.push(matrix_row(
+                "gate-similarity",
+                layer,
+                a,
+                b,
+                &perm,
+                tol.similarity,
+            ));
+        }
+        if let (Some(a), Some(b)) = (&gl.gate_r2, &nl.gate_r2) {
+            for m in Matrix::ALL {
+                if let (Some(x), Some(y)) = (a.get(m), b.get(m)) {
+                    let metric = format!("gate-r2.{}", m.name());
+                    rows.push(DriftRow::new(
+                        &metric,
+                        layer,
+                        *x as f64,
+                        *y as f64,
+                        tol.gate_r2,
+                        Limit::AbsDelta,
+                    ));
+                }
+            }
+        }
+        if let Some(f) = &nl.fingerprint {
+            if f.router_bits < 8 {
+                let was = gl.fingerprint.as_ref().map(|x| x.router_bits);
+                note(
+                    &mut notices,
+                    Some(layer),
+                    format!(
+                        "router stored below 8 bits: its rows hold at most {} distinct values (effectively {}-bit{}); a quantized router is a known cause of expert flips",
+                        1u64 << f.router_bits,
+                        f.router_bits,
+                        was.map(|b| format!(", golden {b}-bit")).unwrap_or_default()
+                    ),
+                );
+            }
+        }
+        // Routing: now's expert `perm[i]` is golden's expert `i`.
+        let mut inv = vec![0usize; e];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        if let Some((a, b, [tokens, nlay, k])) = &ids {
+            let (mut top1, mut overlap) = (0usize, 0usize);
+            for t in 0..*tokens {
+                let base = (t * nlay + li) * k;
+                let gs = &a[base..base + k];
+                let ns: Vec<usize> = b[base..base + k].iter().map(|&x| inv[x as usize]).collect();
+                if gs[0] as usize == ns[0] {
+                    top1 += 1;
+                }
+                overlap += gs.iter().filter(|&&x| ns.contains(&(x as usize))).count();
+            }
+            let tk = (*tokens).max(1) as f64;
+            rows.push(DriftRow::new(
+                "routing-top1-agreement",
+                layer,
+                1.0,
+                top1 as f64 / tk,
+                tol.routing_top1_agreement,
+                Limit::Min,
+            ));
+            rows.push(DriftRow::new(
+                "routing-topk-agreement",
+                layer,
+                1.0,
+                overlap as f64 / (tk * *k as f64),
+                tol.routing_topk_agreement,
+                Limit::Min,
+            ));
+        }
+        if let (Some(ra), Some(rb)) = (&gl.routing, &nl.routing) {
+            let load_a = normalised(&ra.load.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            let load_b: Vec<f64> =
+                normalised(&(0..e).map(|i| rb.load[perm[i]] as f64).collect::<Vec<_>>());
+            let tv = total_variation(&load_a, &load_b);
+            let (pa, pb) = (gold.router_probs.get(&layer), now.router_probs.get(&layer));
+            let (div, detail) = match (pa, pb) {
+                (Some(pa), Some(pb)) if !pa.is_empty() && pa.len() == pb.len() => {
+                    // Both live: mean per-token divergence.
+                    let n_tok = pa.len() / e;
+                    let mut sum = 0.0;
+                    for t in 0..n_tok {
+                        let p: Vec<f64> =
+                            pa[t * e..(t + 1) * e].iter().map(|&x| x as f64).collect();
+                        let q: Vec<f64> = (0..e).map(|i| pb[t * e + perm[i]] as f64).collect();
+                        sum += jsd(&p, &q);
+                    }
+                    (sum / n_tok.max(1) as f64, "mean over tokens")
+                }
+                _ => {
+                    let p: Vec<f64> = ra.mean_probs.iter().map(|&x| x as f64).collect();
+                    let q: Vec<f64> = (0..e).map(|i| rb.mean_probs[perm[i]] as f64).collect();
+                    (
+                        jsd(&normalised(&p), &normalised(&q)),
+                        "of the mean router distribution",
+                    )
+                }
+            };
+            let mut row = DriftRow::new("router-jsd", layer, 0.0, div, tol.router_jsd, Limit::Max);
+            row.detail = detail.to_string();
+            rows.push(row);
+            rows.push(DriftRow::new(
+                "load-shift",
+                layer,
+                0.0,
+                tv,
+                tol.load_shift,
+                Limit::Max,
+            ));
+        }
+        if let (Some(a), Some(b)) = (&gl.norm_score, &nl.norm_score) {
+            rows.push(DriftRow::new(
+                "norm-score-top1",
+                layer,
+                a.top1_match_rate as f64,
+                b.top1_match_rate as f64,
+                tol.norm_score_top1,
+                Limit::AbsDelta,
+            ));
+        }
+    }
+    Ok(Comparison {
+        name: gold.name.clone(),
+        rows,
+        notices,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsd_is_zero_for_equal_and_ln2_for_disjoint() {
+        assert!(jsd(&[0.5, 0.5], &[0.5, 0.5]).abs() < 1e-15);
+        assert!((jsd(&[1.0, 0.0], &[0.0, 1.0]) - std::f64::consts::LN_2).abs() < 1e-12);
+    }
+
+    /// Against scipy (fixtures/make_golden_refs.py), to 1e-12.
+    #[test]
+    fn jsd_and_total_variation_match_scipy() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/golden_reference.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let vec = |x: &serde_json::Value| -> Vec<f64> {
+            x.as_array()
+                .unwrap()
+                .iter()
+                .map(|y| y.as_f64().unwrap())
+                .collect()
+        };
+        let cases = v["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 4);
+        for c in cases {
+            let (p, q) = (vec(&c["p"]), vec(&c["q"]));
+            let want = c["jsd"].as_f64().unwrap();
+            assert!(
+                (jsd(&p, &q) - want).abs() < 1e-12,
+                "{} vs {want}",
+                jsd(&p, &q)
+            );
+            let tv = c["total_variation"].as_f64().unwrap();
+            assert!((total_variation(&p, &q) - tv).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn limits_decide_the_verdict() {
+        assert_eq!(
+            DriftRow::new("a", 0, 1.0, 0.98, 0.99, Limit::Min).verdict,
+            Verdict::Drift
+        );
+        assert_eq!(
+            DriftRow::new("a", 0, 1.0, 0.995, 0.99, Limit::Min).verdict,
+            Verdict::Ok
+        );
+        assert_eq!(
+            DriftRow::new("a", 0, 0.0, 0.02, 0.01, Limit::Max).verdict,
+            Verdict::Drift
+        );
+        assert_eq!(
+            DriftRow::new("a", 0, 0.5, 0.5009, 1e-3, Limit::AbsDelta).verdict,
+            Verdict::Ok
+        );
+        assert_eq!(
+            DriftRow::new("a", 0, 0.5, 0.502, 1e-3, Limit::AbsDelta).verdict,
+            Verdict::Drift
+        );
+        assert_eq!(
+            DriftRow::new("a", 0, 0.5, f64::NAN, 1e-3, Limit::AbsDelta).verdict,
+            Verdict::Drift
+        );
+    }
+}

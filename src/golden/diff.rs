@@ -1,0 +1,92 @@
+//! `diff`: two checkpoints of the same family and shape (base vs fine-tune,
+//! bf16 vs quantized). Besides the drift metrics of [`super::compare`] (with
+//! the router divergence taken token by token, since both models run live),
+//! the cosine between corresponding experts' weight matrices, read from both
+//! checkpoints one layer at a time.
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::{Matrix, Model, TensorView};
+use crate::report::schema::PerMatrix;
+
+/// Per MoE layer, the cosine of each expert's flattened matrices (baseline vs candidate).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExpertCosines {
+    pub layer: usize,
+    #[serde(flatten)]
+    pub matrices: PerMatrix<Vec<f64>>,
+}
+
+const CHUNK: usize = 1 << 15;
+
+/// Cosine of two tensors of one shape, streamed in chunks (f64 accumulation).
+fn cosine(a: &TensorView<'_>, b: &TensorView<'_>) -> Result<f64> {
+    if a.shape != b.shape {
+        return Err(Error::Incompatible {
+            path: b.path.to_path_buf(),
+            reason: format!(
+                "tensor `{}` has shape {:?}, but the baseline's `{}` has {:?}",
+                b.name, b.shape, a.name, a.shape
+            ),
+        });
+    }
+    let n = a.numel();
+    let (ab, aa, bb) = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let start = c * CHUNK;
+            let len = CHUNK.min(n - start);
+            let (mut x, mut y) = (vec![0f32; len], vec![0f32; len]);
+            a.read_f32(start, &mut x);
+            b.read_f32(start, &mut y);
+            x.iter()
+                .zip(&y)
+                .fold((0.0, 0.0, 0.0), |(ab, aa, bb), (&p, &q)| {
+                    let (p, q) = (p as f64, q as f64);
+                    (ab + p * q, aa + p * p, bb + q * q)
+                })
+        })
+        .reduce(|| (0.0, 0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1, x.2 + y.2));
+    if !(ab.is_finite() && aa.is_finite() && bb.is_finite()) {
+        let bad = if aa.is_finite() { b } else { a };
+        return Err(Error::NonFinite {
+            path: bad.path.to_path_buf(),
+            tensor: bad.name.to_string(),
+        });
+    }
+    Ok(if aa > 0.0 && bb > 0.0 {
+        ab / (aa.sqrt() * bb.sqrt())
+    } else {
+        0.0
+    })
+}
+
+/// Expert-by-expert weight cosines of every MoE layer.
+pub fn expert_cosines(baseline: &Model, candidate: &Model) -> Result<Vec<ExpertCosines>> {
+    let mut out = Vec::new();
+    for &layer in &baseline.info.moe_layers {
+        let va = baseline.moe_layer(layer)?;
+        let vb = candidate.moe_layer(layer)?;
+        let mut matrices = PerMatrix::from_fn(|_| Vec::new());
+        for m in Matrix::ALL {
+            let v = va
+                .experts
+                .iter()
+                .zip(&vb.experts)
+                .map(|(a, b)| cosine(&a.matrix(m), &b.matrix(m)))
+                .collect::<Result<Vec<f64>>>()?;
+            match m {
+                Matrix::Up => matrices.up = v,
+                Matrix::Gate => matrices.gate = v,
+                Matrix::Down => matrices.down = v,
+            }
+        }
+        drop((va, vb));
+        baseline.release_layer(layer);
+        candidate.release_layer(layer);
+        out.push(ExpertCosines { layer, matrices });
+    }
+    Ok(out)
+}

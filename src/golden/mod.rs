@@ -1,0 +1,1061 @@
+//! Golden snapshots of a model's expert behaviour (SPEC §7), schema
+//! `moe-inspect/golden/v1`, and the drift gate built on them:
+//!
+//! - [`build`] computes a [`Snapshot`]: the model's identity, per MoE layer the
+//!   static matrices (expert, neuron and router-row similarity, gate-embedding
+//!   r²), small per-expert fingerprints used to match experts across
+//!   checkpoints, routing statistics over the prompts, norm-score counts, and
+//!   the top-k expert ids of every token;
+//! - [`compare`] compares two snapshots metric by metric under tolerances;
+//! - [`config`] reads `[workspace.metadata.moe-inspect]` with cargo_metadata;
+//! - [`diff`] compares two live checkpoints (also expert-by-expert weights);
+//! - [`pending`] handles `*.json.new` files (`review`, `accept`, `reject`).
+//!
+//! Files are written with [`Snapshot::to_json`]: stable key order, numbers
+//! stored as f32 (shortest round-trip form), matrices one row per line, so
+//! two runs on the same machine give byte-identical files.
+
+pub mod compare;
+pub mod config;
+pub mod diff;
+pub mod pending;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::analysis::{neurons, statics, stream, Progress};
+use crate::error::{Error, Result};
+use crate::forward::observer::{MoeObservation, Observer, Wants};
+use crate::forward::Forward;
+use crate::model::{Matrix, Model};
+use crate::report::schema::PerMatrix;
+
+/// Schema identifier of golden files.
+pub const GOLDEN_SCHEMA: &str = "moe-inspect/golden/v1";
+
+/// Dimension of the expert and router fingerprints (random ±1 projections).
+pub const FINGERPRINT_DIM: usize = 32;
+
+/// A golden snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub schema: String,
+    pub name: String,
+    pub model: Identity,
+    /// What was recorded: a subset of `expert-similarity`, `neuron-similarity`,
+    /// `gate-embedding`, `chosen-experts`, `norm-score`.
+    pub analyses: Vec<String>,
+    /// The prompts the dynamic part was recorded on (absent without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PromptsInfo>,
+    pub tolerances: Tolerances,
+    pub layers: Vec<LayerSnapshot>,
+    /// Top-k expert ids per token (int16 `[tokens, layers, k]`), when routing is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k_ids: Option<TopKIds>,
+    /// Per MoE layer, per-token router distributions `[tokens × E]`; kept in
+    /// memory for `diff` only, never written.
+    #[serde(skip)]
+    pub router_probs: BTreeMap<usize, Vec<f32>>,
+}
+
+/// What identifies the checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub family: String,
+    pub num_layers: usize,
+    pub moe_layers: Vec<usize>,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// Storage dtype of the experts.
+    pub dtype: String,
+    /// SHA-256 (first 16 hex digits) of config.json with keys sorted.
+    pub config_hash: String,
+    /// SHA-256 (first 16 hex digits) of the tensor index: names, dtypes, shapes.
+    pub tensor_index_hash: String,
+}
+
+/// The prompts a snapshot was recorded on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptsInfo {
+    pub count: usize,
+    pub tokens: usize,
+    /// SHA-256 (first 16 hex digits) of the token ids.
+    pub hash: String,
+}
+
+/// Drift tolerances; every one can be overridden in configuration
+/// (`[…metadata.moe-inspect.tolerance]`) or with `--tolerance KEY=VALUE`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Tolerances {
+    /// Max-abs change of any entry of a similarity matrix (cosine).
+    pub similarity: f64,
+    /// Minimum share of tokens whose top-1 expert is unchanged.
+    pub routing_top1_agreement: f64,
+    /// Minimum mean overlap |S ∩ S'| / k of the top-k expert sets.
+    pub routing_topk_agreement: f64,
+    /// Maximum Jensen–Shannon divergence (nats) of router distributions.
+    pub router_jsd: f64,
+    /// Maximum total-variation distance between the expert load distributions.
+    pub load_shift: f64,
+    /// Max-abs change of a gate-embedding r².
+    pub gate_r2: f64,
+    /// Max-abs change of a layer's norm-score `top1_match_rate`.
+    pub norm_score_top1: f64,
+}
+
+impl Default for Tolerances {
+    fn default() -> Self {
+        Tolerances {
+            similarity: 1e-3,
+            routing_top1_agreement: 0.99,
+            routing_topk_agreement: 0.95,
+            router_jsd: 5e-3,
+            load_shift: 0.05,
+            gate_r2: 0.01,
+            norm_score_top1: 0.05,
+        }
+    }
+}
+
+impl Tolerances {
+    /// Keys as written in configuration, with their documentation.
+    pub const KEYS: [(&'static str, &'static str); 7] = [
+        ("similarity", "max-abs change of a similarity matrix entry"),
+        (
+            "routing-top1-agreement",
+            "minimum share of unchanged top-1 experts",
+        ),
+        ("routing-topk-agreement", "minimum mean top-k set overlap"),
+        (
+            "router-jsd",
+            "maximum Jensen-Shannon divergence of router distributions (nats)",
+        ),
+        (
+            "load-shift",
+            "maximum total-variation distance of expert loads",
+        ),
+        ("gate-r2", "max-abs change of a gate-embedding r²"),
+        (
+            "norm-score-top1",
+            "max-abs change of norm-score top1_match_rate",
+        ),
+    ];
+
+    /// Sets one tolerance by its configuration key.
+    pub fn set(&mut self, key: &str, value: f64) -> std::result::Result<(), String> {
+        if !value.is_finite() || value < 0.0 {
+            return Err(format!(
+                "tolerance `{key}` must be a finite number ≥ 0, got {value}"
+            ));
+        }
+        let slot = match key {
+            "similarity" => &mut self.similarity,
+            "routing-top1-agreement" => &mut self.routing_top1_agreement,
+            "routing-topk-agreement" => &mut self.routing_topk_agreement,
+            "router-jsd" => &mut self.router_jsd,
+            "load-shift" => &mut self.load_shift,
+            "gate-r2" => &mut self.gate_r2,
+            "norm-score-top1" => &mut self.norm_score_top1,
+            _ => {
+                return Err(format!(
+                    "unknown tolerance `{key}` (known: {})",
+                    Self::KEYS.map(|k| k.0).join(", ")
+                ))
+            }
+        };
+        *slot = value;
+        Ok(())
+    }
+}
+
+/// One MoE layer of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSnapshot {
+    pub layer: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_similarity: Option<PerMatrix<Vec<Vec<f32>>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neuron_similarity: Option<PerMatrix<Vec<Vec<f32>>>>,
+    /// Cosine similarity of the router rows (gate-embedding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_similarity: Option<Vec<Vec<f32>>>,
+    /// gate-embedding r² per matrix (`null` where undefined).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_r2: Option<PerMatrix<Option<f32>>>,
+    /// Fingerprints for matching experts across checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
+    /// Routing statistics over the prompts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingStats>,
+    /// norm-score counts (`counts[score_rank][norm_rank]`) and top-1 match rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_score: Option<NormScoreStats>,
+}
+
+/// Per expert, a random ±1 projection (dimension [`FINGERPRINT_DIM`]) of its
+/// mean neuron for each matrix, and of its router row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    pub experts: PerMatrix<Vec<Vec<f32>>>,
+    pub router: Vec<Vec<f32>>,
+    /// Effective bits of the router: its storage bits, or fewer when its rows
+    /// hold few distinct values (`ceil(log2(distinct))`); below 8 means a
+    /// quantized router.
+    pub router_bits: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingStats {
+    /// Tokens routed.
+    pub tokens: usize,
+    /// Selections per expert.
+    pub load: Vec<u64>,
+    /// Mean router distribution over tokens (scores normalised to sum 1).
+    pub mean_probs: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormScoreStats {
+    pub counts: Vec<Vec<u64>>,
+    pub top1_match_rate: f32,
+}
+
+/// Top-k ids, int16 little-endian, base64 (standard alphabet, padded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopKIds {
+    /// `[tokens, layers, k]`; layers are the snapshot's MoE layers in order.
+    pub shape: [usize; 3],
+    pub dtype: String,
+    pub data: String,
+}
+
+impl TopKIds {
+    fn encode(ids: &[i16], shape: [usize; 3]) -> TopKIds {
+        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        TopKIds {
+            shape,
+            dtype: "i16".into(),
+            data: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+
+    /// The ids, checked against the shape.
+    pub fn decode(&self) -> std::result::Result<Vec<i16>, String> {
+        if self.dtype != "i16" {
+            return Err(format!(
+                "top_k_ids.dtype is `{}`, expected `i16`",
+                self.dtype
+            ));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|e| format!("top_k_ids.data is not valid base64: {e}"))?;
+        let n: usize = self.shape.iter().product();
+        if bytes.len() != 2 * n {
+            return Err(format!(
+                "top_k_ids.data holds {} bytes, but shape {:?} needs {}",
+                bytes.len(),
+                self.shape,
+                2 * n
+            ));
+        }
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect())
+    }
+}
+
+/// What a snapshot records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection {
+    pub expert_similarity: bool,
+    pub neuron_similarity: bool,
+    pub gate_embedding: bool,
+    pub routing: bool,
+    pub norm_score: bool,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Selection {
+            expert_similarity: true,
+            neuron_similarity: true,
+            gate_embedding: true,
+            routing: true,
+            norm_score: true,
+        }
+    }
+}
+
+impl Selection {
+    /// Names a snapshot can record.
+    pub const NAMES: [&'static str; 5] = [
+        "expert-similarity",
+        "neuron-similarity",
+        "gate-embedding",
+        "chosen-experts",
+        "norm-score",
+    ];
+
+    /// Parses names, `static`, `dynamic` or `all` (the groups keep only what
+    /// a snapshot records).
+    pub fn parse<S: AsRef<str>>(parts: &[S]) -> std::result::Result<Selection, String> {
+        let mut s = Selection {
+            expert_similarity: false,
+            neuron_similarity: false,
+            gate_embedding: false,
+            routing: false,
+            norm_score: false,
+        };
+        for part in parts.iter().flat_map(|p| p.as_ref().split(',')) {
+            match part.trim() {
+                "all" => s = Selection::default(),
+                "static" => {
+                    s.expert_similarity = true;
+                    s.neuron_similarity = true;
+                    s.gate_embedding = true;
+                }
+                "dynamic" => {
+                    s.routing = true;
+                    s.norm_score = true;
+                }
+                "expert-similarity" => s.expert_similarity = true,
+                "neuron-similarity" => s.neuron_similarity = true,
+                "gate-embedding" => s.gate_embedding = true,
+                "chosen-experts" | "routing" => s.routing = true,
+                "norm-score" => s.norm_score = true,
+                other => {
+                    return Err(format!(
+                        "`{other}` is not recorded in golden snapshots (they record: static, dynamic, all, {})",
+                        Self::NAMES.join(", ")
+                    ))
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    fn names(self) -> Vec<String> {
+        let flags = [
+            self.expert_similarity,
+            self.neuron_similarity,
+            self.gate_embedding,
+            self.routing,
+            self.norm_score,
+        ];
+        Self::NAMES
+            .iter()
+            .zip(flags)
+            .filter(|(_, f)| *f)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+
+    fn any_static(self) -> bool {
+        self.expert_similarity || self.neuron_similarity || self.gate_embedding
+    }
+
+    fn any_dynamic(self) -> bool {
+        self.routing || self.norm_score
+    }
+
+    /// Whether a forward pass over prompts is needed.
+    pub fn needs_prompts(self) -> bool {
+        self.any_dynamic()
+    }
+}
+
+/// How to build a snapshot.
+pub struct BuildOptions<'a> {
+    pub name: String,
+    pub selection: Selection,
+    /// Token ids of the prompts (needed for routing and norm-score).
+    pub prompts: Option<&'a [Vec<u32>]>,
+    pub device: candle_core::Device,
+    pub tolerances: Tolerances,
+    /// Keep per-token router distributions in memory (for `diff`).
+    pub keep_router_probs: bool,
+}
+
+fn short_hash(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// JSON with object keys sorted at every level (independent of file order).
+fn canonical(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String((*k).clone()).to_string());
+                out.push(':');
+                canonical(&map[k.as_str()], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// The identity block of a model.
+pub fn identity(model: &Model) -> Result<Identity> {
+    let mut cfg = String::new();
+    canonical(
+        &serde_json::Value::Object(model.config.map().clone()),
+        &mut cfg,
+    );
+    let mut index = String::new();
+    for name in model.weights().names() {
+        let (dtype, shape, _) = model.weights().raw(name)?;
+        index.push_str(&format!("{name}\t{dtype}\t{shape:?}\n"));
+    }
+    let s = crate::analysis::model_summary(model);
+    Ok(Identity {
+        family: s.family,
+        num_layers: s.num_layers,
+        moe_layers: s.moe_layers,
+        num_experts: s.num_experts,
+        top_k: s.top_k,
+        hidden_size: s.hidden_size,
+        intermediate_size: s.intermediate_size,
+        dtype: s.dtype,
+        config_hash: short_hash(cfg.as_bytes()),
+        tensor_index_hash: short_hash(index.as_bytes()),
+    })
+}
+
+/// Hash of the prompts' token ids.
+pub fn prompts_info(prompts: &[Vec<u32>]) -> PromptsInfo {
+    let mut bytes = Vec::new();
+    for p in prompts {
+        bytes.extend((p.len() as u32).to_le_bytes());
+        for t in p {
+            bytes.extend(t.to_le_bytes());
+        }
+    }
+    PromptsInfo {
+        count: prompts.len(),
+        tokens: prompts.iter().map(Vec::len).sum(),
+        hash: short_hash(&bytes),
+    }
+}
+
+/// Deterministic ±1 for (component, coordinate): a splitmix64 bit.
+fn sign(component: usize, coord: usize) -> f64 {
+    let mut z = (component as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(coord as u64)
+        .wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    if z & 1 == 0 {
+        1.0
+    } else {
+        -1.0
+    }
+}
+
+/// A random ±1 projection of `v` to [`FINGERPRINT_DIM`] numbers, scaled to unit norm.
+pub fn sketch(v: &[f64]) -> Vec<f32> {
+    let raw: Vec<f64> = (0..FINGERPRINT_DIM)
+        .map(|c| v.iter().enumerate().map(|(i, x)| sign(c, i) * x).sum())
+        .collect();
+    let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt();
+    raw.iter()
+        .map(|x| if norm > 0.0 { (x / norm) as f32 } else { 0.0 })
+        .collect()
+}
+
+fn to_f32(m: &[Vec<f64>]) -> Vec<Vec<f32>> {
+    m.iter()
+        .map(|r| r.iter().map(|&x| x as f32).collect())
+        .collect()
+}
+
+/// The router's effective bits: its storage bits, unless every row holds at
+/// most half as many distinct values as it has entries, in which case
+/// `ceil(log2(distinct))` of the busiest row (a quantized router stored in a
+/// wider dtype).
+fn effective_bits(rows: &[&[f32]], storage_bits: u32) -> u32 {
+    let width = rows.first().map_or(0, |r| r.len());
+    let distinct = rows
+        .iter()
+        .map(|r| {
+            let mut v: Vec<u32> = r.iter().map(|x| x.to_bits()).collect();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    if distinct * 2 > width {
+        return storage_bits;
+    }
+    (usize::BITS - (distinct - 1).leading_zeros()).min(storage_bits)
+}
+
+/// Rounds fingerprint components to 4 decimals (they only need to tell experts apart).
+fn round4(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| (x * 1e4).round() / 1e4).collect()
+}
+
+/// Computes a snapshot of `model`.
+pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<Snapshot> {
+    let info = &model.info;
+    let sel = opts.selection;
+    let e = info.num_experts;
+    let mut layers: Vec<LayerSnapshot> = info
+        .moe_layers
+        .iter()
+        .map(|&layer| LayerSnapshot {
+            layer,
+            expert_similarity: None,
+            neuron_similarity: None,
+            gate_similarity: None,
+            gate_r2: None,
+            fingerprint: None,
+            routing: None,
+            norm_score: None,
+        })
+        .collect();
+    let mut top_k_ids = None;
+    let mut router_probs = BTreeMap::new();
+    let prompts = match (sel.any_dynamic(), opts.prompts) {
+        (true, Some(p)) => Some(p),
+        (true, None) => {
+            return Err(Error::Usage(
+                "routing and norm-score snapshots need prompts: pass --prompts FILE or --token-ids FILE".into(),
+            ))
+        }
+        (false, _) => None,
+    };
+    let steps = if sel.any_static() { layers.len() } else { 0 }
+        + if prompts.is_some() {
+            info.num_layers
+        } else {
+            0
+        };
+    progress.start(steps);
+    if sel.any_static() {
+        let labels: Vec<String> = (0..e).map(|x| x.to_string()).collect();
+        for slot in &mut layers {
+            static_layer(model, slot, &labels, sel)?;
+            progress.layer_done(slot.layer);
+        }
+    }
+    if let Some(prompts) = prompts {
+        let fwd = Forward::new(model, opts.device.clone())?;
+        let mut rec = Recorder::new(
+            info,
+            prompts,
+            sel.norm_score,
+            opts.keep_router_probs,
+            progress,
+        );
+        fwd.run(prompts, &mut rec, false)?;
+        if let Some(err) = rec.error.take() {
+            return Err(err);
+        }
+        let tokens: usize = prompts.iter().map(Vec::len).sum();
+        let k = info.top_k;
+        let nl = info.moe_layers.len();
+        let mut ids = vec![0i16; tokens * nl * k];
+        for (li, slot) in layers.iter_mut().enumerate() {
+            let acc = rec
+                .layers
+                .remove(&slot.layer)
+                .ok_or_else(|| Error::Compute {
+                    what: "golden snapshot".into(),
+                    reason: format!("the forward pass did not report MoE layer {}", slot.layer),
+                })?;
+            for (t, chunk) in acc.selected.chunks(k).enumerate() {
+                for (j, &x) in chunk.iter().enumerate() {
+                    ids[(t * nl + li) * k + j] = x as i16;
+                }
+            }
+            if sel.routing {
+                let mut load = vec![0u64; e];
+                for &x in &acc.selected {
+                    load[x as usize] += 1;
+                }
+                slot.routing = Some(RoutingStats {
+                    tokens,
+                    load,
+                    mean_probs: acc
+                        .prob_sum
+                        .iter()
+                        .map(|s| (s / tokens.max(1) as f64) as f32)
+                        .collect(),
+                });
+            }
+            if let Some(n) = &acc.norm {
+                slot.norm_score = Some(NormScoreStats {
+                    counts: n.matrix(),
+                    top1_match_rate: (n.matches as f64 / n.tokens.max(1) as f64) as f32,
+                });
+            }
+            if opts.keep_router_probs {
+                router_probs.insert(slot.layer, acc.probs);
+            }
+        }
+        if sel.routing {
+            top_k_ids = Some(TopKIds::encode(&ids, [tokens, nl, k]));
+        }
+    }
+    progress.finish();
+    Ok(Snapshot {
+        schema: GOLDEN_SCHEMA.to_string(),
+        name: opts.name.clone(),
+        model: identity(model)?,
+        analyses: sel.names(),
+        prompts: prompts.map(prompts_info),
+        tolerances: opts.tolerances,
+        layers,
+        top_k_ids,
+        router_probs,
+    })
+}
+
+/// Reads one MoE layer once and fills its static part.
+fn static_layer(
+    model: &Model,
+    slot: &mut LayerSnapshot,
+    labels: &[String],
+    sel: Selection,
+) -> Result<()> {
+    let e = labels.len();
+    let view = model.moe_layer(slot.layer)?;
+    let mut stats: [stream::MatrixStats; 3] = Default::default();
+    let needs = stream::Needs {
+        neuron_sum: true,
+        standardized_gram: false,
+    };
+    for (s, m) in stats.iter_mut().zip(Matrix::ALL) {
+        let views: Vec<_> = view.experts.iter().map(|x| x.matrix(m)).collect();
+        *s = stream::stream(&views, neurons::axis(m), needs)?;
+    }
+    let es = statics::expert_similarity::from_stats(slot.layer, labels, &stats);
+    let ns = statics::neuron_similarity::from_stats(slot.layer, labels, &stats);
+    let ge = statics::gate_embedding::layer(&view.router, &ns, e)?;
+    if sel.expert_similarity {
+        slot.expert_similarity = Some(PerMatrix::from_fn(|m| to_f32(es.get(m))));
+    }
+    if sel.neuron_similarity {
+        slot.neuron_similarity = Some(PerMatrix::from_fn(|m| to_f32(ns.get(m))));
+    }
+    if sel.gate_embedding {
+        slot.gate_similarity = Some(to_f32(&ge.similarity));
+        slot.gate_r2 = Some(PerMatrix::from_fn(|m| ge.r2.get(m).map(|x| x as f32)));
+    }
+    let router = view.router.to_f32_vec();
+    let hidden = model.info.hidden_size.max(1);
+    let rows: Vec<&[f32]> = router.chunks(hidden).collect();
+    let router_fp = rows
+        .iter()
+        .map(|r| round4(sketch(&r.iter().map(|&x| x as f64).collect::<Vec<_>>())))
+        .collect();
+    let idx = |m: Matrix| Matrix::ALL.iter().position(|&x| x == m).unwrap_or(0);
+    slot.fingerprint = Some(Fingerprint {
+        experts: PerMatrix::from_fn(|m| {
+            stats[idx(m)]
+                .neuron_sum
+                .iter()
+                .map(|v| round4(sketch(v)))
+                .collect()
+        }),
+        router: router_fp,
+        router_bits: effective_bits(&rows, 8 * view.router.dtype.size() as u32),
+    });
+    drop(view);
+    model.release_layer(slot.layer);
+    Ok(())
+}
+
+struct LayerRecord {
+    /// `[tokens, k]` over all prompts, in prompt order.
+    selected: Vec<u32>,
+    prob_sum: Vec<f64>,
+    probs: Vec<f32>,
+    norm: Option<crate::analysis::dynamic::norm_score::Accumulator>,
+}
+
+/// The observer that records routing (and norm-score) per MoE layer.
+struct Recorder<'a> {
+    layers: BTreeMap<usize, LayerRecord>,
+    norm: bool,
+    keep_probs: bool,
+    progress: &'a dyn Progress,
+    error: Option<Error>,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(
+        info: &crate::model::ModelInfo,
+        prompts: &[Vec<u32>],
+        norm: bool,
+        keep_probs: bool,
+        progress: &'a dyn Progress,
+    ) -> Recorder<'a> {
+        let tokens: usize = prompts.iter().map(Vec::len).sum();
+        let e = info.num_experts;
+        let layers = info
+            .moe_layers
+            .iter()
+            .map(|&l| {
+                (
+                    l,
+                    LayerRecord {
+                        selected: Vec::with_capacity(tokens * info.top_k),
+                        prob_sum: vec![0.0; e],
+                        probs: Vec::new(),
+                        norm: norm
+                            .then(|| crate::analysis::dynamic::norm_score::Accumulator::new(e)),
+                    },
+                )
+            })
+            .collect();
+        Recorder {
+            layers,
+            norm,
+            keep_probs,
+            progress,
+            error: None,
+        }
+    }
+}
+
+impl Observer for Recorder<'_> {
+    fn wants(&self) -> Wants {
+        Wants {
+            all_expert_outputs: self.norm,
+            ..Wants::default()
+        }
+    }
+
+    fn layer_done(&mut self, layer: usize) {
+        self.progress.layer_done(layer);
+    }
+
+    fn moe_layer(&mut self, o: &MoeObservation<'_>) {
+        let Some(rec) = self.layers.get_mut(&o.layer) else {
+            self.error = Some(Error::Compute {
+                what: "golden snapshot".into(),
+                reason: format!("unexpected MoE layer {}", o.layer),
+            });
+            return;
+        };
+        let (e, h) = (o.experts, o.hidden);
+        rec.selected.extend_from_slice(o.selected);
+        for t in 0..o.tokens {
+            let s = &o.scores[t * e..(t + 1) * e];
+            let total: f64 = s.iter().map(|&x| x as f64).sum();
+            for (acc, &x) in rec.prob_sum.iter_mut().zip(s) {
+                let p = if total > 0.0 { x as f64 / total } else { 0.0 };
+                *acc += p;
+                if self.keep_probs {
+                    rec.probs.push(p as f32);
+                }
+            }
+            if let (Some(n), Some(out)) = (&mut rec.norm, o.expert_outputs) {
+                let scores: Vec<f64> = s.iter().map(|&x| x as f64).collect();
+                let norms: Vec<f64> = (0..e)
+                    .map(|x| {
+                        let row = &out[(x * o.tokens + t) * h..(x * o.tokens + t + 1) * h];
+                        row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt()
+                    })
+                    .collect();
+                n.add(&scores, &norms);
+            }
+        }
+    }
+}
+
+impl Snapshot {
+    /// The file contents: stable key order, matrices one row per line.
+    pub fn to_json(&self) -> String {
+        // Serialised first (f32 in shortest form), then laid out; re-parsing
+        // keeps each number's digits.
+        let compact = serde_json::to_string(self).unwrap_or_default();
+        let value: serde_json::Value =
+            serde_json::from_str(&compact).unwrap_or(serde_json::Value::Null);
+        let mut out = String::new();
+        write_value(&value, 0, &mut out);
+        out.push('\n');
+        out
+    }
+
+    /// Parses a golden file; every problem names the file.
+    pub fn parse(path: &Path, text: &str) -> Result<Snapshot> {
+        let bad = |reason: String| Error::Input {
+            path: path.to_path_buf(),
+            reason: format!("corrupt golden snapshot: {reason}"),
+        };
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let snap: Snapshot = serde_path_to_error::deserialize(de).map_err(|e| {
+            let at = e.path().to_string();
+            if at == "." {
+                bad(e.inner().to_string())
+            } else {
+                bad(format!("at `{at}`: {}", e.inner()))
+            }
+        })?;
+        if snap.schema != GOLDEN_SCHEMA {
+            return Err(bad(format!(
+                "schema is `{}`, expected `{GOLDEN_SCHEMA}`",
+                snap.schema
+            )));
+        }
+        snap.validate().map_err(bad)?;
+        Ok(snap)
+    }
+
+    /// Reads and parses a golden file.
+    pub fn read(path: &Path) -> Result<Snapshot> {
+        let text =
+            match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::Input {
+                    path: path.to_path_buf(),
+                    reason:
+                        "golden snapshot not found: record one with `cargo moe-inspect snapshot`"
+                            .into(),
+                }),
+                Err(e) => return Err(Error::io(path, e)),
+            };
+        Snapshot::parse(path, &text)
+    }
+
+    /// Writes the file atomically (temporary file, then rename), so a failed
+    /// run never leaves a partial golden file.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, self.to_json()).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Checks the shapes inside the file against its own model block.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let e = self.model.num_experts;
+        let square = |m: &[Vec<f32>], what: &str, layer: usize| {
+            if m.len() != e || m.iter().any(|r| r.len() != e) {
+                Err(format!("layer {layer}: {what} is not {e}×{e}"))
+            } else if m.iter().flatten().any(|x| !x.is_finite()) {
+                Err(format!("layer {layer}: {what} holds a non-finite number"))
+            } else {
+                Ok(())
+            }
+        };
+        let layer_ids: Vec<usize> = self.layers.iter().map(|l| l.layer).collect();
+        if layer_ids != self.model.moe_layers {
+            return Err(format!(
+                "layers {layer_ids:?} do not match model.moe_layers {:?}",
+                self.model.moe_layers
+            ));
+        }
+        for l in &self.layers {
+            for (name, pm) in [
+                ("expert_similarity", &l.expert_similarity),
+                ("neuron_similarity", &l.neuron_similarity),
+            ] {
+                if let Some(pm) = pm {
+                    for m in Matrix::ALL {
+                        square(pm.get(m), &format!("{name}.{}", m.name()), l.layer)?;
+                    }
+                }
+            }
+            if let Some(g) = &l.gate_similarity {
+                square(g, "gate_similarity", l.layer)?;
+            }
+            if let Some(r) = &l.routing {
+                if r.load.len() != e || r.mean_probs.len() != e {
+                    return Err(format!(
+                        "layer {}: routing has the wrong expert count",
+                        l.layer
+                    ));
+                }
+            }
+            if let Some(n) = &l.norm_score {
+                if n.counts.len() != e || n.counts.iter().any(|r| r.len() != e) {
+                    return Err(format!(
+                        "layer {}: norm_score.counts is not {e}×{e}",
+                        l.layer
+                    ));
+                }
+            }
+            if let Some(f) = &l.fingerprint {
+                let ok =
+                    |m: &[Vec<f32>]| m.len() == e && m.iter().all(|r| r.len() == FINGERPRINT_DIM);
+                if !(ok(&f.router) && Matrix::ALL.iter().all(|&m| ok(f.experts.get(m)))) {
+                    return Err(format!(
+                        "layer {}: fingerprint has the wrong shape",
+                        l.layer
+                    ));
+                }
+            }
+        }
+        if let Some(ids) = &self.top_k_ids {
+            let [tokens, nl, k] = ids.shape;
+            if nl != self.layers.len() || k != self.model.top_k {
+                return Err(format!(
+                    "top_k_ids.shape {:?} does not match {} MoE layers and top_k {}",
+                    ids.shape,
+                    self.layers.len(),
+                    self.model.top_k
+                ));
+            }
+            if self.prompts.as_ref().map(|p| p.tokens) != Some(tokens) {
+                return Err("top_k_ids holds a different token count than `prompts`".into());
+            }
+            let v = ids.decode()?;
+            if let Some(bad) = v.iter().find(|&&x| x < 0 || x as usize >= e) {
+                return Err(format!("top_k_ids holds expert id {bad}, outside 0..{e}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pretty JSON where arrays of numbers (and arrays of such arrays' rows) stay
+/// on one line: matrices read one row per line.
+fn write_value(v: &serde_json::Value, indent: usize, out: &mut String) {
+    use serde_json::Value;
+    let pad = |n: usize| "  ".repeat(n);
+    match v {
+        Value::Object(map) => {
+            if map.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            out.push_str("{\n");
+            for (i, (k, x)) in map.iter().enumerate() {
+                out.push_str(&pad(indent + 1));
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_value(x, indent + 1, out);
+                if i + 1 < map.len() {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push('}');
+        }
+        Value::Array(items) if items.iter().all(|x| !x.is_object() && !x.is_array()) => {
+            out.push_str(&v.to_string());
+        }
+        Value::Array(items) => {
+            out.push_str("[\n");
+            for (i, x) in items.iter().enumerate() {
+                out.push_str(&pad(indent + 1));
+                write_value(x, indent + 1, out);
+                if i + 1 < items.len() {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_ids_round_trip_and_reject_bad_data() {
+        let ids: Vec<i16> = vec![0, 7, 3, 255, 1, 2];
+        let t = TopKIds::encode(&ids, [3, 1, 2]);
+        assert_eq!(t.decode().unwrap(), ids);
+        let mut short = t.clone();
+        short.shape = [4, 1, 2];
+        assert!(short.decode().unwrap_err().contains("needs 16"));
+        let mut bad = t;
+        bad.data.push('!');
+        assert!(bad.decode().unwrap_err().contains("base64"));
+    }
+
+    #[test]
+    fn effective_bits_sees_quantized_rows_only() {
+        let wide: Vec<f32> = (0..64).map(|i| i as f32 * 0.37).collect();
+        assert_eq!(effective_bits(&[&wide], 16), 16);
+        let q4: Vec<f32> = (0..64).map(|i| ((i % 15) as f32 - 7.0) * 0.1).collect();
+        let q3: Vec<f32> = (0..64).map(|i| (i % 8) as f32).collect();
+        assert_eq!(effective_bits(&[&q4, &q3], 16), 4);
+        let q8: Vec<f32> = (0..1024).map(|i| (i % 256) as f32).collect();
+        assert_eq!(effective_bits(&[&q8], 32), 8);
+    }
+
+    #[test]
+    fn sketch_preserves_identity_and_scale_invariance() {
+        let v: Vec<f64> = (0..100).map(|i| ((i * 37) % 11) as f64 - 5.0).collect();
+        let w: Vec<f64> = v.iter().map(|x| 3.0 * x).collect();
+        assert_eq!(sketch(&v), sketch(&w));
+        let n: f32 = sketch(&v).iter().map(|x| x * x).sum();
+        assert!((n - 1.0).abs() < 1e-5);
+        let other: Vec<f64> = (0..100).map(|i| ((i * 53) % 7) as f64 - 3.0).collect();
+        assert_ne!(sketch(&v), sketch(&other));
+    }
+
+    #[test]
+    fn selection_parses_groups_and_rejects_unrecorded_analyses() {
+        let s = Selection::parse(&["static", "norm-score"]).unwrap();
+        assert!(s.expert_similarity && s.gate_embedding && s.norm_score && !s.routing);
+        assert_eq!(Selection::parse(&["all"]).unwrap(), Selection::default());
+        assert!(Selection::parse(&["projection"])
+            .unwrap_err()
+            .contains("projection"));
+    }
+
+    #[test]
+    fn layout_keeps_matrix_rows_on_one_line() {
+        let v = serde_json::json!({"a": [[1.0, 2.5], [3.0, 4.0]], "b": {"c": [1, 2]}});
+        let mut out = String::new();
+        write_value(&v, 0, &mut out);
+        assert_eq!(
+            out,
+            "{\n  \"a\": [\n    [1.0,2.5],\n    [3.0,4.0]\n  ],\n  \"b\": {\n    \"c\": [1,2]\n  }\n}"
+        );
+    }
+}
