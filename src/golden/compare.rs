@@ -257,7 +257,7 @@ pub fn compare(
     };
     if shape(g) != shape(n) {
         return Err(format!(
-            "the snapshot describes a different model: {} with {} experts (top-{}), hidden {}, intermediate {}, MoE layers {:?}; now {} with {} experts (top-{}), hidden {}, intermediate {}, MoE layers {:?}",
+            "not the same model shape: recorded {} with {} experts (top-{}), hidden {}, intermediate {}, MoE layers {:?}; compared {} with {} experts (top-{}), hidden {}, intermediate {}, MoE layers {:?}",
             g.family, g.num_experts, g.top_k, g.hidden_size, g.intermediate_size, g.moe_layers,
             n.family, n.num_experts, n.top_k, n.hidden_size, n.intermediate_size, n.moe_layers
         ));
