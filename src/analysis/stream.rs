@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::analysis::linalg::dot;
+use crate::analysis::linalg::{gram_lower_add, sum, GRAM_ROW_PAD};
 use crate::error::{Error, Result};
 use crate::model::TensorView;
 
@@ -85,7 +85,8 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
         } else {
             Vec::new()
         },
-        buf: vec![0.0; e * CHUNK],
+        // Padded with zero rows for the tiled Gram kernel.
+        buf: vec![0.0; e.next_multiple_of(GRAM_ROW_PAD) * CHUNK],
         z: if needs.standardized_gram {
             vec![0.0; e]
         } else {
@@ -101,12 +102,7 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
                 v.read_f32(start, &mut acc.buf[k * CHUNK..k * CHUNK + len]);
             }
             let buf = &acc.buf;
-            for i in 0..e {
-                let a = &buf[i * CHUNK..i * CHUNK + len];
-                for j in 0..=i {
-                    acc.gram[i * e + j] += dot(a, &buf[j * CHUNK..j * CHUNK + len]);
-                }
-            }
+            gram_lower_add(buf, CHUNK, len, e, &mut acc.gram);
             if needs.neuron_sum {
                 for k in 0..e {
                     let a = &buf[k * CHUNK..k * CHUNK + len];
@@ -188,7 +184,7 @@ fn accumulate_neurons(a: &[f32], start: usize, cols: usize, axis: NeuronAxis, su
             }
             // Neurons are columns: sum each row's entries, coordinate = row.
             NeuronAxis::Columns => {
-                sums[row] += seg.iter().map(|&x| x as f64).sum::<f64>();
+                sums[row] += sum(seg);
             }
         }
         pos += take;

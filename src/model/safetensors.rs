@@ -266,8 +266,17 @@ impl<'a> TensorView<'a> {
                 }
             }
             Dtype::BF16 => {
-                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                // SAFETY: any bit pattern is a valid u16; align_to only hands
+                // out the aligned middle part.
+                let (head, mid, tail) = unsafe { src.align_to::<u16>() };
+                if head.is_empty() && tail.is_empty() && cfg!(target_endian = "little") {
+                    for (o, &b) in out.iter_mut().zip(mid) {
+                        *o = f32::from_bits((b as u32) << 16);
+                    }
+                } else {
+                    for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                        *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                    }
                 }
             }
             Dtype::F16 => {
