@@ -2,6 +2,7 @@
 //! a selection of them over a model one layer at a time.
 
 pub mod assignment;
+pub mod bf16_kernels;
 pub mod dynamic;
 pub mod linalg;
 pub mod neurons;

@@ -9,9 +9,10 @@
 
 use rayon::prelude::*;
 
+use crate::analysis::bf16_kernels;
 use crate::analysis::linalg::{gram_lower_add, sum, GRAM_ROW_PAD};
 use crate::error::{Error, Result};
-use crate::model::TensorView;
+use crate::model::{Dtype, TensorView};
 
 /// Elements converted per chunk and tensor (64 KiB of f32).
 const CHUNK: usize = 1 << 14;
@@ -93,11 +94,45 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
             Vec::new()
         },
     };
+    // bf16 on a CPU with AVX-512 BF16: straight from the mmapped words.
+    let direct = !needs.standardized_gram
+        && vs.iter().all(|v| v.dtype == Dtype::BF16)
+        && bf16_kernels::available();
+    let zeros = if direct {
+        vec![0u16; CHUNK]
+    } else {
+        Vec::new()
+    };
     let acc = (0..chunks)
         .into_par_iter()
         .fold(new_acc, |mut acc, c| {
             let start = c * CHUNK;
             let len = CHUNK.min(n - start);
+            if direct {
+                let words: Option<Vec<&[u16]>> =
+                    vs.iter().map(|v| v.bf16_words(start, len)).collect();
+                if let Some(words) = words {
+                    if bf16_kernels::gram_lower_add(&words, &zeros, len, &mut acc.gram) {
+                        if needs.neuron_sum {
+                            for (k, w) in words.iter().enumerate() {
+                                let sums = &mut acc.sums[k * hidden..(k + 1) * hidden];
+                                for_segments(start, len, cols, |row, col, range| match axis {
+                                    NeuronAxis::Rows => {
+                                        bf16_kernels::add_to(
+                                            &mut sums[col..col + range.len()],
+                                            &w[range],
+                                        );
+                                    }
+                                    NeuronAxis::Columns => {
+                                        sums[row] += bf16_kernels::sum(&w[range]).unwrap_or(0.0);
+                                    }
+                                });
+                            }
+                        }
+                        return acc;
+                    }
+                }
+            }
             for (k, v) in vs.iter().enumerate() {
                 v.read_f32(start, &mut acc.buf[k * CHUNK..k * CHUNK + len]);
             }
@@ -166,30 +201,40 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
     })
 }
 
+/// Splits the elements `start..start + len` of a row-major `[R, cols]`
+/// matrix at row boundaries: `f(row, first column, range within the chunk)`.
+fn for_segments(
+    start: usize,
+    len: usize,
+    cols: usize,
+    mut f: impl FnMut(usize, usize, std::ops::Range<usize>),
+) {
+    let mut done = 0;
+    while done < len {
+        let pos = start + done;
+        let (row, col) = (pos / cols, pos % cols);
+        let take = (cols - col).min(len - done);
+        f(row, col, done..done + take);
+        done += take;
+    }
+}
+
 /// Adds the elements `start..start + a.len()` of a row-major `[R, cols]`
 /// matrix to the per-neuron-coordinate sums.
 fn accumulate_neurons(a: &[f32], start: usize, cols: usize, axis: NeuronAxis, sums: &mut [f64]) {
-    let mut pos = start;
-    let mut rest = a;
-    while !rest.is_empty() {
-        let (row, col) = (pos / cols, pos % cols);
-        let take = (cols - col).min(rest.len());
-        let seg = &rest[..take];
+    for_segments(start, a.len(), cols, |row, col, range| {
+        let seg = &a[range];
         match axis {
             // Neurons are rows: sum rows, coordinate = column.
             NeuronAxis::Rows => {
-                for (s, &x) in sums[col..col + take].iter_mut().zip(seg) {
+                for (s, &x) in sums[col..col + seg.len()].iter_mut().zip(seg) {
                     *s += x as f64;
                 }
             }
             // Neurons are columns: sum each row's entries, coordinate = row.
-            NeuronAxis::Columns => {
-                sums[row] += sum(seg);
-            }
+            NeuronAxis::Columns => sums[row] += sum(seg),
         }
-        pos += take;
-        rest = &rest[take..];
-    }
+    });
 }
 
 fn add(a: &mut [f64], b: &[f64]) {

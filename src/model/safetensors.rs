@@ -312,6 +312,18 @@ impl<'a> TensorView<'a> {
         }
     }
 
+    /// Elements `start..start + len` as bf16 bit patterns, without copying,
+    /// when the tensor is bf16 and that part is 2-byte aligned in memory.
+    pub fn bf16_words(&self, start: usize, len: usize) -> Option<&'a [u16]> {
+        if self.dtype != Dtype::BF16 || cfg!(target_endian = "big") {
+            return None;
+        }
+        let bytes = self.bytes.get(start * 2..(start + len) * 2)?;
+        // SAFETY: any bit pattern is a valid u16; only the aligned middle is used.
+        let (head, words, tail) = unsafe { bytes.align_to::<u16>() };
+        (head.is_empty() && tail.is_empty()).then_some(words)
+    }
+
     /// The whole tensor as f32, converted on all cores for large tensors.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         use rayon::prelude::*;
