@@ -197,8 +197,8 @@ impl Model {
         swiglu_view(&self.weights, names)
     }
 
-    /// Drops a finished layer's pages from resident memory (see [`Weights::release`]).
-    pub fn release_layer(&self, layer: usize) {
+    /// Tensor names of one MoE layer: router, routed experts, shared experts.
+    fn layer_tensor_names(&self, layer: usize) -> Vec<String> {
         let fam = self.info.family;
         let mut names = vec![fam.router_name(layer)];
         for e in 0..self.info.num_experts {
@@ -207,6 +207,18 @@ impl Model {
         if let Some(s) = fam.shared_names(layer) {
             names.extend(s);
         }
+        names
+    }
+
+    /// Maps a layer's pages ahead of a pass over them (see [`Weights::prefetch`]).
+    pub fn prefetch_layer(&self, layer: usize) {
+        let names = self.layer_tensor_names(layer);
+        self.weights.prefetch(names.iter().map(String::as_str));
+    }
+
+    /// Drops a finished layer's pages from resident memory (see [`Weights::release`]).
+    pub fn release_layer(&self, layer: usize) {
+        let names = self.layer_tensor_names(layer);
         self.weights.release(names.iter().map(String::as_str));
     }
 }
