@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Analyze(args) => analyze(args, style),
         Command::Models(args) => models(args),
         Command::Trace(args) => trace(args),
+        Command::Bench(args) => crate::bench_cmd::bench(args, interactive()),
     }
 }
 
