@@ -124,6 +124,16 @@ fn run_torch(
 ) -> std::result::Result<BenchFile, String> {
     let script = torch_script().ok_or("benches/compare_torch.py not found")?;
     let python = std::env::var("MOE_INSPECT_PYTHON").unwrap_or_else(|_| "python3".into());
+    // Check for Python and PyTorch before writing any checkpoint for them.
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .map_err(|e| format!("could not run {python}: {e}"))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "{python} cannot import torch and transformers (pip install torch transformers)"
+        ));
+    }
     let model = match &args.model {
         Some(m) => m.clone(),
         None => suite::scaled_mixtral_dir(dtype(args.dtype)).map_err(|e| e.to_string())?,
@@ -138,6 +148,9 @@ fn run_torch(
         .arg(toks.join(","))
         .arg("--device")
         .arg(device);
+    if let Some(f) = &args.filter {
+        cmd.arg("--filter").arg(f);
+    }
     if args.model.is_some() {
         cmd.arg("--label").arg(
             model
