@@ -64,13 +64,15 @@ fn layer(c: &mut Criterion, dev: &Device, label: &str, model: &Model) {
             })
         });
         #[cfg(feature = "cuda")]
-        if let Some(f) = &fused {
-            group.bench_function(format!("fused/n{n}"), |b| {
-                b.iter(|| {
-                    black_box(f.forward(&fwd, &lw, &x).expect("fused"));
-                    dev.synchronize().expect("sync");
-                })
-            });
+        {
+            if let Some(f) = &fused {
+                group.bench_function(format!("fused/n{n}"), |b| {
+                    b.iter(|| {
+                        black_box(f.forward(&fwd, &lw, &x).expect("fused"));
+                        dev.synchronize().expect("sync");
+                    })
+                });
+            }
         }
     }
     group.finish();

@@ -242,11 +242,16 @@ impl FusedExperts {
             return Err(Error::Usage("not an MoE layer".into()));
         };
         let t = fwd.weights_transposed();
-        let stack = |pick: fn(&Ffn) -> &Tensor| -> R<Tensor> {
+        // 0: gate, 1: up, 2: down.
+        let stack = |which: usize| -> R<Tensor> {
             let ws = experts
                 .iter()
                 .map(|f| {
-                    let w = pick(f);
+                    let w = match which {
+                        0 => &f.gate,
+                        1 => &f.up,
+                        _ => &f.down,
+                    };
                     if t {
                         w.t()?.contiguous()
                     } else {
@@ -258,9 +263,9 @@ impl FusedExperts {
         };
         (|| {
             Ok(FusedExperts {
-                gate: stack(|f| &f.gate)?,
-                up: stack(|f| &f.up)?,
-                down: stack(|f| &f.down)?,
+                gate: stack(0)?,
+                up: stack(1)?,
+                down: stack(2)?,
             })
         })()
         .map_err(ce("stacking experts for the fused kernels"))
