@@ -329,7 +329,7 @@ impl LogFrame {
             r##"<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#333"/>"##
         );
         let fmt = |v: f64| {
-            if v >= 1e6 || v < 1e-2 {
+            if !(1e-2..1e6).contains(&v) {
                 format!("{v:.0e}")
             } else {
                 format!("{}", (v * 100.0).round() / 100.0)
