@@ -150,6 +150,65 @@ pub fn measure(
     })
 }
 
+/// Times several alternatives of the same work interleaved: one sample of
+/// each in turn, round after round, so that a change of machine load during
+/// the run (another process, frequency scaling) affects all of them alike and
+/// their ratios stay fair. `budget.target` is per alternative.
+pub fn measure_interleaved(
+    device: &Device,
+    budget: &Budget,
+    fs: &mut [&mut dyn FnMut() -> Result<()>],
+) -> Result<Vec<Measurement>> {
+    let sync = |d: &Device| {
+        d.synchronize().map_err(|e| Error::Compute {
+            what: "device synchronisation".into(),
+            reason: e.to_string(),
+        })
+    };
+    let mut iters = Vec::with_capacity(fs.len());
+    let mut rounds = budget.max_samples.max(1);
+    for f in fs.iter_mut() {
+        let t0 = Instant::now();
+        f()?;
+        sync(device)?;
+        let first = t0.elapsed().max(Duration::from_nanos(100));
+        let n = if first < budget.min_sample_time {
+            (budget.min_sample_time.as_secs_f64() / first.as_secs_f64()).ceil() as usize
+        } else {
+            1
+        }
+        .clamp(1, 1_000_000);
+        let wanted = (budget.target.as_secs_f64() / (first.as_secs_f64() * n as f64)) as usize;
+        rounds = rounds.min(wanted.clamp(budget.min_samples.max(1), budget.max_samples.max(1)));
+        iters.push(n);
+    }
+    let mut out: Vec<Measurement> = iters
+        .iter()
+        .map(|&n| Measurement {
+            samples: Vec::with_capacity(rounds),
+            iters_per_sample: n,
+        })
+        .collect();
+    let start = Instant::now();
+    for round in 0..rounds {
+        for (f, m) in fs.iter_mut().zip(out.iter_mut()) {
+            let t = Instant::now();
+            for _ in 0..m.iters_per_sample {
+                f()?;
+            }
+            sync(device)?;
+            m.samples
+                .push(t.elapsed().as_secs_f64() / m.iters_per_sample as f64);
+        }
+        if round + 1 >= budget.min_samples
+            && start.elapsed() > budget.target * (2 * fs.len() as u32)
+        {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,5 +236,31 @@ mod tests {
         assert!(m.samples.len() >= 3 && m.samples.len() <= 5);
         assert!(m.iters_per_sample > 1, "a no-op is batched");
         assert_eq!(calls, 1 + m.samples.len() * m.iters_per_sample);
+    }
+
+    #[test]
+    fn interleaved_alternatives_get_the_same_number_of_samples() {
+        let (mut a, mut b) = (0usize, 0usize);
+        let ms = measure_interleaved(
+            &Device::Cpu,
+            &Budget::quick(),
+            &mut [
+                &mut || {
+                    a += 1;
+                    Ok(())
+                },
+                &mut || {
+                    b += 1;
+                    std::thread::sleep(Duration::from_micros(300));
+                    Ok(())
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(ms.len(), 2);
+        assert_eq!(ms[0].samples.len(), ms[1].samples.len());
+        assert!(ms[0].samples.len() >= 3);
+        assert_eq!(a, 1 + ms[0].samples.len() * ms[0].iters_per_sample);
+        assert_eq!(b, 1 + ms[1].samples.len() * ms[1].iters_per_sample);
     }
 }

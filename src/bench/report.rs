@@ -175,7 +175,8 @@ pub fn markdown(
         s,
         "Times are per call on the stated number of tokens: mean with its 95% \
          t-interval. GFLOP/s and GB/s are the counted work per call over the mean \
-         time; % peak is their share of the probes' measured peaks.\n"
+         time; % peak is their share of the probes' measured peaks (a bandwidth \
+         share above 100% means the bytes came from cache: the probe streams from memory).\n"
     );
     for n in notes {
         let _ = writeln!(s, "> note: {n}\n");

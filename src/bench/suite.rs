@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::bench::harness::{measure, Budget, Measurement};
+use crate::bench::harness::{measure, measure_interleaved, Budget, Measurement};
 use crate::bench::moe_layer::{self, AllExpertOutputs, LayerGeometry};
 use crate::bench::probe::{self, Peaks};
 use crate::bench::routing::{self, Router, RoutingCase};
@@ -447,80 +447,85 @@ fn run_layer(
         None
     };
     let hidden = model.info.hidden_size;
-    for case in cases {
-        progress.begin(&case.name);
-        let x = moe_layer::random_input(case.tokens, hidden, &opts.device)?;
+    let info = &model.info;
+    // The variants at one token count are measured interleaved (fair ratios).
+    let mut token_counts: Vec<usize> = cases.iter().map(|c| c.tokens).collect();
+    token_counts.dedup();
+    for n in token_counts {
+        let here: Vec<&Case> = cases.iter().filter(|c| c.tokens == n).collect();
+        let x = moe_layer::random_input(n, hidden, &opts.device)?;
         let routed = moe_layer::route(&fwd, &lw, &x)?;
-        let (m, work, group) = match case.variant {
-            "routing" => {
-                let m = measure(&opts.device, &opts.budget, || {
-                    moe_layer::route(&fwd, &lw, &x).map(drop)
-                })?;
-                let info = &model.info;
-                let (t, h, e) = (
-                    case.tokens as f64,
-                    info.hidden_size as f64,
-                    info.num_experts as f64,
-                );
-                let work = moe_layer::LayerWork {
-                    flops: 2.0 * t * h * e + 8.0 * t * e,
-                    bytes: 4.0 * (t * h + h * e + t * e),
-                };
-                (m, work, "routing")
+        let mut work = Vec::new();
+        let mut fs: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
+        for case in &here {
+            progress.begin(&case.name);
+            let (t, h, e) = (n as f64, info.hidden_size as f64, info.num_experts as f64);
+            let (fwd, lw, x) = (&fwd, &lw, &x);
+            match case.variant {
+                "routing" => {
+                    work.push(moe_layer::LayerWork {
+                        flops: 2.0 * t * h * e + 8.0 * t * e,
+                        bytes: 4.0 * (t * h + h * e + t * e),
+                    });
+                    fs.push(Box::new(move || moe_layer::route(fwd, lw, x).map(drop)));
+                }
+                "topk" => {
+                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 4.0));
+                    fs.push(Box::new(move || {
+                        fwd.moe_block(layer, lw, x, &mut ()).map(drop)
+                    }));
+                }
+                "naive" => {
+                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 4.0));
+                    fs.push(Box::new(move || moe_layer::naive(fwd, lw, x).map(drop)));
+                }
+                "all-experts" => {
+                    work.push(moe_layer::layer_work(fwd, n, &routed, true, 4.0));
+                    fs.push(Box::new(move || {
+                        fwd.moe_block(layer, lw, x, &mut AllExpertOutputs).map(drop)
+                    }));
+                }
+                #[cfg(feature = "cuda")]
+                "fused" => {
+                    let f = fused
+                        .as_ref()
+                        .ok_or_else(|| Error::Usage("fused experts were not prepared".into()))?;
+                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 2.0));
+                    fs.push(Box::new(move || f.forward(fwd, lw, x).map(drop)));
+                }
+                other => {
+                    return Err(Error::Usage(format!(
+                        "benchmark variant `{other}` is not available in this build"
+                    )))
+                }
             }
-            "topk" => (
-                measure(&opts.device, &opts.budget, || {
-                    fwd.moe_block(layer, &lw, &x, &mut ()).map(drop)
-                })?,
-                moe_layer::layer_work(&fwd, case.tokens, &routed, false, 4.0),
-                "moe-layer",
-            ),
-            "naive" => (
-                measure(&opts.device, &opts.budget, || {
-                    moe_layer::naive(&fwd, &lw, &x).map(drop)
-                })?,
-                moe_layer::layer_work(&fwd, case.tokens, &routed, false, 4.0),
-                "moe-layer",
-            ),
-            "all-experts" => (
-                measure(&opts.device, &opts.budget, || {
-                    fwd.moe_block(layer, &lw, &x, &mut AllExpertOutputs)
-                        .map(drop)
-                })?,
-                moe_layer::layer_work(&fwd, case.tokens, &routed, true, 4.0),
-                "moe-layer",
-            ),
-            #[cfg(feature = "cuda")]
-            "fused" => {
-                let f = fused
-                    .as_ref()
-                    .ok_or_else(|| Error::Usage("fused experts were not prepared".into()))?;
-                (
-                    measure(&opts.device, &opts.budget, || {
-                        f.forward(&fwd, &lw, &x).map(drop)
-                    })?,
-                    moe_layer::layer_work(&fwd, case.tokens, &routed, false, 2.0),
-                    "moe-layer",
-                )
-            }
-            other => {
-                return Err(Error::Usage(format!(
-                    "benchmark variant `{other}` is not available in this build"
-                )))
-            }
-        };
-        out.push(result(
-            &case.name,
-            group,
-            case.variant,
-            &l,
-            case.tokens,
-            &m,
-            work.flops,
-            work.bytes,
-            peaks,
-        ));
-        progress.done();
+        }
+        let mut refs: Vec<&mut dyn FnMut() -> Result<()>> = fs
+            .iter_mut()
+            .map(|f| &mut **f as &mut dyn FnMut() -> Result<()>)
+            .collect();
+        let ms = measure_interleaved(&opts.device, &opts.budget, &mut refs)?;
+        drop(refs);
+        drop(fs);
+        for ((case, m), w) in here.iter().zip(&ms).zip(&work) {
+            let group = if case.variant == "routing" {
+                "routing"
+            } else {
+                "moe-layer"
+            };
+            out.push(result(
+                &case.name,
+                group,
+                case.variant,
+                &l,
+                n,
+                m,
+                w.flops,
+                w.bytes,
+                peaks,
+            ));
+            progress.done();
+        }
     }
     drop(lw);
     model.release_layer(layer);
