@@ -217,3 +217,53 @@ fn bad_arguments_exit_2() {
     assert_eq!(code, 2);
     assert!(stderr.contains("nope.json"), "{stderr}");
 }
+
+#[test]
+fn benchmarks_a_real_checkpoint_of_every_family() {
+    // The fixtures are tiny checkpoints in hub layout: shared experts
+    // (DeepSeekMoE, Qwen2-MoE), group-limited sigmoid routing (DeepSeek-V3),
+    // GELU experts (Grok-1), MLA attention (DeepSeek-V2/V3).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let tmp = tempfile::tempdir().unwrap();
+    for family in [
+        "mixtral",
+        "deepseek-moe",
+        "qwen2-moe",
+        "qwen3-moe",
+        "olmoe",
+        "grok-1",
+        "deepseek-v2",
+        "deepseek-v3",
+    ] {
+        let out = tmp.path().join(family);
+        let (code, stdout, stderr) = run(
+            &[
+                "bench",
+                "--quick",
+                "--model",
+                root.join(family).to_str().unwrap(),
+                "--tokens",
+                "3",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{family}: {stderr}");
+        for name in [
+            format!("cpu/routing/model/{family}/n3"),
+            format!("cpu/moe-layer/topk/{family}/n3"),
+            format!("cpu/moe-layer/naive/{family}/n3"),
+            format!("cpu/moe-layer/all-experts/{family}/n3"),
+            format!("cpu/forward/prefill/{family}/n3"),
+            format!("cpu/forward/decode/{family}"),
+        ] {
+            assert!(stdout.contains(&name), "{family}: {name} missing\n{stdout}");
+        }
+        let json = read_json(&out.join("bench.json"));
+        for b in json["benchmarks"].as_array().unwrap() {
+            assert!(b["flops"].as_f64().unwrap() > 0.0, "{family}: {b}");
+            assert!(b["bytes"].as_f64().unwrap() > 0.0, "{family}: {b}");
+        }
+    }
+}

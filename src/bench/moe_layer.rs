@@ -366,4 +366,34 @@ mod tests {
             assert!(w.flops > 0.0 && w_all.flops > 3.0 * w.flops);
         }
     }
+
+    #[test]
+    fn naive_matches_the_forward_pass_on_every_family_fixture() {
+        // Shared experts (DeepSeekMoE, Qwen2-MoE with its gate), DeepSeek-V3's
+        // biased group-limited routing, Grok-1's GELU experts.
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        for family in [
+            "mixtral",
+            "deepseek-moe",
+            "qwen2-moe",
+            "qwen3-moe",
+            "olmoe",
+            "grok-1",
+            "deepseek-v2",
+            "deepseek-v3",
+        ] {
+            let model = Model::open(&root.join(family)).unwrap();
+            let fwd = Forward::new(&model, Device::Cpu).unwrap().keep_weights();
+            let layer = model.info.moe_layers[0];
+            let lw = fwd.load_layer(layer).unwrap();
+            let x = random_input(11, model.info.hidden_size, &Device::Cpu).unwrap();
+            let grouped = fwd.moe_block(layer, &lw, &x, &mut ()).unwrap();
+            let all = fwd
+                .moe_block(layer, &lw, &x, &mut AllExpertOutputs)
+                .unwrap();
+            let reference = naive(&fwd, &lw, &x).unwrap();
+            assert!(max_abs(&grouped, &reference) < 1e-4, "{family}");
+            assert!(max_abs(&all, &reference) < 1e-4, "{family}");
+        }
+    }
 }
