@@ -24,7 +24,7 @@ pub fn run(device: &Device, quick: bool) -> Result<Peaks> {
     let (n, bytes, reps) = if quick {
         (256, 16 << 20, 2)
     } else {
-        (2048, 512 << 20, 4)
+        (2048, 512 << 20, 6)
     };
     Ok(Peaks {
         gflops: matmul_gflops(device, n, reps)?,
