@@ -34,7 +34,7 @@ fn layer(c: &mut Criterion, dev: &Device, label: &str, model: &Model) {
     let lw = fwd.load_layer(0).expect("layer 0");
     #[cfg(feature = "cuda")]
     let fused = (!dev.is_cpu()).then(|| moe_layer::FusedExperts::new(&fwd, &lw).expect("fused"));
-    let mut group = c.benchmark_group(format!("{prefix}/moe-layer/{label}"));
+    let mut group = c.benchmark_group(format!("{prefix}/moe-layer"));
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
@@ -42,19 +42,19 @@ fn layer(c: &mut Criterion, dev: &Device, label: &str, model: &Model) {
     for n in [1usize, 256] {
         let x = random_input(n, model.info.hidden_size, dev).expect("input");
         group.throughput(Throughput::Elements(n as u64));
-        group.bench_function(format!("topk/n{n}"), |b| {
+        group.bench_function(format!("topk/{label}/n{n}"), |b| {
             b.iter(|| {
                 black_box(fwd.moe_block(0, &lw, &x, &mut ()).expect("topk"));
                 dev.synchronize().expect("sync");
             })
         });
-        group.bench_function(format!("naive/n{n}"), |b| {
+        group.bench_function(format!("naive/{label}/n{n}"), |b| {
             b.iter(|| {
                 black_box(moe_layer::naive(&fwd, &lw, &x).expect("naive"));
                 dev.synchronize().expect("sync");
             })
         });
-        group.bench_function(format!("all-experts/n{n}"), |b| {
+        group.bench_function(format!("all-experts/{label}/n{n}"), |b| {
             b.iter(|| {
                 black_box(
                     fwd.moe_block(0, &lw, &x, &mut AllExpertOutputs)
@@ -66,7 +66,7 @@ fn layer(c: &mut Criterion, dev: &Device, label: &str, model: &Model) {
         #[cfg(feature = "cuda")]
         {
             if let Some(f) = &fused {
-                group.bench_function(format!("fused/n{n}"), |b| {
+                group.bench_function(format!("fused/{label}/n{n}"), |b| {
                     b.iter(|| {
                         black_box(f.forward(&fwd, &lw, &x).expect("fused"));
                         dev.synchronize().expect("sync");
