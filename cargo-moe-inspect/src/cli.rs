@@ -58,6 +58,8 @@ pub enum Command {
     Diff(DiffArgs),
     /// Dump router logits and top-k routing per token to a safetensors file.
     Trace(TraceArgs),
+    /// Benchmark routing, one MoE layer and the full forward pass; report; compare with a baseline.
+    Bench(BenchArgs),
 }
 
 /// Where golden snapshots live and which configuration applies.
@@ -274,4 +276,79 @@ pub struct ModelsArgs {
     /// Output format (table or json).
     #[arg(long, value_enum, default_value = "table")]
     pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Benchmark this HF checkpoint instead of the synthetic geometries
+    /// (routing and MoE layer on its first MoE layer; forward streamed).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Token counts, separated by commas (prefill lengths, routed tokens).
+    #[arg(long, default_value = "1,16,256", value_name = "LIST")]
+    pub tokens: String,
+
+    /// Run only benchmarks whose name contains one of these substrings
+    /// (separated by commas), e.g. `routing`, `moe-layer/topk`, `n256`.
+    #[arg(long, value_name = "LIST")]
+    pub filter: Option<String>,
+
+    /// On-disk dtype of the synthetic checkpoints (compute is f32).
+    #[arg(long, value_enum, default_value = "bf16")]
+    pub dtype: BenchDtype,
+
+    /// Add Mixtral-8x7B's full-size layer (4096 × 14336, 8 experts: 5.6 GB in f32).
+    #[arg(long)]
+    pub full_size: bool,
+
+    /// Measurement time per benchmark, in seconds (at least 5 samples are taken).
+    #[arg(long, default_value_t = 1.5, value_name = "SECS")]
+    pub time: f64,
+
+    /// Directory for report.md, bench.json and the SVG figures.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Save the results as baseline NAME (in --baseline-dir).
+    #[arg(long, value_name = "NAME")]
+    pub save_baseline: Option<String>,
+
+    /// Compare with baseline NAME (or a bench.json path); exit 1 on a regression.
+    #[arg(long, value_name = "NAME")]
+    pub baseline: Option<String>,
+
+    /// Where baselines are kept.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "target/moe-inspect-bench/baselines"
+    )]
+    pub baseline_dir: PathBuf,
+
+    /// Noise threshold in percent: a regression needs the whole 95% interval
+    /// of the change above it.
+    #[arg(long, default_value_t = 5.0, value_name = "PERCENT")]
+    pub threshold: f64,
+
+    /// Peer timings shown side by side: a bench.json-shaped FILE (from
+    /// `benches/compare_torch.py --out FILE`), or `torch` to run that script
+    /// now (skipped with a note when Python or PyTorch is missing).
+    #[arg(long, value_name = "FILE|torch")]
+    pub peer: Option<String>,
+
+    /// Tiny probes and few samples (for tests).
+    #[arg(long, hide = true)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchDtype {
+    Bf16,
+    F16,
+    F32,
 }

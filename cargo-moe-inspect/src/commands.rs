@@ -30,6 +30,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Accept(args) => crate::golden_cmd::accept(args),
         Command::Reject(args) => crate::golden_cmd::reject(args),
         Command::Diff(args) => crate::golden_cmd::diff(args, style.color),
+        Command::Bench(args) => crate::bench_cmd::bench(args, interactive()),
     }
 }
 

@@ -2,6 +2,7 @@
 //! are parsed here (clap), turned into library options, and library errors are
 //! mapped to exit codes: 0 success, 1 drift/regression, 2 usage or input error.
 
+mod bench_cmd;
 mod cli;
 mod commands;
 mod golden_cmd;

@@ -1,9 +1,20 @@
 //! Benchmark support shared by `benches/` and the CLI: synthetic checkpoints
 //! with the geometry of real models, written without downloads, and the
-//! reference measurements benchmarks are compared with.
+//! reference measurements benchmarks are compared with; the benchmark
+//! definitions of `cargo moe-inspect bench` (routing, one MoE layer, full
+//! forward), their timing harness, peak probes, verdicts against a baseline
+//! and reports (`bench.json`, schema `moe-inspect/bench/v1`).
 
+pub mod harness;
+pub mod moe_layer;
+pub mod probe;
+pub mod report;
+pub mod routing;
+pub mod schema;
 pub mod static_bench;
+pub mod suite;
 pub mod synthetic;
+pub mod verdict;
 
 use std::path::PathBuf;
 

@@ -199,6 +199,12 @@ impl<'m> Forward<'m> {
         }
     }
 
+    /// Whether loaded matrices are stored transposed, `[in, out]`
+    /// (with [`Forward::keep_weights`]), rather than in the hub layout `[out, in]`.
+    pub fn weights_transposed(&self) -> bool {
+        self.resident.is_some()
+    }
+
     /// The geometry of the model.
     pub fn model_info(&self) -> &crate::model::ModelInfo {
         &self.model.info

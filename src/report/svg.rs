@@ -32,7 +32,7 @@ pub fn viridis(t: f64) -> (String, bool) {
 }
 
 /// Starts an SVG document of the given size on a white background.
-fn open_svg(s: &mut String, width: f64, height: f64) {
+pub(crate) fn open_svg(s: &mut String, width: f64, height: f64) {
     let _ = writeln!(
         s,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" viewBox="0 0 {width:.0} {height:.0}" font-family="Helvetica, Arial, sans-serif">"#
@@ -40,7 +40,8 @@ fn open_svg(s: &mut String, width: f64, height: f64) {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
 }
 
-fn esc(s: &str) -> String {
+/// Escapes text for SVG.
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

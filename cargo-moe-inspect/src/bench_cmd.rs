@@ -1,0 +1,329 @@
+//! `cargo moe-inspect bench`: turns arguments into a benchmark suite run,
+//! prints the table, writes the report and baselines, and compares with a
+//! baseline (exit 1 on a regression).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_inspect::bench::harness::Budget;
+use moe_inspect::bench::schema::{BaselineComparison, BenchFile};
+use moe_inspect::bench::suite::{self, SuiteOptions};
+use moe_inspect::bench::{report, verdict};
+use moe_inspect::{forward, Error, Result};
+
+use crate::cli::{BenchArgs, BenchDtype};
+
+/// Progress on stderr: a bar on a terminal, nothing otherwise.
+struct BenchBar(Option<ProgressBar>);
+
+impl suite::Progress for BenchBar {
+    fn start(&self, total: usize) {
+        if let Some(b) = &self.0 {
+            b.set_length(total as u64);
+            b.set_position(0);
+        }
+    }
+    fn begin(&self, name: &str) {
+        if let Some(b) = &self.0 {
+            b.set_message(name.to_string());
+        }
+    }
+    fn done(&self) {
+        if let Some(b) = &self.0 {
+            b.inc(1);
+        }
+    }
+    fn note(&self, message: &str) {
+        if let Some(b) = &self.0 {
+            b.set_message(message.to_string());
+        }
+    }
+}
+
+impl Drop for BenchBar {
+    fn drop(&mut self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn bar(interactive: bool) -> BenchBar {
+    if !interactive {
+        return BenchBar(None);
+    }
+    let b = ProgressBar::new(0);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:30} {pos}/{len} benchmarks [{elapsed}] {msg}")
+    {
+        b.set_style(style);
+    }
+    b.enable_steady_tick(Duration::from_millis(200));
+    BenchBar(Some(b))
+}
+
+fn parse_tokens(spec: &str) -> Result<Vec<usize>> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(Error::Usage(format!(
+                "--tokens `{spec}`: expected positive integers separated by commas, e.g. 1,16,256"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err(Error::Usage("--tokens: no token count given".into()))
+            } else {
+                Ok(v)
+            }
+        })
+}
+
+/// A baseline NAME in `dir`, or a path when NAME looks like one.
+fn baseline_path(name: &str, dir: &Path) -> PathBuf {
+    if name.ends_with(".json") || name.contains('/') || name.contains('\\') {
+        PathBuf::from(name)
+    } else {
+        dir.join(format!("{name}.json"))
+    }
+}
+
+fn check_baseline_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(Error::Usage(format!(
+            "--save-baseline `{name}`: use letters, digits, `-`, `_` and `.` only"
+        )));
+    }
+    Ok(())
+}
+
+/// `benches/compare_torch.py`, from the working directory or this source tree.
+fn torch_script() -> Option<PathBuf> {
+    let local = PathBuf::from("benches/compare_torch.py");
+    if local.is_file() {
+        return Some(local);
+    }
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/compare_torch.py");
+    tree.is_file().then_some(tree)
+}
+
+/// Runs `compare_torch.py` on the same checkpoint and token counts; `Err` is a note.
+fn run_torch(
+    args: &BenchArgs,
+    tokens: &[usize],
+    device: &str,
+    out: &Path,
+) -> std::result::Result<BenchFile, String> {
+    let script = torch_script().ok_or("benches/compare_torch.py not found")?;
+    let python = std::env::var("MOE_INSPECT_PYTHON").unwrap_or_else(|_| "python3".into());
+    // Check for Python and PyTorch before writing any checkpoint for them.
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .map_err(|e| format!("could not run {python}: {e}"))?;
+    if !probe.status.success() {
+        return Err(format!(
+            "{python} cannot import torch and transformers (pip install torch transformers)"
+        ));
+    }
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => suite::scaled_mixtral_dir(dtype(args.dtype)).map_err(|e| e.to_string())?,
+    };
+    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&script)
+        .arg(&model)
+        .arg("--out")
+        .arg(out)
+        .arg("--tokens")
+        .arg(toks.join(","))
+        .arg("--device")
+        .arg(device);
+    if let Some(f) = &args.filter {
+        cmd.arg("--filter").arg(f);
+    }
+    if args.model.is_some() {
+        cmd.arg("--label").arg(
+            model
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_lowercase()))
+                .unwrap_or_else(|| "model".into()),
+        );
+    }
+    let output = cmd
+        .output()
+        .map_err(|e| format!("could not run {python}: {e}"))?;
+    if !output.status.success() {
+        let err = String::from_utf8_lossy(&output.stderr);
+        let last = err.lines().last().unwrap_or("").trim().to_string();
+        return Err(format!("{python} {} failed: {last}", script.display()));
+    }
+    BenchFile::read(out).map_err(|e| e.to_string())
+}
+
+fn dtype(d: BenchDtype) -> &'static str {
+    match d {
+        BenchDtype::Bf16 => "BF16",
+        BenchDtype::F16 => "F16",
+        BenchDtype::F32 => "F32",
+    }
+}
+
+/// Runs `bench`; returns the exit code (1 when a benchmark regressed).
+pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
+    let device = forward::parse_device(&args.device)?;
+    let tokens = parse_tokens(&args.tokens)?;
+    if let Some(name) = &args.save_baseline {
+        check_baseline_name(name)?;
+    }
+    if !(args.threshold.is_finite() && args.threshold >= 0.0) {
+        return Err(Error::Usage(format!(
+            "--threshold {}: expected a non-negative percentage",
+            args.threshold
+        )));
+    }
+    if !(args.time.is_finite() && args.time > 0.0) {
+        return Err(Error::Usage(format!(
+            "--time {}: expected a positive number of seconds",
+            args.time
+        )));
+    }
+    // Read the baseline and peer file first: a typo should not cost a whole run.
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(|name| BenchFile::read(&baseline_path(name, &args.baseline_dir)).map(|f| (name, f)))
+        .transpose()?;
+    let mut notes = Vec::new();
+    let peer_file = match args.peer.as_deref() {
+        None | Some("torch") => None,
+        Some(path) => Some(BenchFile::read(Path::new(path))?),
+    };
+    let budget = if args.quick {
+        Budget::quick()
+    } else {
+        Budget {
+            target: Duration::from_secs_f64(args.time),
+            ..Budget::default()
+        }
+    };
+    let opts = SuiteOptions {
+        device,
+        tokens: tokens.clone(),
+        filter: args
+            .filter
+            .as_deref()
+            .map(|f| {
+                f.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        model: args.model.clone(),
+        full_size: args.full_size,
+        dtype: dtype(args.dtype),
+        budget,
+        probes: true,
+        quick_probes: args.quick,
+    };
+    let mut file = {
+        let progress = bar(interactive);
+        suite::run(&opts, &progress)?
+    };
+    let peer = match (args.peer.as_deref(), peer_file) {
+        (Some("torch"), _) => {
+            let dir = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("target/moe-inspect-bench"));
+            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+            if interactive {
+                eprintln!("running benches/compare_torch.py (PyTorch on the same checkpoint)...");
+            }
+            match run_torch(&args, &tokens, &file.device, &dir.join("torch.json")) {
+                Ok(f) => Some(f),
+                Err(why) => {
+                    let note = format!("skipped the PyTorch comparison: {why}");
+                    eprintln!("note: {note}");
+                    notes.push(note);
+                    None
+                }
+            }
+        }
+        (_, f) => f,
+    };
+    let mut regressed = Vec::new();
+    if let Some((name, base)) = &baseline {
+        let threshold = args.threshold / 100.0;
+        let verdicts = verdict::compare(&file, base, threshold);
+        regressed = verdicts
+            .iter()
+            .filter(|v| v.status == verdict::Status::Regressed)
+            .map(|v| v.name.clone())
+            .collect();
+        file.baseline = Some(BaselineComparison {
+            name: name.to_string(),
+            threshold,
+            verdicts,
+        });
+    }
+    print!("{}", report::table(&file, peer.as_ref()));
+    if let Some(dir) = &args.out {
+        let path = report::write(dir, &file, peer.as_ref(), &notes)?;
+        eprintln!("wrote {} (with bench.json and SVG figures)", path.display());
+    }
+    if let Some(name) = &args.save_baseline {
+        let path = baseline_path(name, &args.baseline_dir);
+        let mut saved = file.clone();
+        saved.baseline = None;
+        saved.write(&path)?;
+        eprintln!("saved baseline `{name}` to {}", path.display());
+    }
+    if !regressed.is_empty() {
+        eprintln!(
+            "error: {} benchmark(s) regressed beyond {}%: {}",
+            regressed.len(),
+            args.threshold,
+            regressed.join(", ")
+        );
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_lists() {
+        assert_eq!(parse_tokens("1,16, 256").unwrap(), vec![1, 16, 256]);
+        assert!(parse_tokens("1,x").is_err());
+        assert!(parse_tokens("0").is_err());
+        assert!(parse_tokens("").is_err());
+    }
+
+    #[test]
+    fn baseline_names_and_paths() {
+        let dir = Path::new("b");
+        assert_eq!(baseline_path("main", dir), Path::new("b/main.json"));
+        assert_eq!(baseline_path("x/y.json", dir), Path::new("x/y.json"));
+        assert!(check_baseline_name("main-2").is_ok());
+        assert!(check_baseline_name("../x").is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! `bench.json`, schema `moe-inspect/bench/v1`: the results of one
+//! `cargo moe-inspect bench` run, also the format of saved baselines and of
+//! peer timings (`benches/compare_torch.py --out torch.json`).
+//!
+//! ```json
+//! {
+//!   "schema": "moe-inspect/bench/v1",
+//!   "tool": "moe-inspect 0.1.0",            // or "torch 2.x / transformers 5.x"
+//!   "created_unix": 1764340000,
+//!   "device": "cpu",
+//!   "machine": {"threads": 2, "arch": "x86_64", "os": "linux",
+//!               "peak_gflops": 95.0, "peak_gbs": 11.0,   // measured by the probes
+//!               "probe_matmul_n": 2048, "probe_stream_bytes": 268435456},
+//!   "benchmarks": [{
+//!     "name": "cpu/moe-layer/topk/olmoe-1b-7b/n256",
+//!     "group": "moe-layer", "variant": "topk", "model": "olmoe-1b-7b", "tokens": 256,
+//!     "samples_s": [0.41, 0.40], "iters_per_sample": 1,
+//!     "mean_s": 0.405, "ci_low_s": 0.39, "ci_high_s": 0.42,
+//!     "tokens_per_s": 632.1,
+//!     "flops": 2.6e10, "bytes": 8.1e8,          // work per iteration (counted, not measured)
+//!     "gflops": 64.2, "gbs": 2.0,               // flops / mean_s, bytes / mean_s
+//!     "flops_share": 0.67, "bw_share": 0.18     // of machine.peak_* (absent without probes)
+//!   }],
+//!   "baseline": {"name": "main", "threshold": 0.05, "verdicts": [{
+//!     "name": "...", "status": "regressed|improved|unchanged|new",
+//!     "baseline_mean_s": 0.3, "mean_s": 0.4, "change": 0.33, "change_low": 0.30, "change_high": 0.36}]}
+//! }
+//! ```
+//!
+//! Times are seconds per iteration (one call of the benchmarked operation on
+//! `tokens` tokens). `change` is `mean_s / baseline_mean_s - 1`, with its 95%
+//! bootstrap interval. Fields may be added within v1; none are removed or
+//! change meaning.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The schema tag of `bench.json`.
+pub const SCHEMA: &str = "moe-inspect/bench/v1";
+
+/// One benchmark run (or baseline, or peer timings).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchFile {
+    pub schema: String,
+    pub tool: String,
+    #[serde(default)]
+    pub created_unix: u64,
+    pub device: String,
+    #[serde(default)]
+    pub machine: Machine,
+    pub benchmarks: Vec<BenchResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<BaselineComparison>,
+}
+
+/// The machine and its measured peaks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Machine {
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub os: String,
+    /// f32 matmul probe (GFLOP/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gflops: Option<f64>,
+    /// Memory-stream probe (GB/s, 1e9 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gbs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_matmul_n: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_stream_bytes: Option<usize>,
+}
+
+/// One benchmark's result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BenchResult {
+    pub name: String,
+    pub group: String,
+    pub variant: String,
+    pub model: String,
+    pub tokens: usize,
+    pub samples_s: Vec<f64>,
+    #[serde(default = "one")]
+    pub iters_per_sample: usize,
+    pub mean_s: f64,
+    pub ci_low_s: f64,
+    pub ci_high_s: f64,
+    pub tokens_per_s: f64,
+    #[serde(default)]
+    pub flops: f64,
+    #[serde(default)]
+    pub bytes: f64,
+    #[serde(default)]
+    pub gflops: f64,
+    #[serde(default)]
+    pub gbs: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flops_share: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw_share: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The verdicts against a baseline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaselineComparison {
+    pub name: String,
+    pub threshold: f64,
+    pub verdicts: Vec<crate::bench::verdict::Verdict>,
+}
+
+impl BenchFile {
+    /// Reads and validates a `bench.json`-shaped file (a result, baseline or peer).
+    pub fn read(path: &std::path::Path) -> Result<BenchFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let file: BenchFile = serde_json::from_str(&text).map_err(|e| Error::Input {
+            path: path.to_path_buf(),
+            reason: format!("not a {SCHEMA} file: {e}"),
+        })?;
+        if file.schema != SCHEMA {
+            return Err(Error::Input {
+                path: path.to_path_buf(),
+                reason: format!("schema is `{}`, expected `{SCHEMA}`", file.schema),
+            });
+        }
+        Ok(file)
+    }
+
+    /// Writes the file as pretty JSON.
+    pub fn write(&self, path: &std::path::Path) -> Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let text = serde_json::to_string_pretty(self).unwrap_or_default();
+        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+    }
+
+    /// The benchmark of that name.
+    pub fn get(&self, name: &str) -> Option<&BenchResult> {
+        self.benchmarks.iter().find(|b| b.name == name)
+    }
+}
