@@ -65,6 +65,26 @@ fn main() {
         println!("convert-only all three: {convert:.3}s");
         drop(view);
         model.release_layer(0);
+        let opts = moe_inspect::analysis::AnalyzeOptions {
+            analyses: vec![
+                moe_inspect::analysis::AnalysisKind::ExpertSimilarity,
+                moe_inspect::analysis::AnalysisKind::NeuronSimilarity,
+                moe_inspect::analysis::AnalysisKind::GateEmbedding,
+            ],
+            layers: None,
+            dense: None,
+            dynamic: None,
+        };
+        let t = Instant::now();
+        static_bench::stream_layer(&model, 0).unwrap();
+        let read2 = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        std::hint::black_box(moe_inspect::analysis::run(&model, &opts, &()).unwrap());
+        let full = t.elapsed().as_secs_f64();
+        println!(
+            "round {round}: read {read2:.3}s, expert+neuron+gate {full:.3}s ({:.2}x)",
+            full / read2
+        );
         println!("round {round}: read {read:.3}s; gram-only/gram+sums per matrix: {times:.3?}");
     }
 }

@@ -189,6 +189,43 @@ unsafe fn add_to_avx512(sums: &mut [f64], x: &[u16]) {
     }
 }
 
+/// `sums[k] += x[k]` for bf16 `x`, in f32. Returns `false` if [`available`] is false.
+pub fn add_to_f32(sums: &mut [f32], x: &[u16]) -> bool {
+    assert_eq!(sums.len(), x.len());
+    if !available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512F (checked above); lengths are equal.
+        unsafe { add_to_f32_avx512(sums, x) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn add_to_f32_avx512(sums: &mut [f32], x: &[u16]) {
+    use std::arch::x86_64::*;
+    let n = x.len() / 16 * 16;
+    let mut k = 0;
+    while k < n {
+        // SAFETY: k + 16 <= len for both slices.
+        let h = _mm256_loadu_si256(x.as_ptr().add(k) as *const _);
+        let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        let s = sums.as_mut_ptr().add(k);
+        _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), f));
+        k += 16;
+    }
+    for q in n..x.len() {
+        sums[q] += f32::from_bits((x[q] as u32) << 16);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +274,11 @@ mod tests {
             assert!(add_to(&mut sums, &rows[0]));
             for (s, &v) in sums.iter().zip(&rows[0]) {
                 assert_eq!(*s, 1.0 + bf16(v));
+            }
+            let mut sums = vec![1.0f32; len];
+            assert!(add_to_f32(&mut sums, &rows[0]));
+            for (s, &v) in sums.iter().zip(&rows[0]) {
+                assert_eq!(*s, 1.0 + bf16(v) as f32);
             }
         }
     }

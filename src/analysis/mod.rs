@@ -213,9 +213,6 @@ pub fn run(model: &Model, opts: &AnalyzeOptions<'_>, progress: &dyn Progress) ->
     progress.start(layers.len());
     for &layer in &layers {
         let view = model.moe_layer(layer)?;
-        if streamed {
-            model.prefetch_layer(layer);
-        }
         let dense = opts.dense.map(|d| d.ffn(layer)).transpose()?;
         let mut stats: [MatrixStats; 3] = Default::default();
         if streamed {

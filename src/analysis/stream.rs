@@ -46,6 +46,8 @@ pub enum NeuronAxis {
 
 struct Acc {
     gram: Vec<f64>,
+    /// Per-chunk f32 neuron sums of the bf16 path (added to `sums` per chunk).
+    sums32: Vec<f32>,
     std_gram: Vec<f64>,
     sums: Vec<f64>,
     buf: Vec<f32>,
@@ -74,6 +76,10 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
         NeuronAxis::Columns => first.shape.first().copied().unwrap_or(1),
     };
     let chunks = n.div_ceil(CHUNK);
+    // bf16 on a CPU with AVX-512 BF16: straight from the mmapped words.
+    let direct = !needs.standardized_gram
+        && vs.iter().all(|v| v.dtype == Dtype::BF16)
+        && bf16_kernels::available();
     let new_acc = || Acc {
         gram: vec![0.0; e * e],
         std_gram: if needs.standardized_gram {
@@ -86,6 +92,11 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
         } else {
             Vec::new()
         },
+        sums32: if direct && needs.neuron_sum && axis == NeuronAxis::Rows {
+            vec![0.0; e * hidden]
+        } else {
+            Vec::new()
+        },
         // Padded with zero rows for the tiled Gram kernel.
         buf: vec![0.0; e.next_multiple_of(GRAM_ROW_PAD) * CHUNK],
         z: if needs.standardized_gram {
@@ -94,10 +105,6 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
             Vec::new()
         },
     };
-    // bf16 on a CPU with AVX-512 BF16: straight from the mmapped words.
-    let direct = !needs.standardized_gram
-        && vs.iter().all(|v| v.dtype == Dtype::BF16)
-        && bf16_kernels::available();
     let zeros = if direct {
         vec![0u16; CHUNK]
     } else {
@@ -116,17 +123,36 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
                         if needs.neuron_sum {
                             for (k, w) in words.iter().enumerate() {
                                 let sums = &mut acc.sums[k * hidden..(k + 1) * hidden];
-                                for_segments(start, len, cols, |row, col, range| match axis {
+                                match axis {
+                                    // Rows of one chunk are summed in f32, then added in f64.
                                     NeuronAxis::Rows => {
-                                        bf16_kernels::add_to(
-                                            &mut sums[col..col + range.len()],
-                                            &w[range],
-                                        );
+                                        let s32 = &mut acc.sums32[k * hidden..(k + 1) * hidden];
+                                        for_segments(start, len, cols, |_, col, range| {
+                                            bf16_kernels::add_to_f32(
+                                                &mut s32[col..col + range.len()],
+                                                &w[range],
+                                            );
+                                        });
+                                        let c0 = start % cols;
+                                        let touched = if c0 + len <= cols {
+                                            c0..c0 + len
+                                        } else {
+                                            0..cols
+                                        };
+                                        for (d, s) in
+                                            sums[touched.clone()].iter_mut().zip(&mut s32[touched])
+                                        {
+                                            *d += *s as f64;
+                                            *s = 0.0;
+                                        }
                                     }
                                     NeuronAxis::Columns => {
-                                        sums[row] += bf16_kernels::sum(&w[range]).unwrap_or(0.0);
+                                        for_segments(start, len, cols, |row, _, range| {
+                                            sums[row] +=
+                                                bf16_kernels::sum(&w[range]).unwrap_or(0.0);
+                                        });
                                     }
-                                });
+                                }
                             }
                         }
                         return acc;

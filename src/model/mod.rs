@@ -210,12 +210,6 @@ impl Model {
         names
     }
 
-    /// Maps a layer's pages ahead of a pass over them (see [`Weights::prefetch`]).
-    pub fn prefetch_layer(&self, layer: usize) {
-        let names = self.layer_tensor_names(layer);
-        self.weights.prefetch(names.iter().map(String::as_str));
-    }
-
     /// Drops a finished layer's pages from resident memory (see [`Weights::release`]).
     pub fn release_layer(&self, layer: usize) {
         let names = self.layer_tensor_names(layer);

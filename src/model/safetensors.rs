@@ -555,25 +555,6 @@ impl Weights {
         Ok(())
     }
 
-    /// Maps the pages of these tensors in one call per tensor
-    /// (`MADV_POPULATE_READ`) instead of one page fault at a time, reading
-    /// them from disk if needed. No-op for embedded bytes.
-    pub fn prefetch<'n>(&self, names: impl IntoIterator<Item = &'n str>) {
-        for name in names {
-            let Ok((shard, entry)) = self.entry(name) else {
-                continue;
-            };
-            if let Storage::Mmap(m) = &shard.storage {
-                // Best effort: kernels before Linux 5.14 refuse MADV_POPULATE_READ.
-                let _ = m.advise_range(
-                    memmap2::Advice::PopulateRead,
-                    entry.start,
-                    entry.end - entry.start,
-                );
-            }
-        }
-    }
-
     /// Drops the pages of these tensors (and of FP8 scales) from this process's resident set
     /// (they are re-read from disk if touched again). No-op for embedded bytes.
     pub fn release<'n>(&self, names: impl IntoIterator<Item = &'n str>) {
