@@ -57,11 +57,12 @@ impl Geometry {
     }
 }
 
-/// SplitMix64: a small, fast, deterministic generator.
-struct Rng(u64);
+/// SplitMix64: a small, fast, deterministic generator (also used by the
+/// bootstrap of [`super::verdict`]).
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::harness::mean;
 use crate::bench::schema::BenchFile;
+use crate::bench::synthetic::Rng;
 
 /// The default noise threshold (5%).
 pub const DEFAULT_THRESHOLD: f64 = 0.05;
@@ -54,24 +55,12 @@ pub struct Verdict {
     pub change_high: Option<f64>,
 }
 
-/// SplitMix64 for a deterministic bootstrap.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next() % n as u64) as usize
 }
 
 fn resampled_mean(xs: &[f64], rng: &mut Rng) -> f64 {
-    (0..xs.len()).map(|_| xs[rng.below(xs.len())]).sum::<f64>() / xs.len() as f64
+    (0..xs.len()).map(|_| xs[below(rng, xs.len())]).sum::<f64>() / xs.len() as f64
 }
 
 /// The relative change of the mean, `now / base - 1`, and its 95% bootstrap
