@@ -58,6 +58,7 @@ fn bf16(x: u16) -> f64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn gram_avx512(rows: &[&[u16]], e: usize, len: usize, gram: &mut [f64]) {
+    use crate::analysis::linalg::{lane_sum, tile_pairs};
     use std::arch::x86_64::*;
     let load = |r: &[u16], p: usize| -> __m512bh {
         // SAFETY: p + 32 <= len <= r.len().
@@ -86,23 +87,15 @@ unsafe fn gram_avx512(rows: &[&[u16]], e: usize, len: usize, gram: &mut [f64]) {
                     }
                     p += 32;
                 }
-                for a in 0..4 {
-                    let i = i0 + a;
-                    for c in 0..4 {
-                        let j = j0 + c;
-                        if i >= e || j > i {
-                            continue;
-                        }
-                        let mut lanes = [0f32; 16];
-                        _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]);
-                        let mut s: f64 = lanes.iter().map(|&v| v as f64).sum();
-                        s += rows[i][full..end]
-                            .iter()
-                            .zip(&rows[j][full..end])
-                            .map(|(&x, &y)| bf16(x) * bf16(y))
-                            .sum::<f64>();
-                        gram[i * e + j] += s;
-                    }
+                for (a, c, i, j) in tile_pairs(e, i0, j0, 4, 4) {
+                    let mut lanes = [0f32; 16];
+                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]);
+                    let tail: f64 = rows[i][full..end]
+                        .iter()
+                        .zip(&rows[j][full..end])
+                        .map(|(&x, &y)| bf16(x) * bf16(y))
+                        .sum();
+                    gram[i * e + j] += lane_sum(&lanes) + tail;
                 }
             }
         }

@@ -72,6 +72,21 @@ pub fn gram_lower_add(buf: &[f32], stride: usize, len: usize, e: usize, gram: &m
     gram_tiles(buf, stride, len, e, gram, |x, y, acc| x * y + acc)
 }
 
+/// The pairs `(a, c, i, j)` of an `r×c` register tile at rows `i0`, columns
+/// `j0` (`i = i0 + a`, `j = j0 + c`) that lie in the lower triangle of an
+/// `e×e` Gram matrix: the entries a finished tile adds to.
+pub(crate) fn tile_pairs(
+    e: usize,
+    i0: usize,
+    j0: usize,
+    r: usize,
+    c: usize,
+) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    (0..r)
+        .flat_map(move |a| (0..c).map(move |b| (a, b, i0 + a, j0 + b)))
+        .filter(move |&(_, _, i, j)| i < e && j <= i)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gram_avx2_fma(buf: &[f32], stride: usize, len: usize, e: usize, gram: &mut [f64]) {
@@ -105,26 +120,28 @@ unsafe fn gram_avx2_fma(buf: &[f32], stride: usize, len: usize, e: usize, gram: 
                     }
                     p += 8;
                 }
-                for a in 0..2 {
-                    let i = i0 + a;
-                    for c in 0..4 {
-                        let j = j0 + c;
-                        if i >= e || j > i {
-                            continue;
-                        }
-                        let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]);
-                        let mut s: f64 = lanes.iter().map(|&v| v as f64).sum();
-                        for q in full..end {
-                            s += buf[i * stride + q] as f64 * buf[j * stride + q] as f64;
-                        }
-                        gram[i * e + j] += s;
-                    }
+                for (a, c, i, j) in tile_pairs(e, i0, j0, 2, 4) {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]);
+                    gram[i * e + j] += lane_sum(&lanes) + tail_dot(buf, stride, i, j, full..end);
                 }
             }
         }
         b = end;
     }
+}
+
+/// Sum of f32 lanes in f64.
+pub(crate) fn lane_sum(lanes: &[f32]) -> f64 {
+    lanes.iter().map(|&v| v as f64).sum()
+}
+
+/// Dot product of rows `i` and `j` over `range` (the positions a tile's
+/// vector loop did not cover), in f64.
+fn tail_dot(buf: &[f32], stride: usize, i: usize, j: usize, range: std::ops::Range<usize>) -> f64 {
+    range
+        .map(|q| buf[i * stride + q] as f64 * buf[j * stride + q] as f64)
+        .sum()
 }
 
 // Index loops keep the register tile explicit for the vectoriser.
@@ -164,19 +181,9 @@ fn gram_tiles(
                     }
                     p += L;
                 }
-                for a in 0..2 {
-                    let i = i0 + a;
-                    for c in 0..4 {
-                        let j = j0 + c;
-                        if i >= e || j > i {
-                            continue;
-                        }
-                        let mut s: f64 = acc[a][c].iter().map(|&v| v as f64).sum();
-                        for q in full..end {
-                            s += buf[i * stride + q] as f64 * buf[j * stride + q] as f64;
-                        }
-                        gram[i * e + j] += s;
-                    }
+                for (a, c, i, j) in tile_pairs(e, i0, j0, 2, 4) {
+                    gram[i * e + j] +=
+                        lane_sum(&acc[a][c]) + tail_dot(buf, stride, i, j, full..end);
                 }
             }
         }

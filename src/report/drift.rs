@@ -7,6 +7,7 @@ use tabled::settings::Style;
 use crate::golden::compare::{Comparison, DriftRow, Verdict};
 use crate::golden::diff::ExpertCosines;
 use crate::model::Matrix;
+use crate::report::svg::esc as xml;
 
 /// A number for tables: 4 significant decimals, small values in exponent form.
 pub fn num(v: f64) -> String {
@@ -118,13 +119,6 @@ pub fn table(cmp: &Comparison, all: bool, color: bool, columns: [&str; 2]) -> St
     out.push_str(&summary);
     out.push('\n');
     out
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// JUnit XML: one test suite per model, one test case per metric × layer.

@@ -40,11 +40,12 @@ pub(crate) fn open_svg(s: &mut String, width: f64, height: f64) {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
 }
 
-/// Escapes text for SVG.
+/// Escapes text for XML (SVG text and attributes, JUnit reports).
 pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// One heatmap panel: a title and a square matrix.
