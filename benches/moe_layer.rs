@@ -32,8 +32,9 @@ fn layer(c: &mut Criterion, dev: &Device, label: &str, model: &Model) {
         .expect("forward")
         .keep_weights();
     let lw = fwd.load_layer(0).expect("layer 0");
+    let naive_experts = moe_layer::NaiveExperts::new(&lw).expect("naive experts");
     #[cfg(feature = "cuda")]
-    let fused = (!dev.is_cpu()).then(|| moe_layer::FusedExperts::new(&fwd, &lw).expect("fused"));
+    let fused = (!dev.is_cpu()).then(|| moe_layer::FusedExperts::new(&lw).expect("fused"));
     let mut group = c.benchmark_group(format!("{prefix}/moe-layer"));
     group
         .sample_size(10)
@@ -50,7 +51,7 @@ fn layer(c: &mut Criterion, dev: &Device, label: &str, model: &Model) {
         });
         group.bench_function(format!("naive/{label}/n{n}"), |b| {
             b.iter(|| {
-                black_box(moe_layer::naive(&fwd, &lw, &x).expect("naive"));
+                black_box(moe_layer::naive(&fwd, &lw, &naive_experts, &x).expect("naive"));
                 dev.synchronize().expect("sync");
             })
         });

@@ -147,7 +147,9 @@ fn run_torch(
         .arg("--tokens")
         .arg(toks.join(","))
         .arg("--device")
-        .arg(device);
+        .arg(device)
+        .arg("--time")
+        .arg(args.time.to_string());
     if let Some(f) = &args.filter {
         cmd.arg("--filter").arg(f);
     }
@@ -283,6 +285,9 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         });
     }
     print!("{}", report::table(&file, peer.as_ref()));
+    if let Some(c) = report::checks_line(&file) {
+        println!("moe-layer {c}");
+    }
     if let Some(dir) = &args.out {
         let path = report::write(dir, &file, peer.as_ref(), &notes)?;
         eprintln!("wrote {} (with bench.json and SVG figures)", path.display());

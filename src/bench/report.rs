@@ -153,12 +153,39 @@ fn machine_line(file: &BenchFile) -> String {
     if let (Some(f), Some(g)) = (m.peak_gflops, m.peak_gbs) {
         let _ = write!(
             s,
-            " · measured peak {f:.1} GFLOP/s (f32 matmul n={}), {g:.1} GB/s (stream over {} MiB)",
+            " · measured peak {f:.1} GFLOP/s (f32 matmul n={}), {g:.1} GB/s ({} {} MiB)",
             m.probe_matmul_n.unwrap_or(0),
+            if file.device == "cpu" {
+                "stream over"
+            } else {
+                "device copy of"
+            },
             m.probe_stream_bytes.unwrap_or(0) >> 20
         );
     }
     s
+}
+
+/// One line on the output checks of the MoE-layer benchmarks: the largest
+/// relative error against the naive loop per variant (`None` when nothing was checked).
+pub fn checks_line(file: &BenchFile) -> Option<String> {
+    let mut worst: Vec<(&str, f64)> = Vec::new();
+    for b in &file.benchmarks {
+        let Some(e) = b.rel_error else { continue };
+        match worst.iter_mut().find(|(v, _)| *v == b.variant) {
+            Some(w) => w.1 = w.1.max(e),
+            None => worst.push((&b.variant, e)),
+        }
+    }
+    worst.retain(|(v, _)| *v != "naive");
+    if worst.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = worst.iter().map(|(v, e)| format!("{v} {e:.1e}")).collect();
+    Some(format!(
+        "outputs checked against the naive loop before timing, largest relative error ‖y − y_naive‖/‖y_naive‖: {}",
+        parts.join(", ")
+    ))
 }
 
 /// The Markdown report; `figures` are SVG file names next to it.
@@ -205,6 +232,9 @@ pub fn markdown(
                     .collect::<String>()
             );
         }
+    }
+    if let Some(c) = checks_line(file) {
+        let _ = writeln!(s, "\nMoE layers: {c}.");
     }
     if let Some(b) = &file.baseline {
         let n = |st: &str| {

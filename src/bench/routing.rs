@@ -1,7 +1,11 @@
 //! The routing benchmark: router matmul `x·Wᵀ` on the device, then the
 //! family's rule (softmax, top-k, renormalise; or DeepSeek-V3's
-//! group-limited sigmoid routing) on the host for every token, as the forward
-//! pass routes. Work is split over tokens on all cores.
+//! group-limited sigmoid routing). On the CPU the rule runs per token as the
+//! forward pass routes, split over tokens on all cores. On a GPU it stays on
+//! the device as tensor ops (softmax or sigmoid, top-k by a row sort, a
+//! gather, the renormalisation), as a serving stack routes, and only the
+//! `[tokens, k]` choices come back to the host. (The forward pass routes on
+//! the host on every device: its observers read every token's scores.)
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -97,6 +101,9 @@ impl Router {
 
     /// Routes `x` `[tokens, hidden]`.
     pub fn route(&self, x: &Tensor) -> Result<Routed> {
+        if !x.device().is_cpu() {
+            return self.route_on_device(x);
+        }
         let logits: Vec<f32> = x
             .matmul(&self.weight_t)
             .and_then(|l| l.flatten_all()?.to_vec1())
@@ -108,6 +115,29 @@ impl Router {
             self.top_k,
             self.bias.as_deref(),
         ))
+    }
+
+    /// Routes `x` with tensor ops on its device (the GPU path; runs on any
+    /// device). Selection ties fall to the sort's order, not to the lower
+    /// index as on the host: they do not occur with real-valued scores.
+    pub fn route_on_device(&self, x: &Tensor) -> Result<Routed> {
+        let (ids, w) = (|| {
+            let logits = x.matmul(&self.weight_t)?;
+            let bias = match &self.bias {
+                Some(b) => Some(Tensor::new(b.as_slice(), x.device())?),
+                None => None,
+            };
+            let (ids, w) = device_rule(&self.routing, &logits, self.top_k, bias.as_ref())?;
+            Ok::<_, candle_core::Error>((
+                ids.flatten_all()?.to_vec1::<u32>()?,
+                w.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })()
+        .map_err(ce("routing on the device"))?;
+        Ok(Routed {
+            experts: ids,
+            weights: w,
+        })
     }
 
     /// Floating-point operations of routing `tokens` tokens (matmul, plus
@@ -122,6 +152,90 @@ impl Router {
         let (t, h, e) = (tokens as f64, self.hidden as f64, self.experts as f64);
         4.0 * (t * h + h * e + t * e)
     }
+}
+
+/// The top `k` of each row of `v` `[tokens, n]`: indices (u32) and values.
+fn top_k_rows(v: &Tensor, k: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let idx = v.arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous()?;
+    let vals = v.gather(&idx, 1)?;
+    Ok((idx, vals))
+}
+
+/// A routing rule as tensor ops on `logits` `[tokens, experts]`: the chosen
+/// experts `[tokens, k]` (u32, by decreasing weight) and their
+/// weights (f32). DeepSeek-V2's rule has no device form here (it routes on the host).
+fn device_rule(
+    routing: &Routing,
+    logits: &Tensor,
+    k: usize,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (ids, w, renormalize, scale) = match routing {
+        Routing::SoftmaxTopK { renormalize, scale } => {
+            let probs = candle_nn::ops::softmax_last_dim(logits)?;
+            let (ids, w) = top_k_rows(&probs, k)?;
+            (ids, w, *renormalize, *scale)
+        }
+        Routing::DeepSeekV3 {
+            n_group,
+            topk_group,
+            renormalize,
+            scale,
+        } => {
+            let (t, e) = logits.dims2()?;
+            let scores = candle_nn::ops::sigmoid(logits)?;
+            let biased = match bias {
+                Some(b) => scores.broadcast_add(b)?,
+                None => scores.clone(),
+            };
+            let g = (*n_group).max(1);
+            // A group's score: the sum of its two best biased scores; the
+            // `topk_group` best groups stay, the others are masked out.
+            let per_group = biased.reshape((t, g, e / g))?;
+            let best2 = per_group
+                .arg_sort_last_dim(false)?
+                .narrow(2, 0, 2.min(e / g))?
+                .contiguous()?;
+            let group_scores = per_group.gather(&best2, 2)?.sum(2)?;
+            let (_, kept) = top_k_rows(&group_scores, (*topk_group).min(g))?;
+            let threshold = kept.narrow(1, (*topk_group).min(g) - 1, 1)?;
+            let keep = group_scores
+                .broadcast_ge(&threshold)?
+                .unsqueeze(2)?
+                .broadcast_as((t, g, e / g))?
+                .reshape((t, e))?;
+            let masked = keep.where_cond(&biased, &biased.ones_like()?.affine(0.0, -1e30)?)?;
+            let ids = masked
+                .arg_sort_last_dim(false)?
+                .narrow(1, 0, k)?
+                .contiguous()?;
+            let w = scores.gather(&ids, 1)?;
+            // By decreasing weight (the unbiased score), as on the host.
+            let order = w.arg_sort_last_dim(false)?;
+            (
+                ids.gather(&order, 1)?,
+                w.gather(&order, 1)?,
+                *renormalize,
+                *scale,
+            )
+        }
+        Routing::DeepSeekV2 { .. } => {
+            return Err(candle_core::Error::Msg(
+                "DeepSeek-V2 routing runs on the host".into(),
+            ))
+        }
+    };
+    let w = if renormalize {
+        w.broadcast_div(&w.sum_keepdim(1)?)?
+    } else {
+        w
+    };
+    let w = if scale != 1.0 {
+        w.affine(scale, 0.0)?
+    } else {
+        w
+    };
+    Ok((ids, w))
 }
 
 /// Applies `routing` to host logits `[tokens, experts]`, tokens in parallel.
@@ -184,6 +298,62 @@ mod tests {
                     .map(|&e| e as usize)
                     .collect();
                 assert_eq!(got, want.experts, "{}", case.variant);
+            }
+        }
+    }
+
+    /// On a CUDA build with a GPU: the routing benchmark's device path on
+    /// the GPU chooses and weighs as the host rule does on the same logits.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_routing_matches_the_host() {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("cuda_routing_matches_the_host: no CUDA device, skipped");
+            return;
+        };
+        for case in default_cases() {
+            let small = RoutingCase {
+                hidden: 64,
+                ..case.clone()
+            };
+            let r = Router::random(&small, &gpu).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (300, 64), &gpu).unwrap();
+            let dev = r.route(&x).unwrap();
+            let logits: Vec<f32> = x
+                .matmul(&r.weight_t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let host = route_logits(&r.routing, &logits, r.experts, r.top_k, r.bias.as_deref());
+            assert_eq!(dev.experts, host.experts, "{}", case.variant);
+            for (a, b) in dev.weights.iter().zip(&host.weights) {
+                assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{}", case.variant);
+            }
+        }
+    }
+
+    #[test]
+    fn device_rules_choose_and_weigh_like_the_host() {
+        // The GPU's tensor-op routing, run on the CPU, against the forward
+        // pass's per-token rule: same experts, same weights (f32 vs f64).
+        for case in default_cases() {
+            let small = RoutingCase {
+                hidden: 48,
+                ..case.clone()
+            };
+            let r = Router::random(&small, &Device::Cpu).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (37, 48), &Device::Cpu).unwrap();
+            let host = r.route(&x).unwrap();
+            let dev = r.route_on_device(&x).unwrap();
+            assert_eq!(dev.experts, host.experts, "{}", case.variant);
+            for (a, b) in dev.weights.iter().zip(&host.weights) {
+                assert!(
+                    (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+                    "{}: {a} vs {b}",
+                    case.variant
+                );
             }
         }
     }

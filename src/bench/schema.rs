@@ -19,7 +19,8 @@
 //!     "tokens_per_s": 632.1,
 //!     "flops": 2.6e10, "bytes": 8.1e8,          // work per iteration (counted, not measured)
 //!     "gflops": 64.2, "gbs": 2.0,               // flops / mean_s, bytes / mean_s
-//!     "flops_share": 0.67, "bw_share": 0.18     // of machine.peak_* (absent without probes)
+//!     "flops_share": 0.67, "bw_share": 0.18,    // of machine.peak_* (absent without probes)
+//!     "rel_error": 3.1e-7                       // moe-layer: output vs the naive loop's (absent if unchecked)
 //!   }],
 //!   "baseline": {"name": "main", "threshold": 0.05, "verdicts": [{
 //!     "name": "...", "status": "regressed|improved|unchanged|new",
@@ -102,6 +103,10 @@ pub struct BenchResult {
     pub flops_share: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bw_share: Option<f64>,
+    /// MoE-layer variants: `‖y − y_naive‖ / ‖y_naive‖` of this variant's
+    /// output against the naive loop's on the same input, checked before timing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rel_error: Option<f64>,
 }
 
 fn one() -> usize {

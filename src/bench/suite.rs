@@ -262,6 +262,7 @@ pub fn result(
         gbs,
         flops_share: peaks.map(|p| gflops / p.gflops),
         bw_share: peaks.map(|p| gbs / p.gbs),
+        rel_error: None,
     }
 }
 
@@ -440,9 +441,14 @@ fn run_layer(
         .ok_or_else(|| Error::Usage(format!("{}: the model has no MoE layer", l)))?;
     let fwd = Forward::new(&model, opts.device.clone())?.keep_weights();
     let lw: LayerWeights = fwd.load_layer(layer)?;
+    let naive_experts = if cases.iter().any(|c| c.variant == "naive") {
+        Some(moe_layer::NaiveExperts::new(&lw)?)
+    } else {
+        None
+    };
     #[cfg(feature = "cuda")]
     let fused = if cases.iter().any(|c| c.variant == "fused") {
-        Some(moe_layer::FusedExperts::new(&fwd, &lw)?)
+        Some(moe_layer::FusedExperts::new(&lw)?)
     } else {
         None
     };
@@ -455,6 +461,36 @@ fn run_layer(
         let here: Vec<&Case> = cases.iter().filter(|c| c.tokens == n).collect();
         let x = moe_layer::random_input(n, hidden, &opts.device)?;
         let routed = moe_layer::route(&fwd, &lw, &x)?;
+        let mut checked: Vec<(&str, f64)> = Vec::new();
+        if let Some(ne) = &naive_experts {
+            // Every variant computes the same layer: checked against the
+            // naive loop on this input before anything is timed.
+            let reference = moe_layer::naive(&fwd, &lw, ne, &x)?;
+            checked.push(("naive", 0.0));
+            for case in &here {
+                let (y, tol) = match case.variant {
+                    "topk" => (fwd.moe_block(layer, &lw, &x, &mut ())?, 1e-4),
+                    "all-experts" => (fwd.moe_block(layer, &lw, &x, &mut AllExpertOutputs)?, 1e-4),
+                    #[cfg(feature = "cuda")]
+                    "fused" if !moe_layer::has_shared_experts(&lw) => match &fused {
+                        // bf16 weights and activations.
+                        Some(f) => (f.forward(&fwd, &lw, &x)?, 3e-2),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                let err = moe_layer::relative_error(&y, &reference)?;
+                if err.is_nan() || err > tol {
+                    return Err(Error::Compute {
+                        what: case.name.clone(),
+                        reason: format!(
+                            "output differs from the naive loop's: relative error {err:.2e} > {tol:.0e}"
+                        ),
+                    });
+                }
+                checked.push((case.variant, err));
+            }
+        }
         let mut work = Vec::new();
         let mut fs: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
         for case in &here {
@@ -477,7 +513,10 @@ fn run_layer(
                 }
                 "naive" => {
                     work.push(moe_layer::layer_work(fwd, n, &routed, false, 4.0));
-                    fs.push(Box::new(move || moe_layer::naive(fwd, lw, x).map(drop)));
+                    let ne = naive_experts
+                        .as_ref()
+                        .ok_or_else(|| Error::Usage("naive experts were not prepared".into()))?;
+                    fs.push(Box::new(move || moe_layer::naive(fwd, lw, ne, x).map(drop)));
                 }
                 "all-experts" => {
                     work.push(moe_layer::layer_work(fwd, n, &routed, true, 4.0));
@@ -513,17 +552,24 @@ fn run_layer(
             } else {
                 "moe-layer"
             };
-            out.push(result(
-                &case.name,
-                group,
-                case.variant,
-                &l,
-                n,
-                m,
-                w.flops,
-                w.bytes,
-                peaks,
-            ));
+            let rel_error = checked
+                .iter()
+                .find(|(v, _)| *v == case.variant)
+                .map(|&(_, e)| e);
+            out.push(BenchResult {
+                rel_error,
+                ..result(
+                    &case.name,
+                    group,
+                    case.variant,
+                    &l,
+                    n,
+                    m,
+                    w.flops,
+                    w.bytes,
+                    peaks,
+                )
+            });
             progress.done();
         }
     }

@@ -71,7 +71,7 @@ impl Rng {
     }
 
     /// Uniform in [-scale, scale).
-    fn uniform(&mut self, scale: f32) -> f32 {
+    pub(crate) fn uniform(&mut self, scale: f32) -> f32 {
         ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
     }
 }

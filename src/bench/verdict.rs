@@ -155,6 +155,7 @@ mod tests {
             gbs: 0.0,
             flops_share: None,
             bw_share: None,
+            rel_error: None,
         }
     }
 

@@ -5,9 +5,12 @@
 //! layer of weights plus the prompts' hidden states, whatever the depth.
 
 pub mod config;
+pub mod expert_gemm;
 pub mod observer;
 pub mod routing;
 pub mod weights;
+
+use expert_gemm::Activation;
 
 use candle_core::{DType, Device, Tensor, D};
 
@@ -26,6 +29,8 @@ pub struct Forward<'m> {
     /// first use and kept (for repeated runs on a model that fits in memory).
     resident: Option<std::sync::Mutex<Vec<Option<std::sync::Arc<LayerWeights>>>>>,
     head: std::sync::OnceLock<std::sync::Arc<HeadWeights>>,
+    /// Run the top-k dispatch as tensor ops on the device even on the CPU.
+    tensor_dispatch: bool,
 }
 
 /// Output of [`Forward::run`].
@@ -163,7 +168,17 @@ impl<'m> Forward<'m> {
             device,
             resident: None,
             head: std::sync::OnceLock::new(),
+            tensor_dispatch: false,
         })
+    }
+
+    /// Runs the top-k dispatch as the GPU does (tensor ops: one gather, a
+    /// matmul chain per active expert, one scatter-add) also on the CPU,
+    /// instead of the CPU's grouped kernels: to test the GPU path on any
+    /// machine and to compare the two.
+    pub fn tensor_dispatch(mut self) -> Self {
+        self.tensor_dispatch = true;
+        self
     }
 
     /// Keeps every layer's converted f32 weights after first use instead of
@@ -225,10 +240,19 @@ impl<'m> Forward<'m> {
 
     /// `act(gate·x)` and the FFN output `down(act(gate·x) * up·x)`.
     fn ffn(&self, f: &Ffn, x: &Tensor) -> R<(Tensor, Tensor)> {
-        let a = self.act(&self.lin(x, &f.gate, None)?)?;
-        let h = (&a * self.lin(x, &f.up, None)?)?;
-        let y = self.lin(&h, &f.down, None)?;
+        let a = self.act(&f.lin(x, &f.gate)?)?;
+        let h = (&a * f.lin(x, &f.up)?)?;
+        let y = f.lin(&h, &f.down)?;
         Ok((a, y))
+    }
+
+    /// The experts' activation, for the grouped CPU kernels.
+    fn activation(&self) -> Activation {
+        if self.cfg.family == Family::Grok1 {
+            Activation::GeluErf
+        } else {
+            Activation::Silu
+        }
     }
 
     /// Loads one decoder layer's weights (for benchmarks of a single block).
@@ -297,16 +321,23 @@ impl<'m> Forward<'m> {
         };
         let (cos, sin) =
             rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev).map_err(ce("rotary tables"))?;
+        // One causal mask for the longest prompt, built once (not per layer);
+        // shorter prompts use its top-left corner.
+        let mask = causal_mask(max_t, dev).map_err(ce("causal mask"))?;
         let wants = observer.wants();
         for layer in 0..model.info.num_layers {
             let lw = self.layer_weights(layer)?;
             for (p, h) in hidden.iter_mut().enumerate() {
                 let t = h.dim(0).map_err(ce("hidden state"))?;
-                let (c, s) = (
-                    cos.narrow(0, 0, t).map_err(ce("rotary tables"))?,
-                    sin.narrow(0, 0, t).map_err(ce("rotary tables"))?,
-                );
-                *h = self.layer(layer, p, h, &lw, &c, &s, wants, observer)?;
+                let (c, s, m) = (|| {
+                    Ok::<_, candle_core::Error>((
+                        cos.narrow(0, 0, t)?,
+                        sin.narrow(0, 0, t)?,
+                        mask.narrow(0, 0, t)?.narrow(1, 0, t)?,
+                    ))
+                })()
+                .map_err(ce("rotary tables"))?;
+                *h = self.layer(layer, p, h, &lw, &c, &s, &m, wants, observer)?;
             }
             drop(lw);
             observer.layer_done(layer);
@@ -358,13 +389,16 @@ impl<'m> Forward<'m> {
         lw: &LayerWeights,
         cos: &Tensor,
         sin: &Tensor,
+        mask: &Tensor,
         wants: Wants,
         observer: &mut dyn Observer,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_eps;
         let what = format!("layer {layer}");
         let a = rms_norm(h, &lw.attn_norm, eps).map_err(ce(&what))?;
-        let mut attn = self.attention(&a, &lw.attn, cos, sin).map_err(ce(&what))?;
+        let mut attn = self
+            .attention(&a, &lw.attn, cos, sin, mask)
+            .map_err(ce(&what))?;
         if let Some(n) = &lw.post_attn_norm {
             attn = rms_norm(&attn, n, eps).map_err(ce(&what))?;
         }
@@ -380,9 +414,15 @@ impl<'m> Forward<'m> {
         (h + y).map_err(ce(&what))
     }
 
-    fn attention(&self, x: &Tensor, w: &AttnWeights, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+    fn attention(
+        &self,
+        x: &Tensor,
+        w: &AttnWeights,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> R<Tensor> {
         let t = x.dim(0)?;
-        let mask = causal_mask(t, &self.device)?;
         match (&self.cfg.attention, w) {
             (
                 AttentionKind::Standard {
@@ -435,7 +475,7 @@ impl<'m> Forward<'m> {
                     .cfg
                     .attn_output_multiplier
                     .unwrap_or(1.0 / (*head_dim as f64).sqrt());
-                let out = attend(&qh, &kh, &vh, scale, self.cfg.max_attn_value, &mask)?;
+                let out = attend(&qh, &kh, &vh, scale, self.cfg.max_attn_value, mask)?;
                 self.lin(&out, o, None)
             }
             (
@@ -490,7 +530,7 @@ impl<'m> Forward<'m> {
                 let query = Tensor::cat(&[q_nope, q_pe], D::Minus1)?.contiguous()?;
                 let key = Tensor::cat(&[k_nope, k_pe], D::Minus1)?.contiguous()?;
                 let scale = 1.0 / ((nope + rope) as f64).sqrt();
-                let out = attend(&query, &key, &vh, scale, None, &mask)?;
+                let out = attend(&query, &key, &vh, scale, None, mask)?;
                 self.lin(&out, o, None)
             }
             _ => candle_core::bail!("attention weights do not match the attention kind"),
@@ -531,10 +571,24 @@ impl<'m> Forward<'m> {
         let mut selected = Vec::with_capacity(t * k);
         let mut weights = Vec::with_capacity(t * k);
         let mut by_expert: Vec<Vec<(u32, f32)>> = vec![Vec::new(); e_count];
-        for tok in 0..t {
-            let row = &logits[tok * e_count..(tok + 1) * e_count];
-            scores.extend(self.cfg.routing.scores(row).iter().map(|&s| s as f32));
-            let route = self.cfg.routing.route(row, k, bias.as_deref());
+        // Every token's rule, tokens in parallel (the per-token sort is the
+        // host's share of a layer: with 2048 tokens and 128 experts it costs
+        // milliseconds on one core).
+        let per_token: Vec<(Vec<f64>, routing::TokenRoute)> = {
+            use rayon::prelude::*;
+            logits
+                .par_chunks(e_count.max(1))
+                .with_min_len(32)
+                .map(|row| {
+                    (
+                        self.cfg.routing.scores(row),
+                        self.cfg.routing.route(row, k, bias.as_deref()),
+                    )
+                })
+                .collect()
+        };
+        for (tok, (token_scores, route)) in per_token.iter().enumerate() {
+            scores.extend(token_scores.iter().map(|&s| s as f32));
             for (&e, &w) in route.experts.iter().zip(&route.weights) {
                 selected.push(e as u32);
                 weights.push(w);
@@ -546,49 +600,117 @@ impl<'m> Forward<'m> {
         let mut all_out: Vec<f32> = Vec::new();
         let mut all_act: Vec<f32> = Vec::new();
         let inter = self.model.info.expert_intermediate;
-        for (e, f) in experts.iter().enumerate() {
-            if all {
-                let (a, y) = self.ffn(f, x).map_err(ce(&what))?;
-                let y: Vec<f32> = y
-                    .flatten_all()
-                    .and_then(|y| y.to_vec1())
-                    .map_err(ce(&what))?;
-                for &(tok, w) in &by_expert[e] {
-                    let tok = tok as usize;
-                    let src = &y[tok * hdim..(tok + 1) * hdim];
-                    for (o, v) in out[tok * hdim..(tok + 1) * hdim].iter_mut().zip(src) {
-                        *o += w * v;
+        // On the CPU the experts run through the grouped kernels, straight
+        // from the token rows and the weights in their hub layout (the
+        // activations observer, which wants `act(gate·x)` alone, takes the
+        // tensor path).
+        let on_device = !x.device().is_cpu() || self.tensor_dispatch;
+        let x_host: Option<Vec<f32>> = if !on_device && !wants.activations {
+            Some(
+                x.flatten_all()
+                    .and_then(|x| x.to_vec1())
+                    .map_err(ce(&what))?,
+            )
+        } else {
+            None
+        };
+        let act = self.activation();
+        // On a GPU the top-k dispatch stays on the device: one gather of the
+        // routed tokens, grouped by expert, one matmul chain per active
+        // expert on its slice, one weighted scatter-add into the output.
+        let mut out_dev: Option<Tensor> = None;
+        if on_device && !all {
+            out_dev = Some(
+                self.grouped_on_device(x, experts, &by_expert)
+                    .map_err(ce(&what))?,
+            );
+        }
+        if out_dev.is_none() {
+            for (e, f) in experts.iter().enumerate() {
+                let host = x_host.as_deref().zip(f.host_hub()).filter(|(_, hf)| {
+                    let i = hf.gate.rows;
+                    (hf.gate.cols, hf.up.rows, hf.up.cols) == (hdim, i, hdim)
+                        && (hf.down.rows, hf.down.cols) == (hdim, i)
+                });
+                if let Some((xh, hf)) = host {
+                    let i = hf.gate.rows;
+                    let gu = expert_gemm::GateUp {
+                        gate: hf.gate.data(),
+                        up: hf.up.data(),
+                        inter: i,
+                        act,
+                    };
+                    let d = hf.down.data();
+                    if all {
+                        let rows: Vec<u32> = (0..t as u32).collect();
+                        let mut h = vec![0f32; t * i];
+                        expert_gemm::gate_up(xh, hdim, &rows, gu, &mut h);
+                        let mut y = vec![0f32; t * hdim];
+                        expert_gemm::matmul_xwt(&h, t, i, d, hdim, &mut y);
+                        add_weighted_rows(&mut out, &y, hdim, &by_expert[e], true);
+                        if wants.all_expert_outputs {
+                            all_out.extend_from_slice(&y);
+                        }
+                    } else if !by_expert[e].is_empty() {
+                        let rows: Vec<u32> = by_expert[e].iter().map(|&(tok, _)| tok).collect();
+                        let scale: Vec<f32> = by_expert[e].iter().map(|&(_, w)| w).collect();
+                        let mut h = vec![0f32; rows.len() * i];
+                        expert_gemm::gate_up(xh, hdim, &rows, gu, &mut h);
+                        expert_gemm::down_scatter_add(&h, i, d, hdim, &rows, &scale, &mut out);
                     }
+                    continue;
                 }
-                if wants.all_expert_outputs {
-                    all_out.extend_from_slice(&y);
-                }
-                if wants.activations {
-                    let a: Vec<f32> = a
+                if all {
+                    let (a, y) = self.ffn(f, x).map_err(ce(&what))?;
+                    let y: Vec<f32> = y
                         .flatten_all()
-                        .and_then(|a| a.to_vec1())
+                        .and_then(|y| y.to_vec1())
                         .map_err(ce(&what))?;
-                    all_act.extend_from_slice(&a);
-                }
-            } else if !by_expert[e].is_empty() {
-                let toks: Vec<u32> = by_expert[e].iter().map(|&(tok, _)| tok).collect();
-                let idx = Tensor::new(toks.as_slice(), x.device()).map_err(ce(&what))?;
-                let y: Vec<f32> = x
-                    .index_select(&idx, 0)
-                    .and_then(|xe| self.ffn(f, &xe))
-                    .and_then(|(_, y)| y.flatten_all()?.to_vec1())
-                    .map_err(ce(&what))?;
-                for (row, &(tok, w)) in by_expert[e].iter().enumerate() {
-                    let tok = tok as usize;
-                    let src = &y[row * hdim..(row + 1) * hdim];
-                    for (o, v) in out[tok * hdim..(tok + 1) * hdim].iter_mut().zip(src) {
-                        *o += w * v;
+                    add_weighted_rows(&mut out, &y, hdim, &by_expert[e], true);
+                    if wants.all_expert_outputs {
+                        all_out.extend_from_slice(&y);
                     }
+                    if wants.activations {
+                        let a: Vec<f32> = a
+                            .flatten_all()
+                            .and_then(|a| a.to_vec1())
+                            .map_err(ce(&what))?;
+                        all_act.extend_from_slice(&a);
+                    }
+                } else if !by_expert[e].is_empty() {
+                    let toks: Vec<u32> = by_expert[e].iter().map(|&(tok, _)| tok).collect();
+                    let idx = Tensor::new(toks.as_slice(), x.device()).map_err(ce(&what))?;
+                    let y: Vec<f32> = x
+                        .index_select(&idx, 0)
+                        .and_then(|xe| self.ffn(f, &xe))
+                        .and_then(|(_, y)| y.flatten_all()?.to_vec1())
+                        .map_err(ce(&what))?;
+                    add_weighted_rows(&mut out, &y, hdim, &by_expert[e], false);
                 }
             }
         }
         let mut shared_host: Option<Vec<f32>> = None;
-        if let Some(f) = shared {
+        if let (Some(f), Some(routed)) = (shared, out_dev.as_ref()) {
+            let (y, total) = (|| {
+                let y = self.ffn(f, x)?.1;
+                let gated = match shared_gate {
+                    Some(g) => {
+                        y.broadcast_mul(&candle_nn::ops::sigmoid(&self.lin(x, g, None)?)?)?
+                    }
+                    None => y.clone(),
+                };
+                Ok((y, (routed + gated)?))
+            })()
+            .map_err(ce(&what))?;
+            if wants.shared_output {
+                shared_host = Some(
+                    y.flatten_all()
+                        .and_then(|y| y.to_vec1())
+                        .map_err(ce(&what))?,
+                );
+            }
+            out_dev = Some(total);
+        } else if let Some(f) = shared {
             let y = self.ffn(f, x).map_err(ce(&what))?.1;
             let y_host: Vec<f32> = y
                 .flatten_all()
@@ -641,7 +763,74 @@ impl<'m> Forward<'m> {
             intermediate: inter,
             shared_output: shared_host.as_deref(),
         });
-        Tensor::from_vec(out, (t, hdim), x.device()).map_err(ce(&what))
+        match out_dev {
+            Some(y) => Ok(y),
+            None => Tensor::from_vec(out, (t, hdim), x.device()).map_err(ce(&what)),
+        }
+    }
+
+    /// The top-k dispatch on the device (see [`Forward::moe`]): the routed
+    /// experts' weighted outputs, `[tokens, hidden]`.
+    fn grouped_on_device(
+        &self,
+        x: &Tensor,
+        experts: &[Ffn],
+        by_expert: &[Vec<(u32, f32)>],
+    ) -> R<Tensor> {
+        let dev = x.device();
+        let (mut toks, mut ws, mut spans) = (Vec::new(), Vec::new(), Vec::new());
+        for (e, pairs) in by_expert.iter().enumerate() {
+            if !pairs.is_empty() {
+                spans.push((e, toks.len(), pairs.len()));
+                toks.extend(pairs.iter().map(|&(t, _)| t));
+                ws.extend(pairs.iter().map(|&(_, w)| w));
+            }
+        }
+        if toks.is_empty() {
+            return x.zeros_like();
+        }
+        let idx = Tensor::new(toks.as_slice(), dev)?;
+        let xs = x.index_select(&idx, 0)?;
+        let ys = spans
+            .iter()
+            .map(|&(e, at, n)| Ok(self.ffn(&experts[e], &xs.narrow(0, at, n)?)?.1))
+            .collect::<R<Vec<_>>>()?;
+        let n = toks.len();
+        let y = Tensor::cat(&ys, 0)?.broadcast_mul(&Tensor::from_vec(ws, (n, 1), dev)?)?;
+        // Every token has k rows in `y`: gather them back into token order,
+        // `[tokens, k, hidden]`, and sum over k (fully parallel kernels; a
+        // scatter-add into the output serialises over the rows it adds).
+        let (t, h) = x.dims2()?;
+        let k = self.model.info.top_k;
+        let mut seen = vec![0usize; t];
+        let mut back = vec![0u32; t * k];
+        for (p, &tok) in toks.iter().enumerate() {
+            let tok = tok as usize;
+            if seen[tok] < k {
+                back[tok * k + seen[tok]] = p as u32;
+            }
+            seen[tok] += 1;
+        }
+        if seen.iter().all(|&c| c == k) {
+            y.index_select(&Tensor::new(back.as_slice(), dev)?, 0)?
+                .reshape((t, k, h))?
+                .sum(1)
+        } else {
+            x.zeros_like()?.index_add(&idx, &y, 0)
+        }
+    }
+}
+
+/// `out[tok] += w · y[row]` for each `(tok, w)` of an expert's tokens, where
+/// `row` is the token itself (`y` holds every token) or its place in the list.
+fn add_weighted_rows(out: &mut [f32], y: &[f32], hdim: usize, pairs: &[(u32, f32)], all: bool) {
+    for (row, &(tok, w)) in pairs.iter().enumerate() {
+        let tok = tok as usize;
+        let row = if all { tok } else { row };
+        let src = &y[row * hdim..(row + 1) * hdim];
+        for (o, v) in out[tok * hdim..(tok + 1) * hdim].iter_mut().zip(src) {
+            *o += w * v;
+        }
     }
 }
 

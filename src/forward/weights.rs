@@ -75,6 +75,8 @@ pub struct Ffn {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    /// The matrices are stored `[in, out]` rather than in the hub layout `[out, in]`.
+    pub transposed: bool,
 }
 
 impl Ffn {
@@ -83,8 +85,76 @@ impl Ffn {
             gate: load(weights, &names[0], device, t)?,
             up: load(weights, &names[1], device, t)?,
             down: load(weights, &names[2], device, t)?,
+            transposed: t,
         })
     }
+
+    /// `x · Wᵀ` for one of the block's matrices, in whichever layout it is stored.
+    pub fn lin(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        if self.transposed {
+            x.matmul(w)
+        } else {
+            x.matmul(&w.t()?)
+        }
+    }
+
+    /// The three matrices as host slices in the hub layout `[out, in]`, when
+    /// they are f32 on the CPU in that layout (what the grouped CPU kernels read).
+    pub fn host_hub(&self) -> Option<HostFfn<'_>> {
+        if self.transposed {
+            return None;
+        }
+        Some(HostFfn {
+            gate: HostMatrix::of(&self.gate)?,
+            up: HostMatrix::of(&self.up)?,
+            down: HostMatrix::of(&self.down)?,
+        })
+    }
+}
+
+/// A matrix's f32 storage on the CPU, borrowed (row-major, contiguous).
+pub struct HostMatrix<'a> {
+    guard: candle_core::StorageRef<'a>,
+    start: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> HostMatrix<'a> {
+    fn of(t: &'a Tensor) -> Option<HostMatrix<'a>> {
+        let (rows, cols) = t.dims2().ok()?;
+        let (guard, layout) = t.storage_and_layout();
+        let start = layout.contiguous_offsets()?.0;
+        match &*guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v))
+                if v.len() >= start + rows * cols => {}
+            _ => return None,
+        }
+        Some(HostMatrix {
+            guard,
+            start,
+            rows,
+            cols,
+        })
+    }
+
+    /// The values, `rows × cols`.
+    pub fn data(&self) -> &[f32] {
+        match &*self.guard {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                &v[self.start..self.start + self.rows * self.cols]
+            }
+            _ => unreachable!("checked to be f32 on the CPU when borrowed"),
+        }
+    }
+}
+
+/// An FFN block's matrices on the host, hub layout: `gate`, `up` are
+/// `[inter, hidden]`, `down` is `[hidden, inter]`.
+pub struct HostFfn<'a> {
+    pub gate: HostMatrix<'a>,
+    pub up: HostMatrix<'a>,
+    pub down: HostMatrix<'a>,
 }
 
 /// Attention projections.
@@ -241,8 +311,11 @@ impl LayerWeights {
         };
         let info = &model.info;
         let mlp = if info.moe_layers.contains(&layer) {
+            // Routed experts stay in the hub layout on the CPU: the grouped
+            // kernels (`expert_gemm`) read their rows directly.
+            let te = t && !device.is_cpu();
             let experts = (0..info.num_experts)
-                .map(|e| Ffn::load(w, &fam.expert_names(layer, e), device, t))
+                .map(|e| Ffn::load(w, &fam.expert_names(layer, e), device, te))
                 .collect::<Result<Vec<_>>>()?;
             let shared = match fam.shared_names(layer) {
                 Some(names) if info.shared_intermediate > 0 => {

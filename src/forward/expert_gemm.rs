@@ -1,0 +1,685 @@
+//! The expert matrix products of the grouped MoE dispatch on the CPU, for
+//! the few tokens routed to one expert, against the weights in the
+//! checkpoint's own layout `[out, in]` (rows contiguous along the reduction
+//! axis).
+//!
+//! A general GEMM gathers the expert's tokens into a matrix, packs the
+//! weight into panels, multiplies, and leaves the result for a scatter.
+//! With the 1–64 tokens an expert sees per layer, those copies move about
+//! as many bytes as the product reads. Here nothing is copied: register
+//! tiles of up to 4 tokens × 4 weight rows take dot products along the
+//! reduction axis straight from the token rows (addressed through the
+//! routing's token indices) and the weight rows (AVX-512F with 16 lanes, or
+//! AVX2+FMA with 8, checked at run time; a portable loop otherwise), the
+//! rows of the weight are split across the cores, and the tile's results
+//! go straight where they belong:
+//!
+//! - [`gate_up`]: `act(x·Gᵀ) ⊙ (x·Uᵀ)`, gate and up rows side by side in one
+//!   tile, so each token row is read once for both and the activation is
+//!   applied in registers;
+//! - [`down_scatter_add`]: `out[token] += weight · (h·Dᵀ)`, the routing
+//!   weight and the scatter into the layer output applied as the tile ends.
+//!
+//! Each weight element is loaded from memory once per call: the product is
+//! memory-bound for a single token and compute-bound from a few tokens on.
+
+use rayon::prelude::*;
+
+/// Weight rows per register tile.
+const C: usize = 4;
+/// Most tokens per register tile.
+const R: usize = 4;
+
+/// The expert's activation on the gate projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · sigmoid(x)` (every family but Grok-1).
+    Silu,
+    /// `x · Φ(x)` with the exact error function (Grok-1).
+    GeluErf,
+}
+
+impl Activation {
+    /// The activation as candle computes it on the CPU (same formula, same rounding).
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Silu => v / (1.0 + (-v).exp()),
+            Activation::GeluErf => {
+                (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                    * 0.5
+                    * v
+            }
+        }
+    }
+}
+
+/// `y = x · Wᵀ`: `x` is `[m, k]`, `w` is `[n, k]`, `y` is `[m, n]`, all
+/// row-major and contiguous.
+pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    assert_eq!(w.len(), n * k, "w is not [n, k]");
+    assert_eq!(y.len(), m * n, "y is not [m, n]");
+    let xr: Vec<Ptr> = (0..m).map(|i| Ptr(x[i * k..].as_ptr())).collect();
+    let out = Out(y.as_mut_ptr());
+    // SAFETY: rows of x and w hold k values each (lengths asserted above);
+    // the sink writes y[i, j] for i < m, j < n, and `y` is borrowed mutably
+    // for the whole call.
+    unsafe {
+        product(&xr, k, n, &|j| w[j * k..].as_ptr(), &|i0, r, j0, c, s| {
+            for (a, row) in s.iter().enumerate().take(r) {
+                for (b, &v) in row.iter().enumerate().take(c) {
+                    *out.at((i0 + a) * n + j0 + b) = v;
+                }
+            }
+        })
+    };
+}
+
+/// An expert's gate and up projections, `[inter, k]` each, and its activation.
+#[derive(Clone, Copy)]
+pub struct GateUp<'a> {
+    pub gate: &'a [f32],
+    pub up: &'a [f32],
+    pub inter: usize,
+    pub act: Activation,
+}
+
+/// The expert's hidden activations for the tokens `rows` of `x`
+/// (`[tokens, k]`): `h[i] = act(x[rows[i]]·Gᵀ) ⊙ (x[rows[i]]·Uᵀ)`, `h` is
+/// `[rows.len(), inter]`.
+pub fn gate_up(x: &[f32], k: usize, rows: &[u32], w: GateUp<'_>, h: &mut [f32]) {
+    let GateUp {
+        gate,
+        up,
+        inter,
+        act,
+    } = w;
+    assert_eq!(gate.len(), inter * k, "gate is not [inter, k]");
+    assert_eq!(up.len(), inter * k, "up is not [inter, k]");
+    assert_eq!(h.len(), rows.len() * inter, "h is not [rows, inter]");
+    let xr = gathered(x, k, rows);
+    let out = Out(h.as_mut_ptr());
+    // Column 2j is gate row j, column 2j + 1 up row j: a tile of 4 columns
+    // holds two (gate, up) pairs and a chunk of whole tiles never splits one.
+    let w_row = |c: usize| {
+        let m = if c.is_multiple_of(2) { gate } else { up };
+        m[(c / 2) * k..].as_ptr()
+    };
+    // SAFETY: token rows are checked by `gathered`, weight rows hold k values
+    // (lengths asserted above); the sink writes h[i, j] for i < rows.len(),
+    // j < inter, and `h` is borrowed mutably for the whole call.
+    unsafe {
+        product(&xr, k, 2 * inter, &w_row, &|i0, r, c0, c, s| {
+            for (a, row) in s.iter().enumerate().take(r) {
+                for b in (0..c).step_by(2) {
+                    *out.at((i0 + a) * inter + (c0 + b) / 2) = act.apply(row[b]) * row[b + 1];
+                }
+            }
+        })
+    };
+}
+
+/// Adds the expert's output for its tokens into the layer output:
+/// `out[rows[i]] += scale[i] · (h[i]·Dᵀ)`; `h` is `[rows.len(), inter]`,
+/// `down` is `[hidden, inter]`, `out` is `[tokens, hidden]`.
+pub fn down_scatter_add(
+    h: &[f32],
+    inter: usize,
+    down: &[f32],
+    hidden: usize,
+    rows: &[u32],
+    scale: &[f32],
+    out: &mut [f32],
+) {
+    assert_eq!(down.len(), hidden * inter, "down is not [hidden, inter]");
+    assert_eq!(h.len(), rows.len() * inter, "h is not [rows, inter]");
+    assert_eq!(scale.len(), rows.len(), "one scale per row");
+    assert!(
+        rows.iter().all(|&t| (t as usize + 1) * hidden <= out.len()),
+        "a row index is outside the output"
+    );
+    let hr: Vec<Ptr> = (0..rows.len())
+        .map(|i| Ptr(h[i * inter..].as_ptr()))
+        .collect();
+    let dst = Out(out.as_mut_ptr());
+    // SAFETY: rows of h and down hold `inter` values; output rows were
+    // checked above; the sink writes out[rows[i], j] for j < hidden, its
+    // column chunk alone (a token listed twice is added twice, in order,
+    // by the same chunk), and `out` is borrowed mutably for the whole call.
+    unsafe {
+        product(
+            &hr,
+            inter,
+            hidden,
+            &|j| down[j * inter..].as_ptr(),
+            &|i0, r, j0, c, s| {
+                for (a, row) in s.iter().enumerate().take(r) {
+                    let (t, g) = (rows[i0 + a] as usize, scale[i0 + a]);
+                    for (b, &v) in row.iter().enumerate().take(c) {
+                        *dst.at(t * hidden + j0 + b) += g * v;
+                    }
+                }
+            },
+        )
+    };
+}
+
+/// Pointers to the rows `rows` of `x` (`[_, k]`), each checked to hold `k` values.
+fn gathered(x: &[f32], k: usize, rows: &[u32]) -> Vec<Ptr> {
+    rows.iter()
+        .map(|&t| {
+            let t = t as usize;
+            assert!((t + 1) * k <= x.len(), "token row {t} is outside x");
+            Ptr(x[t * k..].as_ptr())
+        })
+        .collect()
+}
+
+/// A row pointer shared by the column chunks (read only).
+#[derive(Clone, Copy)]
+struct Ptr(*const f32);
+// SAFETY: the rows are only read while the borrow they come from lives.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+/// The output, written by the column chunks, each its own columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the chunks write disjoint elements (see `product`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `i` must be inside the output and written by one chunk only.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// A finished tile: `(i0, r, j0, c, sums)`, `sums[a][b]` the dot product of
+/// token row `i0 + a` (`a < r`) and weight row `j0 + b` (`b < c`).
+type Sink<'a> = dyn Fn(usize, usize, usize, usize, &[[f32; C]; R]) + Sync + 'a;
+
+/// Dot products of every token row `xr` with the `n` weight rows `w_row(j)`
+/// (all `k` long), tile by tile into `sink`; the columns are split into
+/// chunks of whole tiles across the cores.
+///
+/// # Safety
+/// Every `xr[i]` and `w_row(j)`, `j < n`, must point to `k` readable f32.
+/// `sink` may only write outputs of the columns it is given.
+unsafe fn product(
+    xr: &[Ptr],
+    k: usize,
+    n: usize,
+    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    sink: &Sink<'_>,
+) {
+    if xr.is_empty() || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let tiles = n.div_ceil(C);
+    // A few chunks per thread, so that uneven cores balance.
+    let per = tiles.div_ceil(threads * 4).max(1) * C;
+    let chunks = n.div_ceil(per);
+    let run = |chunk: usize| {
+        let cols = chunk * per..((chunk + 1) * per).min(n);
+        // SAFETY: the caller's contract.
+        unsafe { columns(xr, k, cols, w_row, sink) };
+    };
+    if chunks == 1 {
+        run(0);
+    } else {
+        (0..chunks).into_par_iter().for_each(run);
+    }
+}
+
+/// One column chunk, with the widest kernel the CPU has.
+///
+/// # Safety
+/// As [`product`].
+unsafe fn columns(
+    xr: &[Ptr],
+    k: usize,
+    cols: std::ops::Range<usize>,
+    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    sink: &Sink<'_>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked); the caller's contract.
+            unsafe { columns_avx512(xr, k, cols, w_row, sink) };
+            return;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked); the caller's contract.
+            unsafe { columns_avx2(xr, k, cols, w_row, sink) };
+            return;
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { columns_with(xr, k, cols, w_row, sink, tile_portable::<R>) };
+}
+
+/// A register-tile kernel: `R` token rows × [`C`] weight rows, `k` long.
+type Tile = unsafe fn(&[*const f32; R], usize, &[*const f32; C], usize) -> [[f32; C]; R];
+
+/// The tile loop: blocks of 4 weight rows outside (they stay in L1), token
+/// tiles inside; a short last block (1–3 rows) repeats its last row and
+/// hands only the real columns to `sink`.
+///
+/// # Safety
+/// As [`product`]; `tile` must be safe to call on this CPU.
+#[inline(always)]
+unsafe fn columns_with(
+    xr: &[Ptr],
+    k: usize,
+    cols: std::ops::Range<usize>,
+    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    sink: &Sink<'_>,
+    tile: Tile,
+) {
+    let m = xr.len();
+    let mut j0 = cols.start;
+    while j0 < cols.end {
+        let c = (cols.end - j0).min(C);
+        let wp: [*const f32; C] = std::array::from_fn(|b| w_row(j0 + b.min(c - 1)));
+        let mut i0 = 0;
+        while i0 < m {
+            let r = (m - i0).min(R);
+            let xp: [*const f32; R] = std::array::from_fn(|a| xr[i0 + a.min(r - 1)].0);
+            // SAFETY: every pointer is a valid row (the caller's contract);
+            // rows repeated to fill the tile are computed and not used.
+            let sums = unsafe { tile(&xp, r, &wp, k) };
+            sink(i0, r, j0, c, &sums);
+            i0 += r;
+        }
+        j0 += c;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn columns_avx512(
+    xr: &[Ptr],
+    k: usize,
+    cols: std::ops::Range<usize>,
+    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    sink: &Sink<'_>,
+) {
+    // SAFETY: the caller's contract; this CPU has AVX-512F.
+    unsafe { columns_with(xr, k, cols, w_row, sink, tile_avx512) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn columns_avx2(
+    xr: &[Ptr],
+    k: usize,
+    cols: std::ops::Range<usize>,
+    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    sink: &Sink<'_>,
+) {
+    // SAFETY: the caller's contract; this CPU has AVX2 and FMA.
+    unsafe { columns_with(xr, k, cols, w_row, sink, tile_avx2) };
+}
+
+/// The scalar tail of a tile (`q` from `from` to `k`) added to its sums.
+///
+/// # Safety
+/// The pointers must hold `k` f32.
+#[inline(always)]
+unsafe fn tail(
+    xp: &[*const f32; R],
+    r: usize,
+    wp: &[*const f32; C],
+    from: usize,
+    k: usize,
+    out: &mut [[f32; C]; R],
+) {
+    for (a, row) in out.iter_mut().enumerate().take(r) {
+        for (b, s) in row.iter_mut().enumerate() {
+            for q in from..k {
+                // SAFETY: q < k.
+                *s = unsafe { (*xp[a].add(q)).mul_add(*wp[b].add(q), *s) };
+            }
+        }
+    }
+}
+
+/// The AVX-512 tile: 16 lanes, 16 accumulators, 8 loads per 16 FMAs.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the pointers must hold `k` f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512(
+    xp: &[*const f32; R],
+    r: usize,
+    wp: &[*const f32; C],
+    k: usize,
+) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let full = k / 16 * 16;
+    let mut p = 0;
+    while p < full {
+        // SAFETY: p + 16 <= k.
+        unsafe {
+            let xv: [__m512; R] = std::array::from_fn(|a| _mm512_loadu_ps(xp[a].add(p)));
+            for b in 0..C {
+                let wv = _mm512_loadu_ps(wp[b].add(p));
+                for a in 0..R {
+                    acc[a][b] = _mm512_fmadd_ps(xv[a], wv, acc[a][b]);
+                }
+            }
+        }
+        p += 16;
+    }
+    let mut out = [[0f32; C]; R];
+    for a in 0..R {
+        for b in 0..C {
+            out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { tail(xp, r, wp, full, k, &mut out) };
+    out
+}
+
+/// The AVX2 tile: 8 lanes, 16 accumulators (all 16 ymm registers hold
+/// accumulators and operands are reloaded: 8 loads per 16 FMAs).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; the pointers must hold `k` f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(
+    xp: &[*const f32; R],
+    r: usize,
+    wp: &[*const f32; C],
+    k: usize,
+) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    // Two passes of 2 token rows keep the tile within 16 registers.
+    let mut out = [[0f32; C]; R];
+    let full = k / 8 * 8;
+    for half in 0..R / 2 {
+        let mut acc = [[_mm256_setzero_ps(); C]; 2];
+        let mut p = 0;
+        while p < full {
+            // SAFETY: p + 8 <= k.
+            unsafe {
+                let x0 = _mm256_loadu_ps(xp[2 * half].add(p));
+                let x1 = _mm256_loadu_ps(xp[2 * half + 1].add(p));
+                for b in 0..C {
+                    let wv = _mm256_loadu_ps(wp[b].add(p));
+                    acc[0][b] = _mm256_fmadd_ps(x0, wv, acc[0][b]);
+                    acc[1][b] = _mm256_fmadd_ps(x1, wv, acc[1][b]);
+                }
+            }
+            p += 8;
+        }
+        for a in 0..2 {
+            for b in 0..C {
+                let mut lanes = [0f32; 8];
+                // SAFETY: `lanes` holds 8 f32.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
+                out[2 * half + a][b] = lanes.iter().sum();
+            }
+        }
+        if 2 * half + 2 >= r {
+            break;
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { tail(xp, r, wp, full, k, &mut out) };
+    out
+}
+
+/// The portable tile: `RR` token rows × 4 weight rows of 8-lane arrays (the
+/// compiler vectorises them where it can).
+///
+/// # Safety
+/// The pointers must hold `k` f32.
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile_portable<const RR: usize>(
+    xp: &[*const f32; R],
+    r: usize,
+    wp: &[*const f32; C],
+    k: usize,
+) -> [[f32; C]; R] {
+    let mut acc = [[[0f32; 8]; C]; R];
+    let full = k / 8 * 8;
+    for p in (0..full).step_by(8) {
+        for a in 0..r.min(RR) {
+            for b in 0..C {
+                for l in 0..8 {
+                    // SAFETY: p + l < k.
+                    let (x, w) = unsafe { (*xp[a].add(p + l), *wp[b].add(p + l)) };
+                    acc[a][b][l] += x * w;
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; C]; R];
+    for a in 0..R {
+        for b in 0..C {
+            out[a][b] = acc[a][b].iter().sum();
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { tail(xp, r, wp, full, k, &mut out) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::synthetic::Rng;
+
+    fn rand(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.uniform(1.0)).collect()
+    }
+
+    fn dot64(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    /// f32 accumulation of `k` products of values in [-1, 1).
+    fn tol(k: usize) -> f64 {
+        4e-6 * (k as f64).sqrt() + 1e-6
+    }
+
+    // Odd token counts (tiles of 1–3 rows), widths leaving 1–3 weight rows
+    // for a short last block, reduction lengths with and without a lane tail.
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 8, 4),
+        (1, 13, 1),
+        (2, 64, 5),
+        (3, 67, 6),
+        (5, 128, 7),
+        (7, 200, 33),
+        (32, 256, 96),
+        (64, 96, 130),
+        (9, 2048, 64),
+    ];
+
+    #[test]
+    fn matmul_matches_an_f64_reference_on_every_tile_shape_and_tail() {
+        let mut rng = Rng(7);
+        for (m, k, n) in SHAPES {
+            let x = rand(&mut rng, m * k);
+            let w = rand(&mut rng, n * k);
+            let mut y = vec![f32::NAN; m * n];
+            matmul_xwt(&x, m, k, &w, n, &mut y);
+            for i in 0..m {
+                for j in 0..n {
+                    let r = dot64(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+                    let v = y[i * n + j] as f64;
+                    assert!(
+                        (v - r).abs() <= tol(k),
+                        "m={m} k={k} n={n} ({i},{j}): {v} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_and_avx2_tiles_agree_with_the_dispatched_one() {
+        // The dispatched kernel is AVX-512 on this CPU when it has it: the
+        // narrower kernels must give the same products (to rounding).
+        let mut rng = Rng(11);
+        let (k, m) = (75, 4);
+        let x = rand(&mut rng, m * k);
+        let w = rand(&mut rng, C * k);
+        let xp: [*const f32; R] = std::array::from_fn(|a| x[a * k..].as_ptr());
+        let wp: [*const f32; C] = std::array::from_fn(|b| w[b * k..].as_ptr());
+        let mut kernels: Vec<Tile> = vec![tile_portable::<R>];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                kernels.push(tile_avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                kernels.push(tile_avx512);
+            }
+        }
+        for (ki, tile) in kernels.into_iter().enumerate() {
+            for r in 1..=R {
+                // SAFETY: the kernels were checked against the CPU above;
+                // the rows hold k values.
+                let s = unsafe { tile(&xp, r, &wp, k) };
+                for a in 0..r {
+                    for b in 0..C {
+                        let want = dot64(&x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k]);
+                        let got = s[a][b] as f64;
+                        assert!((got - want).abs() <= tol(k), "kernel {ki} r={r} ({a},{b})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gate_up_and_down_scatter_compute_the_expert() {
+        let mut rng = Rng(3);
+        for (act, (tokens, hidden, inter)) in [
+            (Activation::Silu, (9, 40, 24)),
+            (Activation::GeluErf, (6, 33, 7)),
+            (Activation::Silu, (40, 128, 90)),
+        ] {
+            let x = rand(&mut rng, tokens * hidden);
+            let (g, u, d) = (
+                rand(&mut rng, inter * hidden),
+                rand(&mut rng, inter * hidden),
+                rand(&mut rng, hidden * inter),
+            );
+            // Some tokens twice (two slots routed to one expert never
+            // happens, but the sums must still be right), some not at all.
+            let rows: Vec<u32> = (0..tokens as u32)
+                .filter(|t| t % 3 != 1)
+                .chain([0])
+                .collect();
+            let scale: Vec<f32> = rows.iter().map(|&t| 0.25 + t as f32 / 16.0).collect();
+            let mut h = vec![f32::NAN; rows.len() * inter];
+            gate_up(
+                &x,
+                hidden,
+                &rows,
+                GateUp {
+                    gate: &g,
+                    up: &u,
+                    inter,
+                    act,
+                },
+                &mut h,
+            );
+            let before = rand(&mut rng, tokens * hidden);
+            let mut out = before.clone();
+            down_scatter_add(&h, inter, &d, hidden, &rows, &scale, &mut out);
+
+            let mut want: Vec<f64> = before.iter().map(|&v| v as f64).collect();
+            for (i, &t) in rows.iter().enumerate() {
+                let xt = &x[t as usize * hidden..(t as usize + 1) * hidden];
+                let hi: Vec<f64> = (0..inter)
+                    .map(|j| {
+                        let gv = dot64(xt, &g[j * hidden..(j + 1) * hidden]);
+                        let uv = dot64(xt, &u[j * hidden..(j + 1) * hidden]);
+                        let a = match act {
+                            Activation::Silu => gv / (1.0 + (-gv).exp()),
+                            Activation::GeluErf => {
+                                0.5 * gv * (1.0 + erf64(gv / std::f64::consts::SQRT_2))
+                            }
+                        };
+                        a * uv
+                    })
+                    .collect();
+                for (j, &v) in h[i * inter..(i + 1) * inter].iter().enumerate() {
+                    assert!(
+                        (v as f64 - hi[j]).abs() <= 1e-4 * (1.0 + hi[j].abs()),
+                        "{act:?} h"
+                    );
+                }
+                for c in 0..hidden {
+                    let y: f64 = (0..inter).map(|j| hi[j] * d[c * inter + j] as f64).sum();
+                    want[t as usize * hidden + c] += scale[i] as f64 * y;
+                }
+            }
+            for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (o as f64 - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                    "{act:?} out {i}: {o} vs {w}"
+                );
+            }
+            // Untouched tokens keep their values exactly.
+            for t in (0..tokens).filter(|t| t % 3 == 1 && *t != 0) {
+                assert_eq!(
+                    out[t * hidden..(t + 1) * hidden],
+                    before[t * hidden..(t + 1) * hidden]
+                );
+            }
+        }
+    }
+
+    /// erf to ~1e-7 (Abramowitz–Stegun 7.1.26 is too coarse; series/continued fraction).
+    fn erf64(x: f64) -> f64 {
+        if x.abs() < 3.0 {
+            // Maclaurin series, converges fast for |x| < 3.
+            let mut sum = x;
+            let mut term = x;
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            x.signum()
+        }
+    }
+
+    #[test]
+    fn empty_products_write_nothing() {
+        let mut y: Vec<f32> = Vec::new();
+        matmul_xwt(&[], 0, 4, &[1.0; 8], 2, &mut y);
+        matmul_xwt(&[1.0; 4], 1, 4, &[], 0, &mut y);
+        assert!(y.is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "outside x")]
+    fn a_token_index_outside_x_is_refused() {
+        let mut h = vec![0f32; 4];
+        let w = GateUp {
+            gate: &[0.0; 16],
+            up: &[0.0; 16],
+            inter: 4,
+            act: Activation::Silu,
+        };
+        gate_up(&[0.0; 8], 4, &[2], w, &mut h);
+    }
+}
