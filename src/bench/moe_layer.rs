@@ -145,12 +145,10 @@ impl NaiveExperts {
 
 /// Routes `x` with the layer's router and the model's rule.
 pub fn route(fwd: &Forward<'_>, lw: &LayerWeights, x: &Tensor) -> Result<Routed> {
-    let MlpWeights::Moe { router, bias, .. } = &lw.mlp else {
+    let MlpWeights::Moe { bias, .. } = &lw.mlp else {
         return Err(Error::Usage("not an MoE layer".into()));
     };
-    let logits: Vec<f32> = lin(fwd.weights_transposed(), x, router)
-        .and_then(|l| l.flatten_all()?.to_vec1())
-        .map_err(ce("router logits"))?;
+    let logits = fwd.router_logits(&lw.mlp, x)?;
     let e = fwd.model_info().num_experts;
     Ok(route_logits(
         &fwd.cfg.routing,

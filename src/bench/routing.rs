@@ -1,7 +1,8 @@
 //! The routing benchmark: router matmul `x·Wᵀ` on the device, then the
 //! family's rule (softmax, top-k, renormalise; or DeepSeek-V3's
-//! group-limited sigmoid routing). On the CPU the rule runs per token as the
-//! forward pass routes, split over tokens on all cores. On a GPU it stays on
+//! group-limited sigmoid routing). On the CPU the logits come from the
+//! forward pass's CPU kernel (`expert_gemm`) and the rule runs per token as
+//! the forward pass routes, split over tokens on all cores. On a GPU it stays on
 //! the device as tensor ops (softmax or sigmoid, top-k by a row sort, a
 //! gather, the renormalisation), as a serving stack routes, and only the
 //! `[tokens, k]` choices come back to the host. (The forward pass routes on
@@ -17,6 +18,9 @@ use crate::forward::weights::ce;
 /// A router: its weight (stored transposed, `[hidden, experts]`), rule and k.
 pub struct Router {
     pub weight_t: Tensor,
+    /// On the CPU, the weight in the hub layout `[experts, hidden]` on the
+    /// host, for the forward pass's CPU kernel.
+    weight_host: Option<Vec<f32>>,
     pub bias: Option<Vec<f32>>,
     pub routing: Routing,
     pub experts: usize,
@@ -89,8 +93,18 @@ impl Router {
                 .map(|e| ((e * 37) % 11) as f32 * 0.01)
                 .collect()
         });
+        let weight_host = if device.is_cpu() {
+            let w: Vec<f32> = weight_t
+                .t()
+                .and_then(|w| w.contiguous()?.flatten_all()?.to_vec1())
+                .map_err(ce("random router"))?;
+            Some(w)
+        } else {
+            None
+        };
         Ok(Router {
             weight_t,
+            weight_host,
             bias,
             routing: case.routing.clone(),
             experts: case.experts,
@@ -101,13 +115,32 @@ impl Router {
 
     /// Routes `x` `[tokens, hidden]`.
     pub fn route(&self, x: &Tensor) -> Result<Routed> {
-        if !x.device().is_cpu() {
+        let Some(w) = &self.weight_host else {
             return self.route_on_device(x);
-        }
-        let logits: Vec<f32> = x
-            .matmul(&self.weight_t)
-            .and_then(|l| l.flatten_all()?.to_vec1())
-            .map_err(ce("router logits"))?;
+        };
+        // As the forward pass computes router logits on the CPU: its kernel
+        // for a few tokens or experts, candle's GEMM otherwise.
+        let t = x.dim(0).map_err(ce("router input"))?;
+        let logits: Vec<f32> = if crate::forward::use_cpu_kernel(t, self.experts) {
+            let xh: Vec<f32> = x
+                .flatten_all()
+                .and_then(|x| x.to_vec1())
+                .map_err(ce("router input"))?;
+            let mut logits = vec![0f32; t * self.experts];
+            crate::forward::expert_gemm::matmul_xwt(
+                &xh,
+                t,
+                self.hidden,
+                w,
+                self.experts,
+                &mut logits,
+            );
+            logits
+        } else {
+            x.matmul(&self.weight_t)
+                .and_then(|l| l.flatten_all()?.to_vec1())
+                .map_err(ce("router logits"))?
+        };
         Ok(route_logits(
             &self.routing,
             &logits,

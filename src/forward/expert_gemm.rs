@@ -219,10 +219,20 @@ unsafe fn product(
     if xr.is_empty() || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
+    // Small products (a router on one token) run on the calling thread:
+    // handing them to the pool costs more than the arithmetic.
+    let threads = if xr.len() * n * k < 1 << 18 {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    };
     let tiles = n.div_ceil(C);
     // A few chunks per thread, so that uneven cores balance.
-    let per = tiles.div_ceil(threads * 4).max(1) * C;
+    let per = if threads == 1 {
+        n
+    } else {
+        tiles.div_ceil(threads * 4).max(1) * C
+    };
     let chunks = n.div_ceil(per);
     let run = |chunk: usize| {
         let cols = chunk * per..((chunk + 1) * per).min(n);
@@ -350,7 +360,9 @@ unsafe fn tail(
     }
 }
 
-/// The AVX-512 tile: 16 lanes, 16 accumulators, 8 loads per 16 FMAs.
+/// The AVX-512 tile: 16 lanes, up to 16 accumulators (8 loads per 16
+/// FMAs); a tile of fewer token rows (`r < 4`, a single token in decode)
+/// runs a kernel of that many rows rather than repeating one.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; the pointers must hold `k` f32.
@@ -362,17 +374,40 @@ unsafe fn tile_avx512(
     wp: &[*const f32; C],
     k: usize,
 ) -> [[f32; C]; R] {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match r {
+            1 => tile_avx512_rows::<1>(xp, r, wp, k),
+            2 => tile_avx512_rows::<2>(xp, r, wp, k),
+            3 => tile_avx512_rows::<3>(xp, r, wp, k),
+            _ => tile_avx512_rows::<R>(xp, r, wp, k),
+        }
+    }
+}
+
+/// [`tile_avx512`] on the first `RR` token rows.
+///
+/// # Safety
+/// As [`tile_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512_rows<const RR: usize>(
+    xp: &[*const f32; R],
+    r: usize,
+    wp: &[*const f32; C],
+    k: usize,
+) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
+    let mut acc = [[_mm512_setzero_ps(); C]; RR];
     let full = k / 16 * 16;
     let mut p = 0;
     while p < full {
         // SAFETY: p + 16 <= k.
         unsafe {
-            let xv: [__m512; R] = std::array::from_fn(|a| _mm512_loadu_ps(xp[a].add(p)));
+            let xv: [__m512; RR] = std::array::from_fn(|a| _mm512_loadu_ps(xp[a].add(p)));
             for b in 0..C {
                 let wv = _mm512_loadu_ps(wp[b].add(p));
-                for a in 0..R {
+                for a in 0..RR {
                     acc[a][b] = _mm512_fmadd_ps(xv[a], wv, acc[a][b]);
                 }
             }
@@ -380,13 +415,13 @@ unsafe fn tile_avx512(
         p += 16;
     }
     let mut out = [[0f32; C]; R];
-    for a in 0..R {
+    for a in 0..RR {
         for b in 0..C {
             out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { tail(xp, r, wp, full, k, &mut out) };
+    unsafe { tail(xp, r.min(RR), wp, full, k, &mut out) };
     out
 }
 

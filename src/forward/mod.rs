@@ -550,11 +550,11 @@ impl<'m> Forward<'m> {
         observer: &mut dyn Observer,
     ) -> Result<Tensor> {
         let MlpWeights::Moe {
-            router,
             bias,
             experts,
             shared,
             shared_gate,
+            ..
         } = mlp
         else {
             unreachable!("moe() is called for MoE layers only")
@@ -563,10 +563,14 @@ impl<'m> Forward<'m> {
         let e_count = experts.len();
         let k = self.model.info.top_k;
         let (t, hdim) = x.dims2().map_err(ce(&what))?;
-        let logits: Vec<f32> = self
-            .lin(x, router, None)
-            .and_then(|l| l.flatten_all()?.to_vec1())
-            .map_err(ce(&what))?;
+        // On the CPU the experts run through the grouped kernels, straight
+        // from the token rows and the weights in their hub layout (the
+        // activations observer, which wants `act(gate·x)` alone, takes the
+        // tensor path); the router too.
+        let on_device = !x.device().is_cpu() || self.tensor_dispatch;
+        let all = wants.all_expert_outputs || wants.activations;
+        let x_host = host_copy(x, !on_device && !wants.activations, &what)?;
+        let logits = self.logits_of(mlp, x, x_host.as_deref())?;
         let mut scores = Vec::with_capacity(t * e_count);
         let mut selected = Vec::with_capacity(t * k);
         let mut weights = Vec::with_capacity(t * k);
@@ -596,24 +600,9 @@ impl<'m> Forward<'m> {
             }
         }
         let mut out = vec![0f32; t * hdim];
-        let all = wants.all_expert_outputs || wants.activations;
         let mut all_out: Vec<f32> = Vec::new();
         let mut all_act: Vec<f32> = Vec::new();
         let inter = self.model.info.expert_intermediate;
-        // On the CPU the experts run through the grouped kernels, straight
-        // from the token rows and the weights in their hub layout (the
-        // activations observer, which wants `act(gate·x)` alone, takes the
-        // tensor path).
-        let on_device = !x.device().is_cpu() || self.tensor_dispatch;
-        let x_host: Option<Vec<f32>> = if !on_device && !wants.activations {
-            Some(
-                x.flatten_all()
-                    .and_then(|x| x.to_vec1())
-                    .map_err(ce(&what))?,
-            )
-        } else {
-            None
-        };
         let act = self.activation();
         // On a GPU the top-k dispatch stays on the device: one gather of the
         // routed tokens, grouped by expert, one matmul chain per active
@@ -737,15 +726,7 @@ impl<'m> Forward<'m> {
                 shared_host = Some(y_host);
             }
         }
-        let input: Option<Vec<f32>> = if wants.input {
-            Some(
-                x.flatten_all()
-                    .and_then(|x| x.to_vec1())
-                    .map_err(ce(&what))?,
-            )
-        } else {
-            None
-        };
+        let input = host_copy(x, wants.input, &what)?;
         observer.moe_layer(&MoeObservation {
             layer,
             prompt,
@@ -767,6 +748,49 @@ impl<'m> Forward<'m> {
             Some(y) => Ok(y),
             None => Tensor::from_vec(out, (t, hdim), x.device()).map_err(ce(&what)),
         }
+    }
+
+    /// The router logits `[tokens, experts]` of an MoE layer's input `x`, on
+    /// the host. With `x_host` (the CPU) and the router in the hub layout,
+    /// the CPU kernel computes them from the host copies; else candle does.
+    pub fn router_logits(&self, mlp: &MlpWeights, x: &Tensor) -> Result<Vec<f32>> {
+        let host = host_copy(x, x.device().is_cpu(), "router input")?;
+        self.logits_of(mlp, x, host.as_deref())
+    }
+
+    fn logits_of(&self, mlp: &MlpWeights, x: &Tensor, x_host: Option<&[f32]>) -> Result<Vec<f32>> {
+        let MlpWeights::Moe {
+            router,
+            router_transposed,
+            router_hub,
+            ..
+        } = mlp
+        else {
+            return Err(Error::Usage("not an MoE layer".into()));
+        };
+        let what = "router logits";
+        let (t, h) = x.dims2().map_err(ce(what))?;
+        // A few tokens (decode, small batches) or a few experts: the CPU
+        // kernel on the hub layout; else a packed GEMM (candle's) wins.
+        let hub = if *router_transposed {
+            router_hub.as_ref()
+        } else {
+            Some(router)
+        };
+        let e = self.model.info.num_experts;
+        if let (Some(xh), Some(hub)) = (x_host.filter(|_| use_cpu_kernel(t, e)), hub) {
+            if let Some(r) = weights::HostMatrix::of(hub).filter(|r| r.cols == h) {
+                let mut logits = vec![0f32; t * r.rows];
+                expert_gemm::matmul_xwt(xh, t, h, r.data(), r.rows, &mut logits);
+                return Ok(logits);
+            }
+        }
+        let l = if *router_transposed {
+            x.matmul(router)
+        } else {
+            router.t().and_then(|w| x.matmul(&w))
+        };
+        l.and_then(|l| l.flatten_all()?.to_vec1()).map_err(ce(what))
     }
 
     /// The top-k dispatch on the device (see [`Forward::moe`]): the routed
@@ -819,6 +843,26 @@ impl<'m> Forward<'m> {
             x.zeros_like()?.index_add(&idx, &y, 0)
         }
     }
+}
+
+/// `x`'s values on the host, flattened, when `wanted`.
+fn host_copy(x: &Tensor, wanted: bool, what: &str) -> Result<Option<Vec<f32>>> {
+    if !wanted {
+        return Ok(None);
+    }
+    x.flatten_all()
+        .and_then(|x| x.to_vec1())
+        .map(Some)
+        .map_err(ce(what))
+}
+
+/// Whether the CPU computes router logits for `tokens` tokens and `experts`
+/// experts with its own kernel (`expert_gemm`) rather than candle's GEMM,
+/// whose packing pays off only for many rows and columns (crossover measured
+/// on a 2-core AVX-512 machine: between 16 and 64 tokens at 64–256 experts;
+/// never, up to 256 tokens, at 8 experts).
+pub fn use_cpu_kernel(tokens: usize, experts: usize) -> bool {
+    tokens <= 32 || experts < 32
 }
 
 /// `out[tok] += w · y[row]` for each `(tok, w)` of an expert's tokens, where

@@ -121,7 +121,8 @@ pub struct HostMatrix<'a> {
 }
 
 impl<'a> HostMatrix<'a> {
-    fn of(t: &'a Tensor) -> Option<HostMatrix<'a>> {
+    /// The tensor's storage, if it is a contiguous f32 matrix on the CPU.
+    pub fn of(t: &'a Tensor) -> Option<HostMatrix<'a>> {
         let (rows, cols) = t.dims2().ok()?;
         let (guard, layout) = t.storage_and_layout();
         let start = layout.contiguous_offsets()?.0;
@@ -188,6 +189,10 @@ pub enum MlpWeights {
     Dense(Ffn),
     Moe {
         router: Tensor,
+        /// The router is stored `[hidden, experts]` rather than `[experts, hidden]`.
+        router_transposed: bool,
+        /// On the CPU, when `router` is transposed: a copy in the hub layout.
+        router_hub: Option<Tensor>,
         /// DeepSeek-V3 `e_score_correction_bias`, on the host.
         bias: Option<Vec<f32>>,
         experts: Vec<Ffn>,
@@ -332,6 +337,13 @@ impl LayerWeights {
             };
             MlpWeights::Moe {
                 router: load(w, &router_name, device, t)?,
+                router_transposed: t,
+                // The CPU's kernel for few tokens reads the hub layout.
+                router_hub: if t && device.is_cpu() {
+                    Some(load(w, &router_name, device, false)?)
+                } else {
+                    None
+                },
                 bias,
                 experts,
                 shared,
