@@ -20,7 +20,10 @@ fn best(mut f: impl FnMut(), reps: usize) -> f64 {
 }
 
 fn main() {
-    let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+    let k: usize = std::env::var("K")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
     let n: usize = std::env::var("N")
         .ok()
         .and_then(|v| v.parse().ok())
