@@ -218,16 +218,12 @@ pub fn naive(
 
 /// `‖a − b‖ / ‖b‖` over all elements (in f64 on the host); `∞` when `b` is zero and `a` is not.
 pub fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let v = |t: &Tensor| -> R<Vec<f32>> {
-        t.to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        t.to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all()?.to_vec1())
+            .map_err(ce("comparing outputs"))
     };
-    let (a, b) = (v(a), v(b));
-    let (a, b) = (
-        a.map_err(ce("comparing outputs"))?,
-        b.map_err(ce("comparing outputs"))?,
-    );
+    let (a, b) = (host(a)?, host(b)?);
     if a.len() != b.len() {
         return Err(Error::Compute {
             what: "comparing outputs".into(),
@@ -446,7 +442,7 @@ mod tests {
     }
 
     /// On a CUDA build with a GPU: the device dispatch (one gather, grouped
-    /// matmuls, one scatter-add), the all-experts mode, the naive loop and
+    /// matmuls, one gather-sum), the all-experts mode, the naive loop and
     /// candle's fused kernels compute what the CPU kernels compute, on a
     /// synthetic layer and on fixtures with shared experts and biased
     /// routing; and whole forward passes give the same logits. Without a GPU

@@ -302,6 +302,24 @@ pub fn route_logits(
 mod tests {
     use super::*;
 
+    /// The router's logits for `x`, through candle (on `x`'s device), on the host.
+    fn candle_logits(r: &Router, x: &Tensor) -> Vec<f32> {
+        x.matmul(&r.weight_t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Same experts in the same order, weights equal to f32 rounding.
+    fn assert_same_routes(a: &Routed, b: &Routed, what: &str) {
+        assert_eq!(a.experts, b.experts, "{what}");
+        for (x, y) in a.weights.iter().zip(&b.weights) {
+            assert!((x - y).abs() < 1e-5 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+        }
+    }
+
     #[test]
     fn routes_every_token_like_the_forward_pass() {
         for case in default_cases() {
@@ -313,13 +331,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (5, 32), &Device::Cpu).unwrap();
             let routed = r.route(&x).unwrap();
             assert_eq!(routed.experts.len(), 5 * small.top_k);
-            let logits: Vec<f32> = x
-                .matmul(&r.weight_t)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let logits = candle_logits(&r, &x);
             for t in 0..5 {
                 let want = small.routing.route(
                     &logits[t * small.experts..(t + 1) * small.experts],
@@ -352,18 +364,9 @@ mod tests {
             let r = Router::random(&small, &gpu).unwrap();
             let x = Tensor::randn(0f32, 1.0, (300, 64), &gpu).unwrap();
             let dev = r.route(&x).unwrap();
-            let logits: Vec<f32> = x
-                .matmul(&r.weight_t)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let logits = candle_logits(&r, &x);
             let host = route_logits(&r.routing, &logits, r.experts, r.top_k, r.bias.as_deref());
-            assert_eq!(dev.experts, host.experts, "{}", case.variant);
-            for (a, b) in dev.weights.iter().zip(&host.weights) {
-                assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{}", case.variant);
-            }
+            assert_same_routes(&dev, &host, case.variant);
         }
     }
 
@@ -380,14 +383,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (37, 48), &Device::Cpu).unwrap();
             let host = r.route(&x).unwrap();
             let dev = r.route_on_device(&x).unwrap();
-            assert_eq!(dev.experts, host.experts, "{}", case.variant);
-            for (a, b) in dev.weights.iter().zip(&host.weights) {
-                assert!(
-                    (a - b).abs() < 1e-5 * (1.0 + b.abs()),
-                    "{}: {a} vs {b}",
-                    case.variant
-                );
-            }
+            assert_same_routes(&dev, &host, case.variant);
         }
     }
 }

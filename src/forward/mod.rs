@@ -584,10 +584,9 @@ impl<'m> Forward<'m> {
                 .par_chunks(e_count.max(1))
                 .with_min_len(32)
                 .map(|row| {
-                    (
-                        self.cfg.routing.scores(row),
-                        self.cfg.routing.route(row, k, bias.as_deref()),
-                    )
+                    let s = self.cfg.routing.scores(row);
+                    let r = self.cfg.routing.route_scores(&s, k, bias.as_deref());
+                    (s, r)
                 })
                 .collect()
         };
@@ -751,10 +750,12 @@ impl<'m> Forward<'m> {
     }
 
     /// The router logits `[tokens, experts]` of an MoE layer's input `x`, on
-    /// the host. With `x_host` (the CPU) and the router in the hub layout,
-    /// the CPU kernel computes them from the host copies; else candle does.
+    /// the host: from the CPU kernel on the CPU for few tokens or experts
+    /// ([`use_cpu_kernel`]), else from candle's matmul.
     pub fn router_logits(&self, mlp: &MlpWeights, x: &Tensor) -> Result<Vec<f32>> {
-        let host = host_copy(x, x.device().is_cpu(), "router input")?;
+        let t = x.dim(0).map_err(ce("router input"))?;
+        let wanted = x.device().is_cpu() && use_cpu_kernel(t, self.model.info.num_experts);
+        let host = host_copy(x, wanted, "router input")?;
         self.logits_of(mlp, x, host.as_deref())
     }
 

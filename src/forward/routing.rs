@@ -93,11 +93,13 @@ impl Routing {
 
     /// Routes one token. `bias` is DeepSeek-V3's `e_score_correction_bias`.
     pub fn route(&self, logits: &[f32], k: usize, bias: Option<&[f32]>) -> TokenRoute {
-        let scores = self.scores(logits);
+        self.route_scores(&self.scores(logits), k, bias)
+    }
+
+    /// Routes one token from its [`Routing::scores`] (for callers that keep them).
+    pub fn route_scores(&self, scores: &[f64], k: usize, bias: Option<&[f32]>) -> TokenRoute {
         let (experts, renormalize, scale) = match self {
-            Routing::SoftmaxTopK { renormalize, scale } => {
-                (top_k(&scores, k), *renormalize, *scale)
-            }
+            Routing::SoftmaxTopK { renormalize, scale } => (top_k(scores, k), *renormalize, *scale),
             Routing::DeepSeekV2 {
                 group_limited,
                 n_group,
@@ -107,12 +109,12 @@ impl Routing {
             } => {
                 let chosen = if *group_limited && *n_group > 1 {
                     let masked =
-                        group_mask(&scores, *n_group, *topk_group, f64::NEG_INFINITY, |g| {
+                        group_mask(scores, *n_group, *topk_group, f64::NEG_INFINITY, |g| {
                             g.iter().copied().fold(f64::NEG_INFINITY, f64::max)
                         });
                     top_k(&masked, k)
                 } else {
-                    top_k(&scores, k)
+                    top_k(scores, k)
                 };
                 // V2 applies the scaling factor only when not renormalising.
                 let scale = if *renormalize && k > 1 { 1.0 } else { *scale };
