@@ -380,9 +380,74 @@ unsafe fn tile_avx512(
             1 => tile_avx512_rows::<1>(xp, r, wp, k),
             2 => tile_avx512_rows::<2>(xp, r, wp, k),
             3 => tile_avx512_rows::<3>(xp, r, wp, k),
-            _ => tile_avx512_rows::<R>(xp, r, wp, k),
+            _ => tile_avx512_full(xp, wp, k),
         }
     }
+}
+
+/// [`tile_avx512`] on a full 4 × 4 tile, its 16 accumulators named one by
+/// one: held in an array, LLVM keeps one of them on the stack (a store and
+/// a reload in the loop's critical path; 64% of the FMA peak instead of
+/// ~95%).
+///
+/// # Safety
+/// As [`tile_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512_full(xp: &[*const f32; R], wp: &[*const f32; C], k: usize) -> [[f32; C]; R] {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    let (mut s00, mut s01, mut s02, mut s03) = (z, z, z, z);
+    let (mut s10, mut s11, mut s12, mut s13) = (z, z, z, z);
+    let (mut s20, mut s21, mut s22, mut s23) = (z, z, z, z);
+    let (mut s30, mut s31, mut s32, mut s33) = (z, z, z, z);
+    let full = k / 16 * 16;
+    let mut p = 0;
+    while p < full {
+        // SAFETY: p + 16 <= k.
+        unsafe {
+            let w0 = _mm512_loadu_ps(wp[0].add(p));
+            let w1 = _mm512_loadu_ps(wp[1].add(p));
+            let w2 = _mm512_loadu_ps(wp[2].add(p));
+            let w3 = _mm512_loadu_ps(wp[3].add(p));
+            let x = _mm512_loadu_ps(xp[0].add(p));
+            s00 = _mm512_fmadd_ps(x, w0, s00);
+            s01 = _mm512_fmadd_ps(x, w1, s01);
+            s02 = _mm512_fmadd_ps(x, w2, s02);
+            s03 = _mm512_fmadd_ps(x, w3, s03);
+            let x = _mm512_loadu_ps(xp[1].add(p));
+            s10 = _mm512_fmadd_ps(x, w0, s10);
+            s11 = _mm512_fmadd_ps(x, w1, s11);
+            s12 = _mm512_fmadd_ps(x, w2, s12);
+            s13 = _mm512_fmadd_ps(x, w3, s13);
+            let x = _mm512_loadu_ps(xp[2].add(p));
+            s20 = _mm512_fmadd_ps(x, w0, s20);
+            s21 = _mm512_fmadd_ps(x, w1, s21);
+            s22 = _mm512_fmadd_ps(x, w2, s22);
+            s23 = _mm512_fmadd_ps(x, w3, s23);
+            let x = _mm512_loadu_ps(xp[3].add(p));
+            s30 = _mm512_fmadd_ps(x, w0, s30);
+            s31 = _mm512_fmadd_ps(x, w1, s31);
+            s32 = _mm512_fmadd_ps(x, w2, s32);
+            s33 = _mm512_fmadd_ps(x, w3, s33);
+        }
+        p += 16;
+    }
+    let acc = [
+        [s00, s01, s02, s03],
+        [s10, s11, s12, s13],
+        [s20, s21, s22, s23],
+        [s30, s31, s32, s33],
+    ];
+    let mut out = [[0f32; C]; R];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, &a) in o.iter_mut().zip(a) {
+            *o = _mm512_reduce_add_ps(a);
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { tail(xp, R, wp, full, k, &mut out) };
+    out
 }
 
 /// [`tile_avx512`] on the first `RR` token rows.
@@ -404,11 +469,11 @@ unsafe fn tile_avx512_rows<const RR: usize>(
     while p < full {
         // SAFETY: p + 16 <= k.
         unsafe {
-            let xv: [__m512; RR] = std::array::from_fn(|a| _mm512_loadu_ps(xp[a].add(p)));
-            for b in 0..C {
-                let wv = _mm512_loadu_ps(wp[b].add(p));
-                for a in 0..RR {
-                    acc[a][b] = _mm512_fmadd_ps(xv[a], wv, acc[a][b]);
+            let wv: [__m512; C] = std::array::from_fn(|b| _mm512_loadu_ps(wp[b].add(p)));
+            for (a, acc) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(xp[a].add(p));
+                for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_fmadd_ps(xv, wv, *acc);
                 }
             }
         }
@@ -425,8 +490,8 @@ unsafe fn tile_avx512_rows<const RR: usize>(
     out
 }
 
-/// The AVX2 tile: 8 lanes, 16 accumulators (all 16 ymm registers hold
-/// accumulators and operands are reloaded: 8 loads per 16 FMAs).
+/// The AVX2 tile: 8 lanes, two passes of 2 token rows × 4 weight rows (8
+/// accumulators, 6 loads per 8 FMAs, within the 16 ymm registers).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; the pointers must hold `k` f32.
