@@ -122,13 +122,23 @@ impl Router {
         // for a few tokens or experts, candle's GEMM otherwise.
         let t = x.dim(0).map_err(ce("router input"))?;
         let logits: Vec<f32> = if crate::forward::use_cpu_kernel(t, self.experts) {
-            let xh: Vec<f32> = x
-                .flatten_all()
-                .and_then(|x| x.to_vec1())
-                .map_err(ce("router input"))?;
+            // The input's own storage when it is a contiguous f32 matrix on
+            // the host (as in the benchmark), a copy otherwise.
+            let borrowed = crate::forward::weights::HostMatrix::of(x);
+            let copied: Vec<f32>;
+            let xh: &[f32] = match &borrowed {
+                Some(m) => m.data(),
+                None => {
+                    copied = x
+                        .flatten_all()
+                        .and_then(|x| x.to_vec1())
+                        .map_err(ce("router input"))?;
+                    &copied
+                }
+            };
             let mut logits = vec![0f32; t * self.experts];
             crate::forward::expert_gemm::matmul_xwt(
-                &xh,
+                xh,
                 t,
                 self.hidden,
                 w,
@@ -279,22 +289,27 @@ pub fn route_logits(
     k: usize,
     bias: Option<&[f32]>,
 ) -> Routed {
-    let per: Vec<(Vec<u32>, Vec<f32>)> = logits
-        .par_chunks(experts.max(1))
-        .with_min_len(64)
-        .map(|row| {
-            let r = routing.route(row, k, bias);
-            (r.experts.iter().map(|&e| e as u32).collect(), r.weights)
-        })
-        .collect();
+    let kk = k.min(experts);
+    let tokens = logits.len() / experts.max(1);
     let mut out = Routed {
-        experts: Vec::with_capacity(per.len() * k),
-        weights: Vec::with_capacity(per.len() * k),
+        experts: vec![0; tokens * kk],
+        weights: vec![0.0; tokens * kk],
     };
-    for (e, w) in per {
-        out.experts.extend(e);
-        out.weights.extend(w);
+    if kk == 0 {
+        return out;
     }
+    out.experts
+        .par_chunks_mut(kk)
+        .zip(out.weights.par_chunks_mut(kk))
+        .zip(logits.par_chunks(experts))
+        .with_min_len(64)
+        .for_each(|((e, w), row)| {
+            let r = routing.route(row, k, bias);
+            for (e, &r) in e.iter_mut().zip(&r.experts) {
+                *e = r as u32;
+            }
+            w.copy_from_slice(&r.weights);
+        });
     out
 }
 

@@ -39,21 +39,50 @@ pub struct TokenRoute {
 /// Softmax in f64 of a logits row.
 pub fn softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.into_iter().map(|e| e / sum).collect()
+    let mut p: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = p.iter().sum();
+    p.iter_mut().for_each(|e| *e /= sum);
+    p
 }
 
 fn sigmoid(x: f32) -> f64 {
     1.0 / (1.0 + (-(x as f64)).exp())
 }
 
-/// Indices of the `k` largest values, in decreasing order (ties: lower index first).
+/// Indices of the `k` largest values, in decreasing order (ties: lower index
+/// first; values ordered by `f64::total_cmp`).
+///
+/// One pass with a sorted list of the best `k` so far (k ≤ 32: an
+/// insertion is cheaper than sorting every expert per token); a full sort
+/// for larger k.
 pub fn top_k(values: &[f64], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
+    use std::cmp::Ordering::{Greater, Less};
+    let k = k.min(values.len());
+    if k > 32 {
+        let mut idx: Vec<usize> = (0..values.len()).collect();
+        idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+        idx.truncate(k);
+        return idx;
+    }
+    let mut best: Vec<usize> = Vec::with_capacity(k);
+    if k == 0 {
+        return best;
+    }
+    for (i, v) in values.iter().enumerate() {
+        if best.len() == k {
+            // A later index displaces only a strictly greater value.
+            if v.total_cmp(&values[best[k - 1]]) != Greater {
+                continue;
+            }
+            best.pop();
+        }
+        let at = best
+            .iter()
+            .position(|&j| values[j].total_cmp(v) == Less)
+            .unwrap_or(best.len());
+        best.insert(at, i);
+    }
+    best
 }
 
 /// Keeps only the experts of the `topk_group` best groups (by `group_score`);
@@ -161,6 +190,32 @@ impl Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_matches_a_full_sort_with_ties_and_every_k() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for n in [1usize, 2, 7, 8, 64, 257] {
+            // Few distinct values, so ties are common; NaN and infinities too.
+            let mut v: Vec<f64> = (0..n).map(|_| (next() % 9) as f64 / 4.0 - 1.0).collect();
+            if n > 7 {
+                v[3] = f64::NAN;
+                v[5] = f64::NEG_INFINITY;
+                v[6] = f64::INFINITY;
+            }
+            let mut want: Vec<usize> = (0..n).collect();
+            want.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+            for k in [0usize, 1, 2, 6, 8, 33, n, n + 3] {
+                let k_eff = k.min(n);
+                assert_eq!(top_k(&v, k), want[..k_eff].to_vec(), "n={n} k={k}");
+            }
+        }
+    }
 
     #[test]
     fn mixtral_renormalises_over_the_selected_experts() {
