@@ -97,8 +97,12 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
         } else {
             Vec::new()
         },
-        // Padded with zero rows for the tiled Gram kernel.
-        buf: vec![0.0; e.next_multiple_of(GRAM_ROW_PAD) * CHUNK],
+        // The f32 chunk buffer, padded with zero rows for the tiled Gram
+        // kernel, allocated on the first chunk that needs it: the bf16
+        // kernels read the mmapped words and need none (512 KiB at E = 8,
+        // zeroed for every rayon fold, a page fault per 4 KiB, when each
+        // fold allocated it).
+        buf: Vec::new(),
         z: if needs.standardized_gram {
             vec![0.0; e]
         } else {
@@ -158,6 +162,9 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
                         return acc;
                     }
                 }
+            }
+            if acc.buf.is_empty() {
+                acc.buf = vec![0.0; e.next_multiple_of(GRAM_ROW_PAD) * CHUNK];
             }
             for (k, v) in vs.iter().enumerate() {
                 v.read_f32(start, &mut acc.buf[k * CHUNK..k * CHUNK + len]);
