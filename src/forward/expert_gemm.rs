@@ -388,7 +388,10 @@ unsafe fn tile_avx512(
 /// [`tile_avx512`] on a full 4 × 4 tile, its 16 accumulators named one by
 /// one: held in an array, LLVM keeps one of them on the stack (a store and
 /// a reload in the loop's critical path; 64% of the FMA peak instead of
-/// ~95%).
+/// ~95%). The loop is fragile: the same loop as a separate
+/// (`#[inline(never)]`) function, or with a software-prefetch branch for
+/// the next block, measured 105-130 GFLOP/s instead of ~188 on the 2-core
+/// Zen 4 machine; check `examples/expert_gemm_probe.rs` after touching it.
 ///
 /// # Safety
 /// As [`tile_avx512`].
