@@ -219,6 +219,50 @@ unsafe fn add_to_f32_avx512(sums: &mut [f32], x: &[u16]) {
     }
 }
 
+/// `sums += Σ rows` elementwise, the bf16 rows widened to f32 (each sum
+/// read and written once for all the rows). `false` if [`available`] is false.
+pub fn add_rows_to_f32(sums: &mut [f32], rows: &[&[u16]]) -> bool {
+    assert!(rows.iter().all(|r| r.len() == sums.len()));
+    if !available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: the CPU has AVX-512F (checked above); lengths are equal.
+        unsafe { add_rows_to_f32_avx512(sums, rows) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn add_rows_to_f32_avx512(sums: &mut [f32], rows: &[&[u16]]) {
+    use std::arch::x86_64::*;
+    let n = sums.len() / 16 * 16;
+    let mut k = 0;
+    while k < n {
+        let s = sums.as_mut_ptr().add(k);
+        let mut acc = _mm512_loadu_ps(s);
+        for r in rows {
+            // SAFETY: k + 16 <= len for every row.
+            let h = _mm256_loadu_si256(r.as_ptr().add(k) as *const _);
+            let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            acc = _mm512_add_ps(acc, f);
+        }
+        _mm512_storeu_ps(s, acc);
+        k += 16;
+    }
+    for q in n..sums.len() {
+        for r in rows {
+            sums[q] += f32::from_bits((r[q] as u32) << 16);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +316,15 @@ mod tests {
             assert!(add_to_f32(&mut sums, &rows[0]));
             for (s, &v) in sums.iter().zip(&rows[0]) {
                 assert_eq!(*s, 1.0 + bf16(v) as f32);
+            }
+            // Rows added in order, in f32, as one add_to_f32 per row would.
+            let mut sums = vec![1.0f32; len];
+            assert!(add_rows_to_f32(&mut sums, &refs[..e.min(4)]));
+            for (q, s) in sums.iter().enumerate() {
+                let want = refs[..e.min(4)]
+                    .iter()
+                    .fold(1.0f32, |acc, r| acc + bf16(r[q]) as f32);
+                assert_eq!(*s, want, "add_rows_to_f32 at {q}");
             }
         }
     }
