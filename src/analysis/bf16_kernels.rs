@@ -20,9 +20,9 @@ pub fn available() -> bool {
     }
 }
 
-/// Positions per f32 accumulation block: each f32 lane sums 64 products
-/// (`vdpbf16ps` adds two per lane and step) before the block's sums move to
-/// f64. (512 positions spent more time in the per-block reductions than in
+/// Positions per f32 accumulation block: each of the 16 f32 lanes sums 128
+/// products (`vdpbf16ps` adds two per lane and step) before the block's sums
+/// move to f64. (512 positions spent more time in the per-block reductions than in
 /// the products at E = 8.)
 const BLOCK: usize = 2048;
 
