@@ -1,7 +1,7 @@
 //! Kernels for bf16 checkpoints (most released MoE models) on CPUs with
 //! AVX-512 BF16: the streaming pass reads the mmapped bf16 words directly,
 //! with no f32 copy. `vdpbf16ps` multiplies pairs of bf16 values exactly and
-//! accumulates in f32; within blocks of 512 positions the sums stay in f32,
+//! accumulates in f32; within blocks of 2048 positions the sums stay in f32,
 //! across blocks they are added in f64. (The instruction treats bf16
 //! subnormals, below 1.2e-38, as zero.)
 //!

@@ -16,9 +16,11 @@ use crate::model::{Dtype, TensorView};
 
 /// Elements converted per chunk and tensor (64 KiB of f32).
 const CHUNK: usize = 1 << 14;
-/// Rows of a matrix summed in f32 before the sums move to f64 (each f32
-/// sum holds at most this many rounded additions: ~1e-7 relative error on
-/// sums of bf16 values, far below the analyses' tolerances).
+/// Rows of a matrix summed in f32 before the sums move to f64. The check
+/// runs after each chunk, so an f32 sum takes fewer than `FLUSH_ROWS` plus
+/// one chunk's rows of additions (a chunk holds 16384 / row-length rows: 4
+/// at hidden 4096): ~1e-7 relative error on sums of bf16 values at real
+/// widths, far below the analyses' tolerances.
 const FLUSH_ROWS: usize = 64;
 
 /// What one pass should compute (the Gram matrix always: it also catches NaN).
@@ -150,7 +152,7 @@ pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<M
                             for (k, w) in words.iter().enumerate() {
                                 let sums = &mut acc.sums[k * hidden..(k + 1) * hidden];
                                 match axis {
-                                    // Rows of one chunk are summed in f32, then added in f64.
+                                    // Summed in f32 (`sums32`), moved to f64 by `Acc::flush`.
                                     NeuronAxis::Rows => {
                                         let s32 = &mut acc.sums32[k * hidden..(k + 1) * hidden];
                                         // Whole rows are added four at a time.
@@ -333,7 +335,18 @@ mod tests {
     /// copies of the same values go through the converting path.
     #[test]
     fn a_pass_matches_f64_loops_on_bf16_and_f32() {
-        let (rows, cols, e) = (300usize, 200usize, 3usize);
+        if !bf16_kernels::available() {
+            eprintln!("no AVX-512 BF16 on this CPU: the bf16 matrices take the converting path");
+        }
+        // Rows crossing chunk edges with a flush per chunk; f32 sums held over
+        // several chunks (1000-wide rows); rows longer than a chunk.
+        for (rows, cols) in [(300usize, 200usize), (70, 1000), (3, 20_000)] {
+            check_pass(rows, cols);
+        }
+    }
+
+    fn check_pass(rows: usize, cols: usize) {
+        let e = 3usize;
         let values: Vec<Vec<f32>> = (0..e)
             .map(|k| {
                 (0..rows * cols)

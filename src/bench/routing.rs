@@ -298,6 +298,11 @@ pub fn route_logits(
     if kk == 0 {
         return out;
     }
+    debug_assert_eq!(
+        logits.len() % experts,
+        0,
+        "logits are not [tokens, experts]"
+    );
     out.experts
         .par_chunks_mut(kk)
         .zip(out.weights.par_chunks_mut(kk))
