@@ -185,41 +185,11 @@ unsafe fn add_to_avx512(sums: &mut [f64], x: &[u16]) {
     }
 }
 
-/// `sums[k] += x[k]` for bf16 `x`, in f32. Returns `false` if [`available`] is false.
+/// `sums[k] += x[k]` for bf16 `x`, in f32 ([`add_rows_to_f32`] of one row).
+/// Returns `false` if [`available`] is false.
 pub fn add_to_f32(sums: &mut [f32], x: &[u16]) -> bool {
     assert_eq!(sums.len(), x.len());
-    if !available() {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: the CPU has AVX-512F (checked above); lengths are equal.
-        unsafe { add_to_f32_avx512(sums, x) };
-        true
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn add_to_f32_avx512(sums: &mut [f32], x: &[u16]) {
-    use std::arch::x86_64::*;
-    let n = x.len() / 16 * 16;
-    let mut k = 0;
-    while k < n {
-        // SAFETY: k + 16 <= len for both slices.
-        let h = _mm256_loadu_si256(x.as_ptr().add(k) as *const _);
-        let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        let s = sums.as_mut_ptr().add(k);
-        _mm512_storeu_ps(s, _mm512_add_ps(_mm512_loadu_ps(s), f));
-        k += 16;
-    }
-    for q in n..x.len() {
-        sums[q] += f32::from_bits((x[q] as u32) << 16);
-    }
+    add_rows_to_f32(sums, &[x])
 }
 
 /// `sums += Σ rows` elementwise, the bf16 rows widened to f32 (each sum
