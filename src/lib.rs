@@ -9,6 +9,7 @@
 //! - [`report`]: tables, JSON (schema `moe-inspect/report/v1`), Markdown + SVG.
 
 pub mod analysis;
+pub mod atomic_write;
 pub mod bench;
 pub mod demo;
 pub mod error;

@@ -1,6 +1,9 @@
 //! `cargo moe-inspect bench`: turns arguments into a benchmark suite run,
 //! prints the table, writes the report and baselines, and compares with a
 //! baseline (exit 1 on a regression).
+//!
+//! Files are written only when asked (`--out DIR`, `--save-baseline NAME`),
+//! also on CI, and always atomically (`moe_inspect::atomic_write`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -94,12 +97,13 @@ fn baseline_path(name: &str, dir: &Path) -> PathBuf {
 
 fn check_baseline_name(name: &str) -> Result<()> {
     if name.is_empty()
+        || name.starts_with('.')
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
         return Err(Error::Usage(format!(
-            "--save-baseline `{name}`: use letters, digits, `-`, `_` and `.` only"
+            "--save-baseline `{name}`: use letters, digits, `-`, `_` and `.` only, not starting with `.`"
         )));
     }
     Ok(())

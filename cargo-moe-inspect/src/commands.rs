@@ -1,10 +1,11 @@
 //! Turns parsed arguments into library calls and output.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions, Progress};
+use moe_inspect::atomic_write;
 use moe_inspect::layers::LayerSelection;
 use moe_inspect::model::{DenseModel, Family, Model};
 use moe_inspect::report::{self, table::Styling};
@@ -58,7 +59,95 @@ fn open_model(args: &ModelArgs) -> Result<Model> {
     }
 }
 
+/// The files a run reads: the checkpoint's config.json, tokenizer.json and
+/// weights (one file, or the index and every shard it names; a `.gguf` file
+/// itself), and the prompts or token-ids file. Outputs must not be any of them.
+fn input_files(model: Option<&Path>, prompts: &crate::cli::PromptArgs) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = prompts
+        .prompts
+        .iter()
+        .chain(&prompts.token_ids)
+        .cloned()
+        .collect();
+    if let Some(m) = model {
+        files.extend(checkpoint_files(m));
+    }
+    files
+}
+
+fn checkpoint_files(model: &Path) -> Vec<PathBuf> {
+    if !model.is_dir() {
+        return vec![model.to_path_buf()];
+    }
+    let mut files: Vec<PathBuf> = [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+    ]
+    .iter()
+    .map(|f| model.join(f))
+    .collect();
+    let index = model.join("model.safetensors.index.json");
+    if let Some(map) = std::fs::read(&index)
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("weight_map").and_then(|m| m.as_object().cloned()))
+    {
+        let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        files.extend(
+            shards
+                .into_iter()
+                .filter(|s| Path::new(s).components().count() == 1)
+                .map(|s| model.join(s)),
+        );
+    }
+    files
+}
+
+/// Refuses a report directory whose `report.json`, `report.md` or figures
+/// would replace one of `inputs`.
+fn refuse_report_over_inputs(dir: &Path, inputs: &[PathBuf]) -> Result<()> {
+    for name in ["report.json", "report.md"] {
+        atomic_write::refuse_overwriting_input("--out", &dir.join(name), inputs)?;
+    }
+    let Ok(dir_c) = dir.canonicalize() else {
+        return Ok(());
+    };
+    for input in inputs {
+        let is_figure = input
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".svg"));
+        let in_dir = input
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .and_then(|p| p.canonicalize().ok())
+            .is_some_and(|p| p == dir_c);
+        if is_figure && in_dir {
+            return Err(Error::Usage(format!(
+                "--out {}: refusing to write report figures over an input of this run ({})",
+                dir.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn trace(args: TraceArgs) -> Result<u8> {
+    atomic_write::refuse_overwriting_input(
+        "--out",
+        &args.out,
+        &input_files(args.model.model.as_deref(), &args.prompts),
+    )?;
     let device = forward::parse_device(&args.model.device)?;
     let model = open_model(&args.model)?;
     let prompts = input::resolve(
@@ -130,6 +219,22 @@ pub(crate) fn progress_bar() -> Bar {
 
 fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     let analyses = AnalysisKind::parse_selection(&args.analyses)?;
+    let writes_to = match args.format {
+        OutputFormat::Table => None,
+        OutputFormat::Json => args.out.clone(),
+        OutputFormat::Markdown => Some(
+            args.out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("moe-inspect-report")),
+        ),
+    };
+    if let Some(dir) = &writes_to {
+        let mut inputs = input_files(args.model.model.as_deref(), &args.prompts);
+        if let Some(d) = &args.dense_reference {
+            inputs.extend(checkpoint_files(d));
+        }
+        refuse_report_over_inputs(dir, &inputs)?;
+    }
     let layers = args
         .layers
         .as_deref()
@@ -197,7 +302,7 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             if let Some(dir) = &args.out {
                 std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
                 let path = dir.join("report.json");
-                std::fs::write(&path, &json).map_err(|e| io(&path, e))?;
+                atomic_write::write_atomic(&path, json.as_bytes())?;
                 eprintln!("wrote {}", path.display());
             }
             println!("{json}");

@@ -46,7 +46,22 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
+/// The golden name of a model directory: its name with every character a
+/// golden name cannot hold (`.`, spaces, non-ASCII) replaced by `_`.
+fn golden_name_of_dir(dir: &Path) -> String {
+    pending::sanitize_name(&dir_name(dir))
+}
+
+/// Checks `--name` like a Cargo.toml package `name` (exit 2 otherwise).
+fn check_name_flag(name: Option<&str>) -> Result<()> {
+    match name {
+        Some(n) => pending::check_name(n).map_err(|e| Error::Usage(format!("--name: {e}"))),
+        None => Ok(()),
+    }
+}
+
 fn targets(args: &SnapshotArgs, s: Option<&Settings>) -> Result<Vec<Target>> {
+    check_name_flag(args.golden.name.as_deref())?;
     let flag_analyses = args.analyses.as_ref().map(|a| vec![a.clone()]);
     let global_prompts = || {
         (
@@ -78,7 +93,7 @@ fn targets(args: &SnapshotArgs, s: Option<&Settings>) -> Result<Vec<Target>> {
             .name
             .clone()
             .unwrap_or_else(|| match &args.model.model {
-                Some(dir) => dir_name(dir),
+                Some(dir) => golden_name_of_dir(dir),
                 None => "demo".into(),
             });
         return Ok(vec![Target {
@@ -231,7 +246,18 @@ fn record(t: &Target, sel: Selection, tol: Tolerances, device: &str) -> Result<S
 pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
     let s = settings(args.golden.manifest_path.as_deref())?;
     let dir = golden_dir(&args.golden, s.as_ref());
-    for t in targets(&args, s.as_ref())? {
+    let targets = targets(&args, s.as_ref())?;
+    if pending::on_ci() {
+        let names: Vec<String> = targets
+            .iter()
+            .map(|t| pending::golden_path(&dir, &t.name).display().to_string())
+            .collect();
+        return Err(Error::Usage(format!(
+            "snapshot: golden files are never written on CI (CI is set), not even new ones ({}); record snapshots locally",
+            names.join(", ")
+        )));
+    }
+    for t in targets {
         let sel = selection(t.analyses.as_ref())?;
         let tol = tolerances(
             Tolerances::default(),
@@ -240,12 +266,6 @@ pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
             &args.tolerance,
         )?;
         let path = pending::golden_path(&dir, &t.name);
-        if pending::on_ci() && path.exists() {
-            return Err(Error::Usage(format!(
-                "{}: golden files are not overwritten on CI (CI is set); record snapshots locally",
-                path.display()
-            )));
-        }
         let snap = record(&t, sel, tol, &args.model.device)?;
         snap.write(&path)?;
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -344,6 +364,10 @@ fn emit(comparisons: &[Comparison], format: CheckFormat) -> Result<()> {
             eprint!("{notes}");
         }
         if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY") {
+            // The one write that is not atomic (crate::atomic_write): the step
+            // summary is a file the CI runner creates and other steps append
+            // to; replacing it would drop their sections, and a half-written
+            // append harms no golden file.
             let path = PathBuf::from(path);
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
@@ -358,6 +382,7 @@ fn emit(comparisons: &[Comparison], format: CheckFormat) -> Result<()> {
 }
 
 fn pending_list(args: &GoldenDirArgs) -> Result<(PathBuf, Vec<pending::Pending>)> {
+    check_name_flag(args.name.as_deref())?;
     let s = settings(args.manifest_path.as_deref())?;
     let dir = golden_dir(args, s.as_ref());
     let list = pending::list(&dir, args.name.as_deref())?;

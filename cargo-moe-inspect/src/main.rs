@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     // `cargo moe-inspect ...` runs us as `cargo-moe-inspect moe-inspect ...`.
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "moe-inspect") {
@@ -31,5 +32,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code() as u8)
         }
+    }
+}
+
+/// The Rust runtime ignores SIGPIPE, so a write to a closed pipe
+/// (`cargo moe-inspect analyze --format json | head -1`) returns an error and
+/// `print!` panics (exit 101). Like other command-line tools, we let SIGPIPE
+/// end the process quietly instead.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any thread is started;
+    // setting a signal's disposition to its default has no other effect.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -45,10 +45,7 @@ pub fn cached_model(
     let want = format!("{g:?} {full:?}");
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
         synthetic::write_model(&dir, g, full, 7)?;
-        std::fs::write(&stamp, &want).map_err(|e| crate::Error::Io {
-            path: stamp,
-            source: e,
-        })?;
+        crate::atomic_write::write_atomic(&stamp, want.as_bytes())?;
     }
     Ok(dir)
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
+use crate::atomic_write::write_atomic;
 use crate::bench::schema::{BenchFile, BenchResult};
 use crate::bench::verdict::Verdict;
 use crate::error::{Error, Result};
@@ -272,7 +273,8 @@ pub fn markdown(
     s
 }
 
-/// Writes `bench.json`, `report.md` and the SVG figures into `dir`.
+/// Writes `bench.json`, `report.md` and the SVG figures into `dir`, each
+/// atomically ([`crate::atomic_write`]).
 pub fn write(
     dir: &Path,
     file: &BenchFile,
@@ -292,17 +294,16 @@ pub fn write(
         let rs: Vec<&BenchResult> = file.benchmarks.iter().filter(|b| b.group == g).collect();
         let name = format!("throughput-{g}.svg");
         let path = dir.join(&name);
-        std::fs::write(&path, throughput_svg(g, &rs)).map_err(|e| Error::io(&path, e))?;
+        write_atomic(&path, throughput_svg(g, &rs).as_bytes())?;
         figures.push(name);
     }
     if let Some(svg) = roofline_svg(file) {
         let path = dir.join("roofline.svg");
-        std::fs::write(&path, svg).map_err(|e| Error::io(&path, e))?;
+        write_atomic(&path, svg.as_bytes())?;
         figures.push("roofline.svg".into());
     }
     let path = dir.join("report.md");
-    std::fs::write(&path, markdown(file, peer, notes, &figures))
-        .map_err(|e| Error::io(&path, e))?;
+    write_atomic(&path, markdown(file, peer, notes, &figures).as_bytes())?;
     Ok(path)
 }
 

@@ -138,13 +138,14 @@ impl BenchFile {
         Ok(file)
     }
 
-    /// Writes the file as pretty JSON.
+    /// Writes the file as pretty JSON, atomically ([`crate::atomic_write`]):
+    /// a full disk or a killed run leaves the previous baseline intact.
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         let text = serde_json::to_string_pretty(self).unwrap_or_default();
-        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+        crate::atomic_write::write_atomic(path, (text + "\n").as_bytes())
     }
 
     /// The benchmark of that name.

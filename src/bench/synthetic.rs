@@ -116,11 +116,12 @@ pub fn write_model(dir: &Path, g: &Geometry, full: Option<FullModel>, seed: u64)
         "torch_dtype": match g.dtype { "F32" => "float32", "F16" => "float16", _ => "bfloat16" },
     });
     let cpath = dir.join("config.json");
-    std::fs::write(
+    crate::atomic_write::write_atomic(
         &cpath,
-        serde_json::to_string_pretty(&config).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io(&cpath, e))?;
+        serde_json::to_string_pretty(&config)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     let mut specs = Vec::new();
     // Norm weights are written as ones (recognised by name below).
     let mut ones = std::collections::HashSet::new();

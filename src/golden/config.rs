@@ -95,27 +95,90 @@ impl Settings {
 }
 
 /// Reads the configuration. Without `manifest_path`, the manifest of the
-/// current directory is used, and having none is not an error (`Ok(None)`).
+/// current directory is used, and having none is not an error (`Ok(None)`:
+/// the defaults, golden files in `./golden`).
+///
+/// When `cargo` cannot be run (not on PATH, `CARGO` unset) and no
+/// `--manifest-path` was given, the defaults apply too, unless a Cargo.toml
+/// in the current directory or above has a `moe-inspect` table: ignoring that
+/// configuration silently would check other models than configured, so that
+/// is an error naming the manifest. An explicit `manifest_path` that cannot
+/// be read is always an error.
 pub fn load(manifest_path: Option<&Path>) -> Result<Option<Settings>> {
+    match load_with_cargo(manifest_path) {
+        Err(LoadError::CargoMissing(e)) => match manifest_path {
+            Some(p) => Err(Error::Input {
+                path: p.to_path_buf(),
+                reason: format!("cannot run `cargo` to read this manifest: {e}"),
+            }),
+            None => match configured_manifest_above(Path::new(".")) {
+                None => Ok(None),
+                Some(manifest) => Err(Error::Input {
+                    path: manifest,
+                    reason: format!(
+                        "this manifest has a `moe-inspect` table, but `cargo` cannot be run to read it ({e}); put cargo on PATH or set CARGO"
+                    ),
+                }),
+            },
+        },
+        Err(LoadError::Other(e)) => Err(e),
+        Ok(s) => Ok(s),
+    }
+}
+
+enum LoadError {
+    /// `cargo` could not be started.
+    CargoMissing(std::io::Error),
+    Other(Error),
+}
+
+/// The first Cargo.toml in `start` or above whose text names a `moe-inspect`
+/// table (`[...metadata.moe-inspect]` or a `moe-inspect = ...` key).
+fn configured_manifest_above(start: &Path) -> Option<PathBuf> {
+    let start = start.canonicalize().ok()?;
+    for dir in start.ancestors() {
+        let manifest = dir.join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        let names_table = text.lines().any(|l| {
+            let l = l.trim();
+            (l.starts_with('[') && l.contains("metadata") && l.contains("moe-inspect"))
+                || l.starts_with("moe-inspect")
+                || l.starts_with("\"moe-inspect\"")
+        });
+        if names_table {
+            return Some(manifest);
+        }
+    }
+    None
+}
+
+fn load_with_cargo(
+    manifest_path: Option<&Path>,
+) -> std::result::Result<Option<Settings>, LoadError> {
     let mut cmd = cargo_metadata::MetadataCommand::new();
     cmd.no_deps();
     if let Some(p) = manifest_path {
         if !p.is_file() {
-            return Err(Error::Input {
+            return Err(LoadError::Other(Error::Input {
                 path: p.to_path_buf(),
                 reason: "--manifest-path: no such file".into(),
-            });
+            }));
         }
         cmd.manifest_path(p);
     }
     let meta = match cmd.exec() {
         Ok(m) => m,
+        Err(cargo_metadata::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LoadError::CargoMissing(e));
+        }
         Err(e) => {
             let text = e.to_string();
             if manifest_path.is_none() && text.contains("could not find `Cargo.toml`") {
                 return Ok(None);
             }
-            return Err(Error::Input {
+            return Err(LoadError::Other(Error::Input {
                 path: manifest_path
                     .map(Path::to_path_buf)
                     .unwrap_or_else(|| PathBuf::from("Cargo.toml")),
@@ -123,7 +186,7 @@ pub fn load(manifest_path: Option<&Path>) -> Result<Option<Settings>> {
                     "cannot read the cargo metadata: {}",
                     text.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
                 ),
-            });
+            }));
         }
     };
     let package = match manifest_path {
@@ -148,7 +211,8 @@ pub fn load(manifest_path: Option<&Path>) -> Result<Option<Settings>> {
                 "package.metadata.moe-inspect",
                 &dir,
             )
-            .map(Some);
+            .map(Some)
+            .map_err(LoadError::Other);
         }
     }
     match meta.workspace_metadata.get("moe-inspect") {
@@ -161,6 +225,7 @@ pub fn load(manifest_path: Option<&Path>) -> Result<Option<Settings>> {
                 root,
             )
             .map(Some)
+            .map_err(LoadError::Other)
         }
         None => Ok(None),
     }
@@ -203,11 +268,9 @@ pub fn parse(
     let mut models = Vec::new();
     for (i, m) in raw.models.into_iter().enumerate() {
         let at = format!("models[{i}].");
-        if m.name.trim().is_empty() || m.name.contains(['/', '\\']) {
-            return Err(key_error(
-                format!("{at}name"),
-                format!("`{}` is not a usable file name", m.name),
-            ));
+        // The name is the golden file's name: checked like a Cargo.toml `name`.
+        if let Err(reason) = crate::golden::pending::check_name(&m.name) {
+            return Err(key_error(format!("{at}name"), reason));
         }
         if models.iter().any(|x: &ModelEntry| x.name == m.name) {
             return Err(key_error(

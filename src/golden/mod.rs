@@ -861,15 +861,25 @@ impl Snapshot {
         Snapshot::parse(path, &text)
     }
 
-    /// Writes the file atomically (temporary file, then rename), so a failed
-    /// run never leaves a partial golden file.
+    /// Writes the file through [`crate::atomic_write`] (unique temp file,
+    /// fsync, rename), so a failed or killed run never leaves a partial golden
+    /// file. For `<dir>/<name>.json` and `<name>.json.new` it holds the name's
+    /// lock ([`pending::lock`]) meanwhile, so concurrent writers serialise, and
+    /// removes temp files that killed writers left behind.
     pub fn write(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, self.to_json()).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        let text = self.to_json();
+        let _lock = match pending::name_of(path) {
+            Some((dir, name)) => {
+                let lock = pending::lock(&dir, &name)?;
+                crate::atomic_write::remove_stale_temps(path);
+                Some(lock)
+            }
+            None => None,
+        };
+        crate::atomic_write::write_atomic(path, text.as_bytes())
     }
 
     /// Checks the shapes inside the file against its own model block.

@@ -3,10 +3,10 @@
 //! The data of each tensor is produced on demand, so a multi-GB file is
 //! written with bounded memory.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Name, dtype tag (`F32`, `BF16`, ...) and shape of a tensor to write.
 #[derive(Debug, Clone)]
@@ -40,8 +40,10 @@ impl TensorSpec {
     }
 }
 
-/// Writes a safetensors file. `fill(i, out)` must write exactly
-/// `specs[i].nbytes()` bytes of little-endian data for tensor `i`.
+/// Writes a safetensors file, atomically ([`crate::atomic_write`]: a temp
+/// file in the target's folder, renamed over it once complete). `fill(i, out)`
+/// must write exactly `specs[i].nbytes()` bytes of little-endian data for
+/// tensor `i`.
 pub fn write_streaming(
     path: &Path,
     specs: &[TensorSpec],
@@ -61,16 +63,14 @@ pub fn write_streaming(
     while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
-    let io = |e| Error::io(path, e);
-    let file = std::fs::File::create(path).map_err(io)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&(text.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    out.write_all(&text).map_err(io)?;
-    for i in 0..specs.len() {
-        fill(i, &mut out).map_err(io)?;
-    }
-    out.flush().map_err(io)
+    crate::atomic_write::write_atomic_with(path, |out| {
+        out.write_all(&(text.len() as u64).to_le_bytes())?;
+        out.write_all(&text)?;
+        for i in 0..specs.len() {
+            fill(i, out)?;
+        }
+        Ok(())
+    })
 }
 
 /// Writes a safetensors file from tensors held in memory.

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use crate::analysis::linalg::strict_lower;
+use crate::atomic_write::write_atomic;
 use crate::error::{Error, Result};
 use crate::model::Matrix;
 use crate::report::schema::{LayerMatrices, MatrixSimilarity, Report};
@@ -32,7 +33,7 @@ struct Writer<'a> {
 impl Writer<'_> {
     fn figure(&mut self, name: &str, alt: &str, svg: &str) -> Result<()> {
         let path = self.dir.join(name);
-        std::fs::write(&path, svg).map_err(|e| Error::io(&path, e))?;
+        write_atomic(&path, svg.as_bytes())?;
         let _ = writeln!(self.md, "![{alt}]({name})\n");
         Ok(())
     }
@@ -45,7 +46,8 @@ fn min_of(ms: &[&Vec<Vec<f64>>]) -> f64 {
         .min(0.0)
 }
 
-/// Writes `report.md` and one SVG per figure into `dir`; returns the report's path.
+/// Writes `report.md` and one SVG per figure into `dir`, each atomically
+/// ([`crate::atomic_write`]); returns the report's path.
 pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut w = Writer {
@@ -226,7 +228,7 @@ pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathB
     }
     dynamic_sections(&mut w, report, opts)?;
     let path = dir.join("report.md");
-    std::fs::write(&path, &w.md).map_err(|e| Error::io(&path, e))?;
+    write_atomic(&path, w.md.as_bytes())?;
     Ok(path)
 }
 
