@@ -65,10 +65,12 @@ fn tag_size(tag: &str) -> Option<usize> {
     })
 }
 
-/// The bytes behind a shard: a read-only file mapping or bytes embedded in the binary.
+/// The bytes behind a shard: a read-only file mapping, bytes embedded in the
+/// binary, or a copy held in memory.
 enum Storage {
     Mmap(memmap2::Mmap),
     Static(&'static [u8]),
+    Owned(Vec<u8>),
 }
 
 impl Storage {
@@ -76,6 +78,7 @@ impl Storage {
         match self {
             Storage::Mmap(m) => m,
             Storage::Static(b) => b,
+            Storage::Owned(b) => b,
         }
     }
 }
@@ -121,18 +124,23 @@ impl Shard {
         len8.copy_from_slice(&bytes[..8]);
         let header_len = u64::from_le_bytes(len8);
         let available = (bytes.len() - 8) as u64;
+        if header_len > MAX_HEADER_BYTES {
+            return Err(bad(format!(
+                "corrupt safetensors file: header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes"
+            )));
+        }
         if header_len > available {
             return Err(bad(format!(
                 "truncated or corrupt safetensors file: header claims {header_len} bytes, file has {available} after the length prefix"
             )));
         }
+        // header_len <= available < bytes.len(), so this neither overflows nor passes the end.
         let header_end = 8 + header_len as usize;
-        let header: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&bytes[8..header_end])
-                .map_err(|e| bad(format!("safetensors header is not valid JSON: {e}")))?;
+        let header: Header = serde_json::from_slice(&bytes[8..header_end])
+            .map_err(|e| bad(format!("safetensors header is not valid JSON: {e}")))?;
         let data_len = (bytes.len() - header_end) as u64;
-        let mut tensors = HashMap::with_capacity(header.len());
-        for (name, value) in header {
+        let mut tensors = HashMap::with_capacity(header.0.len());
+        for (name, value) in header.0 {
             if name == "__metadata__" {
                 continue;
             }
@@ -153,18 +161,30 @@ impl Shard {
                     available: data_len,
                 });
             }
-            let numel: u64 = entry.shape.iter().map(|&d| d as u64).product();
+            let numel = entry
+                .shape
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
             if let Some(size) = tag_size(&entry.dtype) {
-                if numel * size as u64 != end - start {
+                let need = numel.and_then(|n| n.checked_mul(size as u64));
+                if need != Some(end - start) {
+                    let need = need.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
                     return Err(bad(format!(
-                        "tensor `{name}`: shape {:?} of {} needs {} bytes but its data offsets span {}",
+                        "tensor `{name}`: shape {:?} of {} needs {need} bytes but its data offsets span {}",
                         entry.shape,
                         entry.dtype,
-                        numel * size as u64,
                         end - start
                     )));
                 }
+            } else if numel.is_none_or(|n| n > (end - start).saturating_mul(8)) {
+                // Other dtype tags (e.g. 4-bit ones) take at least one bit per element.
+                return Err(bad(format!(
+                    "tensor `{name}`: shape {:?} has more elements than its data offsets span bits ({} bytes)",
+                    entry.shape,
+                    end - start
+                )));
             }
+            // end <= data_len, so both fit in usize and in the file.
             tensors.insert(
                 name,
                 TensorEntry {
@@ -175,11 +195,77 @@ impl Shard {
                 },
             );
         }
+        check_disjoint(&path, &tensors)?;
         Ok(Shard {
             path,
             storage,
             tensors,
         })
+    }
+}
+
+/// The largest header accepted (as the `safetensors` crate: 100 MB).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Rejects tensors whose data ranges overlap (or coincide): each byte of the
+/// data section belongs to at most one tensor. Empty tensors own no bytes.
+fn check_disjoint(path: &Path, tensors: &HashMap<String, TensorEntry>) -> Result<()> {
+    let mut ranges: Vec<(usize, usize, &str)> = tensors
+        .iter()
+        .filter(|(_, t)| t.end > t.start)
+        .map(|(n, t)| (t.start, t.end, n.as_str()))
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let ((s0, e0, a), (s1, e1, b)) = (pair[0], pair[1]);
+        if s1 < e0 {
+            let what = if (s0, e0) == (s1, e1) {
+                "the same data range"
+            } else {
+                "overlapping data ranges"
+            };
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "tensors `{a}` (bytes {s0}..{e0}) and `{b}` (bytes {s1}..{e1}) have {what}; \
+                     each tensor needs its own bytes"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A header's entries in file order, with duplicate names rejected (a JSON
+/// object may repeat a key; a map would silently keep the last).
+struct Header(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Header, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Header, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "tensor `{k}` appears twice"
+                        )));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Header(out))
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
@@ -381,6 +467,17 @@ impl Weights {
     }
 
     fn open_index(dir: &Path, index_path: &Path) -> Result<Weights> {
+        let size = std::fs::metadata(index_path)
+            .map_err(|e| Error::io(index_path, e))?
+            .len();
+        if size > MAX_HEADER_BYTES {
+            return Err(Error::Safetensors {
+                path: index_path.to_path_buf(),
+                reason: format!(
+                    "safetensors index of {size} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes"
+                ),
+            });
+        }
         let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
         let index: RawIndex = serde_json::from_slice(&text).map_err(|e| Error::Safetensors {
             path: index_path.to_path_buf(),
@@ -395,10 +492,12 @@ impl Weights {
         ordered.sort_by_key(|(_, id)| **id);
         let mut shards = Vec::with_capacity(ordered.len());
         for (file, _) in ordered {
-            if file.contains("..") || Path::new(file).is_absolute() {
+            if !is_plain_file_name(file) {
                 return Err(Error::Safetensors {
                     path: index_path.to_path_buf(),
-                    reason: format!("shard name `{file}` leaves the model directory"),
+                    reason: format!(
+                        "shard name `{file}` is not a file name inside the model directory"
+                    ),
                 });
             }
             shards.push(Shard::open(&dir.join(file))?);
@@ -445,6 +544,21 @@ impl Weights {
     /// Weights embedded in the binary (the demo model).
     pub fn from_static(label: &Path, bytes: &'static [u8]) -> Result<Weights> {
         let shard = Shard::parse(label.join("model.safetensors"), Storage::Static(bytes))?;
+        let location = shard.tensors.keys().map(|k| (k.clone(), 0)).collect();
+        Ok(Weights {
+            dir: label.to_path_buf(),
+            shards: vec![shard],
+            location,
+        })
+    }
+
+    /// Weights parsed from a copy of `bytes` (tests and fuzzing); `label`
+    /// names the checkpoint in errors, as for [`Weights::from_static`].
+    pub fn from_bytes(label: &Path, bytes: &[u8]) -> Result<Weights> {
+        let shard = Shard::parse(
+            label.join("model.safetensors"),
+            Storage::Owned(bytes.to_vec()),
+        )?;
         let location = shard.tensors.keys().map(|k| (k.clone(), 0)).collect();
         Ok(Weights {
             dir: label.to_path_buf(),
@@ -585,6 +699,17 @@ impl Weights {
     }
 }
 
+/// Whether an index's shard name is one plain file name in the model
+/// directory: not empty, `.` or `..`, no separator (`/` or `\\`), not absolute.
+/// Names that merely contain `..` (`model..00001-of-00002.safetensors`) are fine.
+fn is_plain_file_name(name: &str) -> bool {
+    use std::path::Component;
+    let mut parts = Path::new(name).components();
+    !name.contains(['/', '\\', '\0'])
+        && matches!(parts.next(), Some(Component::Normal(_)))
+        && parts.next().is_none()
+}
+
 fn fp8_table() -> &'static [f32; 256] {
     static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| std::array::from_fn(|b| fp8_e4m3_to_f32(b as u8)))
@@ -598,6 +723,105 @@ fn page_size() -> usize {
 mod tests {
     use super::*;
     use crate::model::writer::{write, TensorSpec};
+
+    /// A safetensors file of `header` (JSON) followed by `data` zero bytes.
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.resize(b.len() + data, 0);
+        b
+    }
+
+    fn parse_err(bytes: &[u8]) -> String {
+        match Weights::from_bytes(Path::new("m"), bytes) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn overlapping_and_duplicate_ranges_are_rejected() {
+        let ok = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},
+                    "b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},
+                    "e":{"dtype":"F32","shape":[0],"data_offsets":[8,8]},
+                    "__metadata__":{"format":"pt"}}"#;
+        assert!(Weights::from_bytes(Path::new("m"), &file(ok, 16)).is_ok());
+        let same = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},
+                      "b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let e = parse_err(&file(same, 8));
+        assert!(
+            e.contains("m/model.safetensors") && e.contains("`a`") && e.contains("`b`"),
+            "{e}"
+        );
+        assert!(e.contains("same data range"), "{e}");
+        let overlap = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,12]},
+                         "b":{"dtype":"F16","shape":[4],"data_offsets":[4,12]}}"#;
+        let e = parse_err(&file(overlap, 12));
+        assert!(
+            e.contains("overlapping") && e.contains("`a`") && e.contains("`b`"),
+            "{e}"
+        );
+        let twice = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},
+                       "a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        let e = parse_err(&file(twice, 8));
+        assert!(e.contains("`a` appears twice"), "{e}");
+    }
+
+    #[test]
+    fn sizes_are_checked_without_overflow() {
+        // 2^32 · 2^32 elements wraps u64 to 0, which would match an empty range.
+        let wrap = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#;
+        let e = parse_err(&file(wrap, 0));
+        assert!(e.contains("`a`") && e.contains("more than 2^64"), "{e}");
+        let wrap_unknown =
+            r#"{"a":{"dtype":"F4","shape":[4294967296,4294967296,2],"data_offsets":[0,0]}}"#;
+        assert!(parse_err(&file(wrap_unknown, 0)).contains("`a`"));
+        let big_offsets = format!(
+            r#"{{"a":{{"dtype":"U8","shape":[1],"data_offsets":[{},{}]}}}}"#,
+            u64::MAX - 1,
+            u64::MAX
+        );
+        assert!(parse_err(&file(&big_offsets, 4)).contains("truncated"));
+        let mismatch = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+        assert!(parse_err(&file(mismatch, 8)).contains("needs 12 bytes"));
+        // A header length beyond the limit, in a file that is (nearly) empty.
+        let mut huge = (MAX_HEADER_BYTES + 1).to_le_bytes().to_vec();
+        huge.extend_from_slice(b"{}");
+        assert!(parse_err(&huge).contains("exceeds the limit"));
+        let mut max = u64::MAX.to_le_bytes().to_vec();
+        max.extend_from_slice(b"{}");
+        assert!(parse_err(&max).contains("exceeds the limit"));
+        assert!(parse_err(&[1, 2, 3]).contains("too short"));
+        assert!(parse_err(&file("[1]", 0)).contains("not valid JSON"));
+    }
+
+    #[test]
+    fn shard_names_are_checked_by_component() {
+        for ok in [
+            "model..00001-of-00002.safetensors",
+            "model-00001-of-00002.safetensors",
+            "..model",
+            "a..b",
+        ] {
+            assert!(is_plain_file_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "../../etc/passwd",
+            "/abs.safetensors",
+            "a/b",
+            "a\\b",
+            "..\\x",
+            "./x",
+            "x/",
+            "x\0y",
+        ] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn fp8_e4m3fn_decoding() {
