@@ -27,11 +27,40 @@ fn input_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The longest excerpt of a bad input quoted in an error message.
+const QUOTE_CHARS: usize = 40;
+
+/// `s`, cut to [`QUOTE_CHARS`] characters (a garbage "word" may be megabytes long).
+fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// The text of an input file: UTF-8, with a leading byte-order mark removed.
+pub fn decode_text<'b>(path: &Path, bytes: &'b [u8]) -> Result<&'b str> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        input_error(
+            path,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
+    Ok(strip_bom(text))
+}
+
+fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Parses prompt text: one prompt per non-empty line, or JSON Lines whose
 /// objects carry a `"text"` string (a file is JSONL when its first non-empty
-/// line starts with `{`).
+/// line starts with `{`). A leading UTF-8 byte-order mark is ignored.
 pub fn parse_prompt_text(path: &Path, text: &str) -> Result<Vec<String>> {
-    let lines: Vec<(usize, &str)> = text
+    let lines: Vec<(usize, &str)> = strip_bom(text)
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -48,6 +77,12 @@ pub fn parse_prompt_text(path: &Path, text: &str) -> Result<Vec<String>> {
                 .get("text")
                 .and_then(|t| t.as_str())
                 .ok_or_else(|| input_error(path, format!("line {}: no \"text\" string", n + 1)))?;
+            if t.trim().is_empty() {
+                return Err(input_error(
+                    path,
+                    format!("line {}: \"text\" is empty", n + 1),
+                ));
+            }
             out.push(t.to_string());
         } else {
             out.push(line.to_string());
@@ -59,18 +94,33 @@ pub fn parse_prompt_text(path: &Path, text: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Parses token ids: one prompt per non-empty line, ids separated by whitespace.
+/// Parses token ids: one prompt per non-empty line, ids (decimal digits,
+/// below 2^32) separated by whitespace. A leading UTF-8 byte-order mark is ignored.
 pub fn parse_token_ids(path: &Path, text: &str) -> Result<Vec<Vec<u32>>> {
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
+    for (n, line) in strip_bom(text).lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         let ids = line
             .split_whitespace()
             .map(|w| {
-                w.parse::<u32>().map_err(|_| {
-                    input_error(path, format!("line {}: `{w}` is not a token id", n + 1))
+                // Digits only: `str::parse` would also take a sign (`+5`).
+                let id = w
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| w.parse::<u32>().ok())
+                    .flatten();
+                id.ok_or_else(|| {
+                    input_error(
+                        path,
+                        format!(
+                            "line {}: `{}` is not a token id (a number from 0 to {})",
+                            n + 1,
+                            quote(w),
+                            u32::MAX
+                        ),
+                    )
                 })
             })
             .collect::<Result<Vec<u32>>>()?;
@@ -83,7 +133,8 @@ pub fn parse_token_ids(path: &Path, text: &str) -> Result<Vec<Vec<u32>>> {
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_text(path, &bytes).map(str::to_string)
 }
 
 /// A tokenizer loaded from `tokenizer.json` bytes.
@@ -210,6 +261,54 @@ mod tests {
         );
         let e = parse_token_ids(p, "1 x\n").unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("`x`"), "{e}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() {
+        let p = Path::new("p.jsonl");
+        let bom = "\u{feff}";
+        assert_eq!(
+            parse_prompt_text(
+                p,
+                &format!("{bom}{{\"text\": \"x\"}}\n{{\"text\": \"y\"}}\n")
+            )
+            .unwrap(),
+            vec!["x", "y"]
+        );
+        assert_eq!(
+            parse_prompt_text(p, &format!("{bom}plain\n")).unwrap(),
+            vec!["plain"]
+        );
+        assert_eq!(
+            parse_token_ids(p, &format!("{bom}1 2\n3\n")).unwrap(),
+            vec![vec![1, 2], vec![3]]
+        );
+        let bytes = format!("{bom}7 8\n").into_bytes();
+        assert_eq!(decode_text(p, &bytes).unwrap(), "7 8\n");
+    }
+
+    #[test]
+    fn garbage_is_rejected_with_a_short_message() {
+        let p = Path::new("ids.txt");
+        for bad in ["-1", "+5", "4294967296", "1e3", "0x10", "１"] {
+            let e = parse_token_ids(p, &format!("1 {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("ids.txt") && e.contains("line 1"), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_token_ids(p, "4294967295\n").unwrap(),
+            vec![vec![u32::MAX]]
+        );
+        let long = "x".repeat(1 << 20);
+        let e = parse_token_ids(p, &long).unwrap_err().to_string();
+        assert!(e.len() < 200, "{}", e.len());
+        let e = decode_text(p, b"1 2\n\xff\xfe").unwrap_err().to_string();
+        assert!(e.contains("not UTF-8") && e.contains("offset 4"), "{e}");
+        let e = parse_prompt_text(p, "{\"text\": \"  \"}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty"), "{e}");
     }
 
     #[test]
