@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::forward::routing::Routing;
+use crate::model::config::limits;
 use crate::model::{Config, Family, ModelInfo};
 
 /// How attention is computed.
@@ -61,35 +62,104 @@ pub struct ForwardConfig {
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
-    if let Some(t) = c.f64_opt("rope_theta")? {
-        return Ok(t);
-    }
-    // transformers 5: rope_parameters: {rope_theta, rope_type}.
-    if let Some(p) = c.get("rope_parameters").and_then(|v| v.get("rope_theta")) {
-        return p.as_f64().ok_or_else(|| {
+    let (key, theta) = if let Some(t) = c.f64_opt("rope_theta")? {
+        ("rope_theta", t)
+    } else if let Some(p) = c.get("rope_parameters").and_then(|v| v.get("rope_theta")) {
+        // transformers 5: rope_parameters: {rope_theta, rope_type}.
+        let t = p.as_f64().ok_or_else(|| {
             Error::key(c.path(), "rope_parameters.rope_theta", "expected a number")
-        });
+        })?;
+        ("rope_parameters.rope_theta", t)
+    } else {
+        return Ok(10000.0);
+    };
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(Error::key(
+            c.path(),
+            key,
+            format!("is {theta}, must be a positive finite number"),
+        ));
     }
-    Ok(10000.0)
+    Ok(theta)
+}
+
+/// A per-head dimension: `1..=limits::HEAD_DIM`, and even where rotary
+/// embeddings rotate pairs of it.
+fn head_dim_in(c: &Config, key: &str, v: usize, rotary: bool) -> Result<usize> {
+    c.check_range(key, v, 1, limits::HEAD_DIM)?;
+    if rotary && v % 2 != 0 {
+        return Err(Error::key(
+            c.path(),
+            key,
+            format!("is {v}, must be even (rotary embeddings rotate pairs of dimensions)"),
+        ));
+    }
+    Ok(v)
+}
+
+/// `heads × dim` within `limits::WIDTH` (checked, so nothing wraps).
+fn width(c: &Config, key: &str, heads: usize, dim: usize) -> Result<()> {
+    match heads.checked_mul(dim) {
+        Some(w) if w <= limits::WIDTH => Ok(()),
+        _ => Err(Error::key(
+            c.path(),
+            key,
+            format!(
+                "is {dim}: {heads} heads × {dim} exceeds the limit of {} for one projection",
+                limits::WIDTH
+            ),
+        )),
+    }
 }
 
 impl ForwardConfig {
     /// Reads the forward-pass settings of a model.
     pub fn from_config(c: &Config, info: &ModelInfo) -> Result<ForwardConfig> {
         let fam = info.family;
-        let heads = c.usize("num_attention_heads")?;
-        let kv_heads = c.usize_opt("num_key_value_heads")?.unwrap_or(heads);
-        let head_dim = match fam {
+        let mla = matches!(fam, Family::DeepSeekV2 | Family::DeepSeekV3);
+        let heads = c.usize_in("num_attention_heads", 1, limits::HEADS)?;
+        let kv_heads = c
+            .usize_opt_in("num_key_value_heads", 1, heads)?
+            .unwrap_or(heads);
+        if !mla && heads % kv_heads != 0 {
+            return Err(Error::key(
+                c.path(),
+                "num_key_value_heads",
+                format!(
+                    "is {kv_heads}, must divide num_attention_heads ({heads}): each key/value head serves a whole group of query heads"
+                ),
+            ));
+        }
+        let head_dim = if mla {
             // DeepSeek configs written by transformers 5 carry head_dim = qk_rope_head_dim.
-            Family::DeepSeekV2 | Family::DeepSeekV3 => 0,
-            _ => c
-                .usize_opt("head_dim")?
-                .unwrap_or(info.hidden_size / heads.max(1)),
+            0
+        } else {
+            let d = match c.usize_opt("head_dim")? {
+                Some(d) => head_dim_in(c, "head_dim", d, true)?,
+                None if info.hidden_size / heads == 0 => {
+                    return Err(Error::key(
+                        c.path(),
+                        "num_attention_heads",
+                        format!(
+                            "is {heads}, more than hidden_size ({}): the head dimension would be 0",
+                            info.hidden_size
+                        ),
+                    ))
+                }
+                None => head_dim_in(c, "hidden_size", info.hidden_size / heads, true)?,
+            };
+            width(c, "head_dim", heads, d)?;
+            d
         };
         let norm_topk = c.bool_opt("norm_topk_prob")?;
-        let scale = c.f64_opt("routed_scaling_factor")?.unwrap_or(1.0);
-        let n_group = c.usize_opt("n_group")?.unwrap_or(1);
-        let topk_group = c.usize_opt("topk_group")?.unwrap_or(n_group);
+        let scale = c
+            .f64_opt_where("routed_scaling_factor", "a positive finite number", |v| {
+                v > 0.0
+            })?
+            .unwrap_or(1.0);
+        // Consistency with the number of experts and top_k is checked by ModelInfo.
+        let n_group = c.usize_opt_in("n_group", 1, info.num_experts)?.unwrap_or(1);
+        let topk_group = c.usize_opt_in("topk_group", 1, n_group)?.unwrap_or(n_group);
         let routing = match fam {
             Family::Mixtral => Routing::SoftmaxTopK {
                 renormalize: true,
@@ -123,15 +193,22 @@ impl ForwardConfig {
             },
         };
         let attention = match fam {
-            Family::DeepSeekV2 | Family::DeepSeekV3 => AttentionKind::Mla {
-                heads,
-                q_lora_rank: c.usize_opt("q_lora_rank")?,
-                kv_lora_rank: c.usize("kv_lora_rank")?,
-                qk_nope_head_dim: c.usize("qk_nope_head_dim")?,
-                qk_rope_head_dim: c.usize("qk_rope_head_dim")?,
-                v_head_dim: c.usize("v_head_dim")?,
-                rope_interleave: c.bool_opt("rope_interleave")?.unwrap_or(true),
-            },
+            Family::DeepSeekV2 | Family::DeepSeekV3 => {
+                let nope = c.usize_in("qk_nope_head_dim", 0, limits::HEAD_DIM)?;
+                let rope = head_dim_in(c, "qk_rope_head_dim", c.usize("qk_rope_head_dim")?, true)?;
+                let v = head_dim_in(c, "v_head_dim", c.usize("v_head_dim")?, false)?;
+                width(c, "qk_rope_head_dim", heads, nope + rope)?;
+                width(c, "v_head_dim", heads, v)?;
+                AttentionKind::Mla {
+                    heads,
+                    q_lora_rank: c.usize_opt_in("q_lora_rank", 1, limits::WIDTH)?,
+                    kv_lora_rank: c.usize_in("kv_lora_rank", 1, limits::WIDTH)?,
+                    qk_nope_head_dim: nope,
+                    qk_rope_head_dim: rope,
+                    v_head_dim: v,
+                    rope_interleave: c.bool_opt("rope_interleave")?.unwrap_or(true),
+                }
+            }
             _ => AttentionKind::Standard {
                 heads,
                 kv_heads,
@@ -145,37 +222,235 @@ impl ForwardConfig {
             },
         };
         let grok = fam == Family::Grok1;
+        let finite = |key: &str| c.f64_opt_where(key, "a finite number", |_| true);
+        let positive = |key: &str| c.f64_opt_where(key, "a positive finite number", |v| v > 0.0);
         Ok(ForwardConfig {
             family: fam,
-            vocab_size: c.usize("vocab_size")?,
+            vocab_size: c.usize_in("vocab_size", 1, limits::VOCAB)?,
             attention,
             rope_theta: rope_theta(c)?,
             rms_eps: c
-                .f64_opt("rms_norm_eps")?
+                .f64_opt_where("rms_norm_eps", "a finite number from 0 to 1", |v| {
+                    (0.0..=1.0).contains(&v)
+                })?
                 .unwrap_or(if grok { 1e-5 } else { 1e-6 }),
             routing,
             tie_embeddings: c.bool_opt("tie_word_embeddings")?.unwrap_or(grok),
             embedding_multiplier: if grok {
-                c.f64_opt("embedding_multiplier_scale")?.unwrap_or(1.0)
+                finite("embedding_multiplier_scale")?.unwrap_or(1.0)
             } else {
                 1.0
             },
             output_multiplier: if grok {
-                c.f64_opt("output_multiplier_scale")?.unwrap_or(1.0)
+                finite("output_multiplier_scale")?.unwrap_or(1.0)
             } else {
                 1.0
             },
             attn_output_multiplier: if grok {
-                c.f64_opt("attn_output_multiplier")?
+                finite("attn_output_multiplier")?
             } else {
                 None
             },
             max_attn_value: if grok {
-                c.f64_opt("max_attn_value")?
+                positive("max_attn_value")?
             } else {
                 None
             },
             shared_expert_gate: fam == Family::Qwen2Moe,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, Value};
+    use std::path::Path;
+
+    fn fixture_config(name: &str) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name)
+            .join("config.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn forward(name: &str, edit: impl FnOnce(&mut Map<String, Value>)) -> Result<ForwardConfig> {
+        let mut v = fixture_config(name);
+        edit(v.as_object_mut().unwrap());
+        let config = Config::parse(Path::new("m/config.json"), v.to_string().as_bytes())?;
+        let info = ModelInfo::from_config(&config)?;
+        ForwardConfig::from_config(&config, &info)
+    }
+
+    fn assert_key_error(r: Result<ForwardConfig>, key: &str, needles: &[&str]) {
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("m/config.json") && e.contains(&format!("`{key}`")),
+            "{e}"
+        );
+        for n in needles {
+            assert!(e.contains(n), "`{n}` not in {e}");
+        }
+    }
+
+    fn set(key: &'static str, v: impl Into<Value>) -> impl FnOnce(&mut Map<String, Value>) {
+        let v = v.into();
+        move |c| {
+            c.insert(key.into(), v);
+        }
+    }
+
+    #[test]
+    fn every_fixture_and_real_config_is_accepted() {
+        for name in [
+            "mixtral",
+            "qwen2-moe",
+            "qwen3-moe",
+            "olmoe",
+            "deepseek-v2",
+            "deepseek-v3",
+            "deepseek-v3-fp8",
+            "deepseek-moe",
+            "grok-1",
+        ] {
+            forward(name, |_| {}).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/real-configs");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let config = Config::parse(&path, &std::fs::read(&path).unwrap()).unwrap();
+            let Ok(info) = ModelInfo::from_config(&config) else {
+                continue; // the dense reference
+            };
+            ForwardConfig::from_config(&config, &info)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+
+    #[test]
+    fn attention_heads_are_validated() {
+        assert_key_error(
+            forward("mixtral", set("num_attention_heads", 0)),
+            "num_attention_heads",
+            &["is 0"],
+        );
+        assert_key_error(
+            forward("mixtral", set("num_key_value_heads", 0)),
+            "num_key_value_heads",
+            &["is 0"],
+        );
+        assert_key_error(
+            forward("mixtral", set("num_key_value_heads", 3)),
+            "num_key_value_heads",
+            &["is 3", "divide"],
+        );
+        assert_key_error(
+            forward("mixtral", set("num_key_value_heads", 8)),
+            "num_key_value_heads",
+            &["is 8"],
+        );
+        assert_key_error(
+            forward("mixtral", set("num_attention_heads", 64)),
+            "num_attention_heads",
+            &["is 64", "head dimension would be 0"],
+        );
+        assert_key_error(
+            forward("mixtral", set("num_attention_heads", 1u64 << 40)),
+            "num_attention_heads",
+            &["is 1099511627776"],
+        );
+        assert_key_error(
+            forward("deepseek-v3", set("num_attention_heads", 0)),
+            "num_attention_heads",
+            &["is 0"],
+        );
+    }
+
+    #[test]
+    fn head_dimensions_are_validated() {
+        for v in [0u64, 1 << 40, u64::MAX, 7] {
+            assert_key_error(
+                forward("qwen3-moe", set("head_dim", v)),
+                "head_dim",
+                &[&format!("is {v}")],
+            );
+        }
+        // 4 heads × 4096 is within the limits.
+        assert!(forward("qwen3-moe", set("head_dim", 4096)).is_ok());
+        for v in [0u64, 1 << 40, 3] {
+            assert_key_error(
+                forward("deepseek-v3", set("qk_rope_head_dim", v)),
+                "qk_rope_head_dim",
+                &[&format!("is {v}")],
+            );
+        }
+        assert_key_error(
+            forward("deepseek-v2", set("v_head_dim", 0)),
+            "v_head_dim",
+            &["is 0"],
+        );
+        assert_key_error(
+            forward("deepseek-v2", set("kv_lora_rank", 1u64 << 40)),
+            "kv_lora_rank",
+            &["is 1099511627776"],
+        );
+        assert_key_error(
+            forward("deepseek-v2", set("qk_nope_head_dim", 1u64 << 40)),
+            "qk_nope_head_dim",
+            &["is 1099511627776"],
+        );
+        assert_key_error(
+            forward("mixtral", set("vocab_size", 0)),
+            "vocab_size",
+            &["is 0"],
+        );
+    }
+
+    #[test]
+    fn numbers_are_validated() {
+        for v in [0.0, -1.0] {
+            assert_key_error(
+                forward("mixtral", set("rope_theta", v)),
+                "rope_theta",
+                &[&format!("is {v}")],
+            );
+            assert_key_error(
+                forward("deepseek-v3", |c| {
+                    c.insert(
+                        "rope_parameters".into(),
+                        serde_json::json!({"rope_theta": v}),
+                    );
+                }),
+                "rope_parameters.rope_theta",
+                &["positive"],
+            );
+            assert_key_error(
+                forward("deepseek-v3", set("routed_scaling_factor", v)),
+                "routed_scaling_factor",
+                &["positive"],
+            );
+            assert_key_error(
+                forward("grok-1", set("max_attn_value", v)),
+                "max_attn_value",
+                &["positive"],
+            );
+        }
+        for v in [-1e-6, 2.0] {
+            assert_key_error(
+                forward("olmoe", set("rms_norm_eps", v)),
+                "rms_norm_eps",
+                &[&format!("is {v}")],
+            );
+        }
+        assert!(forward("olmoe", set("rms_norm_eps", 0.0)).is_ok());
+        assert_key_error(
+            forward("deepseek-v3", set("topk_group", 0)),
+            "topk_group",
+            &["is 0"],
+        );
     }
 }

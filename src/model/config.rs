@@ -7,6 +7,25 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// Upper bounds on sizes read from config.json. Released checkpoints stay far
+/// below them (at most ~128 layers, hidden 16k, intermediate 53k, 256 experts,
+/// 128 heads of dimension 256, vocabularies of 256k); a config beyond them is
+/// corrupt, and is stopped before anything is sized from it.
+pub mod limits {
+    /// `num_hidden_layers`.
+    pub const LAYERS: usize = 1 << 12;
+    /// `hidden_size`, intermediate sizes, LoRA ranks, and heads × head dimension.
+    pub const WIDTH: usize = 1 << 20;
+    /// Routed (and shared) experts.
+    pub const EXPERTS: usize = 1 << 16;
+    /// Attention heads.
+    pub const HEADS: usize = 1 << 12;
+    /// One head's dimension (`head_dim`, `qk_rope_head_dim`, ...).
+    pub const HEAD_DIM: usize = 1 << 12;
+    /// `vocab_size`.
+    pub const VOCAB: usize = 1 << 24;
+}
+
 /// A parsed `config.json` with the path it came from.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -107,6 +126,31 @@ impl Config {
         })
     }
 
+    /// A required integer in `min..=max`; the error names the key, the value and the range.
+    pub fn usize_in(&self, key: &str, min: usize, max: usize) -> Result<usize> {
+        let v = self.usize(key)?;
+        self.check_range(key, v, min, max)
+    }
+
+    /// An optional integer in `min..=max` when present.
+    pub fn usize_opt_in(&self, key: &str, min: usize, max: usize) -> Result<Option<usize>> {
+        self.usize_opt(key)?
+            .map(|v| self.check_range(key, v, min, max))
+            .transpose()
+    }
+
+    /// `v` (the value of `key`) if it lies in `min..=max`.
+    pub fn check_range(&self, key: &str, v: usize, min: usize, max: usize) -> Result<usize> {
+        if v < min || v > max {
+            return Err(Error::key(
+                &self.path,
+                key,
+                format!("is {v}, must be between {min} and {max}"),
+            ));
+        }
+        Ok(v)
+    }
+
     /// An optional boolean.
     pub fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
@@ -124,6 +168,24 @@ impl Config {
                 .as_f64()
                 .map(Some)
                 .ok_or_else(|| self.wrong(key, "a number", v)),
+        }
+    }
+
+    /// An optional finite number satisfying `ok` (described by `what`, e.g.
+    /// "a positive number"); the error names the key and the value.
+    pub fn f64_opt_where(
+        &self,
+        key: &str,
+        what: &str,
+        ok: impl Fn(f64) -> bool,
+    ) -> Result<Option<f64>> {
+        match self.f64_opt(key)? {
+            Some(v) if !v.is_finite() || !ok(v) => Err(Error::key(
+                &self.path,
+                key,
+                format!("is {v}, must be {what}"),
+            )),
+            v => Ok(v),
         }
     }
 

@@ -114,8 +114,38 @@ impl Model {
             label,
             dtype: Dtype::F32,
         };
+        model.check_layer_count()?;
         model.dtype = model.validate()?;
         Ok(model)
+    }
+
+    /// `num_hidden_layers` must not promise layers the checkpoint does not
+    /// hold: a config that claims more (a corrupt or mismatched config.json)
+    /// is named as such rather than as a missing tensor of some layer.
+    fn check_layer_count(&self) -> Result<()> {
+        let info = &self.info;
+        let last = info.moe_layers.last().copied().unwrap_or(0);
+        if self.weights.contains(&info.family.router_name(last)) {
+            return Ok(());
+        }
+        let held = self
+            .weights
+            .names()
+            .into_iter()
+            .filter_map(family::layer_of)
+            .max()
+            .map_or(0, |l| l + 1);
+        if info.num_layers > held {
+            return Err(Error::key(
+                self.config.path(),
+                "num_hidden_layers",
+                format!(
+                    "is {}, but the checkpoint holds tensors of {held} layers only",
+                    info.num_layers
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks names, shapes and dtypes of every routed/shared expert and router;
