@@ -87,7 +87,7 @@ fn rope_theta(c: &Config) -> Result<f64> {
 /// embeddings rotate pairs of it.
 fn head_dim_in(c: &Config, key: &str, v: usize, rotary: bool) -> Result<usize> {
     c.check_range(key, v, 1, limits::HEAD_DIM)?;
-    if rotary && v % 2 != 0 {
+    if rotary && !v.is_multiple_of(2) {
         return Err(Error::key(
             c.path(),
             key,

@@ -371,7 +371,7 @@ impl ModelInfo {
             };
             let value = config
                 .get(key)
-                .map_or_else(|| "absent".to_string(), |v| short_value(v));
+                .map_or_else(|| "absent".to_string(), short_value);
             return Err(Error::key(
                 path,
                 key,
