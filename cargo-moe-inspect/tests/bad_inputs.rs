@@ -3,7 +3,8 @@
 //! inconsistent, prompt and token-id files with a byte-order mark or garbage.
 //! Each gets exit 2 with one `error:` line naming the file and the key or
 //! tensor, nothing on stdout and no panic; the legitimate variants (a shard
-//! name containing `..`, JSONL with a BOM) are accepted.
+//! name containing `..`, JSONL with a BOM) are accepted. No run's peak
+//! resident memory exceeds [`PEAK_RSS_BOUND_MB`].
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -14,6 +15,20 @@ use std::process::Command;
 use common::{copy_fixture, edit_config, repo_root};
 use serde_json::{json, Map, Value};
 
+/// Peak resident memory that any run of the binary may reach: the fixtures
+/// are tiny, so a value anywhere near it means something was sized from a
+/// corrupt number.
+const PEAK_RSS_BOUND_MB: i64 = 512;
+
+/// The largest peak RSS (MB) of the child processes this test binary has waited for.
+fn children_peak_rss_mb() -> i64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0);
+    usage.ru_maxrss / 1024 // kilobytes on Linux
+}
+
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cargo-moe-inspect"))
         .args(args)
@@ -21,6 +36,11 @@ fn run(args: &[&str]) -> (i32, String, String) {
         .env_remove("RUST_BACKTRACE")
         .output()
         .unwrap();
+    let peak = children_peak_rss_mb();
+    assert!(
+        peak < PEAK_RSS_BOUND_MB,
+        "{args:?}: a run peaked at {peak} MB resident (bound {PEAK_RSS_BOUND_MB} MB)"
+    );
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
