@@ -84,6 +84,16 @@ pub enum Error {
     #[error("{}: tensor `{tensor}` contains NaN or infinite values", path.display())]
     NonFinite { path: PathBuf, tensor: String },
 
+    /// The forward pass produced NaN or infinite values (finite but huge
+    /// weights, a config value such as `rope_theta` ≤ 0, a NaN bias): the
+    /// results would be meaningless, so nothing is reported or recorded.
+    #[error("{}: layer {layer}: {what} contain NaN or infinite values (the forward pass diverged; check the weights and config values such as rope_theta, rms_norm_eps)", path.display())]
+    Diverged {
+        path: PathBuf,
+        layer: usize,
+        what: String,
+    },
+
     /// Two models that must have the same geometry do not.
     #[error("{}: {reason}", path.display())]
     Incompatible { path: PathBuf, reason: String },

@@ -112,11 +112,25 @@ fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
     rope_half(&Tensor::cat(&[even, odd], D::Minus1)?, cos, sin)
 }
 
-fn causal_mask(tokens: usize, device: &Device) -> R<Tensor> {
-    let m: Vec<f32> = (0..tokens)
-        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+/// The additive causal mask of query rows `rows` (absolute positions) over
+/// keys `0..keys`: 0 where the key is at or before the query, -inf after.
+fn causal_mask(rows: std::ops::Range<usize>, keys: usize, device: &Device) -> R<Tensor> {
+    let n = rows.len();
+    let m: Vec<f32> = rows
+        .flat_map(|i| (0..keys).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Tensor::from_vec(m, (tokens, tokens), device)
+    Tensor::from_vec(m, (n, keys), device)
+}
+
+/// Bytes of attention scores one query block may hold (`heads × rows × keys`
+/// f32, a few copies live at once): bounds attention memory on long prompts,
+/// which otherwise grows with the square of the prompt length.
+const ATTENTION_BLOCK_BYTES: usize = 16 << 20;
+
+/// Query rows per attention block for `heads` heads over `tokens` keys.
+fn query_block(heads: usize, tokens: usize) -> usize {
+    let per_row = heads.max(1).saturating_mul(tokens.max(1)).saturating_mul(4);
+    (ATTENTION_BLOCK_BYTES / per_row).clamp(1, tokens.max(1))
 }
 
 /// `[T, heads·d]` → `[heads, T, d]`.
@@ -127,24 +141,52 @@ fn split_heads(x: &Tensor, heads: usize) -> R<Tensor> {
         .contiguous()
 }
 
-/// Scaled dot-product attention over `[heads, T, d]` (k/v already per query head).
-fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    softcap: Option<f64>,
-    mask: &Tensor,
-) -> R<Tensor> {
-    let mut s = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? * scale)?;
-    if let Some(cap) = softcap {
-        s = ((s / cap)?.tanh()? * cap)?;
+/// Causal scaled dot-product attention over `[heads, T, d]` (k/v already per
+/// query head). Queries are processed in blocks ([`query_block`]) over the
+/// keys they can see, so the scores never hold `heads × T × T` values at once;
+/// a prompt that fits in one block is computed exactly as a single matmul.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, softcap: Option<f64>) -> R<Tensor> {
+    let (h, t, _) = q.dims3()?;
+    let block = query_block(h, t);
+    let mut outs = Vec::with_capacity(t.div_ceil(block));
+    let mut r0 = 0;
+    while r0 < t {
+        let r1 = (r0 + block).min(t);
+        let (qb, kb, vb) = if r0 == 0 && r1 == t {
+            (q.clone(), k.clone(), v.clone())
+        } else {
+            (
+                q.narrow(1, r0, r1 - r0)?,
+                k.narrow(1, 0, r1)?,
+                v.narrow(1, 0, r1)?,
+            )
+        };
+        let mut s = (qb.matmul(&kb.transpose(1, 2)?.contiguous()?)? * scale)?;
+        if let Some(cap) = softcap {
+            s = ((s / cap)?.tanh()? * cap)?;
+        }
+        let s = s.broadcast_add(&causal_mask(r0..r1, r1, q.device())?)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        drop(s);
+        outs.push(p.matmul(&vb.contiguous()?)?); // [heads, rows, dv]
+        r0 = r1;
     }
-    let s = s.broadcast_add(mask)?;
-    let p = candle_nn::ops::softmax_last_dim(&s)?;
-    let o = p.matmul(v)?; // [heads, T, dv]
+    let o = if outs.len() == 1 {
+        outs.pop().expect("one block")
+    } else {
+        Tensor::cat(&outs, 1)?
+    };
     let (h, t, dv) = o.dims3()?;
     o.transpose(0, 1)?.contiguous()?.reshape((t, h * dv))
+}
+
+/// Whether every value of `x` is finite (`sum(x · 0)` is NaN otherwise).
+fn all_finite(x: &Tensor) -> R<bool> {
+    let z = (x * 0.0)?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    Ok(z.is_finite())
 }
 
 /// Repeats `[kv_heads, T, d]` to `[kv_heads·rep, T, d]` (GQA).
@@ -247,6 +289,70 @@ impl<'m> Forward<'m> {
     }
 
     /// The experts' activation, for the grouped CPU kernels.
+    /// An estimate (from above) of the memory a run over `prompts` needs
+    /// besides the weights: every prompt's hidden state, the working set of
+    /// one prompt through one layer (projections, per-head q/k/v, the routed
+    /// or, when observed, all experts' activations and outputs), one
+    /// attention block's scores. Saturates instead of wrapping.
+    fn working_bytes(&self, prompts: &[Vec<u32>], wants: Wants) -> u64 {
+        use crate::memory::product;
+        let info = &self.model.info;
+        let f32s = 4usize;
+        let (heads, qk, v) = match &self.cfg.attention {
+            AttentionKind::Standard {
+                heads, head_dim, ..
+            } => (*heads, *head_dim, *head_dim),
+            AttentionKind::Mla {
+                heads,
+                qk_nope_head_dim,
+                qk_rope_head_dim,
+                v_head_dim,
+                ..
+            } => (
+                *heads,
+                qk_nope_head_dim.saturating_add(*qk_rope_head_dim),
+                *v_head_dim,
+            ),
+        };
+        let all_tokens: usize = prompts.iter().map(Vec::len).sum();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let experts_evaluated = if wants.all_expert_outputs || wants.activations {
+            info.num_experts
+        } else {
+            info.top_k
+        };
+        let widest = info
+            .expert_intermediate
+            .max(info.shared_intermediate)
+            .max(info.dense_intermediate.unwrap_or(0));
+        // Per token of the prompt in flight: ~12 hidden-wide temporaries,
+        // q/k/v per query head (three copies: projection, rotated, repeated),
+        // gate/up/act per evaluated expert and its output, router scores.
+        let per_token = [
+            product(&[12, info.hidden_size]),
+            product(&[3, heads, qk.saturating_mul(2).saturating_add(v)]),
+            product(&[
+                experts_evaluated,
+                widest.saturating_mul(3).saturating_add(info.hidden_size),
+            ]),
+            product(&[2, info.num_experts]),
+        ]
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b));
+        let kept = product(&[all_tokens, info.hidden_size, f32s]);
+        let layer = product(&[longest, f32s]).saturating_mul(per_token);
+        kept.saturating_add(layer)
+            .saturating_add(4 * ATTENTION_BLOCK_BYTES as u64)
+    }
+
+    fn diverged(&self, layer: usize, what: &str) -> Error {
+        Error::Diverged {
+            path: self.model.weights().dir().to_path_buf(),
+            layer,
+            what: what.to_string(),
+        }
+    }
+
     fn activation(&self) -> Activation {
         if self.cfg.family == Family::Grok1 {
             Activation::GeluErf
@@ -303,6 +409,15 @@ impl<'m> Forward<'m> {
                 )));
             }
         }
+        crate::memory::ensure_fits(
+            &format!(
+                "the forward pass over {} prompt(s) of {} tokens (longest {})",
+                prompts.len(),
+                prompts.iter().map(Vec::len).sum::<usize>(),
+                prompts.iter().map(Vec::len).max().unwrap_or(0)
+            ),
+            self.working_bytes(prompts, observer.wants()),
+        )?;
         let mut hidden = Vec::with_capacity(prompts.len());
         for ids in prompts {
             let h = weights::embed(model, ids, dev)?;
@@ -321,23 +436,19 @@ impl<'m> Forward<'m> {
         };
         let (cos, sin) =
             rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev).map_err(ce("rotary tables"))?;
-        // One causal mask for the longest prompt, built once (not per layer);
-        // shorter prompts use its top-left corner.
-        let mask = causal_mask(max_t, dev).map_err(ce("causal mask"))?;
         let wants = observer.wants();
         for layer in 0..model.info.num_layers {
             let lw = self.layer_weights(layer)?;
             for (p, h) in hidden.iter_mut().enumerate() {
                 let t = h.dim(0).map_err(ce("hidden state"))?;
-                let (c, s, m) = (|| {
-                    Ok::<_, candle_core::Error>((
-                        cos.narrow(0, 0, t)?,
-                        sin.narrow(0, 0, t)?,
-                        mask.narrow(0, 0, t)?.narrow(1, 0, t)?,
-                    ))
-                })()
-                .map_err(ce("rotary tables"))?;
-                *h = self.layer(layer, p, h, &lw, &c, &s, &m, wants, observer)?;
+                let (c, s) =
+                    (|| Ok::<_, candle_core::Error>((cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?)))(
+                    )
+                    .map_err(ce("rotary tables"))?;
+                *h = self.layer(layer, p, h, &lw, &c, &s, wants, observer)?;
+                if !all_finite(h).map_err(ce("hidden state"))? {
+                    return Err(self.diverged(layer, "hidden states"));
+                }
             }
             drop(lw);
             observer.layer_done(layer);
@@ -389,16 +500,13 @@ impl<'m> Forward<'m> {
         lw: &LayerWeights,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
         wants: Wants,
         observer: &mut dyn Observer,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_eps;
         let what = format!("layer {layer}");
         let a = rms_norm(h, &lw.attn_norm, eps).map_err(ce(&what))?;
-        let mut attn = self
-            .attention(&a, &lw.attn, cos, sin, mask)
-            .map_err(ce(&what))?;
+        let mut attn = self.attention(&a, &lw.attn, cos, sin).map_err(ce(&what))?;
         if let Some(n) = &lw.post_attn_norm {
             attn = rms_norm(&attn, n, eps).map_err(ce(&what))?;
         }
@@ -414,14 +522,7 @@ impl<'m> Forward<'m> {
         (h + y).map_err(ce(&what))
     }
 
-    fn attention(
-        &self,
-        x: &Tensor,
-        w: &AttnWeights,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-    ) -> R<Tensor> {
+    fn attention(&self, x: &Tensor, w: &AttnWeights, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
         let t = x.dim(0)?;
         match (&self.cfg.attention, w) {
             (
@@ -475,7 +576,7 @@ impl<'m> Forward<'m> {
                     .cfg
                     .attn_output_multiplier
                     .unwrap_or(1.0 / (*head_dim as f64).sqrt());
-                let out = attend(&qh, &kh, &vh, scale, self.cfg.max_attn_value, mask)?;
+                let out = attend(&qh, &kh, &vh, scale, self.cfg.max_attn_value)?;
                 self.lin(&out, o, None)
             }
             (
@@ -530,7 +631,7 @@ impl<'m> Forward<'m> {
                 let query = Tensor::cat(&[q_nope, q_pe], D::Minus1)?.contiguous()?;
                 let key = Tensor::cat(&[k_nope, k_pe], D::Minus1)?.contiguous()?;
                 let scale = 1.0 / ((nope + rope) as f64).sqrt();
-                let out = attend(&query, &key, &vh, scale, None, mask)?;
+                let out = attend(&query, &key, &vh, scale, None)?;
                 self.lin(&out, o, None)
             }
             _ => candle_core::bail!("attention weights do not match the attention kind"),
@@ -571,6 +672,9 @@ impl<'m> Forward<'m> {
         let all = wants.all_expert_outputs || wants.activations;
         let x_host = host_copy(x, !on_device && !wants.activations, &what)?;
         let logits = self.logits_of(mlp, x, x_host.as_deref())?;
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(self.diverged(layer, "router logits"));
+        }
         let mut scores = Vec::with_capacity(t * e_count);
         let mut selected = Vec::with_capacity(t * k);
         let mut weights = Vec::with_capacity(t * k);

@@ -331,7 +331,16 @@ impl LayerWeights {
             let router_name = fam.router_name(layer);
             let bias_name = router_name.replace(".weight", ".e_score_correction_bias");
             let bias = if fam == Family::DeepSeekV3 && w.contains(&bias_name) {
-                Some(w.tensor(&bias_name)?.to_f32_vec())
+                w.expect_shape(&bias_name, &[info.num_experts])?;
+                let view = w.tensor(&bias_name)?;
+                let b = view.to_f32_vec();
+                if b.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite {
+                        path: view.path.to_path_buf(),
+                        tensor: bias_name,
+                    });
+                }
+                Some(b)
             } else {
                 None
             };
@@ -403,7 +412,27 @@ impl HeadWeights {
 pub fn embed(model: &Model, ids: &[u32], device: &Device) -> Result<Tensor> {
     let name = "model.embed_tokens.weight";
     let view = model.weights().tensor(name)?;
-    let hidden = view.shape.get(1).copied().unwrap_or(0);
+    let (rows, hidden) = match view.shape {
+        [rows, hidden] => (*rows, *hidden),
+        other => {
+            return Err(Error::Safetensors {
+                path: view.path.to_path_buf(),
+                reason: format!(
+                "tensor `{name}` has shape {other:?}; a 2-D [vocab, hidden] embedding is expected"
+            ),
+            })
+        }
+    };
+    // config.json's vocab_size was checked already; the embedding itself may
+    // hold fewer rows than it claims.
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= rows) {
+        return Err(Error::Input {
+            path: view.path.to_path_buf(),
+            reason: format!(
+                "token id {bad} is outside the embedding `{name}`, which has {rows} rows"
+            ),
+        });
+    }
     let rows = view.gather_rows(ids);
     if rows.iter().any(|x| !x.is_finite()) {
         return Err(Error::NonFinite {
