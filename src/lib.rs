@@ -17,6 +17,7 @@ pub mod forward;
 pub mod golden;
 pub mod input;
 pub mod layers;
+pub mod memory;
 pub mod model;
 pub mod report;
 pub mod trace;

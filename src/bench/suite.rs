@@ -338,6 +338,15 @@ pub fn run(opts: &SuiteOptions, progress: &dyn Progress) -> Result<BenchFile> {
             device_prefix(&opts.device)
         )));
     }
+    for (setup, cases) in &plan {
+        if let Some(case) = cases.iter().max_by_key(|c| c.tokens) {
+            let per_token = bytes_per_token(setup)?;
+            crate::memory::ensure_fits(
+                &format!("benchmark {} ({} tokens)", case.name, case.tokens),
+                per_token.saturating_mul(case.tokens as u64),
+            )?;
+        }
+    }
     let total: usize = plan.iter().map(|(_, c)| c.len()).sum();
     let peaks = if opts.probes {
         progress.note("measuring peak GFLOP/s (matmul) and GB/s (memory stream)");
@@ -371,6 +380,37 @@ pub fn run(opts: &SuiteOptions, progress: &dyn Progress) -> Result<BenchFile> {
         machine: machine(peaks.as_ref()),
         benchmarks: results,
         baseline: None,
+    })
+}
+
+/// Working memory per token of a benchmark (an estimate from above: its
+/// input, router scores, every expert's activations and outputs), checked
+/// before anything is measured or written. Forward passes check their own
+/// in [`Forward::run`].
+fn bytes_per_token(setup: &Setup) -> Result<u64> {
+    use crate::memory::product;
+    let layer = |hidden: usize, experts: usize, inter: usize| {
+        product(&[4, experts, inter.saturating_mul(3).saturating_add(hidden)])
+            .saturating_add(product(&[4, 8, hidden]))
+    };
+    Ok(match setup {
+        Setup::Routing(c) => product(&[4, c.hidden.saturating_add(c.experts.saturating_mul(3))]),
+        Setup::Layer { source, .. } | Setup::Forward(source) => match source {
+            Source::Scaled => {
+                let g = scaled_mixtral().0;
+                layer(g.hidden, g.experts, g.intermediate)
+            }
+            Source::Layer(g) => layer(
+                g.geometry.hidden,
+                g.geometry.experts,
+                g.geometry.intermediate,
+            ),
+            Source::Real(dir) => {
+                let info =
+                    crate::model::ModelInfo::from_config(&crate::model::Config::read_dir(dir)?)?;
+                layer(info.hidden_size, info.num_experts, info.expert_intermediate)
+            }
+        },
     })
 }
 
