@@ -2,9 +2,11 @@
 
 use crate::error::{Error, Result};
 
-/// A parsed layer selection (checkpoint layer indices, ascending, unique).
+/// A parsed layer selection: half-open ranges of checkpoint layer indices,
+/// kept as ranges (never expanded) until they are resolved against a model,
+/// so `0..100000000000` costs nothing and is refused with a clear message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerSelection(Vec<usize>);
+pub struct LayerSelection(Vec<std::ops::Range<usize>>);
 
 impl LayerSelection {
     /// Parses a selection such as `0,5,31`, `0..8` or `2..=4,10`.
@@ -19,6 +21,10 @@ impl LayerSelection {
                 .parse::<usize>()
                 .map_err(|_| bad(part, "is not a layer number"))
         };
+        let past = |n: usize, part: &str| {
+            n.checked_add(1)
+                .ok_or_else(|| bad(part, "is beyond any model's layers"))
+        };
         let mut out = Vec::new();
         for part in spec.split(',').map(str::trim) {
             if part.is_empty() {
@@ -27,25 +33,23 @@ impl LayerSelection {
             if let Some((a, b)) = part.split_once("..") {
                 let start = num(a, part)?;
                 let end = match b.strip_prefix('=') {
-                    Some(b) => num(b, part)? + 1,
+                    Some(b) => past(num(b, part)?, part)?,
                     None => num(b, part)?,
                 };
                 if end <= start {
                     return Err(bad(part, "is an empty range"));
                 }
-                out.extend(start..end);
+                out.push(start..end);
             } else {
-                out.push(num(part, part)?);
+                let l = num(part, part)?;
+                out.push(l..past(l, part)?);
             }
         }
-        out.sort_unstable();
-        out.dedup();
         Ok(LayerSelection(out))
     }
 
-    /// The selected indices.
-    pub fn layers(&self) -> &[usize] {
-        &self.0
+    fn contains(&self, layer: usize) -> bool {
+        self.0.iter().any(|r| r.contains(&layer))
     }
 
     /// Keeps the selected MoE layers; errors on an index past the model's last
@@ -56,13 +60,15 @@ impl LayerSelection {
         num_layers: usize,
         moe_layers: &[usize],
     ) -> Result<(Vec<usize>, Vec<usize>)> {
-        if let Some(&bad) = self.0.iter().find(|&&l| l >= num_layers) {
+        if let Some(bad) = self.0.iter().map(|r| r.end - 1).find(|&l| l >= num_layers) {
             return Err(Error::Usage(format!(
                 "--layers: layer {bad} does not exist (the model has {num_layers} layers, 0..{num_layers})"
             )));
         }
-        let (moe, dense): (Vec<usize>, Vec<usize>) =
-            self.0.iter().partition(|l| moe_layers.contains(l));
+        // Every range now lies within the model: walking the model's layers is bounded.
+        let (moe, dense): (Vec<usize>, Vec<usize>) = (0..num_layers)
+            .filter(|&l| self.contains(l))
+            .partition(|l| moe_layers.contains(l));
         if moe.is_empty() {
             return Err(Error::Usage(format!(
                 "--layers selects no MoE layer (MoE layers: {})",
@@ -100,17 +106,41 @@ pub fn format_list(layers: &[usize]) -> String {
 mod tests {
     use super::*;
 
+    fn selected(spec: &str, num_layers: usize) -> Vec<usize> {
+        let all: Vec<usize> = (0..num_layers).collect();
+        LayerSelection::parse(spec)
+            .unwrap()
+            .resolve(num_layers, &all)
+            .unwrap()
+            .0
+    }
+
     #[test]
     fn parses_lists_ranges_and_mixes() {
-        assert_eq!(
-            LayerSelection::parse("0,5,31").unwrap().layers(),
-            &[0, 5, 31]
-        );
-        assert_eq!(LayerSelection::parse("0..3").unwrap().layers(), &[0, 1, 2]);
-        assert_eq!(
-            LayerSelection::parse("2..=4, 1,3").unwrap().layers(),
-            &[1, 2, 3, 4]
-        );
+        assert_eq!(selected("0,5,31", 32), [0, 5, 31]);
+        assert_eq!(selected("0..3", 32), [0, 1, 2]);
+        assert_eq!(selected("2..=4, 1,3", 32), [1, 2, 3, 4]);
+    }
+
+    /// Ranges are resolved against the model, never expanded first.
+    #[test]
+    fn huge_ranges_are_refused_without_expanding() {
+        for spec in [
+            "0..100000000000",
+            "0..=18446744073709551614",
+            "5,0..99999999999999",
+        ] {
+            let err = LayerSelection::parse(spec)
+                .unwrap()
+                .resolve(4, &[0, 1, 2, 3])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("does not exist"), "{spec}: {err}");
+        }
+        let err = LayerSelection::parse("0..=18446744073709551615")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("beyond"), "{err}");
     }
 
     #[test]
