@@ -329,9 +329,22 @@ pub fn compare(
         ));
     }
     let ids = match (&gold.top_k_ids, &now.top_k_ids) {
+        (Some(a), Some(b)) if a.shape != b.shape => {
+            return Err(format!(
+                "top-k ids of shape {:?} (tokens, layers, k) recorded, but {:?} now: the snapshot was recorded on other prompts or edited",
+                a.shape, b.shape
+            ))
+        }
         (Some(a), Some(b)) => Some((a.decode()?, b.decode()?, a.shape)),
         _ => None,
     };
+    if gold.layers.len() != now.layers.len() {
+        return Err(format!(
+            "{} MoE layers recorded, {} now",
+            gold.layers.len(),
+            now.layers.len()
+        ));
+    }
     let e = g.num_experts;
     let identity: Vec<usize> = (0..e).collect();
     let mut rows = Vec::new();
@@ -516,11 +529,26 @@ pub fn compare(
             ));
         }
     }
+    if rows.is_empty() {
+        return Err(format!(
+            "nothing to compare: the golden snapshot records {} and this run computed {}; no metric was checked",
+            list_or_nothing(&gold.analyses),
+            list_or_nothing(&now.analyses)
+        ));
+    }
     Ok(Comparison {
         name: gold.name.clone(),
         rows,
         notices,
     })
+}
+
+fn list_or_nothing(names: &[String]) -> String {
+    if names.is_empty() {
+        "nothing".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 #[cfg(test)]

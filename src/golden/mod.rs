@@ -152,13 +152,40 @@ impl Tolerances {
         ),
     ];
 
-    /// Sets one tolerance by its configuration key.
-    pub fn set(&mut self, key: &str, value: f64) -> std::result::Result<(), String> {
+    /// Checks every tolerance: finite, ≥ 0, and agreements at most 1.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let all = [
+            ("similarity", self.similarity),
+            ("routing-top1-agreement", self.routing_top1_agreement),
+            ("routing-topk-agreement", self.routing_topk_agreement),
+            ("router-jsd", self.router_jsd),
+            ("load-shift", self.load_shift),
+            ("gate-r2", self.gate_r2),
+            ("norm-score-top1", self.norm_score_top1),
+        ];
+        for (key, value) in all {
+            Self::check(key, value)?;
+        }
+        Ok(())
+    }
+
+    fn check(key: &str, value: f64) -> std::result::Result<(), String> {
         if !value.is_finite() || value < 0.0 {
             return Err(format!(
                 "tolerance `{key}` must be a finite number ≥ 0, got {value}"
             ));
         }
+        if key.ends_with("-agreement") && value > 1.0 {
+            return Err(format!(
+                "tolerance `{key}` is a minimum share of tokens, at most 1, got {value}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets one tolerance by its configuration key.
+    pub fn set(&mut self, key: &str, value: f64) -> std::result::Result<(), String> {
+        Self::check(key, value)?;
         let slot = match key {
             "similarity" => &mut self.similarity,
             "routing-top1-agreement" => &mut self.routing_top1_agreement,
@@ -267,13 +294,17 @@ impl TopKIds {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(&self.data)
             .map_err(|e| format!("top_k_ids.data is not valid base64: {e}"))?;
-        let n: usize = self.shape.iter().product();
-        if bytes.len() != 2 * n {
+        let n = self
+            .shape
+            .iter()
+            .try_fold(2usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("top_k_ids.shape {:?} is too large", self.shape))?;
+        if bytes.len() != n {
             return Err(format!(
                 "top_k_ids.data holds {} bytes, but shape {:?} needs {}",
                 bytes.len(),
                 self.shape,
-                2 * n
+                n
             ));
         }
         Ok(bytes
@@ -882,18 +913,48 @@ impl Snapshot {
         crate::atomic_write::write_atomic(path, text.as_bytes())
     }
 
-    /// Checks the shapes inside the file against its own model block.
+    /// Checks the file against its own model block: what it says it
+    /// recorded is there in every layer, shapes match, every number is finite
+    /// and in its range (cosines in [-1, 1], shares in [0, 1]), tolerances are
+    /// valid. A file that fails is corrupt (or hand-edited), never trusted.
     fn validate(&self) -> std::result::Result<(), String> {
         let e = self.model.num_experts;
+        // Cosines computed in f32 may exceed 1 by rounding, never by more.
+        const COS_SLACK: f32 = 1e-3;
         let square = |m: &[Vec<f32>], what: &str, layer: usize| {
             if m.len() != e || m.iter().any(|r| r.len() != e) {
                 Err(format!("layer {layer}: {what} is not {e}×{e}"))
             } else if m.iter().flatten().any(|x| !x.is_finite()) {
                 Err(format!("layer {layer}: {what} holds a non-finite number"))
+            } else if let Some(x) = m.iter().flatten().find(|x| x.abs() > 1.0 + COS_SLACK) {
+                Err(format!(
+                    "layer {layer}: {what} holds {x}, not a cosine similarity (outside [-1, 1])"
+                ))
             } else {
                 Ok(())
             }
         };
+        let share = |x: f32, what: &str, layer: usize| {
+            if x.is_finite() && (0.0..=1.0 + COS_SLACK).contains(&x) {
+                Ok(())
+            } else {
+                Err(format!("layer {layer}: {what} is {x}, outside [0, 1]"))
+            }
+        };
+        if self.analyses.is_empty() {
+            return Err("`analyses` is empty: the snapshot records nothing to check".into());
+        }
+        let sel = Selection::parse(&self.analyses).map_err(|e| format!("`analyses`: {e}"))?;
+        self.tolerances.validate()?;
+        if e == 0 || self.model.top_k == 0 || self.model.top_k > e {
+            return Err(format!(
+                "model: {e} experts with top_k {} is not an MoE model",
+                self.model.top_k
+            ));
+        }
+        if self.layers.is_empty() {
+            return Err("no MoE layer recorded".into());
+        }
         let layer_ids: Vec<usize> = self.layers.iter().map(|l| l.layer).collect();
         if layer_ids != self.model.moe_layers {
             return Err(format!(
@@ -902,6 +963,62 @@ impl Snapshot {
             ));
         }
         for l in &self.layers {
+            let recorded = [
+                (sel.expert_similarity, l.expert_similarity.is_some(), "expert-similarity"),
+                (sel.neuron_similarity, l.neuron_similarity.is_some(), "neuron-similarity"),
+                (
+                    sel.gate_embedding,
+                    l.gate_similarity.is_some() && l.gate_r2.is_some(),
+                    "gate-embedding",
+                ),
+                (sel.routing, l.routing.is_some(), "chosen-experts"),
+                (sel.norm_score, l.norm_score.is_some(), "norm-score"),
+            ];
+            for (wanted, present, name) in recorded {
+                if wanted != present {
+                    return Err(format!(
+                        "layer {}: `analyses` {} {name}, but the layer {} it",
+                        l.layer,
+                        if wanted { "lists" } else { "does not list" },
+                        if present { "holds" } else { "lacks" },
+                    ));
+                }
+            }
+            if let Some(r2) = &l.gate_r2 {
+                for m in Matrix::ALL {
+                    if let Some(x) = r2.get(m) {
+                        share(*x, &format!("gate_r2.{}", m.name()), l.layer)?;
+                    }
+                }
+            }
+            if let Some(r) = &l.routing {
+                for &p in &r.mean_probs {
+                    share(p, "routing.mean_probs", l.layer)?;
+                }
+                let selections = r.load.iter().try_fold(0u64, |a, &x| a.checked_add(x));
+                let expected = (r.tokens as u64).checked_mul(self.model.top_k as u64);
+                if selections.is_none() || selections != expected {
+                    return Err(format!(
+                        "layer {}: routing.load sums to {}, but {} tokens × top-{} selections were made",
+                        l.layer,
+                        selections.map_or("more than 2^64".into(), |x| x.to_string()),
+                        r.tokens,
+                        self.model.top_k
+                    ));
+                }
+            }
+            if let Some(n) = &l.norm_score {
+                share(n.top1_match_rate, "norm_score.top1_match_rate", l.layer)?;
+            }
+            if let Some(f) = &l.fingerprint {
+                let finite = |m: &[Vec<f32>]| m.iter().flatten().all(|x| x.is_finite());
+                if !(finite(&f.router) && Matrix::ALL.iter().all(|&m| finite(f.experts.get(m)))) {
+                    return Err(format!(
+                        "layer {}: fingerprint holds a non-finite number",
+                        l.layer
+                    ));
+                }
+            }
             for (name, pm) in [
                 ("expert_similarity", &l.expert_similarity),
                 ("neuron_similarity", &l.neuron_similarity),
@@ -954,6 +1071,14 @@ impl Snapshot {
             }
             if self.prompts.as_ref().map(|p| p.tokens) != Some(tokens) {
                 return Err("top_k_ids holds a different token count than `prompts`".into());
+            }
+            if let Some(l) = self.layers.iter().find(|l| {
+                l.routing.as_ref().is_some_and(|r| r.tokens != tokens)
+            }) {
+                return Err(format!(
+                    "layer {}: routing.tokens differs from the {tokens} tokens of top_k_ids",
+                    l.layer
+                ));
             }
             let v = ids.decode()?;
             if let Some(bad) = v.iter().find(|&&x| x < 0 || x as usize >= e) {
