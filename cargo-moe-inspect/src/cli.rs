@@ -249,7 +249,7 @@ pub struct AnalyzeArgs {
     pub prompts: PromptArgs,
 
     /// intermediate: count activations above this fraction of the layer's largest |a|.
-    #[arg(long, default_value_t = 0.1, value_name = "FRACTION")]
+    #[arg(long, default_value_t = 0.1, value_name = "FRACTION", value_parser = fraction)]
     pub threshold: f64,
 
     /// A dense model of the same shape (e.g. Mistral-7B for Mixtral): its FFN
@@ -307,7 +307,7 @@ pub struct BenchArgs {
     pub full_size: bool,
 
     /// Measurement time per benchmark, in seconds (at least 5 samples are taken).
-    #[arg(long, default_value_t = 1.5, value_name = "SECS")]
+    #[arg(long, default_value_t = 1.5, value_name = "SECS", value_parser = seconds)]
     pub time: f64,
 
     /// Directory for report.md, bench.json and the SVG figures.
@@ -332,7 +332,7 @@ pub struct BenchArgs {
 
     /// Noise threshold in percent: a regression needs the whole 95% interval
     /// of the change above it.
-    #[arg(long, default_value_t = 5.0, value_name = "PERCENT")]
+    #[arg(long, default_value_t = 5.0, value_name = "PERCENT", value_parser = percent)]
     pub threshold: f64,
 
     /// Peer timings shown side by side: a bench.json-shaped FILE (from
@@ -351,4 +351,44 @@ pub enum BenchDtype {
     Bf16,
     F16,
     F32,
+}
+
+fn finite(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("`{v}` is not a finite number")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
+}
+
+/// A share in [0, 1] (`--threshold` of `analyze`).
+fn fraction(s: &str) -> Result<f64, String> {
+    let v = finite(s)?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a fraction between 0 and 1"))
+    }
+}
+
+/// A noise threshold in percent: finite, ≥ 0, below 1000.
+fn percent(s: &str) -> Result<f64, String> {
+    let v = finite(s)?;
+    if (0.0..1000.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a percentage between 0 and 1000"))
+    }
+}
+
+/// A measurement time: finite, > 0, at most a day.
+fn seconds(s: &str) -> Result<f64, String> {
+    let v = finite(s)?;
+    if v > 0.0 && v <= 86_400.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is not a duration in seconds (0 < SECS ≤ 86400)"
+        ))
+    }
 }
