@@ -244,9 +244,16 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         probes: true,
         quick_probes: args.quick,
     };
-    let mut file = {
-        let progress = bar(interactive);
-        suite::run(&opts, &progress)?
+    let mut file = match &args.load_baseline {
+        Some(name) => {
+            let mut f = BenchFile::read(&baseline_path(name, &args.baseline_dir))?;
+            f.baseline = None;
+            f
+        }
+        None => {
+            let progress = bar(interactive);
+            suite::run(&opts, &progress)?
+        }
     };
     let peer = match (args.peer.as_deref(), peer_file) {
         (Some("torch"), _) => {

@@ -318,6 +318,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "NAME")]
     pub save_baseline: Option<String>,
 
+    /// Measure nothing: take the results saved as baseline NAME (or a
+    /// bench.json path) as this run's, e.g. to compare two saved runs with
+    /// --baseline (as criterion's --load-baseline).
+    #[arg(long, value_name = "NAME", conflicts_with = "save_baseline")]
+    pub load_baseline: Option<String>,
+
     /// Compare with baseline NAME (or a bench.json path); exit 1 on a regression.
     #[arg(long, value_name = "NAME")]
     pub baseline: Option<String>,

@@ -100,44 +100,68 @@ fn writes_the_report_and_flags_a_regression_against_a_baseline() {
         assert!(b[key].as_f64().unwrap() > 0.0, "{key}");
     }
 
-    // Make the baseline look 10x faster than it was: now is a clear regression.
+    // Verdicts on injected timings (never on this machine's speed): "now"
+    // is the saved run made 10x slower, loaded instead of measured.
     let path = baselines.join("before.json");
-    let mut base = read_json(&path);
+    let base = read_json(&path);
     assert!(base.get("baseline").is_none());
-    for b in base["benchmarks"].as_array_mut().unwrap() {
+    let mut slow = base.clone();
+    for b in slow["benchmarks"].as_array_mut().unwrap() {
         for key in ["mean_s", "ci_low_s", "ci_high_s"] {
-            b[key] = (b[key].as_f64().unwrap() / 10.0).into();
+            b[key] = (b[key].as_f64().unwrap() * 10.0).into();
         }
         for s in b["samples_s"].as_array_mut().unwrap() {
-            *s = (s.as_f64().unwrap() / 10.0).into();
+            *s = (s.as_f64().unwrap() * 10.0).into();
         }
     }
-    std::fs::write(&path, serde_json::to_string(&base).unwrap()).unwrap();
-    let (code, stdout, stderr) = quick(&out, &baselines, &["--baseline", "before"]);
+    let slow_path = tmp.path().join("slow.json");
+    std::fs::write(&slow_path, serde_json::to_string(&slow).unwrap()).unwrap();
+    let load = ["--load-baseline", slow_path.to_str().unwrap()];
+    let (code, stdout, stderr) = quick(
+        &out,
+        &baselines,
+        &[&load[..], &["--baseline", "before"]].concat(),
+    );
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     assert!(stderr.contains("regressed"), "{stderr}");
     assert!(stdout.contains("regressed +"), "{stdout}");
     let json = read_json(&out.join("bench.json"));
     assert_eq!(json["baseline"]["name"], "before");
     assert_eq!(json["baseline"]["threshold"], 0.05);
-    for v in json["baseline"]["verdicts"].as_array().unwrap() {
+    let verdicts = json["baseline"]["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 2);
+    for v in verdicts {
         assert_eq!(v["status"], "regressed", "{v}");
         assert!(v["change_low"].as_f64().unwrap() > 0.05);
     }
 
+    // The same timings on both sides: no regression, exit 0.
+    let (code, _, stderr) = quick(
+        &out,
+        &baselines,
+        &["--load-baseline", "before", "--baseline", "before"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let json = read_json(&out.join("bench.json"));
+    for v in json["baseline"]["verdicts"].as_array().unwrap() {
+        assert_ne!(v["status"], "regressed", "{v}");
+        assert_ne!(v["status"], "new", "{v}");
+    }
+
     // A baseline by path, holding only one of the two benchmarks: the other is new.
-    let mut one = read_json(&path);
+    let mut one = base.clone();
     one["benchmarks"].as_array_mut().unwrap().truncate(1);
     let one_path = tmp.path().join("one.json");
     std::fs::write(&one_path, serde_json::to_string(&one).unwrap()).unwrap();
     let (code, _, stderr) = quick(
         &out,
         &baselines,
-        &["--baseline", one_path.to_str().unwrap()],
+        &[&load[..], &["--baseline", one_path.to_str().unwrap()]].concat(),
     );
     assert_eq!(code, 1, "{stderr}");
     let json = read_json(&out.join("bench.json"));
     let verdicts = json["baseline"]["verdicts"].as_array().unwrap();
+    assert_eq!(verdicts.len(), 2);
     assert_eq!(verdicts[0]["status"], "regressed");
     assert_eq!(verdicts[1]["status"], "new");
 }

@@ -597,13 +597,37 @@ similarity = 0.002
             "--manifest-path",
             manifest.to_str().unwrap(),
             "--tolerance",
+            "load-shift=0.125",
+            "--format",
+            "json",
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let rows = v["models"][0]["rows"].as_array().unwrap();
+    let load: Vec<_> = rows
+        .iter()
+        .filter(|r| r["metric"] == "load-shift")
+        .collect();
+    assert!(!load.is_empty(), "{}", r.stdout);
+    assert!(load.iter().all(|r| r["tolerance"] == 0.125), "{}", r.stdout);
+    // An agreement above 1 cannot be met: an invalid tolerance, not drift.
+    let r = run_in(
+        elsewhere.path(),
+        &[
+            "check",
+            "--manifest-path",
+            manifest.to_str().unwrap(),
+            "--tolerance",
             "routing-top1-agreement=1.5",
         ],
         &[],
         None,
     );
-    assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stdout.contains("routing-top1-agreement"), "{}", r.stdout);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("at most 1"), "{}", r.stderr);
     // Unknown --name.
     let r = run_in(s.path(), &["check", "--name", "nope"], &[], None);
     assert_eq!(r.code, 2);
