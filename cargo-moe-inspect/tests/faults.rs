@@ -1,6 +1,7 @@
 //! Fault injection (issue 16): inputs that used to panic, exhaust memory or
 //! pass as success. Every case must end with exit 2 and one clear `error:`
-//! line (never a panic, never a partial output), in bounded memory.
+//! line (never a panic, never a partial output), with a peak RSS under
+//! [`RSS_BOUND_MIB`] (measured per child with `wait4` on Linux).
 //!
 //! Bad config values and corrupt safetensors headers are in `bad_inputs.rs`;
 //! writes (concurrent snapshots, full disks, closed pipes) in `writes.rs`.
@@ -22,13 +23,74 @@ fn bin() -> Command {
     c
 }
 
+/// Every run of this file stays under this peak resident set.
+const RSS_BOUND_MIB: u64 = 512;
+
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = bin().args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut cmd = bin();
+    cmd.args(args);
+    output_within_bound(cmd)
+}
+
+/// Runs `cmd` to completion and checks its peak RSS (Linux: `wait4`).
+fn output_within_bound(mut cmd: Command) -> (i32, String, String) {
+    #[cfg(target_os = "linux")]
+    {
+        let (code, rss, stdout, stderr) = run_measured(cmd);
+        assert!(
+            rss >> 20 < RSS_BOUND_MIB,
+            "peak RSS {} MiB ≥ {RSS_BOUND_MIB} MiB\n{stderr}",
+            rss >> 20
+        );
+        (code, stdout, stderr)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Exit code, peak RSS (bytes), stdout and stderr of one child, from `wait4`
+/// (its own peak, not the largest of all children this test binary ran).
+#[cfg(target_os = "linux")]
+fn run_measured(mut cmd: Command) -> (i32, u64, String, String) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain both pipes while the child runs (it may write more than a pipe holds).
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out_pipe.read_to_end(&mut v);
+        v
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err_pipe.read_to_end(&mut v);
+        v
+    });
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value; wait4 writes only into the two out-params.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid);
+    let stdout = String::from_utf8_lossy(&out_thread.join().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_thread.join().unwrap()).into_owned();
+    let code = std::process::ExitStatus::from_raw(status)
+        .code()
+        .unwrap_or(-1);
+    (code, usage.ru_maxrss as u64 * 1024, stdout, stderr)
 }
 
 /// Exit 2, nothing on stdout, one `error:` line holding every needle, no panic.
@@ -201,34 +263,6 @@ fn nan_bias_is_an_error() {
     );
 }
 
-/// Peak RSS of one child process, from `wait4`.
-#[cfg(target_os = "linux")]
-fn peak_rss_of(mut cmd: Command) -> (i32, u64, String) {
-    use std::os::unix::process::ExitStatusExt;
-    let child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid value; wait4 writes into both out-params.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid);
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
-    let st = std::process::ExitStatus::from_raw(status);
-    (
-        st.code().unwrap_or(-1),
-        usage.ru_maxrss as u64 * 1024,
-        stderr,
-    )
-}
-
 /// An 8192-token prompt on the 2-layer, 32-wide fixture used to peak at
 /// 3.4 GB (all heads' T×T scores at once, plus a T×T mask); attention now
 /// runs in query blocks over the keys each block can see.
@@ -243,7 +277,7 @@ fn long_prompt_memory_is_bounded() {
         .arg(fixture("mixtral"))
         .args(["--token-ids", s(&ids), "--analyses", "chosen-experts"])
         .args(["--format", "json"]);
-    let (code, rss, stderr) = peak_rss_of(cmd);
+    let (code, rss, _, stderr) = run_measured(cmd);
     assert_eq!(code, 0, "{stderr}");
     let mb = rss >> 20;
     eprintln!("8192 tokens on fixtures/mixtral: peak RSS {mb} MiB (bound 400 MiB)");
@@ -285,12 +319,9 @@ fn check_edited(
         "mixtral",
     ];
     args.extend_from_slice(extra);
-    let out = bin().args(&args).env("CI", "true").output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut cmd = bin();
+    cmd.args(&args).env("CI", "true");
+    output_within_bound(cmd)
 }
 
 fn assert_check_error(code: i32, stdout: &str, stderr: &str, needles: &[&str]) {
@@ -488,14 +519,11 @@ fn forward_requests_that_cannot_fit_are_refused_up_front() {
         "--analyses",
         "dynamic",
     ];
-    let out = bin()
-        .args(args)
-        .env("MOE_INSPECT_MAX_MEMORY", "64M")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(out.stdout.is_empty());
+    let mut cmd = bin();
+    cmd.args(args).env("MOE_INSPECT_MAX_MEMORY", "64M");
+    let (code, stdout, stderr) = output_within_bound(cmd);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stdout.is_empty());
     for needle in ["8192 tokens", "would need about", "only 64.0 MiB"] {
         assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
     }
