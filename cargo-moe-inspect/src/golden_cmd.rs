@@ -331,6 +331,11 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
                     new.display()
                 );
             }
+        } else if let Some(stale) = pending::remove_stale(&dir, &t.name)? {
+            eprintln!(
+                "removed {}: the check passes, so that pending snapshot is stale",
+                stale.display()
+            );
         }
         comparisons.push(cmp);
     }

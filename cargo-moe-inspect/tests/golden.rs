@@ -487,6 +487,49 @@ fn review_accept_and_reject_pending_snapshots() {
     assert_eq!(code, 0, "{v}");
 }
 
+/// A stale pending snapshot (from a check that failed before the model was
+/// fixed) is removed when the check passes, so `accept` cannot make the
+/// broken model golden; a pending file older than its golden is refused.
+#[test]
+fn a_passing_check_removes_the_stale_pending_snapshot() {
+    let s = Scratch::new();
+    s.snapshot(&fixture("mixtral"));
+    let broken = perturbed(|name, v| {
+        if name == router(0) {
+            for x in &mut v[3 * 32..4 * 32] {
+                *x *= 4.0;
+            }
+        }
+    });
+    let pending = s.golden().join("fixture.json.new");
+    assert_eq!(s.cmd("check", broken.path(), &[], &[]).code, 1);
+    assert!(pending.exists());
+    // Fixed: the check passes and the pending file is gone.
+    let r = s.cmd("check", &fixture("mixtral"), &[], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!pending.exists(), "stale pending snapshot kept");
+    assert!(r.stderr.contains("stale"), "{}", r.stderr);
+    let r = run_in(s.path(), &["accept", "--golden-dir", "golden"], &[], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (code, v, _) = s.check_json(&fixture("mixtral"));
+    assert_eq!(code, 0, "the broken model became golden: {v}");
+
+    // On CI a passing check touches nothing.
+    assert_eq!(s.cmd("check", broken.path(), &[], &[]).code, 1);
+    assert!(pending.exists());
+    let r = s.cmd("check", &fixture("mixtral"), &[], &[("CI", "true")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(pending.exists());
+
+    // Golden recorded again after the pending file was written: accept refuses.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    s.snapshot(&fixture("mixtral"));
+    let r = run_in(s.path(), &["accept", "--golden-dir", "golden"], &[], None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("older than its golden"), "{}", r.stderr);
+    assert!(pending.exists());
+}
+
 #[test]
 fn junit_and_github_outputs() {
     let s = Scratch::new();

@@ -162,11 +162,39 @@ pub fn accept(p: &Pending) -> Result<()> {
     refuse_on_ci("accept")?;
     let dir = p.golden.parent().unwrap_or(Path::new("."));
     let _lock = lock(dir, &p.name)?;
+    if let (Ok(new), Ok(gold)) = (std::fs::metadata(&p.new), std::fs::metadata(&p.golden)) {
+        if let (Ok(new), Ok(gold)) = (new.modified(), gold.modified()) {
+            if new < gold {
+                return Err(Error::Usage(format!(
+                    "{}: this pending snapshot is older than its golden file {} (the golden was recorded again after the check that wrote it); run `cargo moe-inspect check` again, or `reject` it",
+                    p.new.display(),
+                    p.golden.display()
+                )));
+            }
+        }
+    }
     let text = std::fs::read_to_string(&p.new).map_err(|e| Error::io(&p.new, e))?;
     Snapshot::parse(&p.new, &text)?;
     atomic_write::remove_stale_temps(&p.golden);
     atomic_write::write_atomic(&p.golden, text.as_bytes())?;
     std::fs::remove_file(&p.new).map_err(|e| Error::io(&p.new, e))
+}
+
+/// After a check that passed: removes the name's pending file, which a
+/// check that failed earlier may have left (as cargo-insta does), so a later
+/// `accept` cannot make the broken model golden. Returns the removed path.
+/// On CI nothing is touched.
+pub fn remove_stale(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    let new = pending_path(dir, name);
+    if on_ci() || !new.exists() {
+        return Ok(None);
+    }
+    let _lock = lock(dir, name)?;
+    match std::fs::remove_file(&new) {
+        Ok(()) => Ok(Some(new)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&new, e)),
+    }
 }
 
 /// Deletes the pending file (under the name's lock).
