@@ -20,6 +20,7 @@ pub mod layers;
 pub mod memory;
 pub mod model;
 pub mod report;
+mod rng;
 pub mod trace;
 
 pub use error::{Error, Result};

@@ -126,7 +126,7 @@ fn layer_selection_keeps_only_the_chosen_moe_layers() {
     assert_eq!(layers, vec![2]);
 }
 
-fn run_all(name: &str, dense: Option<&DenseModel>) -> moe_inspect::report::schema::Analyses {
+fn run_all(name: &str, dense: Option<&DenseModel>) -> moe_inspect::analysis::results::Analyses {
     let model = Model::open(&fixture(name)).unwrap();
     // Every layer selected, so neuron-reorder also covers every MoE layer
     // (by default it runs on the first, middle and last only).

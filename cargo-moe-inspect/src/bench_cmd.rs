@@ -12,7 +12,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use moe_inspect::bench::harness::Budget;
 use moe_inspect::bench::schema::{BaselineComparison, BenchFile};
 use moe_inspect::bench::suite::{self, SuiteOptions};
-use moe_inspect::bench::{report, verdict};
+use moe_inspect::bench::verdict;
+use moe_inspect::report::bench as report;
 use moe_inspect::{forward, Error, Result};
 
 use crate::cli::{BenchArgs, BenchDtype};

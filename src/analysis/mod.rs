@@ -6,17 +6,18 @@ pub mod bf16_kernels;
 pub mod dynamic;
 pub mod linalg;
 pub mod neurons;
+pub mod results;
 #[path = "static/mod.rs"]
 pub mod statics;
 pub mod stream;
 
-use crate::error::{Error, Result};
-use crate::layers::LayerSelection;
-use crate::model::{DenseModel, Matrix, Model};
-use crate::report::schema::{
+use crate::analysis::results::{
     Analyses, GateEmbedding, MatrixSimilarity, ModelSummary, NeuronReorder, Projection, Report,
     REPORT_SCHEMA,
 };
+use crate::error::{Error, Result};
+use crate::layers::LayerSelection;
+use crate::model::{DenseModel, Matrix, Model};
 use stream::{MatrixStats, Needs};
 
 /// An analysis that can be selected with `--analyses`.
@@ -48,7 +49,7 @@ impl AnalysisKind {
     ];
 
     /// The name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             AnalysisKind::ExpertSimilarity => "expert-similarity",
             AnalysisKind::NeuronSimilarity => "neuron-similarity",
@@ -73,26 +74,36 @@ impl AnalysisKind {
         )
     }
 
+    /// The analysis called `name` on the command line and in reports.
+    pub fn from_name(name: &str) -> Option<AnalysisKind> {
+        AnalysisKind::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// The analyses of a group name: `static`, `dynamic` or `all`.
+    pub fn group(name: &str) -> Option<Vec<AnalysisKind>> {
+        let all = AnalysisKind::ALL.into_iter();
+        match name {
+            "all" => Some(all.collect()),
+            "static" => Some(all.filter(|a| a.is_static()).collect()),
+            "dynamic" => Some(all.filter(|a| !a.is_static()).collect()),
+            _ => None,
+        }
+    }
+
     /// Parses `static`, `dynamic`, `all` or a comma-separated list of names.
     pub fn parse_selection(spec: &str) -> Result<Vec<AnalysisKind>> {
         let mut out = Vec::new();
         for part in spec.split(',').map(str::trim) {
-            match part {
-                "all" => out.extend(AnalysisKind::ALL),
-                "static" => out.extend(AnalysisKind::ALL.into_iter().filter(|a| a.is_static())),
-                "dynamic" => out.extend(AnalysisKind::ALL.into_iter().filter(|a| !a.is_static())),
-                name => out.push(
-                    AnalysisKind::ALL
-                        .into_iter()
-                        .find(|a| a.name() == name)
-                        .ok_or_else(|| {
-                            Error::Usage(format!(
-                                "--analyses: unknown analysis `{name}` (available: static, dynamic, all, {})",
-                                AnalysisKind::ALL.map(|a| a.name()).join(", ")
-                            ))
-                        })?,
-                ),
+            if let Some(group) = AnalysisKind::group(part) {
+                out.extend(group);
+                continue;
             }
+            out.push(AnalysisKind::from_name(part).ok_or_else(|| {
+                Error::Usage(format!(
+                    "--analyses: unknown analysis `{part}` (available: static, dynamic, all, {})",
+                    AnalysisKind::ALL.map(|a| a.name()).join(", ")
+                ))
+            })?);
         }
         out.sort_unstable();
         out.dedup();

@@ -1,5 +1,6 @@
-//! The JSON report, schema `moe-inspect/report/v1` (SPEC §6): plain serde
-//! structs, the contract with CI scripts and other tools.
+//! What the analyses produce, which is also the JSON report, schema
+//! `moe-inspect/report/v1` (SPEC §6): plain serde structs, the contract with
+//! CI scripts and other tools. [`crate::report`] renders them.
 
 use serde::{Deserialize, Serialize};
 

@@ -3,12 +3,12 @@
 //! reference measurements benchmarks are compared with; the benchmark
 //! definitions of `cargo moe-inspect bench` (routing, one MoE layer, full
 //! forward), their timing harness, peak probes, verdicts against a baseline
-//! and reports (`bench.json`, schema `moe-inspect/bench/v1`).
+//! and the results (`bench.json`, schema `moe-inspect/bench/v1`), which
+//! [`crate::report::bench`] renders.
 
 pub mod harness;
 pub mod moe_layer;
 pub mod probe;
-pub mod report;
 pub mod routing;
 pub mod schema;
 pub mod static_bench;

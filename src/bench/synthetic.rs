@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::model::writer::{write_streaming, TensorSpec};
+use crate::rng::Rng;
 
 /// Shape of a synthetic MoE checkpoint (Mixtral layout, MoE FFNs only: no
 /// attention or embeddings, which the static analyses do not read).
@@ -54,25 +55,6 @@ impl Geometry {
     pub fn layer_bytes(&self) -> usize {
         let size = if self.dtype == "F32" { 4 } else { 2 };
         (self.experts * self.hidden + 3 * self.experts * self.hidden * self.intermediate) * size
-    }
-}
-
-/// SplitMix64: a small, fast, deterministic generator (also used by the
-/// bootstrap of [`super::verdict`]).
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-scale, scale).
-    pub(crate) fn uniform(&mut self, scale: f32) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
     }
 }
 

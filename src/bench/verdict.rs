@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::harness::mean;
 use crate::bench::schema::BenchFile;
-use crate::bench::synthetic::Rng;
+use crate::rng::Rng;
 
 /// The default noise threshold (5%).
 pub const DEFAULT_THRESHOLD: f64 = 0.05;

@@ -582,7 +582,7 @@ unsafe fn tile_portable<const RR: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::synthetic::Rng;
+    use crate::rng::Rng;
 
     fn rand(rng: &mut Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.uniform(1.0)).collect()

@@ -7,9 +7,9 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::analysis::results::PerMatrix;
 use crate::error::{Error, Result};
 use crate::model::{Matrix, Model, TensorView};
-use crate::report::schema::PerMatrix;
 
 /// Per MoE layer, the cosine of each expert's flattened matrices (baseline vs candidate).
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -27,12 +27,12 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::analysis::{neurons, statics, stream, Progress};
+use crate::analysis::results::PerMatrix;
+use crate::analysis::{neurons, statics, stream, AnalysisKind, Progress};
 use crate::error::{Error, Result};
 use crate::forward::observer::{MoeObservation, Observer, Wants};
 use crate::forward::Forward;
 use crate::model::{Matrix, Model};
-use crate::report::schema::PerMatrix;
 
 /// Schema identifier of golden files.
 pub const GOLDEN_SCHEMA: &str = "moe-inspect/golden/v1";
@@ -337,17 +337,33 @@ impl Default for Selection {
 }
 
 impl Selection {
-    /// Names a snapshot can record.
+    /// Names a snapshot can record (in the order of the flags).
     pub const NAMES: [&'static str; 5] = [
-        "expert-similarity",
-        "neuron-similarity",
-        "gate-embedding",
-        "chosen-experts",
-        "norm-score",
+        AnalysisKind::ExpertSimilarity.name(),
+        AnalysisKind::NeuronSimilarity.name(),
+        AnalysisKind::GateEmbedding.name(),
+        AnalysisKind::ChosenExperts.name(),
+        AnalysisKind::NormScore.name(),
     ];
 
-    /// Parses names, `static`, `dynamic` or `all` (the groups keep only what
-    /// a snapshot records).
+    /// The flag that records `kind`; `None` for analyses snapshots do not record.
+    fn flag(&mut self, kind: AnalysisKind) -> Option<&mut bool> {
+        match kind {
+            AnalysisKind::ExpertSimilarity => Some(&mut self.expert_similarity),
+            AnalysisKind::NeuronSimilarity => Some(&mut self.neuron_similarity),
+            AnalysisKind::GateEmbedding => Some(&mut self.gate_embedding),
+            AnalysisKind::ChosenExperts => Some(&mut self.routing),
+            AnalysisKind::NormScore => Some(&mut self.norm_score),
+            AnalysisKind::NeuronReorder
+            | AnalysisKind::Projection
+            | AnalysisKind::OutputSimilarity
+            | AnalysisKind::Intermediate => None,
+        }
+    }
+
+    /// Parses names, `static`, `dynamic` or `all` with the analyses' own
+    /// parser (the groups keep only what a snapshot records); `routing` is
+    /// the snapshot's name for `chosen-experts`.
     pub fn parse<S: AsRef<str>>(parts: &[S]) -> std::result::Result<Selection, String> {
         let mut s = Selection {
             expert_similarity: false,
@@ -357,25 +373,24 @@ impl Selection {
             norm_score: false,
         };
         for part in parts.iter().flat_map(|p| p.as_ref().split(',')) {
-            match part.trim() {
-                "all" => s = Selection::default(),
-                "static" => {
-                    s.expert_similarity = true;
-                    s.neuron_similarity = true;
-                    s.gate_embedding = true;
+            let part = part.trim();
+            if let Some(group) = AnalysisKind::group(part) {
+                for kind in group {
+                    if let Some(flag) = s.flag(kind) {
+                        *flag = true;
+                    }
                 }
-                "dynamic" => {
-                    s.routing = true;
-                    s.norm_score = true;
-                }
-                "expert-similarity" => s.expert_similarity = true,
-                "neuron-similarity" => s.neuron_similarity = true,
-                "gate-embedding" => s.gate_embedding = true,
-                "chosen-experts" | "routing" => s.routing = true,
-                "norm-score" => s.norm_score = true,
-                other => {
+                continue;
+            }
+            let kind = match part {
+                "routing" => Some(AnalysisKind::ChosenExperts),
+                name => AnalysisKind::from_name(name),
+            };
+            match kind.and_then(|k| s.flag(k)) {
+                Some(flag) => *flag = true,
+                None => {
                     return Err(format!(
-                        "`{other}` is not recorded in golden snapshots (they record: static, dynamic, all, {})",
+                        "`{part}` is not recorded in golden snapshots (they record: static, dynamic, all, {})",
                         Self::NAMES.join(", ")
                     ))
                 }
@@ -964,8 +979,16 @@ impl Snapshot {
         }
         for l in &self.layers {
             let recorded = [
-                (sel.expert_similarity, l.expert_similarity.is_some(), "expert-similarity"),
-                (sel.neuron_similarity, l.neuron_similarity.is_some(), "neuron-similarity"),
+                (
+                    sel.expert_similarity,
+                    l.expert_similarity.is_some(),
+                    "expert-similarity",
+                ),
+                (
+                    sel.neuron_similarity,
+                    l.neuron_similarity.is_some(),
+                    "neuron-similarity",
+                ),
                 (
                     sel.gate_embedding,
                     l.gate_similarity.is_some() && l.gate_r2.is_some(),
@@ -1072,9 +1095,11 @@ impl Snapshot {
             if self.prompts.as_ref().map(|p| p.tokens) != Some(tokens) {
                 return Err("top_k_ids holds a different token count than `prompts`".into());
             }
-            if let Some(l) = self.layers.iter().find(|l| {
-                l.routing.as_ref().is_some_and(|r| r.tokens != tokens)
-            }) {
+            if let Some(l) = self
+                .layers
+                .iter()
+                .find(|l| l.routing.as_ref().is_some_and(|r| r.tokens != tokens))
+            {
                 return Err(format!(
                     "layer {}: routing.tokens differs from the {tokens} tokens of top_k_ids",
                     l.layer

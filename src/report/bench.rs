@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
+use super::svg::{esc, group_colour, open_svg};
 use crate::atomic_write::write_atomic;
 use crate::bench::schema::{BenchFile, BenchResult};
 use crate::bench::verdict::Verdict;
 use crate::error::{Error, Result};
-use crate::report::svg::{esc, group_colour, open_svg};
 
 /// `12.3 ms`, `45.6 µs`, `1.234 s`.
 pub fn fmt_time(s: f64) -> String {

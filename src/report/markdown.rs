@@ -7,10 +7,10 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use crate::analysis::linalg::strict_lower;
+use crate::analysis::results::{LayerMatrices, MatrixSimilarity, Report};
 use crate::atomic_write::write_atomic;
 use crate::error::{Error, Result};
 use crate::model::Matrix;
-use crate::report::schema::{LayerMatrices, MatrixSimilarity, Report};
 use crate::report::svg::{bars, heatmaps, regression_line, scatter, Panel, ScatterPanel};
 use crate::report::table::off_diagonal_stats;
 
@@ -492,7 +492,7 @@ fn similarity_section(
 
 fn gate_section(
     w: &mut Writer<'_>,
-    g: &crate::report::schema::GateEmbedding,
+    g: &crate::analysis::results::GateEmbedding,
     neuron: Option<&MatrixSimilarity>,
     model: &str,
     opts: MarkdownOptions,

@@ -1,12 +1,15 @@
-//! Output: terminal tables, the JSON report, Markdown with SVG figures.
+//! Output, formatting only: terminal tables, the JSON report, Markdown with
+//! SVG figures, drift tables and benchmark reports. It renders the results of
+//! [`crate::analysis`], [`crate::golden`] and [`crate::bench`]; nothing in the
+//! library below it imports it.
 
+pub mod bench;
 pub mod drift;
 pub mod markdown;
-pub mod schema;
 pub mod svg;
 pub mod table;
 
-use schema::Report;
+use crate::analysis::results::Report;
 
 /// Output format of `analyze`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

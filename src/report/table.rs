@@ -3,8 +3,8 @@
 use tabled::builder::Builder;
 use tabled::settings::Style;
 
+use crate::analysis::results::{LayerMatrices, Report};
 use crate::model::Matrix;
-use crate::report::schema::{LayerMatrices, Report};
 
 /// With at most this many layers, every matrix is printed in full; beyond
 /// that a one-line-per-layer summary keeps the output readable.

@@ -3,7 +3,7 @@
 //! variation, dead-expert share, normalised routing entropy exp(H)/E and the
 //! co-activation counts, and across layers min/p50/p90/max of those.
 
-use crate::report::schema::{ChosenExpertsLayer, ChosenSummary, Quantiles};
+use crate::analysis::results::{ChosenExpertsLayer, ChosenSummary, Quantiles};
 
 #[derive(Debug, Clone)]
 pub struct Accumulator {

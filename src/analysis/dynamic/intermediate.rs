@@ -8,7 +8,7 @@
 //! grows, every value that can exceed the final threshold is kept, and memory
 //! stays bounded by the large activations rather than by the token count.
 
-use crate::report::schema::{IntermediateExpert, IntermediateLayer};
+use crate::analysis::results::{IntermediateExpert, IntermediateLayer};
 
 /// How many top neurons are reported per expert.
 pub const TOP_NEURONS: usize = 5;

@@ -11,14 +11,14 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 
+use crate::analysis::results::{
+    ChosenExperts, Intermediate, NormScore, NormScoreLayer, OutputSimilarity,
+};
 use crate::error::Result;
 use crate::forward::observer::{MoeObservation, Observer, Wants};
 use crate::forward::weights::ce;
 use crate::forward::Forward;
 use crate::model::{DenseModel, ExpertView};
-use crate::report::schema::{
-    ChosenExperts, Intermediate, NormScore, NormScoreLayer, OutputSimilarity,
-};
 
 /// Which dynamic analyses to run, on which MoE layers.
 #[derive(Debug, Clone)]

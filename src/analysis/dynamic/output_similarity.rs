@@ -3,7 +3,7 @@
 //! layer's real input; over all tokens, the mean angular similarity
 //! `1 - acos(cos)/π`. A shared expert adds row/column `SE`, a dense reference `F`.
 
-use crate::report::schema::OutputSimilarityLayer;
+use crate::analysis::results::OutputSimilarityLayer;
 
 /// Running sum of angular similarities of one layer.
 #[derive(Debug, Clone)]

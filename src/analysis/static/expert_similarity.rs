@@ -3,8 +3,8 @@
 //! its FFN is appended as row/column `F`.
 
 use crate::analysis::linalg::cosine_from_gram;
+use crate::analysis::results::LayerMatrices;
 use crate::analysis::stream::MatrixStats;
-use crate::report::schema::LayerMatrices;
 
 /// From one layer's streaming statistics (`up`, `gate`, `down` order).
 pub fn from_stats(layer: usize, labels: &[String], stats: &[MatrixStats; 3]) -> LayerMatrices {

@@ -3,9 +3,9 @@
 //! lower triangle and that of the experts' `neuron-similarity` matrix.
 
 use crate::analysis::linalg::{cosine_of_rows, pearson, strict_lower};
+use crate::analysis::results::{GateEmbeddingLayer, LayerMatrices, PerMatrix};
 use crate::error::{Error, Result};
 use crate::model::{Matrix, TensorView};
-use crate::report::schema::{GateEmbeddingLayer, LayerMatrices, PerMatrix};
 
 /// One layer; `neuron` is the layer's neuron-similarity over routed experts
 /// only (without the dense `F` row, which has no router row).

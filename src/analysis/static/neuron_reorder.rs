@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use crate::analysis::assignment::{self, Cost};
 use crate::analysis::linalg::{matmul, Op};
 use crate::analysis::neurons;
+use crate::analysis::results::{NeuronReorderLayer, PerMatrix, ReorderMatrices};
 use crate::error::{Error, Result};
 use crate::model::{Matrix, MoeLayerView};
-use crate::report::schema::{NeuronReorderLayer, PerMatrix, ReorderMatrices};
 
 /// Above this many neurons the similarity matrix is computed and stored in f32.
 pub const F64_MAX_NEURONS: usize = 4096;

@@ -3,8 +3,8 @@
 //! the E×E cosine similarity per matrix; a dense reference adds `F`.
 
 use crate::analysis::linalg::cosine_of_rows;
+use crate::analysis::results::LayerMatrices;
 use crate::analysis::stream::MatrixStats;
-use crate::report::schema::LayerMatrices;
 
 /// From one layer's streaming statistics (`up`, `gate`, `down` order).
 /// The cosine of neuron sums equals the cosine of mean neurons.

@@ -13,10 +13,10 @@
 
 use crate::analysis::linalg::{matmul, symmetric_eigen, Op};
 use crate::analysis::neurons;
+use crate::analysis::results::{PcaResult, PerMatrix, ProjectionLayer, ProjectionMatrix};
 use crate::analysis::stream::MatrixStats;
 use crate::error::Result;
 use crate::model::{Matrix, MoeLayerView};
-use crate::report::schema::{PcaResult, PerMatrix, ProjectionLayer, ProjectionMatrix};
 
 /// Largest hidden size for which the neuron covariance is formed exactly.
 pub const EXACT_MAX_HIDDEN: usize = 64;
