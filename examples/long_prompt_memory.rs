@@ -39,13 +39,18 @@ fn fail(msg: &str) -> ! {
 #[cfg(target_os = "linux")]
 fn peak_rss(tokens: usize) -> u64 {
     let exe = std::env::current_exe().unwrap_or_else(|e| fail(&e.to_string()));
+    #[allow(
+        clippy::zombie_processes,
+        reason = "reaped by wait4 below, which also reads its peak RSS"
+    )]
     let child = Command::new(exe)
         .args(["--child", &tokens.to_string()])
         .spawn()
         .unwrap_or_else(|e| fail(&e.to_string()));
     let mut status = 0;
-    // SAFETY: a zeroed rusage is valid; wait4 writes only into the two out-params.
+    // SAFETY: rusage is plain integers, for which all zeros is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 writes only into the two out-params, both live locals.
     let rc = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
     if rc < 0 || status != 0 {
         fail(&format!(

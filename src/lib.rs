@@ -8,6 +8,11 @@
 //! - [`golden`]: golden snapshots, drift metrics, configuration from Cargo.toml;
 //! - [`report`]: tables, JSON (schema `moe-inspect/report/v1`), Markdown + SVG.
 
+// Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:`
+// line, also inside `unsafe fn`s (clippy enforces the comment).
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod analysis;
 pub mod atomic_write;
 pub mod bench;

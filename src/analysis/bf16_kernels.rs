@@ -92,7 +92,8 @@ unsafe fn gram_avx512(rows: &[&[u16]], e: usize, len: usize, gram: &mut [f64]) {
                 }
                 for (a, c, i, j) in tile_pairs(e, i0, j0, 4, 4) {
                     let mut lanes = [0f32; 16];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]);
+                    // SAFETY: `lanes` holds the 16 f32 of one register.
+                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]) };
                     let tail: f64 = rows[i][full..end]
                         .iter()
                         .zip(&rows[j][full..end])
@@ -127,62 +128,23 @@ pub fn sum(x: &[u16]) -> Option<f64> {
 unsafe fn sum_avx512(x: &[u16]) -> f64 {
     use std::arch::x86_64::*;
     // bf16 1.0 in every lane: dpbf16(acc, x, ones) adds pairs of x.
-    let ones: __m512bh = std::mem::transmute(_mm512_set1_epi16(0x3F80));
+    // SAFETY: __m512i and __m512bh are both 512 bits of plain lanes.
+    let ones: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi16(0x3F80)) };
     let mut total = 0f64;
     for block in x.chunks(BLOCK) {
         let mut acc = _mm512_setzero_ps();
         let mut it = block.chunks_exact(32);
         for c in &mut it {
-            let v: __m512bh = std::mem::transmute(_mm512_loadu_si512(c.as_ptr() as *const _));
+            // SAFETY: `c` holds 32 words (64 bytes, an unaligned load); the
+            // transmute reinterprets 512 bits of lanes.
+            let v: __m512bh =
+                unsafe { std::mem::transmute(_mm512_loadu_si512(c.as_ptr() as *const _)) };
             acc = _mm512_dpbf16_ps(acc, v, ones);
         }
         total += _mm512_reduce_add_ps(acc) as f64;
         total += it.remainder().iter().map(|&v| bf16(v)).sum::<f64>();
     }
     total
-}
-
-/// `sums[k] += x[k]` for bf16 `x`. Returns `false` if [`available`] is false.
-pub fn add_to(sums: &mut [f64], x: &[u16]) -> bool {
-    assert_eq!(sums.len(), x.len());
-    if !available() {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: the CPU has AVX-512F (checked above); lengths are equal.
-        unsafe { add_to_avx512(sums, x) };
-        true
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn add_to_avx512(sums: &mut [f64], x: &[u16]) {
-    use std::arch::x86_64::*;
-    let n = x.len() / 16 * 16;
-    let mut k = 0;
-    while k < n {
-        // SAFETY: k + 16 <= len for both slices.
-        let h = _mm256_loadu_si256(x.as_ptr().add(k) as *const _);
-        let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
-        let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
-            _mm512_castps_pd(f),
-            1,
-        )));
-        let s = sums.as_mut_ptr().add(k);
-        _mm512_storeu_pd(s, _mm512_add_pd(_mm512_loadu_pd(s), lo));
-        _mm512_storeu_pd(s.add(8), _mm512_add_pd(_mm512_loadu_pd(s.add(8)), hi));
-        k += 16;
-    }
-    for q in n..x.len() {
-        sums[q] += bf16(x[q]);
-    }
 }
 
 /// `sums[k] += x[k]` for bf16 `x`, in f32 ([`add_rows_to_f32`] of one row).
@@ -218,15 +180,19 @@ unsafe fn add_rows_to_f32_avx512(sums: &mut [f32], rows: &[&[u16]]) {
     let n = sums.len() / 16 * 16;
     let mut k = 0;
     while k < n {
-        let s = sums.as_mut_ptr().add(k);
-        let mut acc = _mm512_loadu_ps(s);
+        // SAFETY: k + 16 <= n <= sums.len(): 16 f32 inside `sums`.
+        let s = unsafe { sums.as_mut_ptr().add(k) };
+        // SAFETY: as above, an unaligned load of those 16 f32.
+        let mut acc = unsafe { _mm512_loadu_ps(s) };
         for r in rows {
-            // SAFETY: k + 16 <= len for every row.
-            let h = _mm256_loadu_si256(r.as_ptr().add(k) as *const _);
+            // SAFETY: every row is as long as `sums` (asserted by the
+            // caller), so its words k..k + 16 exist.
+            let h = unsafe { _mm256_loadu_si256(r.as_ptr().add(k) as *const _) };
             let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
             acc = _mm512_add_ps(acc, f);
         }
-        _mm512_storeu_ps(s, acc);
+        // SAFETY: the same 16 f32 of `sums`, written back.
+        unsafe { _mm512_storeu_ps(s, acc) };
         k += 16;
     }
     for q in n..sums.len() {
@@ -280,11 +246,6 @@ mod tests {
             }
             let want: f64 = rows[0].iter().map(|&v| bf16(v)).sum();
             assert!((sum(&rows[0]).unwrap() - want).abs() <= 1e-5 * want.abs().max(1.0));
-            let mut sums = vec![1.0f64; len];
-            assert!(add_to(&mut sums, &rows[0]));
-            for (s, &v) in sums.iter().zip(&rows[0]) {
-                assert_eq!(*s, 1.0 + bf16(v));
-            }
             let mut sums = vec![1.0f32; len];
             assert!(add_to_f32(&mut sums, &rows[0]));
             for (s, &v) in sums.iter().zip(&rows[0]) {

@@ -1,50 +1,6 @@
-//! Small dense linear algebra for the analyses: accurate dot products,
+//! Small dense linear algebra for the analyses: blocked Gram matrices,
 //! cosine matrices, Pearson correlation, a Jacobi eigensolver for small
 //! symmetric matrices, and f32/f64 matrix products through `gemm` (all cores).
-
-/// Dot product with 32 f32 lanes per block of 256 and f64 across blocks, so
-/// long vectors keep about f64-level relative accuracy at f32 speed. Uses
-/// AVX2+FMA when the CPU has them (checked at run time).
-pub fn dot(a: &[f32], b: &[f32]) -> f64 {
-    debug_assert_eq!(a.len(), b.len());
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { dot_avx2_fma(a, b) };
-        }
-    }
-    dot_blocks(a, b, |x, y, acc| x * y + acc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2_fma(a: &[f32], b: &[f32]) -> f64 {
-    dot_blocks(a, b, f32::mul_add)
-}
-
-/// The blocked dot product; `fma(x, y, acc)` is `x * y + acc`, fused or not.
-#[inline(always)]
-fn dot_blocks(a: &[f32], b: &[f32], fma: impl Fn(f32, f32, f32) -> f32) -> f64 {
-    const LANES: usize = 32;
-    let mut total = 0f64;
-    for (ca, cb) in a.chunks(256).zip(b.chunks(256)) {
-        let mut lanes = [0f32; LANES];
-        let mut ia = ca.chunks_exact(LANES);
-        let mut ib = cb.chunks_exact(LANES);
-        for (x, y) in (&mut ia).zip(&mut ib) {
-            for k in 0..LANES {
-                lanes[k] = fma(x[k], y[k], lanes[k]);
-            }
-        }
-        let mut block: f64 = lanes.iter().map(|&v| v as f64).sum();
-        for (x, y) in ia.remainder().iter().zip(ib.remainder()) {
-            block += (*x as f64) * (*y as f64);
-        }
-        total += block;
-    }
-    total
-}
 
 /// Rows per tile of [`gram_lower_add`]: row tiles of 2, column tiles of 4.
 pub const GRAM_ROW_PAD: usize = 4;
@@ -100,21 +56,29 @@ unsafe fn gram_avx2_fma(buf: &[f32], stride: usize, len: usize, e: usize, gram: 
         for i0 in (0..e).step_by(2) {
             for j0 in (0..=(i0 + 1).min(e - 1)).step_by(4) {
                 let mut acc = [_mm256_setzero_ps(); 8];
-                let (pi0, pi1) = (base.add(i0 * stride), base.add((i0 + 1) * stride));
-                let pj = [
-                    base.add(j0 * stride),
-                    base.add((j0 + 1) * stride),
-                    base.add((j0 + 2) * stride),
-                    base.add((j0 + 3) * stride),
-                ];
+                // SAFETY: `buf` holds `e` rounded up to GRAM_ROW_PAD rows of
+                // `stride` (asserted by `gram_lower_add`), so rows i0 + 1 and
+                // j0 + 3 exist; the loads below, at p + 8 <= len <= stride,
+                // stay inside each row.
+                let (pi0, pi1) = unsafe { (base.add(i0 * stride), base.add((i0 + 1) * stride)) };
+                // SAFETY: as above.
+                let pj = unsafe {
+                    [
+                        base.add(j0 * stride),
+                        base.add((j0 + 1) * stride),
+                        base.add((j0 + 2) * stride),
+                        base.add((j0 + 3) * stride),
+                    ]
+                };
                 let mut p = b;
                 while p < full {
                     // SAFETY: rows i0+1 and j0+3 exist (padded buffer, checked by
                     // the caller) and p + 8 <= len <= stride.
-                    let a0 = _mm256_loadu_ps(pi0.add(p));
-                    let a1 = _mm256_loadu_ps(pi1.add(p));
+                    let (a0, a1) =
+                        unsafe { (_mm256_loadu_ps(pi0.add(p)), _mm256_loadu_ps(pi1.add(p))) };
                     for c in 0..4 {
-                        let x = _mm256_loadu_ps(pj[c].add(p));
+                        // SAFETY: as above, for column row j0 + c.
+                        let x = unsafe { _mm256_loadu_ps(pj[c].add(p)) };
                         acc[c] = _mm256_fmadd_ps(a0, x, acc[c]);
                         acc[4 + c] = _mm256_fmadd_ps(a1, x, acc[4 + c]);
                     }
@@ -122,7 +86,8 @@ unsafe fn gram_avx2_fma(buf: &[f32], stride: usize, len: usize, e: usize, gram: 
                 }
                 for (a, c, i, j) in tile_pairs(e, i0, j0, 2, 4) {
                     let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]);
+                    // SAFETY: `lanes` holds the 8 f32 of one register.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a * 4 + c]) };
                     gram[i * e + j] += lane_sum(&lanes) + tail_dot(buf, stride, i, j, full..end);
                 }
             }
@@ -460,25 +425,6 @@ mod tests {
         }
         let v: Vec<f32> = (0..1001).map(|i| i as f32 * 0.5).collect();
         assert_eq!(sum(&v), 250250.0);
-    }
-
-    #[test]
-    fn dot_matches_f64_reference_on_long_vectors() {
-        let a: Vec<f32> = (0..100_003)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let b: Vec<f32> = (0..100_003)
-            .map(|i| ((i * 11 % 53) as f32 - 26.0) / 3.0)
-            .collect();
-        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        let scale: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (*x as f64 * *y as f64).abs())
-            .sum();
-        let got = dot(&a, &b);
-        // f32 products and 32-term f32 partial sums: error ≪ 1e-6 of Σ|a·b|.
-        assert!((got - exact).abs() <= 1e-6 * scale, "{got} vs {exact}");
     }
 
     #[test]

@@ -180,6 +180,7 @@ fn gathered(x: &[f32], k: usize, rows: &[u32]) -> Vec<Ptr> {
 struct Ptr(*const f32);
 // SAFETY: the rows are only read while the borrow they come from lives.
 unsafe impl Send for Ptr {}
+// SAFETY: as for `Send`: shared, read-only access to live rows.
 unsafe impl Sync for Ptr {}
 
 /// The output, written by the column chunks, each its own columns.
@@ -187,6 +188,7 @@ unsafe impl Sync for Ptr {}
 struct Out(*mut f32);
 // SAFETY: the chunks write disjoint elements (see `product`).
 unsafe impl Send for Out {}
+// SAFETY: as for `Send`: no element is written by two chunks.
 unsafe impl Sync for Out {}
 
 impl Out {
