@@ -94,10 +94,10 @@ pub struct SnapshotArgs {
     #[command(flatten)]
     pub golden: GoldenDirArgs,
 
-    /// What to record: `static`, `dynamic`, `all` or names
-    /// (expert-similarity, neuron-similarity, gate-embedding, chosen-experts,
-    /// norm-score). Default: `all` for snapshot; for check, what the golden
-    /// file recorded.
+    /// Analyses: `static`, `dynamic`, `all` or names (expert-similarity,
+    /// neuron-similarity, gate-embedding, chosen-experts, norm-score).
+    /// snapshot records them (default `all`); check compares them (default:
+    /// what the golden file recorded).
     #[arg(long, value_name = "LIST")]
     pub analyses: Option<String>,
 
@@ -132,8 +132,32 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct PendingArgs {
-    #[command(flatten)]
-    pub golden: GoldenDirArgs,
+    /// Directory of golden snapshots (default: `golden-dir` from the
+    /// configuration, else `golden`).
+    #[arg(long, value_name = "DIR")]
+    pub golden_dir: Option<PathBuf>,
+
+    /// Only the pending snapshot of this name (`<golden-dir>/<name>.json.new`);
+    /// default: every pending snapshot in the golden directory.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Cargo.toml whose `[package.metadata.moe-inspect]` or
+    /// `[workspace.metadata.moe-inspect]` names the golden directory
+    /// (default: the current package).
+    #[arg(long, value_name = "PATH")]
+    pub manifest_path: Option<PathBuf>,
+}
+
+impl PendingArgs {
+    /// The same settings as the golden-directory arguments of `check`.
+    pub fn golden(&self) -> GoldenDirArgs {
+        GoldenDirArgs {
+            golden_dir: self.golden_dir.clone(),
+            name: self.name.clone(),
+            manifest_path: self.manifest_path.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -165,7 +189,8 @@ pub struct DiffArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
 
-    /// Output format (table or json).
+    /// Output format: table, json (schema `moe-inspect/diff/v1`) or junit
+    /// (one test case per metric).
     #[arg(long, value_enum, default_value = "table")]
     pub format: CheckFormat,
 
@@ -273,9 +298,16 @@ pub struct AnalyzeArgs {
 
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
-    /// Output format (table or json).
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
-    pub format: OutputFormat,
+    pub format: ListFormat,
+}
+
+/// Formats of `models`: a table on the terminal or JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Args)]

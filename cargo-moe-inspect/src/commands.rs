@@ -13,7 +13,8 @@ use moe_inspect::{forward, input};
 use moe_inspect::{Error, Result};
 
 use crate::cli::{
-    AnalyzeArgs, Cli, ColorChoice, Command, ModelArgs, ModelsArgs, OutputFormat, TraceArgs,
+    AnalyzeArgs, Cli, ColorChoice, Command, ListFormat, ModelArgs, ModelsArgs, OutputFormat,
+    TraceArgs,
 };
 
 /// Runs a command; the returned code is the process exit code.
@@ -331,8 +332,8 @@ fn io(path: &std::path::Path, e: std::io::Error) -> Error {
 fn models(args: ModelsArgs) -> Result<u8> {
     let rows: Vec<_> = Family::ALL.iter().map(|f| f.describe()).collect();
     match args.format {
-        OutputFormat::Json => println!("{}", report::to_json_value(&rows)),
-        _ => print!("{}", report::table::families(&rows)),
+        ListFormat::Json => println!("{}", report::to_json_value(&rows)),
+        ListFormat::Table => print!("{}", report::table::families(&rows)),
     }
     Ok(0)
 }

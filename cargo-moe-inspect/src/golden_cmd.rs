@@ -398,7 +398,7 @@ fn pending_list(args: &GoldenDirArgs) -> Result<(PathBuf, Vec<pending::Pending>)
 }
 
 pub fn accept(args: PendingArgs) -> Result<u8> {
-    let (_, list) = pending_list(&args.golden)?;
+    let (_, list) = pending_list(&args.golden())?;
     for p in list {
         pending::accept(&p)?;
         eprintln!("accepted {} → {}", p.new.display(), p.golden.display());
@@ -407,7 +407,7 @@ pub fn accept(args: PendingArgs) -> Result<u8> {
 }
 
 pub fn reject(args: PendingArgs) -> Result<u8> {
-    let (_, list) = pending_list(&args.golden)?;
+    let (_, list) = pending_list(&args.golden())?;
     for p in list {
         pending::reject(&p)?;
         eprintln!("rejected {}", p.new.display());
@@ -422,10 +422,12 @@ pub fn review(args: PendingArgs, color: bool) -> Result<u8> {
             "review: golden files are never written on CI (CI is set)".into(),
         ));
     }
-    let (_, list) = pending_list(&args.golden)?;
+    let (_, list) = pending_list(&args.golden())?;
     let stdin = std::io::stdin();
+    let terminal = std::io::IsTerminal::is_terminal(&stdin);
     let mut lines = stdin.lock().lines();
-    for p in list {
+    let (mut accepted, mut rejected, mut skipped) = (0usize, 0usize, 0usize);
+    for p in &list {
         let new = Snapshot::read(&p.new)?;
         println!("── {} ({})", p.name, p.new.display());
         if p.golden.exists() {
@@ -441,25 +443,48 @@ pub fn review(args: PendingArgs, color: bool) -> Result<u8> {
             eprint!("accept (a), reject (r) or skip (s)? ");
             let _ = std::io::stderr().flush();
             let Some(Ok(answer)) = lines.next() else {
-                eprintln!("skipped {}", p.name);
-                return Ok(0);
+                // No answer can come (stdin closed, or not a terminal and
+                // exhausted): nothing was decided for this snapshot.
+                eprintln!();
+                return Err(Error::Usage(format!(
+                    "review: no answer for {} ({}); review needs answers on a terminal — use `cargo moe-inspect accept` or `reject` instead{}",
+                    p.name,
+                    if terminal { "input closed" } else { "stdin is not a terminal" },
+                    summary(accepted, rejected, skipped)
+                        .map(|s| format!(" ({s} so far)"))
+                        .unwrap_or_default()
+                )));
             };
             match answer.trim() {
                 "a" | "accept" => {
-                    pending::accept(&p)?;
+                    pending::accept(p)?;
+                    accepted += 1;
                     eprintln!("accepted {}", p.golden.display());
                 }
                 "r" | "reject" => {
-                    pending::reject(&p)?;
+                    pending::reject(p)?;
+                    rejected += 1;
                     eprintln!("rejected {}", p.new.display());
                 }
-                "s" | "skip" | "" => eprintln!("skipped {}", p.name),
+                "s" | "skip" | "" => {
+                    skipped += 1;
+                    eprintln!("skipped {}", p.name);
+                }
                 _ => continue,
             }
             break;
         }
     }
+    if let Some(s) = summary(accepted, rejected, skipped) {
+        eprintln!("reviewed {}: {s}", list.len());
+    }
     Ok(0)
+}
+
+/// `1 accepted, 0 rejected, 2 skipped`, or `None` before any decision.
+fn summary(accepted: usize, rejected: usize, skipped: usize) -> Option<String> {
+    (accepted + rejected + skipped > 0)
+        .then(|| format!("{accepted} accepted, {rejected} rejected, {skipped} skipped"))
 }
 
 pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
@@ -513,7 +538,8 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
             });
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
-        _ => {
+        CheckFormat::Junit => print!("{}", drift::junit(std::slice::from_ref(&cmp))),
+        CheckFormat::Table => {
             println!("expert weights, baseline vs candidate:");
             println!("{}", drift::expert_cosine_table(&cos));
             print!(

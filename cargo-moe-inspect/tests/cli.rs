@@ -70,6 +70,10 @@ fn models_lists_every_family() {
             "deepseek_v3"
         ]
     );
+    // A format `models` cannot write is refused, not answered with the table.
+    let (code, stdout, stderr) = run(&["models", "--format", "markdown"]);
+    assert_eq!(code, 2, "{stdout}");
+    assert!(stderr.contains("invalid value 'markdown'"), "{stderr}");
 }
 
 #[test]

@@ -530,6 +530,80 @@ fn a_passing_check_removes_the_stale_pending_snapshot() {
     assert!(pending.exists());
 }
 
+/// `review` with nothing to answer (no terminal, stdin exhausted) fails
+/// instead of skipping everything with exit 0; answers end with a summary.
+#[test]
+fn review_without_answers_fails_and_answers_are_summarised() {
+    let s = Scratch::new();
+    s.snapshot(&fixture("mixtral"));
+    let broken = perturbed(|name, v| {
+        if name == router(0) {
+            for x in &mut v[3 * 32..4 * 32] {
+                *x *= 4.0;
+            }
+        }
+    });
+    assert_eq!(s.cmd("check", broken.path(), &[], &[]).code, 1);
+    let pending = s.golden().join("fixture.json.new");
+    let r = run_in(s.path(), &["review", "--golden-dir", "golden"], &[], None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("stdin is not a terminal"), "{}", r.stderr);
+    assert!(r.stderr.contains("accept") && r.stderr.contains("reject"));
+    assert!(pending.exists());
+    let r = run_in(
+        s.path(),
+        &["review", "--golden-dir", "golden"],
+        &[],
+        Some("s\n"),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("reviewed 1: 0 accepted, 0 rejected, 1 skipped"),
+        "{}",
+        r.stderr
+    );
+    assert!(pending.exists());
+}
+
+/// Every `--format` value `diff` accepts is honoured (junit was a table).
+#[test]
+fn diff_formats_are_honoured() {
+    let s = Scratch::new();
+    let ids = token_ids();
+    let base = fixture("mixtral");
+    let args = |format: &'static str| {
+        vec![
+            "diff".to_string(),
+            "--baseline".into(),
+            base.to_str().unwrap().into(),
+            "--candidate".into(),
+            base.to_str().unwrap().into(),
+            "--token-ids".into(),
+            ids.to_str().unwrap().into(),
+            "--format".into(),
+            format.into(),
+        ]
+    };
+    let run = |format| {
+        let a = args(format);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run_in(s.path(), &a, &[], None)
+    };
+    let junit = run("junit");
+    assert_eq!(junit.code, 0, "{}", junit.stderr);
+    assert!(junit.stdout.starts_with("<?xml"), "{}", junit.stdout);
+    assert!(junit.stdout.contains("<testsuite"), "{}", junit.stdout);
+    let json = run("json");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["schema"], "moe-inspect/diff/v1");
+    let table = run("table");
+    assert!(table.stdout.contains("expert weights"), "{}", table.stdout);
+    let bad = run("markdown");
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("invalid value"), "{}", bad.stderr);
+}
+
 #[test]
 fn junit_and_github_outputs() {
     let s = Scratch::new();
