@@ -48,6 +48,8 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Recompute and compare with the golden snapshot; exit 1 on drift.
     Check(CheckArgs),
+    /// List the pending snapshots (`*.json.new`) that `check` wrote.
+    Pending(PendingArgs),
     /// Show each pending snapshot (`*.json.new`) and accept or reject it.
     Review(PendingArgs),
     /// Accept pending snapshots: they replace the golden files.
@@ -128,6 +130,17 @@ pub struct CheckArgs {
     /// Show every check in the table, not only those beyond tolerance.
     #[arg(long)]
     pub all: bool,
+
+    /// Accept what this run computes: drifted golden files are replaced and
+    /// missing ones recorded, exit 0 (also on CI, where nothing is written
+    /// otherwise). Without it, `MOE_INSPECT_UPDATE=always|new|no` decides
+    /// (default `new`: a pending `<name>.json.new`; `no` on CI).
+    #[arg(long)]
+    pub accept: bool,
+
+    /// Also write the JUnit XML report to FILE (whatever --format is).
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Trace(args) => trace(args),
         Command::Snapshot(args) => crate::golden_cmd::snapshot(args),
         Command::Check(args) => crate::golden_cmd::check(args, style.color),
+        Command::Pending(args) => crate::golden_cmd::pending(args),
         Command::Review(args) => crate::golden_cmd::review(args, style.color),
         Command::Accept(args) => crate::golden_cmd::accept(args),
         Command::Reject(args) => crate::golden_cmd::reject(args),

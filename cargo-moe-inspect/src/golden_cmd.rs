@@ -295,9 +295,24 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
     let sargs = &args.snapshot;
     let s = settings(sargs.golden.manifest_path.as_deref())?;
     let dir = golden_dir(&sargs.golden, s.as_ref());
+    let update = pending::UpdateMode::resolve(args.accept)?;
     let mut comparisons = Vec::new();
     for t in targets(sargs, s.as_ref())? {
         let path = pending::golden_path(&dir, &t.name);
+        if update == pending::UpdateMode::Always && !path.exists() {
+            // Accepting: a missing golden file is recorded, as `snapshot` would.
+            let sel = selection(t.analyses.as_ref())?;
+            let tol = tolerances(
+                Tolerances::default(),
+                s.as_ref(),
+                t.entry.as_ref(),
+                &sargs.tolerance,
+            )?;
+            let snap = record(&t, sel, tol, &sargs.model.device)?;
+            snap.write(&path)?;
+            eprintln!("{}: no golden file; recorded {}", t.name, path.display());
+            continue;
+        }
         let gold = Snapshot::read(&path)?;
         let sel = match &t.analyses {
             Some(list) => selection(Some(list))?,
@@ -321,15 +336,27 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
             print!("{}", drift::table(&cmp, args.all, color, ["golden", "now"]));
         }
         if cmp.drift() {
-            let new = pending::pending_path(&dir, &t.name);
-            if pending::on_ci() {
-                eprintln!("{}: drift; on CI no pending snapshot is written", t.name);
-            } else {
-                now.write(&new)?;
-                eprintln!(
-                    "wrote {}: review it with `cargo moe-inspect review`",
-                    new.display()
-                );
+            match update {
+                pending::UpdateMode::Always => {
+                    now.write(&path)?;
+                    eprintln!("{}: drift accepted; wrote {}", t.name, path.display());
+                }
+                pending::UpdateMode::New => {
+                    let new = pending::pending_path(&dir, &t.name);
+                    now.write(&new)?;
+                    eprintln!(
+                        "wrote {}: review it with `cargo moe-inspect review`",
+                        new.display()
+                    );
+                }
+                pending::UpdateMode::No if pending::on_ci() => {
+                    eprintln!("{}: drift; on CI no pending snapshot is written", t.name)
+                }
+                pending::UpdateMode::No => eprintln!(
+                    "{}: drift; no pending snapshot written ({}=no)",
+                    t.name,
+                    pending::UPDATE_VAR
+                ),
             }
         } else if let Some(stale) = pending::remove_stale(&dir, &t.name)? {
             eprintln!(
@@ -340,11 +367,33 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
         comparisons.push(cmp);
     }
     emit(&comparisons, args.format)?;
-    Ok(if comparisons.iter().any(Comparison::drift) {
+    if let Some(path) = &args.junit {
+        moe_inspect::atomic_write::write_atomic(path, drift::junit(&comparisons).as_bytes())?;
+    }
+    let accepted = update == pending::UpdateMode::Always;
+    Ok(if !accepted && comparisons.iter().any(Comparison::drift) {
         1
     } else {
         0
     })
+}
+
+/// Lists the pending snapshots: name, the file, and whether a golden file exists.
+pub fn pending(args: PendingArgs) -> Result<u8> {
+    let (_, list) = pending_list(&args.golden())?;
+    for p in &list {
+        println!(
+            "{}\t{}\t{}",
+            p.name,
+            p.new.display(),
+            if p.golden.exists() {
+                "replaces the golden file"
+            } else {
+                "new (no golden file yet)"
+            }
+        );
+    }
+    Ok(0)
 }
 
 /// Machine-readable output, GitHub annotations and the step summary.

@@ -604,6 +604,97 @@ fn diff_formats_are_honoured() {
     assert!(bad.stderr.contains("invalid value"), "{}", bad.stderr);
 }
 
+/// cargo-insta parity: `pending`, `check --accept`, `MOE_INSPECT_UPDATE`,
+/// `--junit FILE`.
+#[test]
+fn accept_update_modes_pending_list_and_junit_file() {
+    let s = Scratch::new();
+    s.snapshot(&fixture("mixtral"));
+    let broken = perturbed(|name, v| {
+        if name == router(0) {
+            for x in &mut v[3 * 32..4 * 32] {
+                *x *= 4.0;
+            }
+        }
+    });
+    let golden = s.golden().join("fixture.json");
+    let pending = s.golden().join("fixture.json.new");
+    let original = std::fs::read(&golden).unwrap();
+
+    // `no`: drift, nothing written.
+    let r = s.cmd("check", broken.path(), &[], &[("MOE_INSPECT_UPDATE", "no")]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(!pending.exists());
+    // A value it does not know is an error.
+    let r = s.cmd(
+        "check",
+        broken.path(),
+        &[],
+        &[("MOE_INSPECT_UPDATE", "sometimes")],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("MOE_INSPECT_UPDATE=sometimes"),
+        "{}",
+        r.stderr
+    );
+    // Default: a pending file, listed by `pending`; JUnit written to a file.
+    let junit = s.path().join("reports/junit.xml");
+    std::fs::create_dir_all(junit.parent().unwrap()).unwrap();
+    let r = s.cmd(
+        "check",
+        broken.path(),
+        &["--junit", junit.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.starts_with("<?xml") && xml.contains("<failure"),
+        "{xml}"
+    );
+    let r = run_in(s.path(), &["pending", "--golden-dir", "golden"], &[], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("fixture\t"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("replaces the golden file"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(std::fs::read(&golden).unwrap(), original);
+
+    // --accept on CI: the golden is replaced, exit 0, and the model now passes.
+    let r = s.cmd("check", broken.path(), &["--accept"], &[("CI", "true")]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("drift accepted"), "{}", r.stderr);
+    assert_ne!(std::fs::read(&golden).unwrap(), original);
+    let (code, v, _) = s.check_json(broken.path());
+    assert_eq!(code, 0, "{v}");
+    // `always`: back to the original model.
+    let r = s.cmd(
+        "check",
+        &fixture("mixtral"),
+        &[],
+        &[("MOE_INSPECT_UPDATE", "always")],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(&golden).unwrap(), original);
+    // On CI the variable cannot make check write.
+    let r = s.cmd(
+        "check",
+        broken.path(),
+        &[],
+        &[("MOE_INSPECT_UPDATE", "always"), ("CI", "true")],
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(std::fs::read(&golden).unwrap(), original);
+    // --accept records a missing golden file.
+    std::fs::remove_file(&golden).unwrap();
+    let r = s.cmd("check", &fixture("mixtral"), &["--accept"], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(&golden).unwrap(), original);
+}
+
 #[test]
 fn junit_and_github_outputs() {
     let s = Scratch::new();

@@ -180,6 +180,51 @@ pub fn accept(p: &Pending) -> Result<()> {
     std::fs::remove_file(&p.new).map_err(|e| Error::io(&p.new, e))
 }
 
+/// Environment variable choosing what `check` writes, as cargo-insta's
+/// `INSTA_UPDATE`: `always`, `new` or `no`.
+pub const UPDATE_VAR: &str = "MOE_INSPECT_UPDATE";
+
+/// What `check` writes when it finds drift (or no golden file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateMode {
+    /// Replace the golden file (and record a missing one): `check --accept`
+    /// or `MOE_INSPECT_UPDATE=always`.
+    Always,
+    /// Write `<name>.json.new` for review (the default off CI).
+    New,
+    /// Write nothing (the default on CI, or `MOE_INSPECT_UPDATE=no`).
+    No,
+}
+
+impl UpdateMode {
+    /// The mode of this run: `--accept` wins (the only way to write on CI);
+    /// else [`UPDATE_VAR`]; else `new`, or `no` on CI. On CI the variable
+    /// may only lower the mode (`no`), never make `check` write.
+    pub fn resolve(accept_flag: bool) -> Result<UpdateMode> {
+        if accept_flag {
+            return Ok(UpdateMode::Always);
+        }
+        let from_env = match std::env::var(UPDATE_VAR) {
+            Ok(v) => match v.trim() {
+                "always" => Some(UpdateMode::Always),
+                "new" | "auto" | "" => None,
+                "no" => Some(UpdateMode::No),
+                other => {
+                    return Err(Error::Usage(format!(
+                        "{UPDATE_VAR}={other}: expected always, new or no"
+                    )))
+                }
+            },
+            Err(_) => None,
+        };
+        Ok(match (on_ci(), from_env) {
+            (true, _) => UpdateMode::No,
+            (false, Some(m)) => m,
+            (false, None) => UpdateMode::New,
+        })
+    }
+}
+
 /// After a check that passed: removes the name's pending file, which a
 /// check that failed earlier may have left (as cargo-insta does), so a later
 /// `accept` cannot make the broken model golden. Returns the removed path.
