@@ -96,6 +96,40 @@ fn baseline_path(name: &str, dir: &Path) -> PathBuf {
     }
 }
 
+/// Reads a saved baseline; a missing one is named with the saved ones.
+fn read_baseline(name: &str, dir: &Path) -> Result<BenchFile> {
+    let path = baseline_path(name, dir);
+    if !path.exists() {
+        let mut saved: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.strip_suffix(".json")
+                            .filter(|s| !s.starts_with('.'))
+                            .map(String::from)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        saved.sort();
+        return Err(Error::Input {
+            path,
+            reason: format!(
+                "no such baseline `{name}` (saved in {}: {}); save one with `--save-baseline {name}`",
+                dir.display(),
+                if saved.is_empty() {
+                    "none".to_string()
+                } else {
+                    saved.join(", ")
+                }
+            ),
+        });
+    }
+    BenchFile::read(&path)
+}
+
 fn check_baseline_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.starts_with('.')
@@ -209,7 +243,7 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
     let baseline = args
         .baseline
         .as_deref()
-        .map(|name| BenchFile::read(&baseline_path(name, &args.baseline_dir)).map(|f| (name, f)))
+        .map(|name| read_baseline(name, &args.baseline_dir).map(|f| (name, f)))
         .transpose()?;
     let mut notes = Vec::new();
     let peer_file = match args.peer.as_deref() {
@@ -245,9 +279,15 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         probes: true,
         quick_probes: args.quick,
     };
+    if args.list {
+        for name in suite::planned(&opts) {
+            println!("{name}");
+        }
+        return Ok(0);
+    }
     let mut file = match &args.load_baseline {
         Some(name) => {
-            let mut f = BenchFile::read(&baseline_path(name, &args.baseline_dir))?;
+            let mut f = read_baseline(name, &args.baseline_dir)?;
             f.baseline = None;
             f
         }

@@ -392,6 +392,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE|torch")]
     pub peer: Option<String>,
 
+    /// List the benchmarks these options select, and run nothing.
+    #[arg(long)]
+    pub list: bool,
+
     /// Tiny probes and few samples (for tests).
     #[arg(long, hide = true)]
     pub quick: bool,

@@ -166,6 +166,50 @@ fn writes_the_report_and_flags_a_regression_against_a_baseline() {
     assert_eq!(verdicts[1]["status"], "new");
 }
 
+/// criterion parity: `--list` names what would run and runs nothing; a
+/// missing baseline names the saved ones (was a bare "No such file").
+#[test]
+fn list_and_missing_baseline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = run(
+        &[
+            "bench",
+            "--list",
+            "--tokens",
+            "4,32",
+            "--filter",
+            "routing/softmax-topk/e8",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "cpu/routing/softmax-topk/e8-k2/n4",
+            "cpu/routing/softmax-topk/e8-k2/n32"
+        ]
+    );
+    std::fs::write(tmp.path().join("main.json"), "{}").unwrap();
+    let (code, stdout, stderr) = run(
+        &[
+            "bench",
+            "--quick",
+            "--filter",
+            BENCH,
+            "--baseline",
+            "nope",
+            "--baseline-dir",
+            tmp.path().to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.contains("no such baseline `nope`"), "{stderr}");
+    assert!(stderr.contains(": main)"), "{stderr}");
+    assert!(stderr.contains("--save-baseline nope"), "{stderr}");
+}
+
 #[test]
 fn shows_a_peer_side_by_side_and_skips_torch_without_python() {
     let tmp = tempfile::tempdir().unwrap();
