@@ -4,9 +4,15 @@
 //! over it.
 //!
 //! - [`model`]: config.json, family adapters, safetensors through mmap;
-//! - [`analysis`]: the analyses, one file each;
+//! - [`forward`]: the forward pass, with an observer for the analyses;
+//! - [`analysis`]: the analyses, one file each, and their results
+//!   ([`analysis::results`]: the JSON report, schema `moe-inspect/report/v1`);
 //! - [`golden`]: golden snapshots, drift metrics, configuration from Cargo.toml;
-//! - [`report`]: tables, JSON (schema `moe-inspect/report/v1`), Markdown + SVG.
+//! - [`report`]: formatting only: tables, JSON, Markdown + SVG, drift tables
+//!   and benchmark reports.
+//!
+//! Each of these imports only those listed before it (`tests/module_graph.rs`
+//! checks it); [`bench`] and the small utility modules sit beside them.
 
 // Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:`
 // line, also inside `unsafe fn`s (clippy enforces the comment).
