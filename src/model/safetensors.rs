@@ -352,11 +352,10 @@ impl<'a> TensorView<'a> {
                 }
             }
             Dtype::BF16 => {
-                // SAFETY: any bit pattern is a valid u16; align_to only hands
-                // out the aligned middle part.
-                let (head, mid, tail) = unsafe { src.align_to::<u16>() };
-                if head.is_empty() && tail.is_empty() && cfg!(target_endian = "little") {
-                    for (o, &b) in out.iter_mut().zip(mid) {
+                // The words in place when the bytes are 2-byte aligned.
+                let words = bytemuck::try_cast_slice::<u8, u16>(src).ok();
+                if let Some(words) = words.filter(|_| cfg!(target_endian = "little")) {
+                    for (o, &b) in out.iter_mut().zip(words) {
                         *o = f32::from_bits((b as u32) << 16);
                     }
                 } else {
@@ -405,9 +404,11 @@ impl<'a> TensorView<'a> {
             return None;
         }
         let bytes = self.bytes.get(start * 2..(start + len) * 2)?;
-        // SAFETY: any bit pattern is a valid u16; only the aligned middle is used.
-        let (head, words, tail) = unsafe { bytes.align_to::<u16>() };
-        (head.is_empty() && tail.is_empty()).then_some(words)
+        if bytes.is_empty() {
+            // Trivially aligned (bytemuck would still check the pointer).
+            return Some(&[]);
+        }
+        bytemuck::try_cast_slice(bytes).ok()
     }
 
     /// The whole tensor as f32, converted on all cores for large tensors.
@@ -715,8 +716,17 @@ fn fp8_table() -> &'static [f32; 256] {
     TABLE.get_or_init(|| std::array::from_fn(|b| fp8_e4m3_to_f32(b as u8)))
 }
 
+/// The OS page size (4096 if it cannot be read).
 fn page_size() -> usize {
-    4096
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf reads a system constant; it has no preconditions.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(size)
+            .ok()
+            .filter(|&s| s > 0)
+            .unwrap_or(4096)
+    })
 }
 
 #[cfg(test)]
