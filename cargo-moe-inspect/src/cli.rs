@@ -62,6 +62,17 @@ pub enum Command {
     Trace(TraceArgs),
     /// Benchmark routing, one MoE layer and the full forward pass; report; compare with a baseline.
     Bench(BenchArgs),
+    /// Print a shell completion script (e.g. `cargo moe-inspect completions bash > ~/.local/share/bash-completion/completions/cargo-moe-inspect`).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `cargo moe-inspect man > cargo-moe-inspect.1`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// Where golden snapshots live and which configuration applies.

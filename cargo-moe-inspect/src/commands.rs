@@ -34,6 +34,28 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Reject(args) => crate::golden_cmd::reject(args),
         Command::Diff(args) => crate::golden_cmd::diff(args, style.color),
         Command::Bench(args) => crate::bench_cmd::bench(args, interactive()),
+        Command::Completions(args) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(
+                args.shell,
+                &mut cmd,
+                "cargo-moe-inspect",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command().name("cargo-moe-inspect");
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| Error::io("<stdout>", e))?;
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&out)
+                .map_err(|e| Error::io("<stdout>", e))?;
+            Ok(0)
+        }
     }
 }
 

@@ -292,3 +292,27 @@ fn dynamic_analyses_on_a_model_need_prompts() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--prompts FILE"), "{stderr}");
 }
+
+/// Shell completions (clap_complete) and the man page (clap_mangen) cover
+/// every command.
+#[test]
+fn completions_and_man_page() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&["completions", shell]);
+        for word in [
+            "analyze",
+            "snapshot",
+            "check",
+            "pending",
+            "bench",
+            "--golden-dir",
+        ] {
+            assert!(script.contains(word), "{shell}: `{word}` missing");
+        }
+    }
+    let (code, _, stderr) = run(&["completions", "cmd.exe"]);
+    assert_eq!(code, 2, "{stderr}");
+    let man = ok(&["man"]);
+    assert!(man.contains(".TH cargo-moe-inspect 1"), "{man}");
+    assert!(man.contains("snapshot") && man.contains("review"), "{man}");
+}
