@@ -305,7 +305,7 @@ fn completions_and_man_page() {
             "check",
             "pending",
             "bench",
-            "--golden-dir",
+            "golden-dir",
         ] {
             assert!(script.contains(word), "{shell}: `{word}` missing");
         }
