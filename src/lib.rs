@@ -12,7 +12,7 @@
 //!   and benchmark reports.
 //!
 //! Each of these imports only those listed before it (`tests/module_graph.rs`
-//! checks it); [`bench`] and the small utility modules sit beside them.
+//! checks it); [`bench`](mod@bench) and the small utility modules sit beside them.
 
 // Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:`
 // line, also inside `unsafe fn`s (clippy enforces the comment).
