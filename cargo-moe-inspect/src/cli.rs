@@ -66,6 +66,15 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Print the man page (roff), e.g. `cargo moe-inspect man > cargo-moe-inspect.1`.
     Man,
+    /// Append a commented `[workspace.metadata.moe-inspect]` (or package) block to Cargo.toml.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The Cargo.toml to add the block to (default: the one in the current directory).
+    #[arg(long, value_name = "PATH", default_value = "Cargo.toml")]
+    pub manifest_path: PathBuf,
 }
 
 #[derive(Debug, Args)]

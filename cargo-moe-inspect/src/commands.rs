@@ -44,6 +44,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             );
             Ok(0)
         }
+        Command::Init(args) => init(&args.manifest_path),
         Command::Man => {
             let cmd = <Cli as clap::CommandFactory>::command().name("cargo-moe-inspect");
             let mut out = Vec::new();
@@ -358,5 +359,36 @@ fn models(args: ModelsArgs) -> Result<u8> {
         ListFormat::Json => println!("{}", report::to_json_value(&rows)),
         ListFormat::Table => print!("{}", report::table::families(&rows)),
     }
+    Ok(0)
+}
+
+/// `init`: appends the commented configuration block to a manifest
+/// (atomically; refused when the manifest already has one).
+fn init(manifest: &Path) -> Result<u8> {
+    let text = std::fs::read_to_string(manifest).map_err(|e| Error::io(manifest, e))?;
+    if text.contains("metadata.moe-inspect") {
+        return Err(Error::Input {
+            path: manifest.to_path_buf(),
+            reason: "already has a `metadata.moe-inspect` table; edit it there".into(),
+        });
+    }
+    let workspace = text.lines().any(|l| l.trim() == "[workspace]");
+    if !workspace && !text.lines().any(|l| l.trim() == "[package]") {
+        return Err(Error::Input {
+            path: manifest.to_path_buf(),
+            reason: "neither a [package] nor a [workspace] table: not a Cargo manifest".into(),
+        });
+    }
+    let mut out = text;
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(&moe_inspect::golden::config::init_block(workspace));
+    atomic_write::write_atomic(manifest, out.as_bytes())?;
+    eprintln!(
+        "added [{}.metadata.moe-inspect] to {}: uncomment what you need, then `cargo moe-inspect snapshot`",
+        if workspace { "workspace" } else { "package" },
+        manifest.display()
+    );
     Ok(0)
 }

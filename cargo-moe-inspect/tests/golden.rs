@@ -695,6 +695,82 @@ fn accept_update_modes_pending_list_and_junit_file() {
     assert_eq!(std::fs::read(&golden).unwrap(), original);
 }
 
+/// `init` appends a commented block that is valid as written and once
+/// uncommented; a second `init` is refused.
+#[test]
+fn init_writes_a_commented_configuration_block() {
+    let s = Scratch::new();
+    let manifest = s.path().join("Cargo.toml");
+    std::fs::write(
+        &manifest,
+        "[package]\nname = \"probe\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir(s.path().join("src")).unwrap();
+    std::fs::write(s.path().join("src/lib.rs"), "").unwrap();
+    let r = run_in(s.path(), &["init"], &[], None);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.starts_with("[package]\nname = \"probe\""), "{text}");
+    assert!(
+        text.contains("\n[package.metadata.moe-inspect]\n"),
+        "{text}"
+    );
+    for key in [
+        "golden-dir",
+        "prompts",
+        "token-ids",
+        "analyses",
+        "models",
+        "similarity",
+        "norm-score-top1",
+    ] {
+        assert!(text.contains(key), "`{key}` not documented: {text}");
+    }
+    let r = run_in(s.path(), &["init"], &[], None);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("already has"), "{}", r.stderr);
+    // Uncommented: golden-dir, one demo model, the tolerances.
+    let edited: String = text
+        .lines()
+        .map(|l| {
+            let uncomment = ["# golden-dir", "# [package.metadata.moe-inspect.tolerance]"]
+                .iter()
+                .any(|p| l.starts_with(p))
+                || TOLERANCE_KEYS
+                    .iter()
+                    .any(|k| l.starts_with(&format!("# {k} =")));
+            if uncomment {
+                l[2..].to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("golden-dir = \"golden\"", "golden-dir = \"snapshots\"");
+    std::fs::write(&manifest, edited + "\n").unwrap();
+    let r = run_in(
+        s.path(),
+        &["snapshot", "--analyses", "expert-similarity"],
+        &[],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let golden = std::fs::read_to_string(s.path().join("snapshots/demo.json")).unwrap();
+    assert!(golden.contains("\"similarity\": 0.001"), "{golden}");
+}
+
+const TOLERANCE_KEYS: [&str; 7] = [
+    "similarity",
+    "routing-top1-agreement",
+    "routing-topk-agreement",
+    "router-jsd",
+    "load-shift",
+    "gate-r2",
+    "norm-score-top1",
+];
+
 #[test]
 fn junit_and_github_outputs() {
     let s = Scratch::new();

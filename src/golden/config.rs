@@ -52,6 +52,45 @@ struct RawModel {
     tolerance: BTreeMap<String, f64>,
 }
 
+/// The commented configuration block `cargo moe-inspect init` appends to a
+/// manifest: `[workspace.metadata.moe-inspect]` for a workspace root, else
+/// `[package.metadata.moe-inspect]`. Every key is documented; all but the
+/// table header are commented out, so the block is valid as written.
+pub fn init_block(workspace: bool) -> String {
+    let t = if workspace { "workspace" } else { "package" };
+    let mut b = String::new();
+    b.push_str("\n# cargo moe-inspect: golden snapshots of MoE models' expert behaviour.\n");
+    b.push_str(
+        "# `cargo moe-inspect snapshot` records them, `check` compares (exit 1 on drift).\n",
+    );
+    b.push_str(&format!("[{t}.metadata.moe-inspect]\n"));
+    b.push_str("# golden-dir = \"golden\"             # where <name>.json snapshots live (default: golden)\n");
+    b.push_str(
+        "# prompts = \"prompts.txt\"           # one prompt per line, or JSONL {\"text\": ...}\n",
+    );
+    b.push_str("# token-ids = \"token-ids.txt\"       # instead of prompts: one prompt per line, ids separated by spaces\n");
+    b.push_str("# analyses = [\"static\", \"chosen-experts\", \"norm-score\"]  # what to record (default: all)\n");
+    b.push_str("#\n");
+    b.push_str(&format!(
+        "# [[{t}.metadata.moe-inspect.models]]  # one block per model\n"
+    ));
+    b.push_str(
+        "# name = \"mixtral-8x7b\"             # the golden file: golden/mixtral-8x7b.json\n",
+    );
+    b.push_str(
+        "# path = \"/models/Mixtral-8x7B-v0.1\"  # the checkpoint directory (or demo = true)\n",
+    );
+    b.push_str("# prompts = \"prompts.txt\"           # per model: prompts, token-ids, analyses, tolerance\n");
+    b.push_str("#\n");
+    b.push_str(&format!("# [{t}.metadata.moe-inspect.tolerance]\n"));
+    let default = Tolerances::default();
+    for (key, doc) in Tolerances::KEYS {
+        let value = default.get(key).unwrap_or_default();
+        b.push_str(&format!("# {key} = {value}  # {doc}\n"));
+    }
+    b
+}
+
 /// A model named in the configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelEntry {

@@ -183,6 +183,20 @@ impl Tolerances {
         Ok(())
     }
 
+    /// One tolerance by its configuration key.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        Some(match key {
+            "similarity" => self.similarity,
+            "routing-top1-agreement" => self.routing_top1_agreement,
+            "routing-topk-agreement" => self.routing_topk_agreement,
+            "router-jsd" => self.router_jsd,
+            "load-shift" => self.load_shift,
+            "gate-r2" => self.gate_r2,
+            "norm-score-top1" => self.norm_score_top1,
+            _ => return None,
+        })
+    }
+
     /// Sets one tolerance by its configuration key.
     pub fn set(&mut self, key: &str, value: f64) -> std::result::Result<(), String> {
         Self::check(key, value)?;
