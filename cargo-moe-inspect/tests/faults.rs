@@ -33,7 +33,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Runs `cmd` to completion and checks its peak RSS (Linux: `wait4`).
-fn output_within_bound(mut cmd: Command) -> (i32, String, String) {
+fn output_within_bound(cmd: Command) -> (i32, String, String) {
     #[cfg(target_os = "linux")]
     {
         let (code, rss, stdout, stderr) = run_measured(cmd);
@@ -46,6 +46,7 @@ fn output_within_bound(mut cmd: Command) -> (i32, String, String) {
     }
     #[cfg(not(target_os = "linux"))]
     {
+        let mut cmd = cmd;
         let out = cmd.output().unwrap();
         (
             out.status.code().unwrap_or(-1),
@@ -58,6 +59,7 @@ fn output_within_bound(mut cmd: Command) -> (i32, String, String) {
 /// Exit code, peak RSS (bytes), stdout and stderr of one child, from `wait4`
 /// (its own peak, not the largest of all children this test binary ran).
 #[cfg(target_os = "linux")]
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std cannot see
 fn run_measured(mut cmd: Command) -> (i32, u64, String, String) {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
