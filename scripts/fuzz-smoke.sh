@@ -9,7 +9,7 @@ seconds="${FUZZ_SECONDS:-20}"
 targets=(safetensors_header config golden token_ids)
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "fuzz-smoke: skipped (no nightly toolchain: rustup toolchain install nightly)"
+    echo 'fuzz-smoke: skipped (no `cargo +nightly`: rustup toolchain install nightly)'
     exit 0
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
