@@ -87,12 +87,9 @@ impl Observer for Recorder {
     }
 }
 
+/// Largest difference; NaN/inf on either side and length mismatches panic.
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    common::max_abs_diff_flat("forward output", a, b) as f32
 }
 
 /// `[layers, T, rest...]` → the slice of one layer.

@@ -253,11 +253,9 @@ fn assert_points_match(got: &[[f64; 2]], want: &serde_json::Value, tol: f64, wha
             .max(1e-12);
         let dot: f64 = got.iter().zip(&want).map(|(g, w)| g[c] * w[c]).sum();
         let sign = if dot < 0.0 { -1.0 } else { 1.0 };
-        let d = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (sign * g[c] - w[c]).abs())
-            .fold(0.0, f64::max);
+        let g: Vec<f64> = got.iter().map(|g| sign * g[c]).collect();
+        let w: Vec<f64> = want.iter().map(|w| w[c]).collect();
+        let d = common::max_abs_diff_flat(what, &g, &w);
         assert!(
             d <= tol * scale,
             "{what} component {c}: {d:e} (scale {scale:e})"

@@ -53,15 +53,33 @@ pub fn matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
 }
 
 /// Largest absolute difference between two matrices of the same shape.
+/// Panics on a shape mismatch or a non-finite value on either side, so a NaN
+/// never passes as "within tolerance" (`f64::max` would skip it).
 pub fn max_abs_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
     assert_eq!(a.len(), b.len(), "row count");
     a.iter()
         .zip(b)
-        .flat_map(|(x, y)| {
+        .map(|(x, y)| {
             assert_eq!(x.len(), y.len(), "column count");
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+            max_abs_diff_flat("matrix row", x, y)
         })
         .fold(0.0, f64::max)
+}
+
+/// Largest `|a[i] - b[i]|` of two equally long slices; panics (naming
+/// `what`) on a length mismatch or any NaN/infinity in either.
+pub fn max_abs_diff_flat<T: Copy + Into<f64>>(what: &str, a: &[T], b: &[T]) -> f64 {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let mut max = 0.0f64;
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let (x, y): (f64, f64) = (x.into(), y.into());
+        assert!(
+            x.is_finite() && y.is_finite(),
+            "{what}: non-finite value at {i}: got {x}, want {y}"
+        );
+        max = max.max((x - y).abs());
+    }
+    max
 }
 
 /// A writable copy of a fixture in a temporary directory.
