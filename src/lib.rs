@@ -34,4 +34,7 @@ pub mod report;
 mod rng;
 pub mod trace;
 
+#[cfg(test)]
+mod test_support;
+
 pub use error::{Error, Result};

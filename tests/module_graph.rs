@@ -14,7 +14,7 @@ const LAYERS: [&str; 5] = ["model", "forward", "analysis", "golden", "report"];
 
 /// Utilities used across layers: allowed wherever they are used, as long as
 /// the whole graph stays acyclic.
-const UTILITIES: [&str; 9] = [
+const UTILITIES: [&str; 10] = [
     "atomic_write",
     "bench",
     "demo",
@@ -23,6 +23,7 @@ const UTILITIES: [&str; 9] = [
     "layers",
     "memory",
     "rng",
+    "test_support",
     "trace",
 ];
 

@@ -213,7 +213,11 @@ mod tests {
     #[test]
     fn kernels_match_f64_loops() {
         if !available() {
-            eprintln!("no AVX-512 BF16 on this CPU: nothing to test");
+            crate::test_support::skip(
+                "bf16_kernels::kernels_match_f64_loops",
+                "avx512bf16",
+                "no AVX-512 BF16 on this CPU",
+            );
             return;
         }
         for (e, len) in [(1usize, 7usize), (3, 600), (8, 2048), (6, 1031), (9, 100)] {

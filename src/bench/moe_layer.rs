@@ -451,7 +451,7 @@ mod tests {
     #[test]
     fn cuda_matches_the_cpu() {
         let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("cuda_matches_the_cpu: no CUDA device, skipped");
+            crate::test_support::skip("cuda_matches_the_cpu", "cuda", "no CUDA device");
             return;
         };
         let dir = tempfile::tempdir().unwrap();

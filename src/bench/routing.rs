@@ -373,7 +373,7 @@ mod tests {
     #[test]
     fn cuda_routing_matches_the_host() {
         let Ok(gpu) = Device::new_cuda(0) else {
-            eprintln!("cuda_routing_matches_the_host: no CUDA device, skipped");
+            crate::test_support::skip("cuda_routing_matches_the_host", "cuda", "no CUDA device");
             return;
         };
         for case in default_cases() {
