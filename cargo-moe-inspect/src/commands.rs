@@ -338,8 +338,9 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
                 .unwrap_or_else(|| PathBuf::from("moe-inspect-report"));
             let md = report::markdown::MarkdownOptions {
                 shared_scale: args.shared_scale,
+                command_line: std::env::args().collect::<Vec<_>>().join(" "),
             };
-            let path = report::markdown::write(&report, &dir, md)?;
+            let path = report::markdown::write(&report, &dir, &md)?;
             eprintln!("wrote {} (with SVG figures)", path.display());
         }
     }

@@ -11,15 +11,21 @@ use crate::analysis::results::{LayerMatrices, MatrixSimilarity, Report};
 use crate::atomic_write::write_atomic;
 use crate::error::{Error, Result};
 use crate::model::Matrix;
-use crate::report::svg::{bars, heatmaps, regression_line, scatter, Panel, ScatterPanel};
+use crate::report::svg::{
+    bars, heatmap_rect, heatmaps, regression_line, scatter, Axes, ColourScale, Panel, ScatterPanel,
+    FIGURE_MARKER,
+};
 use crate::report::table::off_diagonal_stats;
 
 /// Options of the Markdown report.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct MarkdownOptions {
     /// One colour scale for every heatmap of an analysis (across layers),
     /// instead of one per figure.
     pub shared_scale: bool,
+    /// The command line that produced the report, written at its top (the
+    /// library does not read the process's arguments itself).
+    pub command_line: String,
 }
 
 /// At most this many neuron points are drawn per PCA panel (evenly subsampled).
@@ -28,34 +34,119 @@ pub const MAX_SCATTER_POINTS: usize = 4000;
 struct Writer<'a> {
     dir: &'a Path,
     md: String,
+    /// File names of the figures written by this run.
+    written: Vec<String>,
 }
 
 impl Writer<'_> {
     fn figure(&mut self, name: &str, alt: &str, svg: &str) -> Result<()> {
         let path = self.dir.join(name);
-        write_atomic(&path, svg.as_bytes())?;
+        write_atomic(&path, format!("{FIGURE_MARKER}\n{svg}").as_bytes())?;
         let _ = writeln!(self.md, "![{alt}]({name})\n");
+        self.written.push(name.to_string());
         Ok(())
     }
 }
 
-fn min_of(ms: &[&Vec<Vec<f64>>]) -> f64 {
+/// Largest off-diagonal deviation from `mid` (finite values only).
+fn max_dev(ms: &[&Vec<Vec<f64>>], mid: f64) -> f64 {
     ms.iter()
-        .flat_map(|m| m.iter().flatten().copied())
-        .fold(f64::INFINITY, f64::min)
-        .min(0.0)
+        .flat_map(|m| {
+            m.iter().enumerate().flat_map(move |(i, row)| {
+                row.iter()
+                    .enumerate()
+                    .filter(move |&(j, v)| j != i && v.is_finite())
+                    .map(move |(_, v)| (v - mid).abs())
+            })
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A cosine scale centred on 0 for one figure's matrices `own`, or for all
+/// of the analysis's matrices `all` with `--shared-scale`.
+fn cosine_scale(
+    own: &[&Vec<Vec<f64>>],
+    all: &[&Vec<Vec<f64>>],
+    opts: &MarkdownOptions,
+) -> ColourScale {
+    let dev = max_dev(if opts.shared_scale { all } else { own }, 0.0);
+    ColourScale::centred(0.0, dev, 1.0)
+}
+
+const COSINE_SCALE_NOTE: &str = "Colours: blue (negative) – white (0) – red (positive), centred on 0 and as wide as the \
+     largest off-diagonal |cosine| of the figure (rounded up, ±1 at most; one width for all layers with `--shared-scale`); \
+     when narrower than ±1 the diagonal (always 1) is drawn grey.";
+
+/// Today's date (UTC) as yyyy-mm-dd.
+fn utc_date() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    civil_date((secs / 86_400) as i64)
+}
+
+/// Days since 1970-01-01 to yyyy-mm-dd (proleptic Gregorian; Howard Hinnant's algorithm).
+fn civil_date(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Removes the figures of a previous run in `dir` that this run did not
+/// rewrite: only `*.svg` files that start with [`FIGURE_MARKER`], so files of
+/// the user are never touched.
+fn remove_stale_figures(dir: &Path, written: &[String]) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".svg") || written.contains(&name) || !path.is_file() {
+            continue;
+        }
+        let mut head = [0u8; FIGURE_MARKER.len()];
+        let owned = std::fs::File::open(&path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok()
+            && head == FIGURE_MARKER.as_bytes();
+        if owned {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `report.md` and one SVG per figure into `dir`, each atomically
 /// ([`crate::atomic_write`]); returns the report's path.
-pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathBuf> {
+///
+/// The report starts with the tool's version, `opts.command_line` and the
+/// date; figures of a previous run in `dir` that this run does not rewrite
+/// are removed afterwards (only files the tool marked as its own).
+pub fn write(report: &Report, dir: &Path, opts: &MarkdownOptions) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut w = Writer {
         dir,
         md: String::new(),
+        written: Vec::new(),
     };
     let m = &report.model;
     let _ = writeln!(w.md, "# MoE inspection report\n");
+    let _ = writeln!(
+        w.md,
+        "Generated by moe-inspect {} on {} (UTC).\n",
+        env!("CARGO_PKG_VERSION"),
+        utc_date()
+    );
+    if !opts.command_line.is_empty() {
+        let cmd = opts.command_line.replace('`', "'");
+        let _ = writeln!(w.md, "Command: `` {cmd} ``\n");
+    }
     let _ = writeln!(
         w.md,
         "| model | family | layers | MoE layers | experts | top-k | hidden | expert width | dtype |"
@@ -124,8 +215,13 @@ pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathB
                 );
             }
         }
-        w.md.push('\n');
+        let _ = writeln!(w.md, "\n{COSINE_SCALE_NOTE}\n");
         let labels: Vec<String> = (0..m.num_experts).map(|e| e.to_string()).collect();
+        let all: Vec<&Vec<Vec<f64>>> = r
+            .layers
+            .iter()
+            .flat_map(|l| Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity))
+            .collect();
         for l in &r.layers {
             let panels: Vec<Panel<'_>> = Matrix::ALL
                 .iter()
@@ -134,13 +230,17 @@ pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathB
                     matrix: &l.matrices.get(mat).similarity,
                 })
                 .collect();
-            let lo = min_of(&Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity));
+            let own = Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity);
             let svg = heatmaps(
                 &format!("Similarity after neuron reorder, layer {}", l.layer),
                 &panels,
                 &labels,
-                lo,
-                1.0,
+                cosine_scale(&own, &all, opts),
+                Axes {
+                    x: "expert",
+                    y: "expert",
+                    value: "cosine after reorder",
+                },
             );
             w.figure(
                 &format!("neuron-reorder-layer{}.svg", l.layer),
@@ -229,10 +329,11 @@ pub fn write(report: &Report, dir: &Path, opts: MarkdownOptions) -> Result<PathB
     dynamic_sections(&mut w, report, opts)?;
     let path = dir.join("report.md");
     write_atomic(&path, w.md.as_bytes())?;
+    remove_stale_figures(dir, &w.written)?;
     Ok(path)
 }
 
-fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: MarkdownOptions) -> Result<()> {
+fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: &MarkdownOptions) -> Result<()> {
     let a = &report.analyses;
     let experts = report.model.num_experts;
     let expert_labels: Vec<String> = (0..experts).map(|e| e.to_string()).collect();
@@ -272,14 +373,15 @@ fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: MarkdownOptions) 
                 );
             }
         }
-        w.md.push('\n');
-        let shared_lo = min_of(&o.layers.iter().map(|l| &l.mean_angular).collect::<Vec<_>>());
+        let _ = writeln!(
+            w.md,
+            "\nColours: blue–white–red centred on 0.5 (orthogonal outputs), as wide as the largest off-diagonal \
+             deviation (rounded up; the diagonal is grey when it falls outside).\n"
+        );
+        let all: Vec<&Vec<Vec<f64>>> = o.layers.iter().map(|l| &l.mean_angular).collect();
         for l in &o.layers {
-            let lo = if opts.shared_scale {
-                shared_lo
-            } else {
-                min_of(&[&l.mean_angular])
-            };
+            let own = [&l.mean_angular];
+            let dev = max_dev(if opts.shared_scale { &all } else { &own }, 0.5);
             let svg = heatmaps(
                 &format!("Expert output similarity, layer {}", l.layer),
                 &[Panel {
@@ -287,8 +389,12 @@ fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: MarkdownOptions) 
                     matrix: &l.mean_angular,
                 }],
                 &l.labels,
-                lo,
-                1.0,
+                ColourScale::centred(0.5, dev, 0.5),
+                Axes {
+                    x: "expert",
+                    y: "expert",
+                    value: "angular similarity",
+                },
             );
             w.figure(
                 &format!("output-similarity-layer{}.svg", l.layer),
@@ -352,13 +458,17 @@ fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: MarkdownOptions) 
         w.md.push('\n');
         for (layer, map) in &report.maps.activation {
             let hi = map.iter().flatten().copied().fold(0.0, f64::max);
-            let svg = crate::report::svg::heatmap_rect(
+            let svg = heatmap_rect(
                 &format!("Mean |act(gate·x)| per token and expert, layer {layer} (first prompt)"),
                 map,
                 &token_labels,
                 &expert_labels,
-                0.0,
-                hi,
+                ColourScale::Sequential { lo: 0.0, hi },
+                Axes {
+                    x: "expert",
+                    y: "token",
+                    value: "mean |act(gate·x)|",
+                },
             );
             w.figure(
                 &format!("intermediate-layer{layer}.svg"),
@@ -394,13 +504,20 @@ fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: MarkdownOptions) 
             q.entropy_ratio.min, q.entropy_ratio.p50, q.entropy_ratio.p90, q.entropy_ratio.max
         );
         for (layer, map) in &report.maps.routing {
-            let svg = crate::report::svg::heatmap_rect(
+            let svg = heatmap_rect(
                 &format!("Routing weights per token, layer {layer} (first prompt)"),
                 map,
                 &token_labels,
                 &expert_labels,
-                0.0,
-                map.iter().flatten().copied().fold(0.0, f64::max),
+                ColourScale::Sequential {
+                    lo: 0.0,
+                    hi: map.iter().flatten().copied().fold(0.0, f64::max),
+                },
+                Axes {
+                    x: "expert",
+                    y: "token",
+                    value: "routing weight",
+                },
             );
             w.figure(
                 &format!("chosen-experts-layer{layer}.svg"),
@@ -415,7 +532,7 @@ fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: MarkdownOptions) 
 fn similarity_section(
     w: &mut Writer<'_>,
     sim: &MatrixSimilarity,
-    opts: MarkdownOptions,
+    opts: &MarkdownOptions,
     slug: &str,
     title: &str,
     what: &str,
@@ -454,19 +571,14 @@ fn similarity_section(
             }
         }
     }
-    w.md.push('\n');
+    let _ = writeln!(w.md, "\n{COSINE_SCALE_NOTE}\n");
     let all: Vec<&Vec<Vec<f64>>> = sim
         .layers
         .iter()
         .flat_map(|l| Matrix::ALL.map(|mat| l.get(mat)))
         .collect();
-    let shared_lo = min_of(&all);
     for l in &sim.layers {
-        let lo = if opts.shared_scale {
-            shared_lo
-        } else {
-            min_of(&Matrix::ALL.map(|mat| l.get(mat)))
-        };
+        let scale = cosine_scale(&Matrix::ALL.map(|mat| l.get(mat)), &all, opts);
         let panels: Vec<Panel<'_>> = Matrix::ALL
             .iter()
             .map(|&mat| Panel {
@@ -478,8 +590,12 @@ fn similarity_section(
             &format!("{title}, layer {}", l.layer),
             &panels,
             &l.labels,
-            lo,
-            1.0,
+            scale,
+            Axes {
+                x: "expert",
+                y: "expert",
+                value: "cosine similarity",
+            },
         );
         w.figure(
             &format!("{slug}-layer{}.svg", l.layer),
@@ -495,7 +611,7 @@ fn gate_section(
     g: &crate::analysis::results::GateEmbedding,
     neuron: Option<&MatrixSimilarity>,
     model: &str,
-    opts: MarkdownOptions,
+    opts: &MarkdownOptions,
 ) -> Result<()> {
     let f = |x: &Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.2}"));
     let _ = writeln!(w.md, "## Gate embedding\n");
@@ -530,16 +646,12 @@ fn gate_section(
             f(&l.r2.down)
         );
     }
-    w.md.push('\n');
-    let shared_lo = min_of(&g.layers.iter().map(|l| &l.similarity).collect::<Vec<_>>());
+    let _ = writeln!(w.md, "\n{COSINE_SCALE_NOTE}\n");
+    let all: Vec<&Vec<Vec<f64>>> = g.layers.iter().map(|l| &l.similarity).collect();
     for l in &g.layers {
         let e = l.similarity.len();
         let labels: Vec<String> = (0..e).map(|i| i.to_string()).collect();
-        let lo = if opts.shared_scale {
-            shared_lo
-        } else {
-            min_of(&[&l.similarity])
-        };
+        let scale = cosine_scale(&[&l.similarity], &all, opts);
         let svg = heatmaps(
             &format!("Router (gate embedding) similarity, layer {}", l.layer),
             &[Panel {
@@ -547,8 +659,12 @@ fn gate_section(
                 matrix: &l.similarity,
             }],
             &labels,
-            lo,
-            1.0,
+            scale,
+            Axes {
+                x: "expert",
+                y: "expert",
+                value: "cosine similarity",
+            },
         );
         w.figure(
             &format!("gate-embedding-layer{}.svg", l.layer),
@@ -601,4 +717,16 @@ fn gate_section(
 
 fn experts_only(l: &LayerMatrices, m: Matrix, e: usize) -> Vec<Vec<f64>> {
     l.get(m)[..e].iter().map(|r| r[..e].to_vec()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil_date;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(11_016), "2000-02-29");
+        assert_eq!(civil_date(20_789), "2026-12-02");
+    }
 }
