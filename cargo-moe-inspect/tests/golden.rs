@@ -1019,10 +1019,11 @@ fn diff_of_two_checkpoints() {
 
 #[test]
 fn golden_files_of_the_repository_are_current_and_small() {
-    // The dogfooding goldens in `golden/` (checked on CI by `.ci/run`) must
-    // parse, and stay small.
+    // The dogfooding goldens in `golden/` must parse, stay small, and match
+    // what the code computes now: every configured model is recomputed and
+    // compared (as `.ci/run` does), with CI set so nothing is written.
     let dir = repo_root().join("golden");
-    let mut count = 0;
+    let mut names = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "json") {
@@ -1034,11 +1035,37 @@ fn golden_files_of_the_repository_are_current_and_small() {
                 path.display(),
                 text.len()
             );
-            count += 1;
+            names.push(path.file_stem().unwrap().to_string_lossy().into_owned());
         }
     }
+    names.sort();
     assert!(
-        count >= 9,
-        "expected the demo and the fixture families, found {count}"
+        names.len() >= 9,
+        "expected the demo and the fixture families, found {names:?}"
+    );
+    let r = run_in(
+        &repo_root(),
+        &["check", "--format", "json"],
+        &[("CI", "true")],
+        None,
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["drift"], false);
+    let mut checked: Vec<String> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let rows = m["rows"].as_array().unwrap();
+            assert!(rows.len() >= 10, "{}: {} checks", m["name"], rows.len());
+            assert!(rows.iter().all(|r| r["verdict"] == "ok"));
+            m["name"].as_str().unwrap().to_string()
+        })
+        .collect();
+    checked.sort();
+    assert_eq!(
+        checked, names,
+        "every golden file is checked, and only those"
     );
 }
