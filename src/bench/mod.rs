@@ -18,14 +18,35 @@ pub mod verdict;
 
 use std::path::PathBuf;
 
-/// A directory for generated benchmark checkpoints (kept between runs):
-/// `$MOE_INSPECT_BENCH_DIR`, or `target/moe-inspect-bench`.
+/// A directory for generated benchmark checkpoints and baselines (kept
+/// between runs), decided once per process: `$MOE_INSPECT_BENCH_DIR`; else
+/// `moe-inspect-bench/` in the target directory of the cargo workspace of
+/// the current directory (cargo_metadata); else the user's cache directory
+/// (`$XDG_CACHE_HOME/moe-inspect/bench` or `~/.cache/moe-inspect/bench`);
+/// else the system temp directory. Never a path fixed at compile time (an
+/// installed binary's source tree is in the cargo registry).
 pub fn data_dir() -> PathBuf {
-    std::env::var_os("MOE_INSPECT_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/moe-inspect-bench")
-        })
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("MOE_INSPECT_BENCH_DIR") {
+            return PathBuf::from(dir);
+        }
+        if let Ok(meta) = cargo_metadata::MetadataCommand::new().no_deps().exec() {
+            return meta
+                .target_directory
+                .into_std_path_buf()
+                .join("moe-inspect-bench");
+        }
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        match cache {
+            Some(c) => c.join("moe-inspect").join("bench"),
+            None => std::env::temp_dir().join("moe-inspect-bench"),
+        }
+    })
+    .clone()
 }
 
 /// Writes a synthetic checkpoint into `data_dir()/name` unless one with the
