@@ -52,6 +52,22 @@ pub struct TraceSummary {
 }
 
 /// Runs the forward pass over `prompts` and writes the trace to `out`.
+///
+/// ```rust
+/// use moe_inspect::forward::{parse_device, Forward};
+/// use moe_inspect::input::Prompts;
+/// use moe_inspect::model::Model;
+///
+/// let model = Model::demo()?;
+/// let fwd = Forward::new(&model, parse_device("cpu")?)?;
+/// let prompts = Prompts { ids: vec![vec![1, 2, 3], vec![7, 8]], texts: None };
+/// let out = std::env::temp_dir().join(format!("moe-inspect-doc-{}.safetensors", std::process::id()));
+/// let summary = moe_inspect::trace::trace(&fwd, &model.info.moe_layers, &prompts, false, &out)?;
+/// assert_eq!(summary.tokens, 5);
+/// assert!(std::fs::metadata(&out).unwrap().len() >= summary.bytes as u64);
+/// std::fs::remove_file(&out).ok();
+/// # Ok::<(), moe_inspect::Error>(())
+/// ```
 pub fn trace(
     fwd: &Forward<'_>,
     moe_layers: &[usize],

@@ -171,6 +171,24 @@ pub fn selected_layers(
 /// before the next is read, so memory stays near one layer whatever the depth.
 /// `neuron-reorder` runs on the selected layers, or by default on the first,
 /// middle and last MoE layer only (it costs one n×n assignment per expert pair).
+///
+/// ```rust
+/// use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions};
+/// use moe_inspect::layers::LayerSelection;
+/// use moe_inspect::model::Model;
+///
+/// let model = Model::demo()?;
+/// let opts = AnalyzeOptions {
+///     analyses: AnalysisKind::parse_selection("expert-similarity")?,
+///     layers: Some(LayerSelection::parse("0")?),
+///     dense: None,
+///     dynamic: None,
+/// };
+/// // `&()` reports no progress.
+/// let report = analysis::run(&model, &opts, &())?;
+/// assert_eq!(report.model.num_experts, 8);
+/// # Ok::<(), moe_inspect::Error>(())
+/// ```
 pub fn run(model: &Model, opts: &AnalyzeOptions<'_>, progress: &dyn Progress) -> Result<Report> {
     let (layers, _) = selected_layers(model, opts.layers.as_ref())?;
     if let Some(dense) = opts.dense {

@@ -390,6 +390,30 @@ impl<'m> Forward<'m> {
 
     /// Runs the prompts (token ids) through the model. `observer` receives every
     /// MoE layer's routing (and what it asks for); `logits` keeps the final logits.
+    ///
+    /// ```rust
+    /// use moe_inspect::forward::observer::{MoeObservation, Observer};
+    /// use moe_inspect::forward::{parse_device, Forward};
+    /// use moe_inspect::model::Model;
+    ///
+    /// /// Counts how often expert 0 is among the selected experts.
+    /// struct Expert0(usize);
+    /// impl Observer for Expert0 {
+    ///     fn moe_layer(&mut self, o: &MoeObservation<'_>) {
+    ///         self.0 += o.selected.iter().filter(|&&e| e == 0).count();
+    ///     }
+    /// }
+    ///
+    /// let model = Model::demo()?;
+    /// let fwd = Forward::new(&model, parse_device("cpu")?)?;
+    /// let mut counter = Expert0(0);
+    /// let out = fwd.run(&[vec![1, 5, 9, 42]], &mut counter, true)?;
+    /// assert_eq!(out.logits.len(), 1);
+    /// assert!(counter.0 <= 4 * model.info.moe_layers.len());
+    /// // `&mut ()` observes nothing (routing only, no extra work).
+    /// fwd.run(&[vec![1, 2, 3]], &mut (), false)?;
+    /// # Ok::<(), moe_inspect::Error>(())
+    /// ```
     pub fn run(
         &self,
         prompts: &[Vec<u32>],

@@ -596,6 +596,32 @@ fn round4(v: Vec<f32>) -> Vec<f32> {
 }
 
 /// Computes a snapshot of `model`.
+///
+/// ```rust
+/// use moe_inspect::forward::parse_device;
+/// use moe_inspect::golden::{self, compare::compare, BuildOptions, Selection, Tolerances};
+/// use moe_inspect::model::Model;
+///
+/// let model = Model::demo()?;
+/// let opts = BuildOptions {
+///     name: "demo".to_string(),
+///     selection: Selection::parse(&["expert-similarity"]).unwrap(),
+///     prompts: None,
+///     device: parse_device("cpu")?,
+///     tolerances: Tolerances::default(),
+///     keep_router_probs: false,
+/// };
+/// let gold = golden::build(&model, &opts, &())?;
+/// // A snapshot survives its JSON round trip, and the same model shows no drift.
+/// let path = std::env::temp_dir().join(format!("moe-inspect-doc-{}.json", std::process::id()));
+/// gold.write(&path)?;
+/// let read = golden::Snapshot::read(&path)?;
+/// std::fs::remove_file(&path).ok();
+/// let now = golden::build(&model, &opts, &())?;
+/// let cmp = compare(&read, &now, &Tolerances::default()).unwrap();
+/// assert!(!cmp.drift());
+/// # Ok::<(), moe_inspect::Error>(())
+/// ```
 pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) -> Result<Snapshot> {
     let info = &model.info;
     let sel = opts.selection;

@@ -79,6 +79,14 @@ impl Model {
     /// Opens an HF model directory (config.json + safetensors, sharded or not)
     /// and validates every tensor the analyses need (names, shapes, dtypes)
     /// from the headers alone.
+    ///
+    /// ```rust
+    /// use moe_inspect::model::Model;
+    ///
+    /// // A directory without config.json and safetensors is an error, not a panic.
+    /// let missing = std::env::temp_dir().join("moe-inspect-doc-no-such-model");
+    /// assert!(Model::open(&missing).is_err());
+    /// ```
     pub fn open(dir: &Path) -> Result<Model> {
         if !dir.is_dir() {
             return Err(Error::io(
@@ -92,7 +100,19 @@ impl Model {
         Model::from_parts(info, config, weights, dir.display().to_string())
     }
 
-    /// The trained demo model embedded in the binary.
+    /// The trained demo model embedded in the binary (a 4-layer Mixtral with
+    /// 8 experts, top-2): examples and tests run on it without any files.
+    ///
+    /// ```rust
+    /// use moe_inspect::model::Model;
+    ///
+    /// let model = Model::demo()?;
+    /// assert_eq!(model.info.num_experts, 8);
+    /// assert_eq!(model.info.top_k, 2);
+    /// let layer = model.moe_layer(model.info.moe_layers[0])?;
+    /// assert_eq!(layer.experts.len(), 8);
+    /// # Ok::<(), moe_inspect::Error>(())
+    /// ```
     pub fn demo() -> Result<Model> {
         let label = PathBuf::from(crate::demo::LABEL);
         let config = Config::parse(&label.join("config.json"), crate::demo::CONFIG)?;
