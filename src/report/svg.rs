@@ -115,7 +115,26 @@ impl ColourScale {
     /// scale has 5 (its centre in the middle), a sequential one 3.
     pub fn ticks(&self) -> Vec<f64> {
         match *self {
-            ColourScale::Sequential { lo, hi } => vec![hi, (lo + hi) / 2.0, lo],
+            ColourScale::Sequential { lo, hi } => {
+                // Three significant digits, kept inside the range.
+                let round = |v: f64, toward_lo: bool| {
+                    if v == 0.0 || !v.is_finite() {
+                        return v;
+                    }
+                    let p = 10f64.powf(v.abs().log10().floor() - 2.0);
+                    let r = if toward_lo {
+                        (v / p).ceil()
+                    } else {
+                        (v / p).floor()
+                    };
+                    r * p
+                };
+                vec![
+                    round(hi, false),
+                    round((lo + hi) / 2.0, false),
+                    round(lo, true),
+                ]
+            }
             ColourScale::Diverging { mid, half, .. } => vec![
                 mid + half,
                 mid + half / 2.0,
@@ -860,6 +879,12 @@ mod tests {
             .collect();
         assert_eq!(ticks, ["-0.1", "0", "0.1", "0.2", "0.3", "0.4"]);
         assert_eq!(fmt_tick(-0.0), "0");
+        let seq = ColourScale::Sequential {
+            lo: 0.0,
+            hi: 0.65234,
+        };
+        let t: Vec<String> = seq.ticks().into_iter().map(fmt_tick).collect();
+        assert_eq!(t, ["0.652", "0.326", "0"]);
         assert_eq!(fmt_tick(0.025), "0.025");
         assert_eq!(fmt_tick(2.0), "2");
         assert_eq!(visible_token(" a\n\t", 10), "␠a⏎⇥");
