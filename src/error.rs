@@ -12,99 +12,163 @@ pub enum Error {
     /// A file could not be opened or read.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file at fault.
         path: PathBuf,
+        /// The underlying I/O error.
         #[source]
         source: std::io::Error,
     },
 
     /// `config.json` is absent from a model directory.
     #[error("{}: no config.json in this model directory", dir.display())]
-    ConfigMissing { dir: PathBuf },
+    ConfigMissing {
+        /// The model directory.
+        dir: PathBuf,
+    },
 
     /// `config.json` is not valid JSON or not an object.
     #[error("{}: malformed config.json: {reason}", path.display())]
-    ConfigSyntax { path: PathBuf, reason: String },
+    ConfigSyntax {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong, in words.
+        reason: String,
+    },
 
     /// A key of `config.json` is missing or has the wrong type/value.
     #[error("{}: config key `{key}`: {reason}", path.display())]
     ConfigKey {
+        /// The file at fault.
         path: PathBuf,
+        /// The config key.
         key: String,
+        /// What is wrong, in words.
         reason: String,
     },
 
     /// The `model_type` (or architecture) is not one of the supported families.
     #[error("{}: unknown model family `{found}` (supported: {supported}); see `cargo moe-inspect models`", path.display())]
     UnknownFamily {
+        /// The file at fault.
         path: PathBuf,
+        /// The family named by the config.
         found: String,
+        /// The supported families, comma-separated.
         supported: String,
     },
 
     /// No safetensors file (single or sharded index) in a model directory.
     #[error("{}: no model.safetensors or model.safetensors.index.json in this model directory", dir.display())]
-    NoWeights { dir: PathBuf },
+    NoWeights {
+        /// The model directory.
+        dir: PathBuf,
+    },
 
     /// A safetensors file (or index) is structurally broken.
     #[error("{}: {reason}", path.display())]
-    Safetensors { path: PathBuf, reason: String },
+    Safetensors {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong, in words.
+        reason: String,
+    },
 
     /// A shard is shorter than its header promises.
     #[error("{}: truncated safetensors file: tensor `{tensor}` needs bytes {start}..{end} of the data section, but the file holds only {available} data bytes", path.display())]
     Truncated {
+        /// The file at fault.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// Byte offset where the tensor's data starts.
         start: u64,
+        /// Byte offset where the tensor's data ends.
         end: u64,
+        /// Bytes actually in the file.
         available: u64,
     },
 
     /// A tensor the family adapter needs is not in the checkpoint.
     #[error("{}: tensor `{tensor}` is missing from the checkpoint", dir.display())]
-    TensorMissing { dir: PathBuf, tensor: String },
+    TensorMissing {
+        /// The model directory.
+        dir: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+    },
 
     /// A tensor has a shape that does not match the config.
     #[error("{}: tensor `{tensor}` has shape {found:?}, but config.json implies {expected:?}", path.display())]
     ShapeMismatch {
+        /// The file at fault.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// The shape the config implies.
         expected: Vec<usize>,
+        /// The shape stored in the file.
         found: Vec<usize>,
     },
 
     /// A tensor is stored in a dtype the analyses cannot read.
     #[error("{}: tensor `{tensor}` has dtype {dtype}, which is not supported (supported: F32, F16, BF16, F8_E4M3)", path.display())]
     UnsupportedDtype {
+        /// The file at fault.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// The stored dtype.
         dtype: String,
     },
 
     /// A tensor holds NaN or infinite values.
     #[error("{}: tensor `{tensor}` contains NaN or infinite values", path.display())]
-    NonFinite { path: PathBuf, tensor: String },
+    NonFinite {
+        /// The file at fault.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+    },
 
     /// The forward pass produced NaN or infinite values (finite but huge
     /// weights, a config value such as `rope_theta` ≤ 0, a NaN bias): the
     /// results would be meaningless, so nothing is reported or recorded.
     #[error("{}: layer {layer}: {what} contain NaN or infinite values (the forward pass diverged; check the weights and config values such as rope_theta, rms_norm_eps)", path.display())]
     Diverged {
+        /// The file at fault.
         path: PathBuf,
+        /// The decoder layer where it happened.
         layer: usize,
+        /// The quantity that became non-finite.
         what: String,
     },
 
     /// Two models that must have the same geometry do not.
     #[error("{}: {reason}", path.display())]
-    Incompatible { path: PathBuf, reason: String },
+    Incompatible {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong, in words.
+        reason: String,
+    },
 
     /// A tensor computation failed (shapes the config promised did not hold, a device error).
     #[error("while computing {what}: {reason}")]
-    Compute { what: String, reason: String },
+    Compute {
+        /// The computation that failed.
+        what: String,
+        /// What is wrong, in words.
+        reason: String,
+    },
 
     /// Prompts or token ids could not be read or tokenized.
     #[error("{}: {reason}", path.display())]
-    Input { path: PathBuf, reason: String },
+    Input {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong, in words.
+        reason: String,
+    },
 
     /// A command-line or configuration value is invalid.
     #[error("{0}")]
@@ -118,6 +182,7 @@ impl Error {
         2
     }
 
+    /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
