@@ -336,9 +336,11 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             verdicts,
         });
     }
-    print!("{}", report::table(&file, peer.as_ref()));
+    let width = crate::commands::terminal_width();
+    print!("{}", report::table(&file, peer.as_ref(), width));
     if let Some(c) = report::checks_line(&file) {
-        println!("moe-layer {c}");
+        let line = format!("moe-layer {c}");
+        println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
     if let Some(dir) = &args.out {
         let path = report::write(dir, &file, peer.as_ref(), &notes)?;

@@ -323,6 +323,13 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub shared_scale: bool,
 
+    /// Table: print every expert × expert similarity matrix in full. By
+    /// default, beyond 12 experts, 4 layers or the terminal width
+    /// (`COLUMNS`), each layer is summarised: mean off-diagonal similarity
+    /// and the 3 most and least similar expert pairs.
+    #[arg(long)]
+    pub full: bool,
+
     /// Directory for report files (report.json / report.md and SVG figures).
     /// Markdown defaults to `moe-inspect-report/`.
     #[arg(long, value_name = "DIR")]

@@ -21,6 +21,8 @@ use crate::cli::{
 pub fn run(cli: Cli) -> Result<u8> {
     let style = Styling {
         color: use_color(cli.color),
+        width: terminal_width(),
+        full: false,
     };
     match cli.command {
         Command::Analyze(args) => analyze(args, style),
@@ -69,6 +71,27 @@ fn use_color(choice: ColorChoice) -> bool {
                 && std::io::stdout().is_terminal()
         }
     }
+}
+
+/// Display columns to fit tables into: `COLUMNS` when set and numeric
+/// (`COLUMNS=0`: no limit), else the terminal's width when stdout is one,
+/// else 80.
+pub fn terminal_width() -> Option<usize> {
+    if let Some(n) = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return (n > 0).then_some(n);
+    }
+    if std::io::stdout().is_terminal() {
+        // SAFETY: TIOCGWINSZ fills a winsize struct we own; fd 1 is open.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+        if rc == 0 && ws.ws_col > 0 {
+            return Some(usize::from(ws.ws_col));
+        }
+    }
+    Some(80)
 }
 
 /// Whether to draw progress bars: only on a terminal, never on CI.
@@ -321,7 +344,16 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         }
     }
     match args.format {
-        OutputFormat::Table => print!("{}", report::table::render(&report, style)),
+        OutputFormat::Table => print!(
+            "{}",
+            report::table::render(
+                &report,
+                Styling {
+                    full: args.full,
+                    ..style
+                }
+            )
+        ),
         OutputFormat::Json => {
             let json = report::to_json(&report);
             if let Some(dir) = &args.out {
@@ -358,7 +390,7 @@ fn models(args: ModelsArgs) -> Result<u8> {
     let rows: Vec<_> = Family::ALL.iter().map(|f| f.describe()).collect();
     match args.format {
         ListFormat::Json => println!("{}", report::to_json_value(&rows)),
-        ListFormat::Table => print!("{}", report::table::families(&rows)),
+        ListFormat::Table => print!("{}", report::table::families(&rows, terminal_width())),
     }
     Ok(0)
 }

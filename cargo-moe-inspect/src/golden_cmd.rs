@@ -333,7 +333,16 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
             reason,
         })?;
         if args.format == CheckFormat::Table {
-            print!("{}", drift::table(&cmp, args.all, color, ["golden", "now"]));
+            print!(
+                "{}",
+                drift::table(
+                    &cmp,
+                    args.all,
+                    color,
+                    ["golden", "now"],
+                    crate::commands::terminal_width()
+                )
+            );
         }
         if cmp.drift() {
             match update {
@@ -482,7 +491,16 @@ pub fn review(args: PendingArgs, color: bool) -> Result<u8> {
         if p.golden.exists() {
             let gold = Snapshot::read(&p.golden)?;
             match compare::compare(&gold, &new, &new.tolerances) {
-                Ok(cmp) => print!("{}", drift::table(&cmp, false, color, ["golden", "new"])),
+                Ok(cmp) => print!(
+                    "{}",
+                    drift::table(
+                        &cmp,
+                        false,
+                        color,
+                        ["golden", "new"],
+                        crate::commands::terminal_width()
+                    )
+                ),
                 Err(reason) => println!("not comparable with the golden file: {reason}"),
             }
         } else {
@@ -593,7 +611,13 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
             println!("{}", drift::expert_cosine_table(&cos));
             print!(
                 "{}",
-                drift::table(&cmp, args.all, color, ["baseline", "candidate"])
+                drift::table(
+                    &cmp,
+                    args.all,
+                    color,
+                    ["baseline", "candidate"],
+                    crate::commands::terminal_width()
+                )
             );
         }
     }

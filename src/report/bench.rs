@@ -6,7 +6,6 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use tabled::builder::Builder;
-use tabled::settings::Style;
 
 use super::svg::{esc, group_colour, open_svg};
 use crate::atomic_write::write_atomic;
@@ -76,18 +75,16 @@ fn verdict_of<'a>(file: &'a BenchFile, name: &str) -> Option<&'a Verdict> {
 fn rows(file: &BenchFile, peer: Option<&BenchFile>) -> Vec<Vec<String>> {
     let mut header: Vec<String> = [
         "benchmark",
-        "tokens/s",
-        "time (95% CI)",
-        "GFLOP/s",
-        "% peak",
-        "GB/s",
-        "% peak BW",
+        "tok/s",
+        "time ± 95% CI",
+        "GFLOP/s %pk",
+        "GB/s %BW",
     ]
     .map(String::from)
     .to_vec();
     let base = file.baseline.as_ref();
     if let Some(b) = base {
-        header.push(format!("vs {} (±{:.0}%)", b.name, 100.0 * b.threshold));
+        header.push(format!("vs {} ±{:.0}%", b.name, 100.0 * b.threshold));
     }
     if let Some(p) = peer {
         header.push(format!("{} time", short_tool(&p.tool)));
@@ -99,10 +96,8 @@ fn rows(file: &BenchFile, peer: Option<&BenchFile>) -> Vec<Vec<String>> {
             b.name.clone(),
             fmt_rate(b.tokens_per_s),
             fmt_time_ci(b),
-            fmt_rate(b.gflops),
-            fmt_share(b.flops_share),
-            fmt_rate(b.gbs),
-            fmt_share(b.bw_share),
+            format!("{} {}", fmt_rate(b.gflops), fmt_share(b.flops_share)),
+            format!("{} {}", fmt_rate(b.gbs), fmt_share(b.bw_share)),
         ];
         if base.is_some() {
             r.push(
@@ -132,17 +127,43 @@ fn short_tool(tool: &str) -> String {
     tool.split_whitespace().next().unwrap_or("peer").to_string()
 }
 
-/// The terminal table.
-pub fn table(file: &BenchFile, peer: Option<&BenchFile>) -> String {
+/// The terminal table, wrapped to `width` display columns (`None`: no
+/// limit), then the machine line (%peak, %BW: share of the measured peak
+/// FLOP/s and bandwidth).
+pub fn table(file: &BenchFile, peer: Option<&BenchFile>, width: Option<usize>) -> String {
     let mut b = Builder::default();
-    for r in rows(file, peer) {
+    for (i, mut r) in rows(file, peer).into_iter().enumerate() {
+        if i > 0 && width.is_some() {
+            r[0] = wrap_path(&r[0], 18);
+        }
         b.push_record(r);
     }
-    let mut out = b.build().with(Style::rounded()).to_string();
+    let mut out = super::table::fit(b.build(), width);
     out.push('\n');
-    out.push_str(&machine_line(file));
+    out.push_str(&super::table::wrap_text(&machine_line(file), width));
     out.push('\n');
     out
+}
+
+/// Breaks a `/`-separated benchmark name into lines of at most `max` chars
+/// (a longer segment keeps its own line).
+fn wrap_path(name: &str, max: usize) -> String {
+    let mut lines: Vec<String> = vec![String::new()];
+    let segments: Vec<&str> = name.split('/').collect();
+    for (i, seg) in segments.iter().enumerate() {
+        let piece = if i + 1 < segments.len() {
+            format!("{seg}/")
+        } else {
+            seg.to_string()
+        };
+        let last = lines.last_mut().expect("one line");
+        if !last.is_empty() && last.chars().count() + piece.chars().count() > max {
+            lines.push(piece);
+        } else {
+            last.push_str(&piece);
+        }
+    }
+    lines.join("\n")
 }
 
 fn machine_line(file: &BenchFile) -> String {

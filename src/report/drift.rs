@@ -8,6 +8,7 @@ use crate::golden::compare::{Comparison, DriftRow, Verdict};
 use crate::golden::diff::ExpertCosines;
 use crate::model::Matrix;
 use crate::report::svg::esc as xml;
+use crate::report::table::wrap_text;
 
 /// A number for tables: 4 significant decimals, small values in exponent form.
 pub fn num(v: f64) -> String {
@@ -41,7 +42,14 @@ fn paint(s: &str, code: &str, color: bool) -> String {
 /// The drift table of one comparison: rows beyond tolerance (all rows with
 /// `all`), then notices, then a one-line verdict.
 /// `columns` names the two sides (`golden`/`now`, `baseline`/`candidate`).
-pub fn table(cmp: &Comparison, all: bool, color: bool, columns: [&str; 2]) -> String {
+/// The table is wrapped to `width` display columns (`None`: no limit).
+pub fn table(
+    cmp: &Comparison,
+    all: bool,
+    color: bool,
+    columns: [&str; 2],
+    width: Option<usize>,
+) -> String {
     let mut out = String::new();
     let shown: Vec<&DriftRow> = cmp
         .rows
@@ -57,8 +65,8 @@ pub fn table(cmp: &Comparison, all: bool, color: bool, columns: [&str; 2]) -> St
             columns[0],
             columns[1],
             "delta",
-            "tolerance",
-            "verdict",
+            "limit",
+            "result",
         ]);
         for r in &shown {
             let verdict = match r.verdict {
@@ -75,25 +83,28 @@ pub fn table(cmp: &Comparison, all: bool, color: bool, columns: [&str; 2]) -> St
                 verdict,
             ]);
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&crate::report::table::fit(b.build(), width));
         out.push('\n');
         let explained = |r: &&&DriftRow| {
             !r.detail.is_empty() && r.verdict == Verdict::Drift && r.metric != "router-jsd"
         };
         for r in shown.iter().filter(explained) {
-            out.push_str(&format!(
-                "  {} (layer {}): {}\n",
-                r.metric, r.layer, r.detail
+            out.push_str(&wrap_text(
+                &format!("  {} (layer {}): {}", r.metric, r.layer, r.detail),
+                width,
             ));
+            out.push('\n');
         }
     }
     for n in &cmp.notices {
         let at = n.layer.map(|l| format!("layer {l}: ")).unwrap_or_default();
-        out.push_str(&format!(
-            "{} {at}{}\n",
-            paint("note:", "1;33", color),
-            n.message
-        ));
+        let line = wrap_text(
+            &format!("note: {at}{}", n.message),
+            width.map(|w| w.max(20)),
+        );
+        out.push_str(&paint("note:", "1;33", color));
+        out.push_str(&line["note:".len()..]);
+        out.push('\n');
     }
     let summary = if drifted > 0 {
         paint(

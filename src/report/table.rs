@@ -1,7 +1,9 @@
 //! Terminal tables (tabled).
 
 use tabled::builder::Builder;
-use tabled::settings::Style;
+use tabled::settings::peaker::Priority;
+use tabled::settings::{Style, Width};
+use tabled::Table;
 
 use crate::analysis::results::{LayerMatrices, Report};
 use crate::model::Matrix;
@@ -9,6 +11,59 @@ use crate::model::Matrix;
 /// With at most this many layers, every matrix is printed in full; beyond
 /// that a one-line-per-layer summary keeps the output readable.
 pub const FULL_TABLE_LAYERS: usize = 4;
+
+/// With more experts than this, similarity matrices are summarised unless
+/// `--full` is given (an E×E matrix of 13+ experts does not read at a glance).
+pub const FULL_MATRIX_EXPERTS: usize = 12;
+
+/// A table in the rounded style, wrapped to `width` display columns (the
+/// widest columns shrink first; `None`: as wide as the content).
+pub fn fit(mut table: Table, width: Option<usize>) -> String {
+    table.with(Style::rounded());
+    if let Some(w) = width {
+        table.with(Width::wrap(w).priority(Priority::max(true)));
+    }
+    table.to_string()
+}
+
+/// Word-wraps `text` to `width` columns (counted in chars); words longer
+/// than the width are split.
+pub fn wrap_text(text: &str, width: Option<usize>) -> String {
+    let Some(w) = width.filter(|&w| w > 0) else {
+        return text.to_string();
+    };
+    let mut lines: Vec<String> = Vec::new();
+    for para in text.split('\n') {
+        let mut line = String::new();
+        let mut len = 0usize;
+        for word in para.split(' ') {
+            let mut word: Vec<char> = word.chars().collect();
+            let sep = usize::from(len > 0);
+            if len + sep + word.len() > w && len > 0 {
+                lines.push(std::mem::take(&mut line));
+                len = 0;
+            }
+            while word.len() > w {
+                let rest = word.split_off(w);
+                lines.push(word.into_iter().collect());
+                word = rest;
+            }
+            if len > 0 {
+                line.push(' ');
+                len += 1;
+            }
+            len += word.len();
+            line.extend(word);
+        }
+        lines.push(line);
+    }
+    lines.join("\n")
+}
+
+/// Display width (chars) of the widest line of `s`.
+pub fn text_width(s: &str) -> usize {
+    s.lines().map(|l| l.chars().count()).max().unwrap_or(0)
+}
 
 /// A square matrix with row/column labels, values to 3 decimals.
 pub fn matrix_table(labels: &[String], m: &[Vec<f64>]) -> String {
@@ -26,6 +81,21 @@ pub fn matrix_table(labels: &[String], m: &[Vec<f64>]) -> String {
 
 /// A value of a matrix with its position `(value, row, column)`.
 pub type Cell = (f64, usize, usize);
+
+/// The `n` most and `n` least similar pairs of the strict lower triangle,
+/// as `(value, row, column)`, most similar first / least similar first.
+pub fn extreme_pairs(m: &[Vec<f64>], n: usize) -> (Vec<Cell>, Vec<Cell>) {
+    let mut cells: Vec<Cell> = m
+        .iter()
+        .enumerate()
+        .flat_map(|(i, row)| row.iter().take(i).enumerate().map(move |(j, &v)| (v, i, j)))
+        .filter(|c| !c.0.is_nan())
+        .collect();
+    cells.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let most = cells.iter().take(n).copied().collect();
+    let least = cells.iter().rev().take(n).copied().collect();
+    (most, least)
+}
 
 /// Off-diagonal statistics of a similarity matrix: mean, min cell, max cell
 /// (over the strict lower triangle).
@@ -49,44 +119,73 @@ pub fn off_diagonal_stats(m: &[Vec<f64>]) -> Option<(f64, Cell, Cell)> {
     (count > 0).then(|| (sum / count as f64, min, max))
 }
 
-fn summary_table(layers: &[LayerMatrices]) -> String {
+fn summary_table(layers: &[LayerMatrices], width: Option<usize>) -> String {
     let mut b = Builder::default();
-    b.push_record([
-        "layer",
-        "matrix",
-        "mean off-diag",
-        "min (pair)",
-        "max (pair)",
-    ]);
+    b.push_record(["layer", "matrix", "mean", "most similar", "least similar"]);
+    let pair =
+        |l: &LayerMatrices, c: &Cell| format!("{:.3} ({},{})", c.0, l.labels[c.2], l.labels[c.1]);
     for l in layers {
         for m in Matrix::ALL {
-            if let Some((mean, min, max)) = off_diagonal_stats(l.get(m)) {
+            let x = l.get(m);
+            if let Some((mean, _, _)) = off_diagonal_stats(x) {
+                let (most, least) = extreme_pairs(x, 3);
+                let list = |v: &[Cell]| v.iter().map(|c| pair(l, c)).collect::<Vec<_>>().join("\n");
                 b.push_record([
                     l.layer.to_string(),
                     m.name().to_string(),
                     format!("{mean:.3}"),
-                    format!("{:.3} ({}, {})", min.0, l.labels[min.2], l.labels[min.1]),
-                    format!("{:.3} ({}, {})", max.0, l.labels[max.2], l.labels[max.1]),
+                    list(&most),
+                    list(&least),
                 ]);
             }
         }
     }
-    b.build().with(Style::rounded()).to_string()
+    fit(b.build(), width)
 }
 
-/// Styling of titles on a terminal.
-#[derive(Debug, Clone, Copy)]
+/// Whether the E×E matrices of `layers` are printed in full: with `--full`,
+/// or with at most [`FULL_TABLE_LAYERS`] layers of at most
+/// [`FULL_MATRIX_EXPERTS`] experts whose matrix fits the width.
+fn show_matrices(layers: &[LayerMatrices], style: Styling) -> bool {
+    if style.full {
+        return true;
+    }
+    layers.len() <= FULL_TABLE_LAYERS
+        && layers.iter().all(|l| {
+            l.labels.iter().filter(|x| x.as_str() != "F").count() <= FULL_MATRIX_EXPERTS
+                && style.width.is_none_or(|w| {
+                    Matrix::ALL.iter().all(|&m| {
+                        l.get(m).is_empty() || text_width(&matrix_table(&l.labels, l.get(m))) <= w
+                    })
+                })
+        })
+}
+
+/// Styling of the terminal output: colour, width, and whether similarity
+/// matrices are printed in full whatever their size (`analyze --full`).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Styling {
     pub color: bool,
+    /// Display columns to fit; `None`: no limit.
+    pub width: Option<usize>,
+    /// Print every E×E similarity matrix, never a summary.
+    pub full: bool,
 }
 
 impl Styling {
+    /// A title line, word-wrapped to the width, then coloured.
     fn title(&self, s: &str) -> String {
+        let s = wrap_text(s, self.width);
         if self.color {
             format!("\x1b[1;36m{s}\x1b[0m")
         } else {
-            s.to_string()
+            s
         }
+    }
+
+    /// A table fitted to the width.
+    fn fit(&self, table: Table) -> String {
+        fit(table, self.width)
     }
 }
 
@@ -98,7 +197,7 @@ fn similarity_tables(
     style: Styling,
 ) {
     out.push('\n');
-    if layers.len() <= FULL_TABLE_LAYERS {
+    if show_matrices(layers, style) {
         for l in layers {
             for mat in Matrix::ALL {
                 out.push_str(&style.title(&format!(
@@ -112,12 +211,14 @@ fn similarity_tables(
             }
         }
     } else {
+        let experts = layers.iter().map(|l| l.labels.len()).max().unwrap_or(0);
         out.push_str(&style.title(&format!(
-            "{name} · {} layers (summary; select layers with --layers for full matrices)",
-            layers.len()
+            "{name} · {} layer{} (summary of the {experts}×{experts} matrices, {what}: mean off-diagonal, 3 most and least similar pairs; --full prints them)",
+            layers.len(),
+            if layers.len() == 1 { "" } else { "s" }
         )));
         out.push('\n');
-        out.push_str(&summary_table(layers));
+        out.push_str(&summary_table(layers, style.width));
         out.push('\n');
     }
 }
@@ -130,16 +231,19 @@ fn opt(x: &Option<f64>) -> String {
 pub fn render(report: &Report, style: Styling) -> String {
     let m = &report.model;
     let mut out = format!(
-        "{} — {} · {} layers ({} MoE) · {} experts, top-{} · hidden {} · expert width {} · {}\n",
-        style.title(&m.path),
-        m.family,
-        m.num_layers,
-        m.moe_layers.len(),
-        m.num_experts,
-        m.top_k,
-        m.hidden_size,
-        m.intermediate_size,
-        m.dtype
+        "{}\n",
+        style.title(&format!(
+            "{} — {} · {} layers ({} MoE) · {} experts, top-{} · hidden {} · expert width {} · {}",
+            m.path,
+            m.family,
+            m.num_layers,
+            m.moe_layers.len(),
+            m.num_experts,
+            m.top_k,
+            m.hidden_size,
+            m.intermediate_size,
+            m.dtype
+        ))
     );
     let a = &report.analyses;
     if let Some(sim) = &a.expert_similarity {
@@ -172,7 +276,7 @@ pub fn render(report: &Report, style: Styling) -> String {
             opt(&g.r2_avg.gate),
             opt(&g.r2_avg.down),
         ]);
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
         let mut b = Builder::default();
         b.push_record([
@@ -189,23 +293,23 @@ pub fn render(report: &Report, style: Styling) -> String {
                 opt(&l.r2.down),
             ]);
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
     }
     if let Some(r) = &a.neuron_reorder {
         out.push('\n');
         out.push_str(
-            &style.title("neuron-reorder · expert pairs after optimal neuron permutation"),
+            &style.title("neuron-reorder · expert pairs after optimal neuron permutation (τ: Kendall rank correlation)"),
         );
         out.push('\n');
         let mut b = Builder::default();
         b.push_record([
             "layer",
             "matrix",
-            "mean similarity",
-            "max similarity (pair)",
-            "mean Kendall τ",
-            "min Kendall τ",
+            "mean sim",
+            "max sim (pair)",
+            "mean τ",
+            "min τ",
         ]);
         for l in &r.layers {
             for mat in Matrix::ALL {
@@ -225,7 +329,7 @@ pub fn render(report: &Report, style: Styling) -> String {
                 }
             }
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
     }
     if let Some(p) = &a.projection {
@@ -238,10 +342,10 @@ pub fn render(report: &Report, style: Styling) -> String {
         b.push_record([
             "layer",
             "matrix",
-            "experts PC1",
-            "experts PC2",
-            "neurons PC1",
-            "neurons PC2",
+            "exp. PC1",
+            "exp. PC2",
+            "neur. PC1",
+            "neur. PC2",
             "neuron PCA",
         ]);
         for l in &p.layers {
@@ -258,14 +362,14 @@ pub fn render(report: &Report, style: Styling) -> String {
                 ]);
             }
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
     }
     dynamic_tables(&mut out, report, style);
     out
 }
 
-fn matrix_table_u64(labels: &[String], m: &[Vec<u64>]) -> String {
+fn matrix_table_u64(labels: &[String], m: &[Vec<u64>], width: Option<usize>) -> String {
     let mut b = Builder::default();
     let mut header = vec!["score \\ norm".to_string()];
     header.extend(labels.iter().cloned());
@@ -275,7 +379,7 @@ fn matrix_table_u64(labels: &[String], m: &[Vec<u64>]) -> String {
         rec.extend(row.iter().map(|v| v.to_string()));
         b.push_record(rec);
     }
-    b.build().with(Style::rounded()).to_string()
+    fit(b.build(), width)
 }
 
 fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
@@ -315,9 +419,9 @@ fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
                 ]);
             }
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
-        if layers.len() <= FULL_TABLE_LAYERS {
+        if show_matrices(&layers, style) {
             for l in &layers {
                 out.push_str(&format!("layer {}\n", l.layer));
                 out.push_str(&matrix_table(&l.labels, &l.up));
@@ -337,11 +441,11 @@ fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
         for l in &n.layers {
             b.push_record([l.layer.to_string(), format!("{:.3}", l.top1_match_rate)]);
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
         let labels: Vec<String> = (0..n.total.len()).map(|r| format!("#{}", r + 1)).collect();
         out.push_str("tokens by (score rank, norm rank), all layers:\n");
-        out.push_str(&matrix_table_u64(&labels, &n.total));
+        out.push_str(&matrix_table_u64(&labels, &n.total, style.width));
         out.push('\n');
     }
     if let Some(it) = &a.intermediate {
@@ -364,7 +468,7 @@ fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
                 ]);
             }
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
     }
     if let Some(c) = &a.chosen_experts {
@@ -395,7 +499,7 @@ fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
                 format!("{:.3}", l.entropy_ratio),
             ]);
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
         let mut b = Builder::default();
         b.push_record(["over layers", "min", "p50", "p90", "max"]);
@@ -413,33 +517,37 @@ fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
                 format!("{:.3}", q.max),
             ]);
         }
-        out.push_str(&b.build().with(Style::rounded()).to_string());
+        out.push_str(&style.fit(b.build()));
         out.push('\n');
     }
 }
 
-/// The `models` listing.
-pub fn families(rows: &[crate::model::family::FamilyDescription]) -> String {
+/// The `models` listing: one row per family, then each family's tensor
+/// names per MoE layer as a list below the table, all fitted to `width`.
+pub fn families(rows: &[crate::model::family::FamilyDescription], width: Option<usize>) -> String {
     let mut b = Builder::default();
-    b.push_record([
-        "model_type",
-        "examples",
-        "tensors per MoE layer",
-        "shared experts",
-        "dense layers from",
-        "static analyses",
-    ]);
+    b.push_record(["model_type", "examples", "shared", "dense layers from"]);
     for r in rows {
         b.push_record([
-            r.model_type,
-            r.examples,
-            r.layout,
-            if r.shared_experts { "yes" } else { "no" },
-            r.dense_layers,
-            "yes",
+            r.model_type.to_string(),
+            r.examples.replace(", ", "\n"),
+            (if r.shared_experts { "yes" } else { "no" }).to_string(),
+            r.dense_layers.replace(", ", "\n"),
         ]);
     }
-    format!("{}\n", b.build().with(Style::rounded()))
+    let mut out = format!("{}\n", fit(b.build(), width));
+    out.push_str("Static analyses run on every family. Tensors per MoE layer:\n");
+    for r in rows {
+        let line = format!("{}: {}", r.model_type, r.layout);
+        // Continuation lines indented under the text.
+        let text = wrap_text(&line, width.map(|w| w.saturating_sub(2).max(20)));
+        for (i, l) in text.lines().enumerate() {
+            out.push_str(if i == 0 { "- " } else { "  " });
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -457,5 +565,15 @@ mod tests {
         assert!((mean - 0.4 / 3.0).abs() < 1e-12);
         assert_eq!(min, (-0.4, 2, 0));
         assert_eq!(max, (0.6, 2, 1));
+        let (most, least) = extreme_pairs(&m, 2);
+        assert_eq!(most, vec![(0.6, 2, 1), (0.2, 1, 0)]);
+        assert_eq!(least, vec![(-0.4, 2, 0), (0.2, 1, 0)]);
+    }
+
+    #[test]
+    fn wrap_text_fits_and_splits_long_words() {
+        let w = wrap_text("aaa bbb cccccccccc d", Some(5));
+        assert_eq!(w, "aaa\nbbb\nccccc\nccccc\nd");
+        assert_eq!(wrap_text("x y", None), "x y");
     }
 }
