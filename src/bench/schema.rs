@@ -43,15 +43,22 @@ pub const SCHEMA: &str = "moe-inspect/bench/v1";
 /// One benchmark run (or baseline, or peer timings).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BenchFile {
+    /// Schema tag, [`SCHEMA`].
     pub schema: String,
+    /// Tool name and version that wrote the file.
     pub tool: String,
     #[serde(default)]
+    /// When the run started (seconds since the Unix epoch).
     pub created_unix: u64,
+    /// The device benchmarked (`cpu`, `cuda:0`...).
     pub device: String,
     #[serde(default)]
+    /// The machine and its measured peaks.
     pub machine: Machine,
+    /// One result per benchmark.
     pub benchmarks: Vec<BenchResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The comparison with a baseline, when one was given.
     pub baseline: Option<BaselineComparison>,
 }
 
@@ -59,10 +66,13 @@ pub struct BenchFile {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Machine {
     #[serde(default)]
+    /// Worker threads used.
     pub threads: usize,
     #[serde(default)]
+    /// CPU architecture (`x86_64`, `aarch64`...).
     pub arch: String,
     #[serde(default)]
+    /// Operating system.
     pub os: String,
     /// f32 matmul probe (GFLOP/s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -71,37 +81,56 @@ pub struct Machine {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_gbs: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Matrix size of the matmul probe.
     pub probe_matmul_n: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Buffer size of the memory-stream probe, in bytes.
     pub probe_stream_bytes: Option<usize>,
 }
 
 /// One benchmark's result.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BenchResult {
+    /// Full benchmark name (`group/variant`).
     pub name: String,
+    /// Benchmark group (what is measured).
     pub group: String,
+    /// Variant within the group (how it is computed).
     pub variant: String,
+    /// Model label the benchmark ran on.
     pub model: String,
+    /// Tokens processed per iteration.
     pub tokens: usize,
+    /// Seconds per iteration, one value per sample.
     pub samples_s: Vec<f64>,
     #[serde(default = "one")]
+    /// Iterations timed together in each sample.
     pub iters_per_sample: usize,
+    /// Mean seconds per iteration.
     pub mean_s: f64,
+    /// Lower bound of the 95% confidence interval of the mean, in seconds.
     pub ci_low_s: f64,
+    /// Upper bound of the 95% confidence interval of the mean, in seconds.
     pub ci_high_s: f64,
+    /// Throughput: tokens per second at the mean.
     pub tokens_per_s: f64,
     #[serde(default)]
+    /// Floating-point operations per iteration.
     pub flops: f64,
     #[serde(default)]
+    /// Bytes moved per iteration.
     pub bytes: f64,
     #[serde(default)]
+    /// Achieved GFLOP/s.
     pub gflops: f64,
     #[serde(default)]
+    /// Achieved GB/s.
     pub gbs: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Achieved share of the machine's peak GFLOP/s, when probed.
     pub flops_share: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Achieved share of the machine's peak GB/s, when probed.
     pub bw_share: Option<f64>,
     /// MoE-layer variants: `‖y − y_naive‖ / ‖y_naive‖` of this variant's
     /// output against the naive loop's on the same input, checked before timing.
@@ -116,8 +145,11 @@ fn one() -> usize {
 /// The verdicts against a baseline.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BaselineComparison {
+    /// The baseline's name (file or label).
     pub name: String,
+    /// Relative slowdown that counts as a regression.
     pub threshold: f64,
+    /// One verdict per benchmark present in both runs.
     pub verdicts: Vec<crate::bench::verdict::Verdict>,
 }
 

@@ -11,8 +11,11 @@ use crate::model::{Config, Family, ModelInfo};
 pub enum AttentionKind {
     /// Grouped-query attention with per-head projections (`q_proj`...).
     Standard {
+        /// Query heads.
         heads: usize,
+        /// Key/value heads (GQA groups).
         kv_heads: usize,
+        /// Dimension of one head.
         head_dim: usize,
         /// q/k/v biases (Qwen2-MoE).
         bias: bool,
@@ -21,11 +24,17 @@ pub enum AttentionKind {
     },
     /// DeepSeek-V2/V3 multi-head latent attention.
     Mla {
+        /// Attention heads.
         heads: usize,
+        /// Rank of the query compression (`None`: full-rank q).
         q_lora_rank: Option<usize>,
+        /// Rank of the key/value compression.
         kv_lora_rank: usize,
+        /// Per-head q/k dims without rotary.
         qk_nope_head_dim: usize,
+        /// Per-head q/k dims with rotary.
         qk_rope_head_dim: usize,
+        /// Per-head value dims.
         v_head_dim: usize,
         /// Rotary dims interleaved (even/odd pairs), as DeepSeek's reference applies them.
         rope_interleave: bool,
@@ -35,20 +44,30 @@ pub enum AttentionKind {
 /// Where q/k RMSNorms apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QkNorm {
+    /// No q/k norm.
     None,
+    /// One RMSNorm per head.
     PerHead,
+    /// One RMSNorm over the whole projection.
     Full,
 }
 
 /// Everything the forward pass needs beyond [`ModelInfo`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ForwardConfig {
+    /// The model family.
     pub family: Family,
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// How attention is computed.
     pub attention: AttentionKind,
+    /// Rotary base.
     pub rope_theta: f64,
+    /// RMSNorm epsilon.
     pub rms_eps: f64,
+    /// How tokens are routed to experts.
     pub routing: Routing,
+    /// The output head shares the embedding matrix.
     pub tie_embeddings: bool,
     /// Grok-1: embeddings × this.
     pub embedding_multiplier: f64,
@@ -56,6 +75,7 @@ pub struct ForwardConfig {
     pub output_multiplier: f64,
     /// Grok-1: attention logits × this (instead of 1/sqrt(head_dim)), then soft-capped.
     pub attn_output_multiplier: Option<f64>,
+    /// Grok-1: soft cap of attention logits (`tanh` scaled to this).
     pub max_attn_value: Option<f64>,
     /// Qwen2-MoE: shared expert scaled by sigmoid(shared_expert_gate·x).
     pub shared_expert_gate: bool,

@@ -72,8 +72,11 @@ fn load_opt(weights: &Weights, name: &str, device: &Device, t: bool) -> Result<O
 
 /// A SwiGLU (or GeGLU) block: `down(act(gate·x) * up·x)`.
 pub struct Ffn {
+    /// Gate projection `[intermediate, hidden]`.
     pub gate: Tensor,
+    /// Up projection `[intermediate, hidden]`.
     pub up: Tensor,
+    /// Down projection `[hidden, intermediate]`.
     pub down: Tensor,
     /// The matrices are stored `[in, out]` rather than in the hub layout `[out, in]`.
     pub transposed: bool,
@@ -116,7 +119,9 @@ impl Ffn {
 pub struct HostMatrix<'a> {
     guard: candle_core::StorageRef<'a>,
     start: usize,
+    /// Rows.
     pub rows: usize,
+    /// Columns.
     pub cols: usize,
 }
 
@@ -153,41 +158,65 @@ impl<'a> HostMatrix<'a> {
 /// An FFN block's matrices on the host, hub layout: `gate`, `up` are
 /// `[inter, hidden]`, `down` is `[hidden, inter]`.
 pub struct HostFfn<'a> {
+    /// Gate projection.
     pub gate: HostMatrix<'a>,
+    /// Up projection.
     pub up: HostMatrix<'a>,
+    /// Down projection.
     pub down: HostMatrix<'a>,
 }
 
 /// Attention projections.
 pub enum AttnWeights {
+    /// Per-head projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
     Standard {
+        /// Query projection.
         q: Tensor,
+        /// Key projection.
         k: Tensor,
+        /// Value projection.
         v: Tensor,
+        /// Output projection.
         o: Tensor,
+        /// Query bias, if the family has one.
         q_bias: Option<Tensor>,
+        /// Key bias, if the family has one.
         k_bias: Option<Tensor>,
+        /// Value bias, if the family has one.
         v_bias: Option<Tensor>,
+        /// RMSNorm weight on q, if the family has one.
         q_norm: Option<Tensor>,
+        /// RMSNorm weight on k, if the family has one.
         k_norm: Option<Tensor>,
     },
+    /// DeepSeek multi-head latent attention.
     Mla {
         /// `q_proj`, or `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
         q: Option<Tensor>,
+        /// `q_a_proj` (low-rank query down-projection), if the model uses one.
         q_a: Option<Tensor>,
+        /// `q_a_layernorm`, with `q_a`.
         q_a_norm: Option<Tensor>,
+        /// `q_b_proj` (query up-projection), with `q_a`.
         q_b: Option<Tensor>,
+        /// `kv_a_proj_with_mqa`: joint key/value down-projection plus the rotary key part.
         kv_a: Tensor,
+        /// RMSNorm after the key/value down-projection.
         kv_a_norm: Tensor,
+        /// Key/value up-projection.
         kv_b: Tensor,
+        /// Output projection.
         o: Tensor,
     },
 }
 
 /// The MLP part of a layer.
 pub enum MlpWeights {
+    /// A dense FFN (a dense layer of an MoE model).
     Dense(Ffn),
+    /// A routed MoE block.
     Moe {
+        /// Router matrix.
         router: Tensor,
         /// The router is stored `[hidden, experts]` rather than `[experts, hidden]`.
         router_transposed: bool,
@@ -195,7 +224,9 @@ pub enum MlpWeights {
         router_hub: Option<Tensor>,
         /// DeepSeek-V3 `e_score_correction_bias`, on the host.
         bias: Option<Vec<f32>>,
+        /// Routed experts in checkpoint order.
         experts: Vec<Ffn>,
+        /// Shared expert(s), fused into one FFN, if the family has them.
         shared: Option<Ffn>,
         /// Qwen2-MoE `shared_expert_gate` `[1, hidden]`.
         shared_gate: Option<Tensor>,
@@ -212,7 +243,9 @@ pub struct LayerWeights {
     pub mlp_norm: Tensor,
     /// Grok-1 only: norm after the MoE (`post_moe_norm`).
     pub post_mlp_norm: Option<Tensor>,
+    /// Attention weights.
     pub attn: AttnWeights,
+    /// MLP weights.
     pub mlp: MlpWeights,
 }
 
@@ -378,12 +411,14 @@ impl LayerWeights {
 
 /// Final norm and output head (embeddings are gathered row by row from the mmap).
 pub struct HeadWeights {
+    /// Final RMSNorm weight.
     pub norm: Tensor,
     /// The output matrix: `lm_head`, or the embeddings when tied.
     pub lm_head: Tensor,
 }
 
 impl HeadWeights {
+    /// Loads the final norm and output head of `model` onto `device` (`t`: transposed layout).
     pub fn load(
         model: &Model,
         cfg: &ForwardConfig,

@@ -7,24 +7,38 @@ use crate::model::config::{limits, Config};
 /// The supported MoE model families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
+    /// Mixtral (`mixtral`).
     Mixtral,
+    /// DeepSeekMoE (`deepseek`).
     DeepSeekMoe,
+    /// Grok-1 (`grok-1`).
     Grok1,
+    /// Qwen2-MoE / Qwen1.5-MoE (`qwen2_moe`).
     Qwen2Moe,
+    /// Qwen3-MoE (`qwen3_moe`).
     Qwen3Moe,
+    /// OLMoE (`olmoe`).
     Olmoe,
+    /// DeepSeek-V2 (`deepseek_v2`).
     DeepSeekV2,
+    /// DeepSeek-V3 (`deepseek_v3`).
     DeepSeekV3,
 }
 
 /// One row of `cargo moe-inspect models`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FamilyDescription {
+    /// Family id.
     pub family: &'static str,
+    /// The `model_type` of its config.json.
     pub model_type: &'static str,
+    /// Example checkpoints.
     pub examples: &'static str,
+    /// Tensor naming layout of the experts.
     pub layout: &'static str,
+    /// Whether it has shared experts.
     pub shared_experts: bool,
+    /// Which layers are dense rather than MoE.
     pub dense_layers: &'static str,
 }
 
@@ -237,10 +251,15 @@ pub(crate) fn swiglu_names(prefix: &str) -> [String; 3] {
 /// The geometry of a model as the analyses see it, derived from config.json alone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
+    /// The model family.
     pub family: Family,
+    /// Number of decoder layers.
     pub num_layers: usize,
+    /// Hidden size.
     pub hidden_size: usize,
+    /// Routed experts per MoE layer.
     pub num_experts: usize,
+    /// Experts selected per token.
     pub top_k: usize,
     /// Width of one routed expert (rows of `gate`/`up`).
     pub expert_intermediate: usize,
@@ -459,9 +478,13 @@ fn short_value(v: &serde_json::Value) -> String {
 /// compared with the experts as the extra `F` row/column.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DenseInfo {
+    /// The `model_type` of its config.json.
     pub model_type: String,
+    /// Number of decoder layers.
     pub num_layers: usize,
+    /// Hidden size.
     pub hidden_size: usize,
+    /// FFN width.
     pub intermediate_size: usize,
 }
 
