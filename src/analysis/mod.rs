@@ -23,14 +23,23 @@ use stream::{MatrixStats, Needs};
 /// An analysis that can be selected with `--analyses`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AnalysisKind {
+    /// `expert-similarity`: cosine similarity of the experts' flattened matrices.
     ExpertSimilarity,
+    /// `neuron-similarity`: similarity of the experts' neurons.
     NeuronSimilarity,
+    /// `neuron-reorder`: expert similarity after optimally permuting neurons.
     NeuronReorder,
+    /// `gate-embedding`: router-row similarity and its correlation with neuron similarity.
     GateEmbedding,
+    /// `projection`: 2-D PCA of experts and of their neurons.
     Projection,
+    /// `output-similarity`: angular similarity of the experts' outputs (dynamic).
     OutputSimilarity,
+    /// `norm-score`: gate scores against output norms (dynamic).
     NormScore,
+    /// `intermediate`: the experts' intermediate activations (dynamic).
     Intermediate,
+    /// `chosen-experts`: routing statistics (dynamic).
     ChosenExperts,
 }
 
@@ -113,6 +122,7 @@ impl AnalysisKind {
 
 /// What to run.
 pub struct AnalyzeOptions<'a> {
+    /// The analyses to run (see [`AnalysisKind::parse_selection`]).
     pub analyses: Vec<AnalysisKind>,
     /// `None`: every MoE layer.
     pub layers: Option<LayerSelection>,
@@ -124,7 +134,9 @@ pub struct AnalyzeOptions<'a> {
 
 /// What the dynamic analyses run on.
 pub struct DynamicInput<'a> {
+    /// The forward pass the prompts run through.
     pub forward: &'a crate::forward::Forward<'a>,
+    /// Token ids, one vector per prompt.
     pub prompts: &'a [Vec<u32>],
     /// `intermediate`: threshold as a fraction of the layer's largest |a| (0.1).
     pub threshold_fraction: f64,
@@ -132,8 +144,11 @@ pub struct DynamicInput<'a> {
 
 /// Receives progress, one step per finished layer (the CLI draws a bar).
 pub trait Progress {
+    /// Called once before the first layer with the number of layers.
     fn start(&self, _total: usize) {}
+    /// Called when `layer` is finished.
     fn layer_done(&self, _layer: usize) {}
+    /// Called after the last layer.
     fn finish(&self) {}
 }
 

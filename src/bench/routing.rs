@@ -17,20 +17,28 @@ use crate::forward::weights::ce;
 
 /// A router: its weight (stored transposed, `[hidden, experts]`), rule and k.
 pub struct Router {
+    /// Router weight `[hidden, experts]`.
     pub weight_t: Tensor,
     /// On the CPU, the weight in the hub layout `[experts, hidden]` on the
     /// host, for the forward pass's CPU kernel.
     weight_host: Option<Vec<f32>>,
+    /// DeepSeek-V3 score-correction bias.
     pub bias: Option<Vec<f32>>,
+    /// The routing rule.
     pub routing: Routing,
+    /// Routed experts.
     pub experts: usize,
+    /// Hidden size.
     pub hidden: usize,
+    /// Experts selected per token.
     pub top_k: usize,
 }
 
 /// Selected experts `[tokens, k]` and their weights.
 pub struct Routed {
+    /// Selected experts `[tokens, k]`, row-major.
     pub experts: Vec<u32>,
+    /// Their routing weights `[tokens, k]`.
     pub weights: Vec<f32>,
 }
 
@@ -41,9 +49,13 @@ pub struct RoutingCase {
     pub variant: &'static str,
     /// e.g. `e256-k8`.
     pub label: String,
+    /// Hidden size.
     pub hidden: usize,
+    /// Routed experts.
     pub experts: usize,
+    /// Experts selected per token.
     pub top_k: usize,
+    /// The routing rule.
     pub routing: Routing,
 }
 

@@ -7,24 +7,38 @@ pub enum Routing {
     /// Softmax over all experts, top-k of the probabilities, renormalised over
     /// the k if `renormalize` (Mixtral: always; Qwen/OLMoE/DeepSeekMoE: iff
     /// `norm_topk_prob`; Grok-1: never), then × `scale`.
-    SoftmaxTopK { renormalize: bool, scale: f64 },
+    SoftmaxTopK {
+        /// Renormalise the k weights.
+        renormalize: bool,
+        /// Weight scale.
+        scale: f64,
+    },
     /// DeepSeek-V2: softmax; greedy top-k, or group-limited greedy (the
     /// `topk_group` groups with the highest max score); renormalised iff
     /// `norm_topk_prob`, else × `routed_scaling_factor`.
     DeepSeekV2 {
+        /// Group-limited greedy selection (`topk_method = group_limited_greedy`).
         group_limited: bool,
+        /// Number of expert groups.
         n_group: usize,
+        /// Groups kept per token.
         topk_group: usize,
+        /// Renormalise the k weights.
         renormalize: bool,
+        /// Weight scale (`routed_scaling_factor`).
         scale: f64,
     },
     /// DeepSeek-V3: sigmoid scores; selection on score + bias, within the
     /// `topk_group` groups whose two best biased scores sum highest; weights
     /// are the unbiased scores, renormalised iff `norm_topk_prob`, × scale.
     DeepSeekV3 {
+        /// Number of expert groups.
         n_group: usize,
+        /// Groups kept per token.
         topk_group: usize,
+        /// Renormalise the k weights.
         renormalize: bool,
+        /// Weight scale (`routed_scaling_factor`).
         scale: f64,
     },
 }
@@ -32,7 +46,9 @@ pub enum Routing {
 /// Routing result of one token: experts by decreasing weight, and their weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenRoute {
+    /// Selected experts, by decreasing weight.
     pub experts: Vec<usize>,
+    /// Their weights.
     pub weights: Vec<f32>,
 }
 

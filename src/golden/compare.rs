@@ -29,21 +29,32 @@ pub enum Limit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+/// Whether a drift row is within tolerance.
 pub enum Verdict {
+    /// Within tolerance.
     Ok,
+    /// Beyond tolerance.
     Drift,
 }
 
 /// One line of the drift table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DriftRow {
+    /// Metric name (e.g. `expert_similarity.up`).
     pub metric: String,
+    /// The checkpoint's layer index.
     pub layer: usize,
+    /// Value in the golden snapshot.
     pub golden: f64,
+    /// Value now.
     pub now: f64,
+    /// The change, as the metric measures it.
     pub delta: f64,
+    /// The tolerance it is held to.
     pub tolerance: f64,
+    /// How the tolerance applies.
     pub limit: Limit,
+    /// Within tolerance or not.
     pub verdict: Verdict,
     /// Where in a matrix the largest change is, or other context.
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -97,15 +108,20 @@ impl DriftRow {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Notice {
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// The layer it concerns, if any.
     pub layer: Option<usize>,
+    /// What happened, in words.
     pub message: String,
 }
 
 /// The result of comparing two snapshots.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Comparison {
+    /// The snapshot's name.
     pub name: String,
+    /// One row per metric and layer.
     pub rows: Vec<DriftRow>,
+    /// Notices that are not drift.
     pub notices: Vec<Notice>,
 }
 

@@ -94,11 +94,15 @@ pub fn init_block(workspace: bool) -> String {
 /// A model named in the configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelEntry {
+    /// The model's name (its golden file stem).
     pub name: String,
     /// `None`: the embedded demo model.
     pub path: Option<PathBuf>,
+    /// Prompt text file for this model.
     pub prompts: Option<PathBuf>,
+    /// Token-id file for this model.
     pub token_ids: Option<PathBuf>,
+    /// Analyses to record for this model.
     pub analyses: Option<Vec<String>>,
     /// Tolerance overrides (checked keys).
     pub tolerance: BTreeMap<String, f64>,
@@ -109,11 +113,17 @@ pub struct ModelEntry {
 pub struct Settings {
     /// The manifest the table was read from (for messages).
     pub manifest: PathBuf,
+    /// Directory of the golden files.
     pub golden_dir: Option<PathBuf>,
+    /// Default prompt text file.
     pub prompts: Option<PathBuf>,
+    /// Default token-id file.
     pub token_ids: Option<PathBuf>,
+    /// Default analyses to record.
     pub analyses: Option<Vec<String>>,
+    /// The models to check.
     pub models: Vec<ModelEntry>,
+    /// Tolerance overrides for every model (checked keys).
     pub tolerance: BTreeMap<String, f64>,
 }
 

@@ -14,8 +14,10 @@ use crate::model::{Matrix, Model, TensorView};
 /// Per MoE layer, the cosine of each expert's flattened matrices (baseline vs candidate).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ExpertCosines {
+    /// The checkpoint's layer index.
     pub layer: usize,
     #[serde(flatten)]
+    /// Cosine of each expert's matrix between the two models, per matrix.
     pub matrices: PerMatrix<Vec<f64>>,
 }
 

@@ -44,8 +44,11 @@ pub const FINGERPRINT_DIM: usize = 32;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
+    /// Schema tag of the snapshot format.
     pub schema: String,
+    /// The snapshot's name (its file stem).
     pub name: String,
+    /// Which model it was recorded on.
     pub model: Identity,
     /// What was recorded: a subset of `expert-similarity`, `neuron-similarity`,
     /// `gate-embedding`, `chosen-experts`, `norm-score`.
@@ -53,7 +56,9 @@ pub struct Snapshot {
     /// The prompts the dynamic part was recorded on (absent without one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompts: Option<PromptsInfo>,
+    /// Tolerances recorded with the snapshot.
     pub tolerances: Tolerances,
+    /// One entry per MoE layer.
     pub layers: Vec<LayerSnapshot>,
     /// Top-k expert ids per token (int16 `[tokens, layers, k]`), when routing is recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,12 +73,19 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
+    /// Model family id.
     pub family: String,
+    /// Number of decoder layers.
     pub num_layers: usize,
+    /// Indices of the MoE layers.
     pub moe_layers: Vec<usize>,
+    /// Routed experts per MoE layer.
     pub num_experts: usize,
+    /// Experts selected per token.
     pub top_k: usize,
+    /// Hidden size.
     pub hidden_size: usize,
+    /// Intermediate size of one routed expert.
     pub intermediate_size: usize,
     /// Storage dtype of the experts.
     pub dtype: String,
@@ -87,7 +99,9 @@ pub struct Identity {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptsInfo {
+    /// Number of prompts.
     pub count: usize,
+    /// Total tokens over all prompts.
     pub tokens: usize,
     /// SHA-256 (first 16 hex digits) of the token ids.
     pub hash: String,
@@ -224,10 +238,13 @@ impl Tolerances {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerSnapshot {
+    /// The checkpoint's layer index.
     pub layer: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// E×E expert similarity per matrix, if recorded.
     pub expert_similarity: Option<PerMatrix<Vec<Vec<f32>>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// E×E neuron similarity per matrix, if recorded.
     pub neuron_similarity: Option<PerMatrix<Vec<Vec<f32>>>>,
     /// Cosine similarity of the router rows (gate-embedding).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,7 +268,9 @@ pub struct LayerSnapshot {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fingerprint {
+    /// Sketches of each expert's up/gate/down matrices, one per expert.
     pub experts: PerMatrix<Vec<Vec<f32>>>,
+    /// Sketch of each router row.
     pub router: Vec<Vec<f32>>,
     /// Effective bits of the router: its storage bits, or fewer when its rows
     /// hold few distinct values (`ceil(log2(distinct))`); below 8 means a
@@ -261,6 +280,7 @@ pub struct Fingerprint {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// Routing statistics of one MoE layer over the prompts.
 pub struct RoutingStats {
     /// Tokens routed.
     pub tokens: usize,
@@ -272,8 +292,11 @@ pub struct RoutingStats {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `norm-score` statistics of one MoE layer.
 pub struct NormScoreStats {
+    /// `counts[score_rank][norm_rank]`.
     pub counts: Vec<Vec<u64>>,
+    /// Share of tokens whose highest-score expert has the highest output norm.
     pub top1_match_rate: f32,
 }
 
@@ -283,7 +306,9 @@ pub struct NormScoreStats {
 pub struct TopKIds {
     /// `[tokens, layers, k]`; layers are the snapshot's MoE layers in order.
     pub shape: [usize; 3],
+    /// Element type, `int16`.
     pub dtype: String,
+    /// The ids, base64-encoded.
     pub data: String,
 }
 
@@ -331,10 +356,15 @@ impl TopKIds {
 /// What a snapshot records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selection {
+    /// Record `expert-similarity`.
     pub expert_similarity: bool,
+    /// Record `neuron-similarity`.
     pub neuron_similarity: bool,
+    /// Record `gate-embedding`.
     pub gate_embedding: bool,
+    /// Record routing (`chosen-experts`).
     pub routing: bool,
+    /// Record `norm-score`.
     pub norm_score: bool,
 }
 
@@ -445,11 +475,15 @@ impl Selection {
 
 /// How to build a snapshot.
 pub struct BuildOptions<'a> {
+    /// The snapshot's name.
     pub name: String,
+    /// What to record.
     pub selection: Selection,
     /// Token ids of the prompts (needed for routing and norm-score).
     pub prompts: Option<&'a [Vec<u32>]>,
+    /// Device of the forward pass.
     pub device: candle_core::Device,
+    /// Tolerances stored in the snapshot.
     pub tolerances: Tolerances,
     /// Keep per-token router distributions in memory (for `diff`).
     pub keep_router_probs: bool,

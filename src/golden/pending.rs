@@ -18,8 +18,11 @@ use crate::golden::Snapshot;
 /// A pending snapshot and the golden file it would replace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
+    /// The snapshot's name.
     pub name: String,
+    /// Path of the golden file.
     pub golden: PathBuf,
+    /// Path of the pending (`.new`) file.
     pub new: PathBuf,
 }
 

@@ -17,8 +17,11 @@ use crate::error::{Error, Result};
 /// The three matrices of a SwiGLU expert, named as in the paper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Matrix {
+    /// Up projection.
     Up,
+    /// Gate projection.
     Gate,
+    /// Down projection.
     Down,
 }
 
@@ -26,6 +29,7 @@ impl Matrix {
     /// In the order the paper (and every report) shows them.
     pub const ALL: [Matrix; 3] = [Matrix::Up, Matrix::Gate, Matrix::Down];
 
+    /// Name as used in reports: `up`, `gate` or `down`.
     pub fn name(self) -> &'static str {
         match self {
             Matrix::Up => "up",
@@ -38,12 +42,16 @@ impl Matrix {
 /// One expert's (or dense FFN's) matrices: `gate`, `up` `[I, hidden]`, `down` `[hidden, I]`.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpertView<'a> {
+    /// Gate projection.
     pub gate: TensorView<'a>,
+    /// Up projection.
     pub up: TensorView<'a>,
+    /// Down projection.
     pub down: TensorView<'a>,
 }
 
 impl<'a> ExpertView<'a> {
+    /// The view of matrix `m`.
     pub fn matrix(&self, m: Matrix) -> TensorView<'a> {
         match m {
             Matrix::Up => self.up,
@@ -68,7 +76,9 @@ pub struct MoeLayerView<'a> {
 
 /// An opened MoE checkpoint.
 pub struct Model {
+    /// Geometry derived from config.json.
     pub info: ModelInfo,
+    /// The parsed config.json.
     pub config: Config,
     weights: Weights,
     label: String,

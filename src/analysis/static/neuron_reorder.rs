@@ -21,16 +21,23 @@ pub const F64_MAX_NEURONS: usize = 4096;
 
 /// One expert's neurons, with their norms and a unit-norm copy.
 pub struct Neurons<T> {
+    /// Number of neurons.
     pub count: usize,
+    /// Length of one neuron (the hidden size).
     pub hidden: usize,
+    /// Norm of each neuron.
     pub norms: Vec<f64>,
+    /// Unit-norm neurons, row-major `[count, hidden]`.
     pub unit: Vec<T>,
+    /// Frobenius norm of the whole matrix.
     pub total_norm: f64,
 }
 
 /// Element type of the similarity computation.
 pub trait Real: Cost + Default + 'static {
+    /// The value one.
     const ONE: Self;
+    /// Converts from f64 (rounding for f32).
     fn from_f64(x: f64) -> Self;
 }
 
@@ -73,11 +80,17 @@ impl<T: Real> Neurons<T> {
 /// Result for one pair, with timings for the benchmark.
 #[derive(Debug, Clone)]
 pub struct PairResult {
+    /// Optimal permutation: neuron `permutation[i]` of the second expert matches neuron `i` of the first.
     pub permutation: Vec<usize>,
+    /// The assignment optimum: summed neuron-to-neuron cosine.
     pub optimum: f64,
+    /// Cosine of the flattened matrices after the permutation.
     pub similarity: f64,
+    /// Kendall's tau between the permutation and the identity.
     pub kendall_tau: f64,
+    /// Time spent in the similarity matmul.
     pub matmul_time: Duration,
+    /// Time spent in the assignment solver.
     pub assignment_time: Duration,
 }
 
