@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 /// Tokenized prompts, with their text when they came from text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompts {
+    /// Token ids, one vector per prompt.
     pub ids: Vec<Vec<u32>>,
+    /// The prompt texts, when the prompts came from text.
     pub texts: Option<Vec<String>>,
 }
 
@@ -182,7 +184,9 @@ impl Tokenizer {
 /// Where prompts come from.
 #[derive(Debug, Clone, Default)]
 pub struct PromptArgs<'a> {
+    /// A prompt text file (one prompt per line).
     pub prompts: Option<&'a Path>,
+    /// A token-id file.
     pub token_ids: Option<&'a Path>,
 }
 

@@ -9,6 +9,7 @@
 
 /// A matrix element type the solver can read (f32 halves memory at n = 14336).
 pub trait Cost: Copy + Send + Sync {
+    /// Converts to f64.
     fn to_f64(self) -> f64;
 }
 

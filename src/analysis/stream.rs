@@ -26,7 +26,9 @@ const FLUSH_ROWS: usize = 64;
 /// What one pass should compute (the Gram matrix always: it also catches NaN).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Needs {
+    /// Accumulate the sum of neurons (neuron-similarity, gate-embedding).
     pub neuron_sum: bool,
+    /// Accumulate the standardized Gram matrix (projection).
     pub standardized_gram: bool,
 }
 
@@ -46,7 +48,9 @@ pub struct MatrixStats {
 /// columns (`down` `[H, I]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NeuronAxis {
+    /// Neurons are rows of the stored matrix.
     Rows,
+    /// Neurons are columns of the stored matrix.
     Columns,
 }
 

@@ -48,6 +48,7 @@ impl Budget {
 /// The samples of one benchmark: seconds per iteration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Measurement {
+    /// Seconds per iteration, one per sample.
     pub samples: Vec<f64>,
     /// Iterations averaged into each sample.
     pub iters_per_sample: usize,
@@ -86,6 +87,7 @@ pub fn std_dev(xs: &[f64]) -> f64 {
 }
 
 impl Measurement {
+    /// Mean seconds per iteration.
     pub fn mean(&self) -> f64 {
         mean(&self.samples)
     }

@@ -35,7 +35,9 @@ impl Observer for AllExpertOutputs {
 pub struct LayerGeometry {
     /// Benchmark-name label, e.g. `olmoe-1b-7b`.
     pub label: &'static str,
+    /// The layer's geometry.
     pub geometry: Geometry,
+    /// The whole synthetic model the layer belongs to.
     pub full: FullModel,
     /// Also benchmark the all-experts mode by default (it costs E/k times the top-k work).
     pub all_experts: bool,
@@ -116,6 +118,7 @@ fn ffn(family: Family, f: &Ffn, x: &Tensor) -> R<Tensor> {
 pub struct NaiveExperts(Vec<Ffn>);
 
 impl NaiveExperts {
+    /// Copies the experts of `lw` for the naive loop.
     pub fn new(lw: &LayerWeights) -> Result<NaiveExperts> {
         let MlpWeights::Moe { experts, .. } = &lw.mlp else {
             return Err(Error::Usage("not an MoE layer".into()));
@@ -260,7 +263,9 @@ pub fn has_shared_experts(lw: &LayerWeights) -> bool {
 /// experts, and shared experts. `weight_bytes` per weight (4 for f32).
 #[derive(Debug, Clone, Copy)]
 pub struct LayerWork {
+    /// Floating-point operations per run.
     pub flops: f64,
+    /// Bytes of weights and activations moved per run.
     pub bytes: f64,
 }
 

@@ -13,9 +13,13 @@ use crate::forward::weights::ce;
 /// Probe results.
 #[derive(Debug, Clone, Copy)]
 pub struct Peaks {
+    /// Measured f32 matmul throughput (GFLOP/s).
     pub gflops: f64,
+    /// Measured memory-stream bandwidth (GB/s).
     pub gbs: f64,
+    /// Matrix size of the matmul probe.
     pub matmul_n: usize,
+    /// Buffer size of the stream probe, in bytes.
     pub stream_bytes: usize,
 }
 

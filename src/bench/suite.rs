@@ -24,6 +24,7 @@ use crate::model::Model;
 /// What to benchmark, and how long.
 #[derive(Debug, Clone)]
 pub struct SuiteOptions {
+    /// Device to benchmark on.
     pub device: Device,
     /// Token counts (prefill lengths, routed tokens, layer inputs).
     pub tokens: Vec<usize>,
@@ -35,16 +36,21 @@ pub struct SuiteOptions {
     pub full_size: bool,
     /// On-disk dtype of the synthetic checkpoints: `F32`, `F16` or `BF16`.
     pub dtype: &'static str,
+    /// Time budget per benchmark.
     pub budget: Budget,
     /// Run the peak probes (small ones with `quick_probes`).
     pub probes: bool,
+    /// Shorter machine probes (for tests).
     pub quick_probes: bool,
 }
 
 /// Progress of a suite run (the CLI draws a bar; the default draws nothing).
 pub trait Progress {
+    /// Called once with the number of benchmarks.
     fn start(&self, _total: usize) {}
+    /// Called when benchmark `name` starts.
     fn begin(&self, _name: &str) {}
+    /// Called when the current benchmark is done.
     fn done(&self) {}
     /// A set-up step worth telling about (writing a synthetic checkpoint).
     fn note(&self, _message: &str) {}

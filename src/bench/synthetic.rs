@@ -12,10 +12,15 @@ use crate::rng::Rng;
 /// attention or embeddings, which the static analyses do not read).
 #[derive(Debug, Clone, Copy)]
 pub struct Geometry {
+    /// Decoder layers.
     pub layers: usize,
+    /// Routed experts per layer.
     pub experts: usize,
+    /// Experts selected per token.
     pub top_k: usize,
+    /// Hidden size.
     pub hidden: usize,
+    /// Intermediate size of one expert.
     pub intermediate: usize,
     /// `F32`, `F16` or `BF16`.
     pub dtype: &'static str,
@@ -24,8 +29,11 @@ pub struct Geometry {
 /// Vocabulary and attention of a full synthetic model (for forward passes).
 #[derive(Debug, Clone, Copy)]
 pub struct FullModel {
+    /// Vocabulary size.
     pub vocab: usize,
+    /// Attention heads.
     pub heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
 }
 

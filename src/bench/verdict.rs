@@ -28,6 +28,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The status as shown in reports.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Regressed => "regressed",
@@ -41,17 +42,23 @@ impl Status {
 /// The verdict on one benchmark.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Verdict {
+    /// Benchmark name.
     pub name: String,
+    /// Regressed, improved, unchanged or new.
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Baseline mean seconds per iteration, if the baseline has it.
     pub baseline_mean_s: Option<f64>,
+    /// Mean seconds per iteration now.
     pub mean_s: f64,
     /// `mean_s / baseline_mean_s - 1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Lower bound of the relative change (confidence interval).
     pub change_low: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Upper bound of the relative change (confidence interval).
     pub change_high: Option<f64>,
 }
 

@@ -78,9 +78,13 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f
 /// An expert's gate and up projections, `[inter, k]` each, and its activation.
 #[derive(Clone, Copy)]
 pub struct GateUp<'a> {
+    /// Gate projection, row-major.
     pub gate: &'a [f32],
+    /// Up projection, row-major.
     pub up: &'a [f32],
+    /// Intermediate size.
     pub inter: usize,
+    /// The activation function.
     pub act: Activation,
 }
 

@@ -21,9 +21,13 @@ pub struct MoeObservation<'a> {
     pub layer: usize,
     /// Index of the prompt in the batch.
     pub prompt: usize,
+    /// Tokens in the prompt.
     pub tokens: usize,
+    /// Hidden size.
     pub hidden: usize,
+    /// Routed experts.
     pub experts: usize,
+    /// Experts selected per token.
     pub top_k: usize,
     /// Layer input `[tokens, hidden]` (after the pre-MoE norm), if wanted.
     pub input: Option<&'a [f32]>,
@@ -39,6 +43,7 @@ pub struct MoeObservation<'a> {
     pub expert_outputs: Option<&'a [f32]>,
     /// All experts' `act(gate·x)` `[experts, tokens, intermediate]`, if wanted.
     pub activations: Option<&'a [f32]>,
+    /// Intermediate size of one expert.
     pub intermediate: usize,
     /// Shared expert output `[tokens, hidden]` (unscaled), if the family has one and it is wanted.
     pub shared_output: Option<&'a [f32]>,

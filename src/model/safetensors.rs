@@ -15,8 +15,11 @@ use crate::error::{Error, Result};
 /// Element types the analyses can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
+    /// 32-bit float.
     F32,
+    /// 16-bit float.
     F16,
+    /// bfloat16.
     BF16,
     /// FP8 e4m3 (`float8_e4m3fn`), dequantised with its `weight_scale_inv`
     /// block scales when the checkpoint has them (DeepSeek-V3 releases).
@@ -314,7 +317,9 @@ pub struct TensorView<'a> {
     pub name: &'a str,
     /// The file that holds it.
     pub path: &'a Path,
+    /// Storage dtype.
     pub dtype: Dtype,
+    /// Shape.
     pub shape: &'a [usize],
     bytes: &'a [u8],
     scale: Option<BlockScale<'a>>,

@@ -11,12 +11,16 @@ use crate::error::Result;
 /// Name, dtype tag (`F32`, `BF16`, ...) and shape of a tensor to write.
 #[derive(Debug, Clone)]
 pub struct TensorSpec {
+    /// Tensor name.
     pub name: String,
+    /// Safetensors dtype name (`F32`, `BF16`...).
     pub dtype: String,
+    /// Shape.
     pub shape: Vec<usize>,
 }
 
 impl TensorSpec {
+    /// A tensor header entry.
     pub fn new(name: impl Into<String>, dtype: &str, shape: &[usize]) -> TensorSpec {
         TensorSpec {
             name: name.into(),

@@ -6,6 +6,7 @@
 use crate::analysis::results::{ChosenExpertsLayer, ChosenSummary, Quantiles};
 
 #[derive(Debug, Clone)]
+/// Accumulates one layer's routing over tokens.
 pub struct Accumulator {
     e: usize,
     load: Vec<u64>,
@@ -13,6 +14,7 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
+    /// An empty accumulator for `e` experts.
     pub fn new(e: usize) -> Accumulator {
         Accumulator {
             e,
@@ -37,6 +39,7 @@ impl Accumulator {
         }
     }
 
+    /// The statistics of `layer` so far.
     pub fn finish(&self, layer: usize) -> ChosenExpertsLayer {
         let e = self.e as f64;
         let load: Vec<f64> = self.load.iter().map(|&l| l as f64).collect();

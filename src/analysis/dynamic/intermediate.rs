@@ -14,6 +14,7 @@ use crate::analysis::results::{IntermediateExpert, IntermediateLayer};
 pub const TOP_NEURONS: usize = 5;
 
 #[derive(Debug, Clone)]
+/// Accumulates one layer's intermediate activations over tokens.
 pub struct Accumulator {
     experts: usize,
     neurons: usize,
@@ -27,6 +28,7 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
+    /// An empty accumulator; `fraction` sets the threshold relative to the largest |a|.
     pub fn new(experts: usize, neurons: usize, fraction: f64) -> Accumulator {
         Accumulator {
             experts,
@@ -67,6 +69,7 @@ impl Accumulator {
         self.tokens += tokens as u64;
     }
 
+    /// The statistics of `layer` so far.
     pub fn finish(&self, layer: usize) -> IntermediateLayer {
         let n = self.neurons;
         let threshold = self.fraction * self.max as f64;

@@ -23,10 +23,15 @@ use crate::model::{DenseModel, ExpertView};
 /// Which dynamic analyses to run, on which MoE layers.
 #[derive(Debug, Clone)]
 pub struct DynamicOptions {
+    /// Run `output-similarity`.
     pub output_similarity: bool,
+    /// Run `norm-score`.
     pub norm_score: bool,
+    /// Run `intermediate`.
     pub intermediate: bool,
+    /// Run `chosen-experts`.
     pub chosen_experts: bool,
+    /// The MoE layers to analyse.
     pub layers: Vec<usize>,
     /// `intermediate`: threshold as a fraction of the layer's largest |a|.
     pub threshold_fraction: f64,
@@ -46,10 +51,15 @@ pub struct TokenMaps {
 /// The dynamic sections of a report.
 #[derive(Debug, Clone, Default)]
 pub struct DynamicResults {
+    /// `output-similarity`, if run.
     pub output_similarity: Option<OutputSimilarity>,
+    /// `norm-score`, if run.
     pub norm_score: Option<NormScore>,
+    /// `intermediate`, if run.
     pub intermediate: Option<Intermediate>,
+    /// `chosen-experts`, if run.
     pub chosen_experts: Option<ChosenExperts>,
+    /// Per-token maps for the report's figures.
     pub maps: TokenMaps,
 }
 

@@ -44,14 +44,20 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Accumulator {
     e: usize,
+    /// `counts[score_rank * E + norm_rank]`.
     pub counts: Vec<u64>,
+    /// Tokens whose top-score expert has the top output norm.
     pub matches: u64,
+    /// Tokens seen.
     pub tokens: u64,
+    /// Sum of per-token Spearman correlations.
     pub spearman_sum: f64,
+    /// Tokens with a defined Spearman correlation.
     pub spearman_n: u64,
 }
 
 impl Accumulator {
+    /// An empty accumulator for `e` experts.
     pub fn new(e: usize) -> Accumulator {
         Accumulator {
             e,

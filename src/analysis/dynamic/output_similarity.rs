@@ -14,6 +14,7 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
+    /// An empty accumulator for `n` outputs (experts, then shared/dense).
     pub fn new(n: usize) -> Accumulator {
         Accumulator {
             n,
