@@ -45,9 +45,13 @@ impl Observer for Collect {
 /// What a trace holds, for the CLI's summary line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraceSummary {
+    /// Prompts traced.
     pub prompts: usize,
+    /// Tokens over all prompts.
     pub tokens: usize,
+    /// MoE layers traced.
     pub moe_layers: usize,
+    /// Bytes of tensor data written (headers excluded).
     pub bytes: usize,
 }
 

@@ -23,6 +23,7 @@ use weights::{ce, AttnWeights, Ffn, HeadWeights, LayerWeights, MlpWeights};
 /// A forward pass over a model on a device.
 pub struct Forward<'m> {
     model: &'m Model,
+    /// The forward configuration derived from the model's config.json (family rules included).
     pub cfg: ForwardConfig,
     device: Device,
     /// With [`Forward::keep_weights`]: every layer's f32 weights, loaded on

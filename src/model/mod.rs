@@ -287,6 +287,7 @@ fn swiglu_view<'a>(weights: &'a Weights, names: &[String; 3]) -> Result<ExpertVi
 
 /// A dense model whose FFNs are compared with the experts (`--dense-reference`).
 pub struct DenseModel {
+    /// Geometry derived from the dense model's config.json.
     pub info: DenseInfo,
     weights: Weights,
     dir: PathBuf,
