@@ -75,7 +75,7 @@ fn verdict_of<'a>(file: &'a BenchFile, name: &str) -> Option<&'a Verdict> {
 fn rows(file: &BenchFile, peer: Option<&BenchFile>) -> Vec<Vec<String>> {
     let mut header: Vec<String> = [
         "benchmark",
-        "tok/s",
+        "tokens/s",
         "time ± 95% CI",
         "GFLOP/s %pk",
         "GB/s %BW",
@@ -132,38 +132,29 @@ fn short_tool(tool: &str) -> String {
 /// FLOP/s and bandwidth).
 pub fn table(file: &BenchFile, peer: Option<&BenchFile>, width: Option<usize>) -> String {
     let mut b = Builder::default();
+    let mut name_rows = Vec::new();
     for (i, mut r) in rows(file, peer).into_iter().enumerate() {
+        // Narrow: the name on a row of its own, spanning the table (names
+        // stay whole, searchable), the numbers below it.
         if i > 0 && width.is_some() {
-            r[0] = wrap_path(&r[0], 18);
+            let n = r.len();
+            name_rows.push((b.count_records(), n));
+            b.push_record(
+                std::iter::once(std::mem::take(&mut r[0]))
+                    .chain(std::iter::repeat_n(String::new(), n - 1)),
+            );
         }
         b.push_record(r);
     }
-    let mut out = super::table::fit(b.build(), width);
+    let mut t = b.build();
+    for (row, n) in name_rows {
+        t.modify((row, 0), tabled::settings::Span::column(n as isize));
+    }
+    let mut out = super::table::fit(t, width);
     out.push('\n');
     out.push_str(&super::table::wrap_text(&machine_line(file), width));
     out.push('\n');
     out
-}
-
-/// Breaks a `/`-separated benchmark name into lines of at most `max` chars
-/// (a longer segment keeps its own line).
-fn wrap_path(name: &str, max: usize) -> String {
-    let mut lines: Vec<String> = vec![String::new()];
-    let segments: Vec<&str> = name.split('/').collect();
-    for (i, seg) in segments.iter().enumerate() {
-        let piece = if i + 1 < segments.len() {
-            format!("{seg}/")
-        } else {
-            seg.to_string()
-        };
-        let last = lines.last_mut().expect("one line");
-        if !last.is_empty() && last.chars().count() + piece.chars().count() > max {
-            lines.push(piece);
-        } else {
-            last.push_str(&piece);
-        }
-    }
-    lines.join("\n")
 }
 
 fn machine_line(file: &BenchFile) -> String {
