@@ -100,20 +100,29 @@ fn writes_the_report_and_flags_a_regression_against_a_baseline() {
         assert!(b[key].as_f64().unwrap() > 0.0, "{key}");
     }
 
-    // Verdicts on injected timings (never on this machine's speed): "now"
-    // is the saved run made 10x slower, loaded instead of measured.
+    // Verdicts on injected timings (never on this machine's speed): the
+    // saved run's samples are replaced by fixed ones, and "now" is the same
+    // run made 10x slower, loaded instead of measured.
     let path = baselines.join("before.json");
-    let base = read_json(&path);
+    let mut base = read_json(&path);
     assert!(base.get("baseline").is_none());
+    let set = |file: &mut serde_json::Value, scale: f64| {
+        for b in file["benchmarks"].as_array_mut().unwrap() {
+            let samples: Vec<f64> = [1.00, 1.02, 0.98, 1.01, 0.99]
+                .iter()
+                .map(|x| x * 1e-3 * scale)
+                .collect();
+            b["mean_s"] = (1e-3 * scale).into();
+            b["ci_low_s"] = (0.98e-3 * scale).into();
+            b["ci_high_s"] = (1.02e-3 * scale).into();
+            b["samples_s"] = serde_json::json!(samples);
+            b["iters_per_sample"] = 1.into();
+        }
+    };
+    set(&mut base, 1.0);
+    std::fs::write(&path, serde_json::to_string(&base).unwrap()).unwrap();
     let mut slow = base.clone();
-    for b in slow["benchmarks"].as_array_mut().unwrap() {
-        for key in ["mean_s", "ci_low_s", "ci_high_s"] {
-            b[key] = (b[key].as_f64().unwrap() * 10.0).into();
-        }
-        for s in b["samples_s"].as_array_mut().unwrap() {
-            *s = (s.as_f64().unwrap() * 10.0).into();
-        }
-    }
+    set(&mut slow, 10.0);
     let slow_path = tmp.path().join("slow.json");
     std::fs::write(&slow_path, serde_json::to_string(&slow).unwrap()).unwrap();
     let load = ["--load-baseline", slow_path.to_str().unwrap()];
@@ -231,7 +240,7 @@ fn shows_a_peer_side_by_side_and_skips_torch_without_python() {
     let (code, stdout, stderr) = quick(&out, &baselines, &["--peer", peer_path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.contains("torch time") && stdout.contains("ratio"),
+        stdout.contains("│ torch") && stdout.contains("ratio"),
         "{stdout}"
     );
     assert!(stdout.contains("1.000 s"), "{stdout}");

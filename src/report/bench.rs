@@ -87,7 +87,7 @@ fn rows(file: &BenchFile, peer: Option<&BenchFile>) -> Vec<Vec<String>> {
         header.push(format!("vs {} ±{:.0}%", b.name, 100.0 * b.threshold));
     }
     if let Some(p) = peer {
-        header.push(format!("{} time", short_tool(&p.tool)));
+        header.push(short_tool(&p.tool).to_string());
         header.push("ratio".into());
     }
     let mut out = vec![header];
