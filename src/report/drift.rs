@@ -60,13 +60,7 @@ pub fn table(
     if !shown.is_empty() {
         let mut b = Builder::default();
         b.push_record([
-            "metric",
-            "layer",
-            columns[0],
-            columns[1],
-            "delta",
-            "limit",
-            "result",
+            "metric", "layer", columns[0], columns[1], "delta", "limit", "result",
         ]);
         for r in &shown {
             let verdict = match r.verdict {
