@@ -16,8 +16,8 @@ pub fn axis(m: Matrix) -> NeuronAxis {
 
 /// The neurons of one matrix, row-major `[neurons, hidden]`.
 pub fn load(v: &TensorView<'_>, axis: NeuronAxis) -> Result<(Vec<f32>, usize, usize)> {
-    let (rows, cols) = match v.shape {
-        [r, c] => (*r, *c),
+    let (rows, cols) = match v.shape[..] {
+        [r, c] => (r, c),
         _ => {
             return Err(Error::Incompatible {
                 path: v.path.to_path_buf(),

@@ -30,12 +30,11 @@ pub fn load(weights: &Weights, name: &str, device: &Device, transposed: bool) ->
             tensor: name.to_string(),
         });
     }
-    match view.shape {
+    match view.shape[..] {
         [rows, cols] if transposed => {
-            Tensor::from_vec(transpose(&data, *rows, *cols), (*cols, *rows), device)
-                .map_err(ce(name))
+            Tensor::from_vec(transpose(&data, rows, cols), (cols, rows), device).map_err(ce(name))
         }
-        shape => Tensor::from_vec(data, shape, device).map_err(ce(name)),
+        _ => Tensor::from_vec(data, view.shape.to_vec(), device).map_err(ce(name)),
     }
 }
 
@@ -447,9 +446,9 @@ impl HeadWeights {
 pub fn embed(model: &Model, ids: &[u32], device: &Device) -> Result<Tensor> {
     let name = "model.embed_tokens.weight";
     let view = model.weights().tensor(name)?;
-    let (rows, hidden) = match view.shape {
-        [rows, hidden] => (*rows, *hidden),
-        other => {
+    let (rows, hidden) = match view.shape[..] {
+        [rows, hidden] => (rows, hidden),
+        ref other => {
             return Err(Error::Safetensors {
                 path: view.path.to_path_buf(),
                 reason: format!(

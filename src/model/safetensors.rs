@@ -305,12 +305,83 @@ pub fn fp8_e4m3_to_f32(b: u8) -> f32 {
 
 /// Per-block f32 scales of an FP8 matrix (`[ceil(rows/128), ceil(cols/128)]`).
 #[derive(Clone, Copy)]
-struct BlockScale<'a> {
+pub(crate) struct BlockScale<'a> {
     bytes: &'a [u8],
     block_cols: usize,
 }
 
-/// A borrowed tensor: dtype, shape and raw little-endian bytes.
+/// The most dimensions a [`Shape`] holds (safetensors checkpoints of the
+/// supported families use at most 3).
+pub const MAX_DIMS: usize = 8;
+
+/// A tensor shape held inline, so that a view of a part of a tensor (one
+/// expert of a fused `[E, 2I, H]` tensor) carries its own shape. Reads as a
+/// `&[usize]` through `Deref`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    dims: [usize; MAX_DIMS],
+    len: u8,
+}
+
+impl Shape {
+    /// A shape of these dimensions; `None` beyond [`MAX_DIMS`].
+    pub fn new(dims: &[usize]) -> Option<Shape> {
+        if dims.len() > MAX_DIMS {
+            return None;
+        }
+        let mut d = [0; MAX_DIMS];
+        d[..dims.len()].copy_from_slice(dims);
+        Some(Shape {
+            dims: d,
+            len: dims.len() as u8,
+        })
+    }
+}
+
+impl std::ops::Deref for Shape {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        &self.dims[..self.len as usize]
+    }
+}
+
+impl std::fmt::Debug for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl PartialEq<[usize]> for Shape {
+    fn eq(&self, other: &[usize]) -> bool {
+        **self == *other
+    }
+}
+
+impl<const N: usize> PartialEq<[usize; N]> for Shape {
+    fn eq(&self, other: &[usize; N]) -> bool {
+        **self == other[..]
+    }
+}
+
+impl<const N: usize> PartialEq<&[usize; N]> for Shape {
+    fn eq(&self, other: &&[usize; N]) -> bool {
+        **self == other[..]
+    }
+}
+
+/// How a view's bytes turn into values beyond their dtype: as stored, or
+/// scaled per block (DeepSeek FP8). Quantised encodings add variants here;
+/// [`TensorView::read_f32`] is the one place that decodes them.
+#[derive(Clone, Copy)]
+pub(crate) enum Codec<'a> {
+    /// Each element is its dtype's value.
+    Plain,
+    /// FP8 with `weight_scale_inv` block scales.
+    Fp8Block(BlockScale<'a>),
+}
+
+/// A borrowed tensor (or a contiguous part of one): dtype, shape and raw
+/// little-endian bytes, decoded on read.
 #[derive(Clone, Copy)]
 pub struct TensorView<'a> {
     /// Checkpoint name of the tensor (for error messages only; analyses never match on it).
@@ -320,9 +391,9 @@ pub struct TensorView<'a> {
     /// Storage dtype.
     pub dtype: Dtype,
     /// Shape.
-    pub shape: &'a [usize],
+    pub shape: Shape,
     bytes: &'a [u8],
-    scale: Option<BlockScale<'a>>,
+    codec: Codec<'a>,
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -344,6 +415,64 @@ impl<'a> TensorView<'a> {
     /// Raw bytes of the tensor.
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
+    }
+
+    /// A contiguous part of this tensor: the `shape.iter().product()`
+    /// elements from element `first` on (row-major), viewed with `shape`,
+    /// without copying. This is how one expert is read out of a fused
+    /// `[E, 2I, H]` tensor. Fails (naming the tensor) when the part does not
+    /// lie inside the tensor, or when the encoding ties elements to their
+    /// position in the whole tensor (block-scaled FP8).
+    pub fn part(&self, first: usize, shape: &[usize]) -> Result<TensorView<'a>> {
+        let bad = |reason: String| Error::Safetensors {
+            path: self.path.to_path_buf(),
+            reason: format!("tensor `{}` {:?}: {reason}", self.name, self.shape),
+        };
+        let shape_inline = Shape::new(shape)
+            .ok_or_else(|| bad(format!("part shape {shape:?} has too many dimensions")))?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| bad(format!("part shape {shape:?} overflows")))?;
+        let end = first
+            .checked_add(numel)
+            .filter(|&end| end <= self.numel())
+            .ok_or_else(|| {
+                bad(format!(
+                    "part of shape {shape:?} at element {first} lies outside the tensor"
+                ))
+            })?;
+        if !matches!(self.codec, Codec::Plain) {
+            return Err(bad(
+                "a part of a block-scaled tensor cannot be read on its own".to_string(),
+            ));
+        }
+        let size = self.dtype.size();
+        Ok(TensorView {
+            shape: shape_inline,
+            bytes: &self.bytes[first * size..end * size],
+            ..*self
+        })
+    }
+
+    /// Slab `index` along the first axis (`[E, a, b]` → `[a, b]`), without copying.
+    pub fn slab(&self, index: usize) -> Result<TensorView<'a>> {
+        let inner: &[usize] = self.shape.get(1..).unwrap_or(&[]);
+        let per: usize = inner.iter().product();
+        let first = index.checked_mul(per).ok_or_else(|| Error::Safetensors {
+            path: self.path.to_path_buf(),
+            reason: format!("tensor `{}`: slab {index} overflows", self.name),
+        })?;
+        if self.shape.is_empty() || index >= self.shape[0] {
+            return Err(Error::Safetensors {
+                path: self.path.to_path_buf(),
+                reason: format!(
+                    "tensor `{}` {:?} has no slab {index} along its first axis",
+                    self.name, self.shape
+                ),
+            });
+        }
+        self.part(first, inner)
     }
 
     /// Converts elements `start..start + out.len()` (row-major) to f32.
@@ -376,13 +505,13 @@ impl<'a> TensorView<'a> {
             }
             Dtype::F8E4M3 => {
                 let table = fp8_table();
-                match self.scale {
-                    None => {
+                match self.codec {
+                    Codec::Plain => {
                         for (o, &b) in out.iter_mut().zip(src) {
                             *o = table[b as usize];
                         }
                     }
-                    Some(sc) => {
+                    Codec::Fp8Block(sc) => {
                         let cols = self.shape.last().copied().unwrap_or(1).max(1);
                         for (k, (o, &b)) in out.iter_mut().zip(src).enumerate() {
                             let idx = start + k;
@@ -619,18 +748,26 @@ impl Weights {
             .tensors
             .get_key_value(name)
             .expect("entry() found the name");
-        let scale = if dtype == Dtype::F8E4M3 {
-            self.block_scale(name, &entry.shape)?
-        } else {
-            None
+        let codec = match dtype {
+            Dtype::F8E4M3 => self
+                .block_scale(name, &entry.shape)?
+                .map_or(Codec::Plain, Codec::Fp8Block),
+            _ => Codec::Plain,
         };
+        let shape = Shape::new(&entry.shape).ok_or_else(|| Error::Safetensors {
+            path: shard.path.clone(),
+            reason: format!(
+                "tensor `{name}` has {} dimensions; at most {MAX_DIMS} are supported",
+                entry.shape.len()
+            ),
+        })?;
         Ok(TensorView {
             name: key,
             path: &shard.path,
             dtype,
-            shape: &entry.shape,
+            shape,
             bytes: &shard.storage.bytes()[entry.start..entry.end],
-            scale,
+            codec,
         })
     }
 
@@ -850,6 +987,46 @@ mod tests {
     }
 
     #[test]
+    fn parts_and_slabs_view_a_fused_tensor_in_place() {
+        // [E=3, 2I=4, H=2]: expert e's rows r hold 100e + 10r + c.
+        let vals: Vec<f32> = (0..3)
+            .flat_map(|e| {
+                (0..4).flat_map(move |r| (0..2).map(move |c| (100 * e + 10 * r + c) as f32))
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        write(
+            &path,
+            &[(
+                TensorSpec::new("experts.gate_up_proj", "F32", &[3, 4, 2]),
+                crate::model::writer::f32_bytes(&vals),
+            )],
+        )
+        .unwrap();
+        let w = Weights::open_file(&path).unwrap();
+        let t = w.tensor("experts.gate_up_proj").unwrap();
+        let slab = t.slab(2).unwrap();
+        assert_eq!(slab.shape, [4, 2]);
+        assert_eq!(slab.to_f32_vec(), vals[16..24].to_vec());
+        // The "up" half of expert 1: rows 2..4.
+        let up = t.part(8 + 4, &[2, 2]).unwrap();
+        assert_eq!(up.to_f32_vec(), vec![120.0, 121.0, 130.0, 131.0]);
+        for e in [
+            t.slab(3).unwrap_err(),
+            t.part(21, &[2, 2]).unwrap_err(),
+            t.part(usize::MAX, &[2]).unwrap_err(),
+            t.part(0, &[usize::MAX, 2]).unwrap_err(),
+        ] {
+            let e = e.to_string();
+            assert!(
+                e.contains("experts.gate_up_proj") && e.contains("t.safetensors"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn fp8_blocks_are_scaled_by_their_own_scale() {
         // 200 × 300: 2 × 3 blocks of 128 (edge blocks partial), each with its own scale.
         let (rows, cols) = (200usize, 300usize);
@@ -884,6 +1061,8 @@ mod tests {
         let w = Weights::open_file(&path).unwrap();
         let t = w.tensor("w.weight").unwrap();
         assert_eq!(t.dtype, Dtype::F8E4M3);
+        let e = t.part(0, &[1, cols]).unwrap_err().to_string();
+        assert!(e.contains("block-scaled") && e.contains("w.weight"), "{e}");
         let got = t.to_f32_vec();
         for r in [0, 127, 128, 199] {
             for c in [0, 127, 128, 255, 256, 299] {

@@ -111,7 +111,7 @@ pub fn rewrite_safetensors(
             "f16" => "F16",
             _ => "BF16",
         };
-        let mut spec = TensorSpec::new(name, tag, t.shape);
+        let mut spec = TensorSpec::new(name, tag, &t.shape);
         let mut bytes = t.bytes().to_vec();
         edit(&mut spec, &mut bytes);
         tensors.push((spec, bytes));

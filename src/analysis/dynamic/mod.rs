@@ -85,7 +85,7 @@ struct Collector<'a> {
 
 fn tensors_of(view: &ExpertView<'_>, device: &Device) -> Result<[Tensor; 3]> {
     let t = |v: &crate::model::TensorView<'_>| {
-        Tensor::from_vec(v.to_f32_vec(), v.shape, device).map_err(ce(v.name))
+        Tensor::from_vec(v.to_f32_vec(), v.shape.to_vec(), device).map_err(ce(v.name))
     };
     Ok([t(&view.gate)?, t(&view.up)?, t(&view.down)?])
 }
