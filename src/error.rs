@@ -173,6 +173,17 @@ pub enum Error {
     /// A command-line or configuration value is invalid.
     #[error("{0}")]
     Usage(String),
+
+    /// A value given to the library (a golden name, a tolerance, a list of
+    /// analyses) is not valid; the message says which and why. The caller
+    /// adds where the value came from (a flag, a configuration key).
+    #[error("{0}")]
+    Invalid(String),
+
+    /// Two snapshots cannot be compared (other models, geometry or
+    /// settings); [`Error::at`] names the file.
+    #[error("{0}")]
+    NotComparable(String),
 }
 
 impl Error {
@@ -187,6 +198,18 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// Names the file a [`Error::NotComparable`] is about (as
+    /// [`Error::Incompatible`]); other errors are returned unchanged.
+    pub fn at(self, path: impl Into<PathBuf>) -> Self {
+        match self {
+            Error::NotComparable(reason) => Error::Incompatible {
+                path: path.into(),
+                reason,
+            },
+            e => e,
         }
     }
 

@@ -17,6 +17,7 @@
 // Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:`
 // line, also inside `unsafe fn`s (clippy enforces the comment).
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod analysis;

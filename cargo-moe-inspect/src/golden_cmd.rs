@@ -4,53 +4,19 @@
 //! configuration, then the defaults.
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use moe_inspect::analysis::Progress;
 use moe_inspect::golden::compare::{self, Comparison};
-use moe_inspect::golden::config::{self, ModelEntry, Settings};
-use moe_inspect::golden::{self, diff, pending, BuildOptions, Selection, Snapshot, Tolerances};
-use moe_inspect::model::Model;
+use moe_inspect::golden::{
+    self, pending, Action, DiffOptions, ModelOutcome, Request, Selection, Snapshot, Target,
+    Tolerances,
+};
 use moe_inspect::report::drift;
-use moe_inspect::{forward, input, Error, Result};
+use moe_inspect::{Error, Result};
 
 use crate::cli::{CheckArgs, CheckFormat, DiffArgs, GoldenDirArgs, PendingArgs, SnapshotArgs};
 use crate::commands::progress_bar;
-
-/// One model to snapshot or check.
-struct Target {
-    name: String,
-    /// `None`: the embedded demo model.
-    model: Option<PathBuf>,
-    prompts: Option<PathBuf>,
-    token_ids: Option<PathBuf>,
-    analyses: Option<Vec<String>>,
-    entry: Option<ModelEntry>,
-}
-
-fn settings(manifest: Option<&Path>) -> Result<Option<Settings>> {
-    config::load(manifest)
-}
-
-fn golden_dir(args: &GoldenDirArgs, s: Option<&Settings>) -> PathBuf {
-    args.golden_dir
-        .clone()
-        .or_else(|| s.and_then(|s| s.golden_dir.clone()))
-        .unwrap_or_else(|| PathBuf::from("golden"))
-}
-
-/// The name of a model directory (its last path component).
-fn dir_name(dir: &Path) -> String {
-    let abs = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    abs.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
-}
-
-/// The golden name of a model directory: its name with every character a
-/// golden name cannot hold (`.`, spaces, non-ASCII) replaced by `_`.
-fn golden_name_of_dir(dir: &Path) -> String {
-    pending::sanitize_name(&dir_name(dir))
-}
 
 /// Checks `--name` like a Cargo.toml package `name` (exit 2 otherwise).
 fn check_name_flag(name: Option<&str>) -> Result<()> {
@@ -60,226 +26,84 @@ fn check_name_flag(name: Option<&str>) -> Result<()> {
     }
 }
 
-fn targets(args: &SnapshotArgs, s: Option<&Settings>) -> Result<Vec<Target>> {
-    check_name_flag(args.golden.name.as_deref())?;
-    let flag_analyses = args.analyses.as_ref().map(|a| vec![a.clone()]);
-    let global_prompts = || {
-        (
-            args.prompts.prompts.clone().or_else(|| {
-                if args.prompts.token_ids.is_some() {
-                    None
-                } else {
-                    s.and_then(|s| s.prompts.clone())
-                }
-            }),
-            args.prompts.token_ids.clone().or_else(|| {
-                if args.prompts.prompts.is_some() {
-                    None
-                } else {
-                    s.and_then(|s| s.token_ids.clone())
-                }
-            }),
-        )
-    };
-    let global_analyses = || {
-        flag_analyses
-            .clone()
-            .or_else(|| s.and_then(|s| s.analyses.clone()))
-    };
-    if args.model.model.is_some() || args.model.demo {
-        let (prompts, token_ids) = global_prompts();
-        let name = args
-            .golden
-            .name
-            .clone()
-            .unwrap_or_else(|| match &args.model.model {
-                Some(dir) => golden_name_of_dir(dir),
-                None => "demo".into(),
-            });
-        return Ok(vec![Target {
-            name,
-            model: args.model.model.clone(),
-            prompts,
-            token_ids,
-            analyses: global_analyses(),
-            entry: None,
-        }]);
-    }
-    let configured = s.map(|s| s.models.as_slice()).unwrap_or_default();
-    if configured.is_empty() {
-        let (prompts, token_ids) = global_prompts();
-        return Ok(vec![Target {
-            name: args.golden.name.clone().unwrap_or_else(|| "demo".into()),
-            model: None,
-            prompts,
-            token_ids,
-            analyses: global_analyses(),
-            entry: None,
-        }]);
-    }
-    let chosen: Vec<&ModelEntry> = match &args.golden.name {
-        Some(n) => {
-            let found: Vec<&ModelEntry> = configured.iter().filter(|m| &m.name == n).collect();
-            if found.is_empty() {
-                return Err(Error::Usage(format!(
-                    "--name {n}: no such model in {} (configured: {})",
-                    s.map(|s| s.manifest.display().to_string())
-                        .unwrap_or_default(),
-                    configured
-                        .iter()
-                        .map(|m| m.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            found
-        }
-        None => configured.iter().collect(),
-    };
-    Ok(chosen
-        .into_iter()
-        .map(|m| {
-            let flags_given = args.prompts.prompts.is_some() || args.prompts.token_ids.is_some();
-            let (prompts, token_ids) =
-                if flags_given || (m.prompts.is_none() && m.token_ids.is_none()) {
-                    global_prompts()
-                } else {
-                    (m.prompts.clone(), m.token_ids.clone())
-                };
-            Target {
-                name: m.name.clone(),
-                model: m.path.clone(),
-                prompts,
-                token_ids,
-                analyses: flag_analyses
-                    .clone()
-                    .or_else(|| m.analyses.clone())
-                    .or_else(|| s.and_then(|s| s.analyses.clone())),
-                entry: Some(m.clone()),
-            }
+/// `--tolerance KEY=VALUE` flags, each checked (key known, value valid).
+fn tolerance_flags(flags: &[String]) -> Result<Vec<(String, f64)>> {
+    let mut probe = Tolerances::default();
+    flags
+        .iter()
+        .map(|f| {
+            let (k, v) = f.split_once('=').ok_or_else(|| {
+                Error::Usage(format!(
+                    "--tolerance {f}: expected KEY=VALUE, e.g. similarity=1e-4"
+                ))
+            })?;
+            let v: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| Error::Usage(format!("--tolerance {f}: `{v}` is not a number")))?;
+            probe
+                .set(k.trim(), v)
+                .map_err(|e| Error::Usage(format!("--tolerance: {e}")))?;
+            Ok((k.trim().to_string(), v))
         })
-        .collect())
+        .collect()
 }
 
-fn parse_tolerance_flags(base: Tolerances, flags: &[String]) -> Result<Tolerances> {
-    let mut t = base;
-    for f in flags {
-        let (k, v) = f.split_once('=').ok_or_else(|| {
-            Error::Usage(format!(
-                "--tolerance {f}: expected KEY=VALUE, e.g. similarity=1e-4"
-            ))
-        })?;
-        let v: f64 = v
-            .trim()
-            .parse()
-            .map_err(|_| Error::Usage(format!("--tolerance {f}: `{v}` is not a number")))?;
-        t.set(k.trim(), v)
-            .map_err(|e| Error::Usage(format!("--tolerance: {e}")))?;
-    }
-    Ok(t)
+/// `--analyses LIST`, checked.
+fn analyses_flag(list: Option<&String>) -> Result<Option<Selection>> {
+    list.map(|l| {
+        Selection::parse(std::slice::from_ref(l))
+            .map_err(|e| Error::Usage(format!("--analyses: {e}")))
+    })
+    .transpose()
 }
 
-fn tolerances(
-    base: Tolerances,
-    s: Option<&Settings>,
-    t: Option<&ModelEntry>,
-    flags: &[String],
-) -> Result<Tolerances> {
-    let base = match s {
-        Some(s) => s.tolerances(base, t),
-        None => base,
-    };
-    parse_tolerance_flags(base, flags)
+/// The library request of `snapshot` / `check`: the flags, checked.
+fn request(args: &SnapshotArgs) -> Result<Request> {
+    check_name_flag(args.golden.name.as_deref())?;
+    analyses_flag(args.analyses.as_ref())?;
+    Ok(Request {
+        manifest_path: args.golden.manifest_path.clone(),
+        golden_dir: args.golden.golden_dir.clone(),
+        name: args.golden.name.clone(),
+        model: args.model.model.clone(),
+        demo: args.model.demo,
+        prompts: args.prompts.prompts.clone(),
+        token_ids: args.prompts.token_ids.clone(),
+        analyses: args.analyses.clone(),
+        tolerances: tolerance_flags(&args.tolerance)?,
+        device: args.model.device.clone(),
+    })
 }
 
-fn selection(list: Option<&Vec<String>>) -> Result<Selection> {
-    match list {
-        Some(l) => Selection::parse(l).map_err(|e| Error::Usage(format!("--analyses: {e}"))),
-        None => Ok(Selection::default()),
-    }
+/// A `--name` that matches no configured model names the flag.
+fn plan(req: &Request) -> Result<golden::Plan> {
+    golden::plan_with_config(req).map_err(|e| match e {
+        Error::Invalid(m) if req.name.is_some() => Error::Usage(format!("--name {m}")),
+        e => e,
+    })
 }
 
-fn open(t: &Target) -> Result<Model> {
-    match &t.model {
-        Some(dir) => Model::open(dir),
-        None => Model::demo(),
-    }
-}
-
-fn prompts_for(
-    model: Option<&Path>,
-    prompts: Option<&Path>,
-    token_ids: Option<&Path>,
-    sel: Selection,
-) -> Result<Option<Vec<Vec<u32>>>> {
-    if !sel.needs_prompts() {
-        return Ok(None);
-    }
-    let p = input::resolve(model, &input::PromptArgs { prompts, token_ids })?;
-    Ok(Some(p.ids))
-}
-
-/// Computes the snapshot of a target.
-fn record(t: &Target, sel: Selection, tol: Tolerances, device: &str) -> Result<Snapshot> {
-    let device = forward::parse_device(device)?;
-    let model = open(t)?;
-    let prompts = prompts_for(
-        t.model.as_deref(),
-        t.prompts.as_deref(),
-        t.token_ids.as_deref(),
-        sel,
-    )?;
-    golden::build(
-        &model,
-        &BuildOptions {
-            name: t.name.clone(),
-            selection: sel,
-            prompts: prompts.as_deref(),
-            device,
-            tolerances: tol,
-            keep_router_probs: false,
-        },
-        &progress_bar(),
-    )
+fn bar_for(_: &Target) -> Box<dyn Progress> {
+    Box::new(progress_bar())
 }
 
 pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
-    let s = settings(args.golden.manifest_path.as_deref())?;
-    let dir = golden_dir(&args.golden, s.as_ref());
-    let targets = targets(&args, s.as_ref())?;
-    if pending::on_ci() {
-        let names: Vec<String> = targets
-            .iter()
-            .map(|t| pending::golden_path(&dir, &t.name).display().to_string())
-            .collect();
-        return Err(Error::Usage(format!(
-            "snapshot: golden files are never written on CI (CI is set), not even new ones ({}); record snapshots locally",
-            names.join(", ")
-        )));
-    }
-    for t in targets {
-        let sel = selection(t.analyses.as_ref())?;
-        let tol = tolerances(
-            Tolerances::default(),
-            s.as_ref(),
-            t.entry.as_ref(),
-            &args.tolerance,
-        )?;
-        let path = pending::golden_path(&dir, &t.name);
-        let snap = record(&t, sel, tol, &args.model.device)?;
-        snap.write(&path)?;
-        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let plan = plan(&request(&args)?)?;
+    golden::snapshot(&plan, &bar_for, &mut |r| {
+        let size = std::fs::metadata(&r.path).map(|m| m.len()).unwrap_or(0);
         eprintln!(
             "wrote {} ({}): {} MoE layers{}",
-            path.display(),
+            r.path.display(),
             human_size(size),
-            snap.layers.len(),
-            snap.prompts
+            r.snapshot.layers.len(),
+            r.snapshot
+                .prompts
                 .as_ref()
                 .map(|p| format!(", {} prompts, {} tokens", p.count, p.tokens))
                 .unwrap_or_default()
         );
-    }
+    })?;
     Ok(0)
 }
 
@@ -292,99 +116,63 @@ fn human_size(bytes: u64) -> String {
 }
 
 pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
-    let sargs = &args.snapshot;
-    let s = settings(sargs.golden.manifest_path.as_deref())?;
-    let dir = golden_dir(&sargs.golden, s.as_ref());
+    let plan = plan(&request(&args.snapshot)?)?;
     let update = pending::UpdateMode::resolve(args.accept)?;
-    let mut comparisons = Vec::new();
-    for t in targets(sargs, s.as_ref())? {
-        let path = pending::golden_path(&dir, &t.name);
-        if update == pending::UpdateMode::Always && !path.exists() {
-            // Accepting: a missing golden file is recorded, as `snapshot` would.
-            let sel = selection(t.analyses.as_ref())?;
-            let tol = tolerances(
-                Tolerances::default(),
-                s.as_ref(),
-                t.entry.as_ref(),
-                &sargs.tolerance,
-            )?;
-            let snap = record(&t, sel, tol, &sargs.model.device)?;
-            snap.write(&path)?;
-            eprintln!("{}: no golden file; recorded {}", t.name, path.display());
-            continue;
-        }
-        let gold = Snapshot::read(&path)?;
-        let sel = match &t.analyses {
-            Some(list) => selection(Some(list))?,
-            None => Selection::parse(&gold.analyses).map_err(|reason| Error::Input {
-                path: path.clone(),
-                reason: format!("corrupt golden snapshot: {reason}"),
-            })?,
-        };
-        let tol = tolerances(
-            gold.tolerances,
-            s.as_ref(),
-            t.entry.as_ref(),
-            &sargs.tolerance,
-        )?;
-        let now = record(&t, sel, tol, &sargs.model.device)?;
-        let cmp = compare::compare(&gold, &now, &tol).map_err(|reason| Error::Incompatible {
-            path: path.clone(),
-            reason,
-        })?;
-        if args.format == CheckFormat::Table {
-            print!(
-                "{}",
-                drift::table(
-                    &cmp,
-                    args.all,
-                    color,
-                    ["golden", "now"],
-                    crate::commands::terminal_width()
-                )
-            );
-        }
-        if cmp.drift() {
-            match update {
-                pending::UpdateMode::Always => {
-                    now.write(&path)?;
-                    eprintln!("{}: drift accepted; wrote {}", t.name, path.display());
-                }
-                pending::UpdateMode::New => {
-                    let new = pending::pending_path(&dir, &t.name);
-                    now.write(&new)?;
-                    eprintln!(
-                        "wrote {}: review it with `cargo moe-inspect review`",
-                        new.display()
-                    );
-                }
-                pending::UpdateMode::No if pending::on_ci() => {
-                    eprintln!("{}: drift; on CI no pending snapshot is written", t.name)
-                }
-                pending::UpdateMode::No => eprintln!(
-                    "{}: drift; no pending snapshot written ({}=no)",
-                    t.name,
-                    pending::UPDATE_VAR
-                ),
-            }
-        } else if let Some(stale) = pending::remove_stale(&dir, &t.name)? {
-            eprintln!(
-                "removed {}: the check passes, so that pending snapshot is stale",
-                stale.display()
-            );
-        }
-        comparisons.push(cmp);
-    }
+    let outcome = golden::check(&plan, update, &bar_for, &mut |o| {
+        render_model(o, &args, color)
+    })?;
+    let comparisons: Vec<Comparison> = outcome.comparisons().into_iter().cloned().collect();
     emit(&comparisons, args.format)?;
     if let Some(path) = &args.junit {
         moe_inspect::atomic_write::write_atomic(path, drift::junit(&comparisons).as_bytes())?;
     }
-    let accepted = update == pending::UpdateMode::Always;
-    Ok(if !accepted && comparisons.iter().any(Comparison::drift) {
-        1
-    } else {
-        0
-    })
+    Ok(u8::from(outcome.failed()))
+}
+
+/// Prints one model's outcome as soon as it is known: its drift table (table
+/// format) and what was written or removed (stderr).
+fn render_model(o: &ModelOutcome, args: &CheckArgs, color: bool) {
+    let (cmp, action) = match o {
+        ModelOutcome::Recorded { name, path } => {
+            eprintln!("{name}: no golden file; recorded {}", path.display());
+            return;
+        }
+        ModelOutcome::Compared {
+            comparison, action, ..
+        } => (comparison, action),
+    };
+    if args.format == CheckFormat::Table {
+        print!(
+            "{}",
+            drift::table(
+                cmp,
+                args.all,
+                color,
+                ["golden", "now"],
+                crate::commands::terminal_width()
+            )
+        );
+    }
+    let name = &cmp.name;
+    match action {
+        Action::None => {}
+        Action::RemovedStale(p) => eprintln!(
+            "removed {}: the check passes, so that pending snapshot is stale",
+            p.display()
+        ),
+        Action::Accepted(p) => eprintln!("{name}: drift accepted; wrote {}", p.display()),
+        Action::Pending(p) => eprintln!(
+            "wrote {}: review it with `cargo moe-inspect review`",
+            p.display()
+        ),
+        Action::NotWrittenOnCi => {
+            eprintln!("{name}: drift; on CI no pending snapshot is written")
+        }
+        Action::NotWrittenByRequest => eprintln!(
+            "{name}: drift; no pending snapshot written ({}=no)",
+            pending::UPDATE_VAR
+        ),
+    }
 }
 
 /// Lists the pending snapshots: name, the file, and whether a golden file exists.
@@ -446,8 +234,8 @@ fn emit(comparisons: &[Comparison], format: CheckFormat) -> Result<()> {
 
 fn pending_list(args: &GoldenDirArgs) -> Result<(PathBuf, Vec<pending::Pending>)> {
     check_name_flag(args.name.as_deref())?;
-    let s = settings(args.manifest_path.as_deref())?;
-    let dir = golden_dir(args, s.as_ref());
+    let s = golden::config::load(args.manifest_path.as_deref())?;
+    let dir = golden::golden_dir(args.golden_dir.as_deref(), s.as_ref());
     let list = pending::list(&dir, args.name.as_deref())?;
     if list.is_empty() {
         eprintln!("no pending snapshots in {}", dir.display());
@@ -555,64 +343,46 @@ fn summary(accepted: usize, rejected: usize, skipped: usize) -> Option<String> {
 }
 
 pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
-    let s = settings(args.manifest_path.as_deref())?;
-    let sel = selection(args.analyses.as_ref().map(|a| vec![a.clone()]).as_ref())?;
-    let tol = tolerances(Tolerances::default(), s.as_ref(), None, &args.tolerance)?;
-    let device = forward::parse_device(&args.device)?;
-    let a = Model::open(&args.baseline)?;
-    let b = Model::open(&args.candidate)?;
-    let prompts = prompts_for(
-        Some(&args.baseline),
-        args.prompts.prompts.as_deref(),
-        args.prompts.token_ids.as_deref(),
-        sel,
-    )?;
-    let build = |model: &Model, name: String| {
-        golden::build(
-            model,
-            &BuildOptions {
-                name,
-                selection: sel,
-                prompts: prompts.as_deref(),
-                device: device.clone(),
-                tolerances: tol,
-                keep_router_probs: true,
-            },
-            &progress_bar(),
-        )
+    let settings = golden::config::load(args.manifest_path.as_deref())?;
+    let selection = analyses_flag(args.analyses.as_ref())?.unwrap_or_default();
+    let mut tolerances = match &settings {
+        Some(s) => s.tolerances(Tolerances::default(), None),
+        None => Tolerances::default(),
     };
-    let label = format!(
-        "{} → {}",
-        dir_name(&args.baseline),
-        dir_name(&args.candidate)
-    );
-    let sa = build(&a, label)?;
-    let sb = build(&b, dir_name(&args.candidate))?;
-    let cmp = compare::compare(&sa, &sb, &tol).map_err(|reason| Error::Incompatible {
-        path: args.candidate.clone(),
-        reason,
+    for (k, v) in tolerance_flags(&args.tolerance)? {
+        tolerances.set(&k, v)?;
+    }
+    let opts = DiffOptions {
+        selection,
+        tolerances,
+        prompts: args.prompts.prompts.clone(),
+        token_ids: args.prompts.token_ids.clone(),
+        device: args.device.clone(),
+    };
+    let out = golden::diff(&args.baseline, &args.candidate, &opts, &|_| {
+        Box::new(progress_bar())
     })?;
-    let cos = diff::expert_cosines(&a, &b)?;
+    let cmp = &out.comparison;
     match args.format {
         CheckFormat::Json => {
             let v = serde_json::json!({
                 "schema": "moe-inspect/diff/v1",
-                "baseline": args.baseline.display().to_string(),
-                "candidate": args.candidate.display().to_string(),
-                "drift": cmp.drift(),
+                "baseline": out.baseline.display().to_string(),
+                "candidate": out.candidate.display().to_string(),
+                "drift": out.drift(),
                 "comparison": cmp,
-                "expert_cosine": cos,
+                "expert_cosine": out.expert_cosine,
             });
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
-        CheckFormat::Junit => print!("{}", drift::junit(std::slice::from_ref(&cmp))),
+        CheckFormat::Junit => print!("{}", drift::junit(std::slice::from_ref(cmp))),
         CheckFormat::Table => {
             println!("expert weights, baseline vs candidate:");
-            println!("{}", drift::expert_cosine_table(&cos));
+            println!("{}", drift::expert_cosine_table(&out.expert_cosine));
             print!(
                 "{}",
                 drift::table(
-                    &cmp,
+                    cmp,
                     args.all,
                     color,
                     ["baseline", "candidate"],
@@ -621,5 +391,5 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
             );
         }
     }
-    Ok(if cmp.drift() { 1 } else { 0 })
+    Ok(u8::from(out.drift()))
 }

@@ -12,6 +12,7 @@
 use serde::Serialize;
 
 use crate::analysis::assignment;
+use crate::error::{Error, Result};
 use crate::golden::{LayerSnapshot, Snapshot, Tolerances};
 use crate::model::Matrix;
 
@@ -253,9 +254,14 @@ fn normalised(v: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// Compares `now` with `gold`. Fails (with a reason) when they describe
-/// different model shapes or were recorded on different prompts.
-pub fn compare(
+/// Compares `now` with `gold`. Fails with [`Error::NotComparable`] when they
+/// describe different model shapes or were recorded on different prompts
+/// ([`Error::at`] names the file).
+pub fn compare(gold: &Snapshot, now: &Snapshot, tol: &Tolerances) -> Result<Comparison> {
+    compare_snapshots(gold, now, tol).map_err(Error::NotComparable)
+}
+
+fn compare_snapshots(
     gold: &Snapshot,
     now: &Snapshot,
     tol: &Tolerances,
@@ -351,7 +357,7 @@ pub fn compare(
                 a.shape, b.shape
             ))
         }
-        (Some(a), Some(b)) => Some((a.decode()?, b.decode()?, a.shape)),
+        (Some(a), Some(b)) => Some((a.decode_str()?, b.decode_str()?, a.shape)),
         _ => None,
     };
     if gold.layers.len() != now.layers.len() {

@@ -302,13 +302,13 @@ pub fn parse(
         let mut t = Tolerances::default();
         for (k, v) in map {
             t.set(k, *v)
-                .map_err(|reason| key_error(format!("{prefix}tolerance.{k}"), reason))?;
+                .map_err(|e| key_error(format!("{prefix}tolerance.{k}"), e.to_string()))?;
         }
         Ok(())
     };
     let check_analyses = |a: &Option<Vec<String>>, key: String| -> Result<()> {
         if let Some(a) = a {
-            Selection::parse(a).map_err(|reason| key_error(key, reason))?;
+            Selection::parse(a).map_err(|e| key_error(key, e.to_string()))?;
         }
         Ok(())
     };
@@ -318,8 +318,8 @@ pub fn parse(
     for (i, m) in raw.models.into_iter().enumerate() {
         let at = format!("models[{i}].");
         // The name is the golden file's name: checked like a Cargo.toml `name`.
-        if let Err(reason) = crate::golden::pending::check_name(&m.name) {
-            return Err(key_error(format!("{at}name"), reason));
+        if let Err(e) = crate::golden::pending::check_name(&m.name) {
+            return Err(key_error(format!("{at}name"), e.to_string()));
         }
         if models.iter().any(|x: &ModelEntry| x.name == m.name) {
             return Err(key_error(

@@ -4,11 +4,16 @@
 //! the cosine between corresponding experts' weight matrices, read from both
 //! checkpoints one layer at a time.
 
+use std::path::{Path, PathBuf};
+
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::analysis::results::PerMatrix;
+use crate::analysis::Progress;
 use crate::error::{Error, Result};
+use crate::golden::compare::{compare, Comparison};
+use crate::golden::{build, dir_name, prompt_ids, BuildOptions, Selection, Tolerances};
 use crate::model::{Matrix, Model, TensorView};
 
 /// Per MoE layer, the cosine of each expert's flattened matrices (baseline vs candidate).
@@ -91,4 +96,84 @@ pub fn expert_cosines(baseline: &Model, candidate: &Model) -> Result<Vec<ExpertC
         out.push(ExpertCosines { layer, matrices });
     }
     Ok(out)
+}
+
+/// What to compare in [`diff`].
+#[derive(Debug, Clone)]
+pub struct DiffOptions {
+    /// What to record on both models.
+    pub selection: Selection,
+    /// Tolerances of the comparison.
+    pub tolerances: Tolerances,
+    /// A prompt text file (default: the baseline's own prompts, if any).
+    pub prompts: Option<PathBuf>,
+    /// A token-id file.
+    pub token_ids: Option<PathBuf>,
+    /// Device of the forward passes (`cpu`, `cuda`, `cuda:N`).
+    pub device: String,
+}
+
+/// The outcome of [`diff`]: the drift comparison and the weight cosines.
+#[derive(Debug, Clone)]
+pub struct DiffOutcome {
+    /// The baseline checkpoint.
+    pub baseline: PathBuf,
+    /// The candidate checkpoint.
+    pub candidate: PathBuf,
+    /// Drift metrics, baseline (as golden) vs candidate.
+    pub comparison: Comparison,
+    /// Expert-by-expert weight cosines.
+    pub expert_cosine: Vec<ExpertCosines>,
+}
+
+impl DiffOutcome {
+    /// Whether the candidate drifted beyond the tolerances.
+    pub fn drift(&self) -> bool {
+        self.comparison.drift()
+    }
+}
+
+/// Compares two live checkpoints: both are recorded on the same prompts
+/// (router distributions kept token by token), compared as `check` compares
+/// a golden file, and their expert weights compared expert by expert.
+pub fn diff(
+    baseline: &Path,
+    candidate: &Path,
+    opts: &DiffOptions,
+    progress: &dyn Fn(&Path) -> Box<dyn Progress>,
+) -> Result<DiffOutcome> {
+    let device = crate::forward::parse_device(&opts.device)?;
+    let a = Model::open(baseline)?;
+    let b = Model::open(candidate)?;
+    let prompts = prompt_ids(
+        Some(baseline),
+        opts.prompts.as_deref(),
+        opts.token_ids.as_deref(),
+        opts.selection,
+    )?;
+    let record = |model: &Model, name: String, path: &Path| {
+        build(
+            model,
+            &BuildOptions {
+                name,
+                selection: opts.selection,
+                prompts: prompts.as_deref(),
+                device: device.clone(),
+                tolerances: opts.tolerances,
+                keep_router_probs: true,
+            },
+            progress(path).as_ref(),
+        )
+    };
+    let label = format!("{} → {}", dir_name(baseline), dir_name(candidate));
+    let sa = record(&a, label, baseline)?;
+    let sb = record(&b, dir_name(candidate), candidate)?;
+    let comparison = compare(&sa, &sb, &opts.tolerances).map_err(|e| e.at(candidate))?;
+    let expert_cosine = expert_cosines(&a, &b)?;
+    Ok(DiffOutcome {
+        baseline: baseline.to_path_buf(),
+        candidate: candidate.to_path_buf(),
+        comparison,
+        expert_cosine,
+    })
 }

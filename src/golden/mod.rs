@@ -8,17 +8,27 @@
 //!   the top-k expert ids of every token;
 //! - [`compare`] compares two snapshots metric by metric under tolerances;
 //! - [`config`] reads `[workspace.metadata.moe-inspect]` with cargo_metadata;
-//! - [`diff`] compares two live checkpoints (also expert-by-expert weights);
+//! - [`diff()`](fn@diff) compares two live checkpoints (also expert-by-expert weights;
+//!   module [`mod@diff`]);
+//! - [`plan`], [`snapshot`] and [`check()`](fn@check) are the drift gate as a
+//!   library: which models, which settings, what is written, as typed outcomes;
 //! - [`pending`] handles `*.json.new` files (`review`, `accept`, `reject`).
 //!
 //! Files are written with [`Snapshot::to_json`]: stable key order, numbers
 //! stored as f32 (shortest round-trip form), matrices one row per line, so
 //! two runs on the same machine give byte-identical files.
 
+mod check;
 pub mod compare;
 pub mod config;
 pub mod diff;
 pub mod pending;
+
+pub use check::{
+    check, dir_name, golden_dir, plan, plan_with_config, prompt_ids, snapshot, Action,
+    CheckOutcome, ModelOutcome, Plan, Recorded, Request, Target,
+};
+pub use diff::{diff, DiffOptions, DiffOutcome};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -167,7 +177,7 @@ impl Tolerances {
     ];
 
     /// Checks every tolerance: finite, ≥ 0, and agreements at most 1.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         let all = [
             ("similarity", self.similarity),
             ("routing-top1-agreement", self.routing_top1_agreement),
@@ -183,16 +193,16 @@ impl Tolerances {
         Ok(())
     }
 
-    fn check(key: &str, value: f64) -> std::result::Result<(), String> {
+    fn check(key: &str, value: f64) -> Result<()> {
         if !value.is_finite() || value < 0.0 {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "tolerance `{key}` must be a finite number ≥ 0, got {value}"
-            ));
+            )));
         }
         if key.ends_with("-agreement") && value > 1.0 {
-            return Err(format!(
+            return Err(Error::Invalid(format!(
                 "tolerance `{key}` is a minimum share of tokens, at most 1, got {value}"
-            ));
+            )));
         }
         Ok(())
     }
@@ -212,7 +222,7 @@ impl Tolerances {
     }
 
     /// Sets one tolerance by its configuration key.
-    pub fn set(&mut self, key: &str, value: f64) -> std::result::Result<(), String> {
+    pub fn set(&mut self, key: &str, value: f64) -> Result<()> {
         Self::check(key, value)?;
         let slot = match key {
             "similarity" => &mut self.similarity,
@@ -223,10 +233,10 @@ impl Tolerances {
             "gate-r2" => &mut self.gate_r2,
             "norm-score-top1" => &mut self.norm_score_top1,
             _ => {
-                return Err(format!(
+                return Err(Error::Invalid(format!(
                     "unknown tolerance `{key}` (known: {})",
                     Self::KEYS.map(|k| k.0).join(", ")
-                ))
+                )))
             }
         };
         *slot = value;
@@ -323,7 +333,11 @@ impl TopKIds {
     }
 
     /// The ids, checked against the shape.
-    pub fn decode(&self) -> std::result::Result<Vec<i16>, String> {
+    pub fn decode(&self) -> Result<Vec<i16>> {
+        self.decode_str().map_err(Error::Invalid)
+    }
+
+    pub(crate) fn decode_str(&self) -> std::result::Result<Vec<i16>, String> {
         if self.dtype != "i16" {
             return Err(format!(
                 "top_k_ids.dtype is `{}`, expected `i16`",
@@ -408,7 +422,7 @@ impl Selection {
     /// Parses names, `static`, `dynamic` or `all` with the analyses' own
     /// parser (the groups keep only what a snapshot records); `routing` is
     /// the snapshot's name for `chosen-experts`.
-    pub fn parse<S: AsRef<str>>(parts: &[S]) -> std::result::Result<Selection, String> {
+    pub fn parse<S: AsRef<str>>(parts: &[S]) -> Result<Selection> {
         let mut s = Selection {
             expert_similarity: false,
             neuron_similarity: false,
@@ -433,10 +447,10 @@ impl Selection {
             match kind.and_then(|k| s.flag(k)) {
                 Some(flag) => *flag = true,
                 None => {
-                    return Err(format!(
+                    return Err(Error::Invalid(format!(
                         "`{part}` is not recorded in golden snapshots (they record: static, dynamic, all, {})",
                         Self::NAMES.join(", ")
-                    ))
+                    )))
                 }
             }
         }
@@ -1034,7 +1048,7 @@ impl Snapshot {
             return Err("`analyses` is empty: the snapshot records nothing to check".into());
         }
         let sel = Selection::parse(&self.analyses).map_err(|e| format!("`analyses`: {e}"))?;
-        self.tolerances.validate()?;
+        self.tolerances.validate().map_err(|e| e.to_string())?;
         if e == 0 || self.model.top_k == 0 || self.model.top_k > e {
             return Err(format!(
                 "model: {e} experts with top_k {} is not an MoE model",
@@ -1179,7 +1193,7 @@ impl Snapshot {
                     l.layer
                 ));
             }
-            let v = ids.decode()?;
+            let v = ids.decode_str()?;
             if let Some(bad) = v.iter().find(|&&x| x < 0 || x as usize >= e) {
                 return Err(format!("top_k_ids holds expert id {bad}, outside 0..{e}"));
             }
@@ -1244,10 +1258,10 @@ mod tests {
         assert_eq!(t.decode().unwrap(), ids);
         let mut short = t.clone();
         short.shape = [4, 1, 2];
-        assert!(short.decode().unwrap_err().contains("needs 16"));
+        assert!(short.decode().unwrap_err().to_string().contains("needs 16"));
         let mut bad = t;
         bad.data.push('!');
-        assert!(bad.decode().unwrap_err().contains("base64"));
+        assert!(bad.decode().unwrap_err().to_string().contains("base64"));
     }
 
     #[test]
@@ -1279,6 +1293,7 @@ mod tests {
         assert_eq!(Selection::parse(&["all"]).unwrap(), Selection::default());
         assert!(Selection::parse(&["projection"])
             .unwrap_err()
+            .to_string()
             .contains("projection"));
     }
 

@@ -43,23 +43,23 @@ pub const MAX_NAME_LEN: usize = 128;
 /// ASCII: non-empty, at most [`MAX_NAME_LEN`] characters, only letters,
 /// digits, `-` and `_`. So a name is one plain file name in the golden
 /// directory: never empty, hidden, a path (`a/b`, `/abs`, `..`) or a lock file.
-pub fn check_name(name: &str) -> std::result::Result<(), String> {
+pub fn check_name(name: &str) -> Result<()> {
     if name.is_empty() {
-        return Err("a golden name must not be empty".into());
+        return Err(Error::Invalid("a golden name must not be empty".into()));
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "golden name `{name}` is longer than {MAX_NAME_LEN} characters"
-        ));
+        )));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
     {
-        return Err(format!(
+        return Err(Error::Invalid(format!(
             "invalid character `{}` in golden name `{name}`: use ASCII letters, digits, `-` and `_` only",
             c.escape_default()
-        ));
+        )));
     }
     Ok(())
 }

@@ -14,8 +14,11 @@ use crate::analysis::results::Report;
 /// Output format of `analyze`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// Terminal tables.
     Table,
+    /// The JSON report (schema `moe-inspect/report/v1`).
     Json,
+    /// `report.md` with SVG figures.
     Markdown,
 }
 

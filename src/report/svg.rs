@@ -60,12 +60,20 @@ pub fn viridis(t: f64) -> (String, bool) {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ColourScale {
     /// Viridis from `lo` to `hi`.
-    Sequential { lo: f64, hi: f64 },
+    Sequential {
+        /// Value drawn at the low end of the scale.
+        lo: f64,
+        /// Value drawn at the high end of the scale.
+        hi: f64,
+    },
     /// Blue–white–red over `[mid - half, mid + half]`, white at `mid`; with
     /// `mask_diagonal` the diagonal is drawn grey (it lies outside the scale).
     Diverging {
+        /// The value drawn white (0 for cosines).
         mid: f64,
+        /// Half the width of the scale: `mid ± half` are the extreme colours.
         half: f64,
+        /// Draw the diagonal grey instead of coloured.
         mask_diagonal: bool,
     },
 }
@@ -360,14 +368,18 @@ fn axis_label(s: &mut String, axis: char, x: f64, y: f64, text: &str) {
 
 /// One heatmap panel: a title and a square matrix.
 pub struct Panel<'a> {
+    /// Title above the panel.
     pub title: &'a str,
+    /// The square matrix drawn, row by row.
     pub matrix: &'a [Vec<f64>],
 }
 
 /// What a heatmap's axes and colour bar show.
 #[derive(Debug, Clone, Copy)]
 pub struct Axes<'a> {
+    /// Label of the horizontal axis.
     pub x: &'a str,
+    /// Label of the vertical axis.
     pub y: &'a str,
     /// The colour bar's label (what the colours measure).
     pub value: &'a str,
@@ -620,8 +632,11 @@ pub fn group_colour(g: usize, groups: usize) -> String {
 
 /// One scatter panel: points `(x, y, group)` and an optional line `y = a·x + b`.
 pub struct ScatterPanel<'a> {
+    /// Title above the panel.
     pub title: &'a str,
+    /// Points `(x, y, group)`; the group picks the colour.
     pub points: &'a [(f64, f64, usize)],
+    /// A fitted line `y = a·x + b`, drawn over the points.
     pub line: Option<(f64, f64)>,
 }
 

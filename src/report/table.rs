@@ -165,6 +165,7 @@ fn show_matrices(layers: &[LayerMatrices], style: Styling) -> bool {
 /// matrices are printed in full whatever their size (`analyze --full`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Styling {
+    /// Colour the output (ANSI escapes).
     pub color: bool,
     /// Display columns to fit; `None`: no limit.
     pub width: Option<usize>,
