@@ -91,14 +91,12 @@ pub fn dir_name(dir: &Path) -> String {
 /// ```rust
 /// use moe_inspect::golden::{self, Request};
 ///
-/// // The demo model, with the built-in defaults (no Cargo.toml is read).
-/// let dir = std::env::temp_dir();
-/// let manifest = dir.join("moe-inspect-doc-no-manifest/Cargo.toml");
-/// let req = Request { demo: true, golden_dir: Some(dir.clone()), ..Request::default() };
+/// // The demo model, with the built-in defaults (no Cargo.toml configuration).
+/// let req = Request { demo: true, ..Request::default() };
 /// let plan = golden::plan(&req, None)?;
 /// assert_eq!(plan.targets.len(), 1);
 /// assert_eq!(plan.targets[0].name, "demo");
-/// # let _ = manifest;
+/// assert_eq!(plan.golden_path(&plan.targets[0]), std::path::Path::new("golden/demo.json"));
 /// # Ok::<(), moe_inspect::Error>(())
 /// ```
 pub fn plan(req: &Request, settings: Option<Settings>) -> Result<Plan> {
@@ -509,4 +507,124 @@ fn check_one(
         golden: path,
         action,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn entry(name: &str, prompts: Option<&str>, analyses: Option<&str>) -> ModelEntry {
+        ModelEntry {
+            name: name.into(),
+            path: Some(PathBuf::from(format!("/m/{name}"))),
+            prompts: prompts.map(PathBuf::from),
+            token_ids: None,
+            analyses: analyses.map(|a| vec![a.to_string()]),
+            tolerance: BTreeMap::from([("similarity".to_string(), 0.5)]),
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            manifest: PathBuf::from("/w/Cargo.toml"),
+            golden_dir: Some(PathBuf::from("/w/golden")),
+            prompts: Some(PathBuf::from("/w/all.txt")),
+            token_ids: None,
+            analyses: Some(vec!["static".into()]),
+            models: vec![
+                entry("a", Some("/w/a.txt"), None),
+                entry("b", None, Some("dynamic")),
+            ],
+            tolerance: BTreeMap::from([("gate-r2".to_string(), 0.25)]),
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_model_entry_which_beats_the_defaults() {
+        let p = plan(&Request::default(), Some(settings())).unwrap();
+        assert_eq!(p.golden_dir, PathBuf::from("/w/golden"));
+        let names: Vec<&str> = p.targets.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        // Model a: its own prompts, the default analyses.
+        assert_eq!(p.targets[0].prompts, Some(PathBuf::from("/w/a.txt")));
+        assert_eq!(p.targets[0].analyses, Some(vec!["static".to_string()]));
+        // Model b: the default prompts, its own analyses.
+        assert_eq!(p.targets[1].prompts, Some(PathBuf::from("/w/all.txt")));
+        assert_eq!(p.targets[1].analyses, Some(vec!["dynamic".to_string()]));
+
+        let req = Request {
+            name: Some("b".into()),
+            token_ids: Some(PathBuf::from("/flag/ids.txt")),
+            analyses: Some("expert-similarity".into()),
+            golden_dir: Some(PathBuf::from("/flag/golden")),
+            tolerances: vec![("similarity".into(), 0.125)],
+            ..Request::default()
+        };
+        let p = plan(&req, Some(settings())).unwrap();
+        assert_eq!(p.golden_dir, PathBuf::from("/flag/golden"));
+        assert_eq!(p.targets.len(), 1);
+        let t = &p.targets[0];
+        // A prompt flag replaces both configured prompt sources.
+        assert_eq!(
+            (t.prompts.clone(), t.token_ids.clone()),
+            (None, Some(PathBuf::from("/flag/ids.txt")))
+        );
+        assert_eq!(t.analyses, Some(vec!["expert-similarity".to_string()]));
+        // Tolerances: base, then configuration, then model entry, then flags.
+        let tol = p.tolerances(Tolerances::default(), t).unwrap();
+        assert_eq!(tol.similarity, 0.125);
+        assert_eq!(tol.gate_r2, 0.25);
+        assert_eq!(tol.router_jsd, Tolerances::default().router_jsd);
+    }
+
+    #[test]
+    fn a_model_flag_or_no_configuration_gives_one_target() {
+        let req = Request {
+            model: Some(PathBuf::from("/x/My.Model v2")),
+            ..Request::default()
+        };
+        let p = plan(&req, Some(settings())).unwrap();
+        assert_eq!(p.targets.len(), 1);
+        assert_eq!(p.targets[0].name, "My_Model_v2");
+        assert_eq!(p.targets[0].prompts, Some(PathBuf::from("/w/all.txt")));
+        let p = plan(&Request::default(), None).unwrap();
+        assert_eq!(p.golden_dir, PathBuf::from("golden"));
+        assert_eq!(p.targets[0].name, "demo");
+        assert_eq!(p.targets[0].model, None);
+    }
+
+    #[test]
+    fn bad_names_and_tolerances_are_errors() {
+        let e = plan(
+            &Request {
+                name: Some("zzz".into()),
+                ..Request::default()
+            },
+            Some(settings()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("zzz") && e.contains("configured: a, b"), "{e}");
+        let e = plan(
+            &Request {
+                name: Some("../x".into()),
+                ..Request::default()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("invalid character"), "{e}");
+        let req = Request {
+            tolerances: vec![("nope".into(), 1.0)],
+            ..Request::default()
+        };
+        let p = plan(&req, None).unwrap();
+        let e = p
+            .tolerances(Tolerances::default(), &p.targets[0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown tolerance `nope`"), "{e}");
+    }
 }
