@@ -201,7 +201,10 @@ pub fn resolve(model_dir: Option<&Path>, args: &PromptArgs<'_>) -> Result<Prompt
     }
     let texts = match (args.prompts, model_dir) {
         (Some(p), _) => parse_prompt_text(p, &read(p)?)?,
+        #[cfg(feature = "demo")]
         (None, None) => parse_prompt_text(Path::new("<demo>/prompts.txt"), crate::demo::PROMPTS)?,
+        #[cfg(not(feature = "demo"))]
+        (None, None) => return Err(crate::model::no_demo()),
         (None, Some(dir)) => {
             return Err(Error::Usage(format!(
                 "{}: no prompts given: pass --prompts FILE (text or JSONL) or --token-ids FILE",
@@ -219,7 +222,10 @@ pub fn resolve(model_dir: Option<&Path>, args: &PromptArgs<'_>) -> Result<Prompt
 /// The tokenizer of a model directory (or of the demo model).
 pub fn tokenizer(model_dir: Option<&Path>) -> Result<Tokenizer> {
     match model_dir {
+        #[cfg(feature = "demo")]
         None => Tokenizer::from_bytes(Path::new("<demo>/tokenizer.json"), crate::demo::TOKENIZER),
+        #[cfg(not(feature = "demo"))]
+        None => Err(crate::model::no_demo()),
         Some(dir) => {
             let path = dir.join("tokenizer.json");
             if !path.exists() {

@@ -23,6 +23,7 @@
 pub mod analysis;
 pub mod atomic_write;
 pub mod bench;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod forward;

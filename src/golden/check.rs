@@ -256,10 +256,7 @@ impl Plan {
         progress: &dyn Progress,
     ) -> Result<Snapshot> {
         let device = crate::forward::parse_device(&self.device)?;
-        let model = match &t.model {
-            Some(dir) => Model::open(dir)?,
-            None => Model::demo()?,
-        };
+        let model = Model::open_or_demo(t.model.as_deref())?;
         let prompts = prompt_ids(
             t.model.as_deref(),
             t.prompts.as_deref(),

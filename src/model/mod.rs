@@ -123,6 +123,7 @@ impl Model {
     /// assert_eq!(layer.experts.len(), 8);
     /// # Ok::<(), moe_inspect::Error>(())
     /// ```
+    #[cfg(feature = "demo")]
     pub fn demo() -> Result<Model> {
         let label = PathBuf::from(crate::demo::LABEL);
         let config = Config::parse(&label.join("config.json"), crate::demo::CONFIG)?;
@@ -210,6 +211,18 @@ impl Model {
             self.weights.tensor(n)?;
         }
         Ok(())
+    }
+
+    /// The model in `dir`, or the embedded demo model when `dir` is `None`
+    /// (an error naming the `demo` feature when the library is built without it).
+    pub fn open_or_demo(dir: Option<&Path>) -> Result<Model> {
+        match dir {
+            Some(dir) => Model::open(dir),
+            #[cfg(feature = "demo")]
+            None => Model::demo(),
+            #[cfg(not(feature = "demo"))]
+            None => Err(no_demo()),
+        }
     }
 
     /// Where the model came from (directory, or `<demo>`), for reports.
@@ -349,4 +362,12 @@ impl DenseModel {
         let names = family::swiglu_names(&format!("model.layers.{layer}.mlp"));
         self.weights.release(names.iter().map(String::as_str));
     }
+}
+
+/// The error for "no model given" in a build without the demo model.
+#[cfg(not(feature = "demo"))]
+pub(crate) fn no_demo() -> Error {
+    Error::Invalid(
+        "no model given, and this build has no demo model (the `demo` cargo feature is off)".into(),
+    )
 }
