@@ -20,6 +20,21 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+/// Declares a module that is public with the `internals` feature (this
+/// crate's benchmarks, examples, tests and fuzz targets) and crate-private
+/// otherwise: numeric kernels and test writers are not part of the API.
+macro_rules! internal_mod {
+    ($(#[$attr:meta])* $name:ident) => {
+        $(#[$attr])*
+        #[cfg(feature = "internals")]
+        pub mod $name;
+        $(#[$attr])*
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unused_imports)]
+        pub(crate) mod $name;
+    };
+}
+
 pub mod analysis;
 pub mod atomic_write;
 pub mod bench;

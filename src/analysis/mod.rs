@@ -1,15 +1,14 @@
 //! The analyses of Lo et al. (2024), one file each, and the driver that runs
 //! a selection of them over a model one layer at a time.
 
-pub mod assignment;
-pub mod bf16_kernels;
+internal_mod!(assignment);
+internal_mod!(bf16_kernels);
 pub mod dynamic;
-pub mod linalg;
-pub mod neurons;
+internal_mod!(linalg);
+internal_mod!(neurons);
 pub mod results;
-#[path = "static/mod.rs"]
 pub mod statics;
-pub mod stream;
+internal_mod!(stream);
 
 use crate::analysis::results::{
     Analyses, GateEmbedding, MatrixSimilarity, ModelSummary, NeuronReorder, Projection, Report,

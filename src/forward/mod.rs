@@ -5,7 +5,7 @@
 //! layer of weights plus the prompts' hidden states, whatever the depth.
 
 pub mod config;
-pub mod expert_gemm;
+internal_mod!(expert_gemm);
 pub mod observer;
 pub mod routing;
 pub mod weights;

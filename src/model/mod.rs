@@ -4,7 +4,7 @@
 pub mod config;
 pub mod family;
 pub mod safetensors;
-pub mod writer;
+internal_mod!(writer);
 
 use std::path::{Path, PathBuf};
 
