@@ -211,24 +211,21 @@ fn grok_1() {
     check_family("grok-1");
 }
 
+/// The FP8 checkpoint (e4m3 weights with 128×128 block scales) against
+/// transformers running its dequantised weights in f32
+/// (`make_forward_refs.py`): the same 1e-5 as the other fixtures, so a
+/// wrong block scale or FP8 decoding fails. And the quantisation is real:
+/// its logits differ from the full-precision model's.
 #[test]
-fn deepseek_v3_fp8_runs_close_to_the_full_precision_model() {
-    let fp8 = Model::open(&fixture("deepseek-v3-fp8")).unwrap();
-    let r = Reference::open("deepseek-v3");
-    let ids: Vec<u32> = r
-        .i64("prompt2.token_ids")
-        .iter()
-        .map(|&i| i as u32)
-        .collect();
-    let fwd = Forward::new(&fp8, Device::Cpu).unwrap();
-    let out = fwd.run(&[ids], &mut (), true).unwrap();
-    let got: Vec<f32> = to_host(&out.logits[0]).unwrap().concat();
-    let (_, want) = r.f32("prompt2.logits");
-    let d = max_abs(&got, &want);
-    let scale = want.iter().map(|x| x.abs()).fold(0.0, f32::max);
-    eprintln!("fp8 vs f32 logits: max |diff| {d:e} (max |logit| {scale:e})");
-    // e4m3 keeps 3 mantissa bits: a few percent of the logits' scale, not more.
-    assert!(d > 0.0 && d < 0.1 * scale, "{d} vs scale {scale}");
+fn deepseek_v3_fp8() {
+    check_family("deepseek-v3-fp8");
+    let fp8 = Reference::open("deepseek-v3-fp8");
+    let full = Reference::open("deepseek-v3");
+    let (_, a) = fp8.f32("prompt2.logits");
+    let (_, b) = full.f32("prompt2.logits");
+    assert_eq!(a.len(), b.len());
+    let d = max_abs(&a, &b);
+    assert!(d > 1e-4 && d.is_finite(), "fp8 vs full precision: {d:e}");
 }
 
 #[test]
