@@ -26,6 +26,8 @@ impl suite::Progress for BenchBar {
         if let Some(b) = &self.0 {
             b.set_length(total as u64);
             b.set_position(0);
+            // Drawn from here on: never a "0/0" frame before the length is known.
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         }
     }
     fn begin(&self, name: &str) {
@@ -57,7 +59,7 @@ fn bar(interactive: bool) -> BenchBar {
     if !interactive {
         return BenchBar(None);
     }
-    let b = ProgressBar::new(0);
+    let b = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
     if let Ok(style) =
         ProgressStyle::with_template("{bar:30} {pos}/{len} benchmarks [{elapsed}] {msg}")
     {
@@ -144,14 +146,30 @@ fn check_baseline_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// `benches/compare_torch.py`, from the working directory or this source tree.
-fn torch_script() -> Option<PathBuf> {
-    let local = PathBuf::from("benches/compare_torch.py");
-    if local.is_file() {
-        return Some(local);
+/// The built-in `compare_torch.py`, written to a file of its own for one run
+/// (removed when dropped).
+struct TorchScript(PathBuf);
+
+impl TorchScript {
+    fn write() -> std::result::Result<TorchScript, String> {
+        let path = std::env::temp_dir().join(format!(
+            "moe-inspect-compare_torch-{}.py",
+            std::process::id()
+        ));
+        moe_inspect::atomic_write::write_atomic(
+            &path,
+            moe_inspect::bench::COMPARE_TORCH_PY.as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        detail!("wrote: {} (the built-in compare_torch.py)", path.display());
+        Ok(TorchScript(path))
     }
-    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/compare_torch.py");
-    tree.is_file().then_some(tree)
+}
+
+impl Drop for TorchScript {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Runs `compare_torch.py` on the same checkpoint and token counts; `Err` is a note.
@@ -161,7 +179,6 @@ fn run_torch(
     device: &str,
     out: &Path,
 ) -> std::result::Result<BenchFile, String> {
-    let script = torch_script().ok_or("benches/compare_torch.py not found")?;
     let python = std::env::var("MOE_INSPECT_PYTHON").unwrap_or_else(|_| "python3".into());
     // Check for Python and PyTorch before writing any checkpoint for them.
     let probe = std::process::Command::new(&python)
@@ -178,8 +195,9 @@ fn run_torch(
         None => suite::scaled_mixtral_dir(dtype(args.dtype)).map_err(|e| e.to_string())?,
     };
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let script = TorchScript::write()?;
     let mut cmd = std::process::Command::new(&python);
-    cmd.arg(&script)
+    cmd.arg(&script.0)
         .arg(&model)
         .arg("--out")
         .arg(out)
@@ -207,7 +225,7 @@ fn run_torch(
     if !output.status.success() {
         let err = String::from_utf8_lossy(&output.stderr);
         let last = err.lines().last().unwrap_or("").trim().to_string();
-        return Err(format!("{python} {} failed: {last}", script.display()));
+        return Err(format!("{python} compare_torch.py failed: {last}"));
     }
     BenchFile::read(out).map_err(|e| e.to_string())
 }
@@ -222,6 +240,11 @@ fn dtype(d: BenchDtype) -> &'static str {
 
 /// Runs `bench`; returns the exit code (1 when a benchmark regressed).
 pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
+    if let Some(name) = &args.baseline {
+        return Err(Error::Usage(format!(
+            "bench --baseline was renamed: use `--compare-baseline {name}` (`--baseline` is diff's reference checkpoint)"
+        )));
+    }
     let device = forward::parse_device(&args.device)?;
     let tokens = parse_tokens(&args.tokens)?;
     if let Some(name) = &args.save_baseline {
@@ -239,18 +262,29 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             args.time
         )));
     }
+    let baseline_dir = args
+        .baseline_dir
+        .clone()
+        .unwrap_or_else(moe_inspect::bench::baselines_dir);
     // Read the baseline and peer file first: a typo should not cost a whole run.
     let baseline = args
-        .baseline
+        .compare_baseline
         .as_deref()
-        .map(|name| read_baseline(name, &args.baseline_dir).map(|f| (name, f)))
+        .map(|name| {
+            let f = read_baseline(name, &baseline_dir)?;
+            notice!(
+                "comparing with baseline `{name}` ({})",
+                baseline_path(name, &baseline_dir).display()
+            );
+            Ok::<_, Error>((name, f))
+        })
         .transpose()?;
     let mut notes = Vec::new();
     let peer_file = match args.peer.as_deref() {
         None | Some("torch") => None,
         Some(path) => Some(BenchFile::read(Path::new(path))?),
     };
-    let budget = if args.quick {
+    let mut budget = if args.quick {
         Budget::quick()
     } else {
         Budget {
@@ -258,6 +292,12 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             ..Budget::default()
         }
     };
+    if let Some(n) = args.sample_size {
+        budget = budget.with_sample_size(n);
+    }
+    if let Some(w) = args.warm_up {
+        budget.warm_up = Duration::from_secs_f64(w);
+    }
     let opts = SuiteOptions {
         device,
         tokens: tokens.clone(),
@@ -287,13 +327,23 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
     }
     let mut file = match &args.load_baseline {
         Some(name) => {
-            let mut f = read_baseline(name, &args.baseline_dir)?;
+            let mut f = read_baseline(name, &baseline_dir)?;
+            notice!(
+                "loaded baseline `{name}` ({}) as this run",
+                baseline_path(name, &baseline_dir).display()
+            );
             f.baseline = None;
             f
         }
         None => {
+            if args.model.is_none() {
+                notice!(
+                    "benchmark data: {} (synthetic checkpoints; set MOE_INSPECT_BENCH_DIR to move it)",
+                    moe_inspect::bench::data_dir().display()
+                );
+            }
             let progress = bar(interactive);
-            suite::run(&opts, &progress)?
+            crate::commands::timed("benchmarks", || suite::run(&opts, &progress))?
         }
     };
     let peer = match (args.peer.as_deref(), peer_file) {
@@ -301,19 +351,25 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             let dir = args
                 .out
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("target/moe-inspect-bench"));
+                .unwrap_or_else(moe_inspect::bench::data_dir);
             std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
                 path: dir.clone(),
                 source: e,
             })?;
             if interactive {
-                eprintln!("running benches/compare_torch.py (PyTorch on the same checkpoint)...");
+                eprintln!("running compare_torch.py (PyTorch on the same checkpoint)...");
             }
-            match run_torch(&args, &tokens, &file.device, &dir.join("torch.json")) {
-                Ok(f) => Some(f),
+            let run = crate::commands::timed("PyTorch peer", || {
+                run_torch(&args, &tokens, &file.device, &dir.join("torch.json"))
+            });
+            match run {
+                Ok(f) => {
+                    detail!("read: {}", dir.join("torch.json").display());
+                    Some(f)
+                }
                 Err(why) => {
                     let note = format!("skipped the PyTorch comparison: {why}");
-                    eprintln!("note: {note}");
+                    notice!("note: {note}");
                     notes.push(note);
                     None
                 }
@@ -322,9 +378,11 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         (_, f) => f,
     };
     let mut regressed = Vec::new();
+    let threshold = args.threshold / 100.0;
+    let mut noise = verdict::noisy(&file, None, threshold);
     if let Some((name, base)) = &baseline {
-        let threshold = args.threshold / 100.0;
         let verdicts = verdict::compare(&file, base, threshold);
+        noise = verdict::noisy(&file, Some(&verdicts), threshold);
         regressed = verdicts
             .iter()
             .filter(|v| v.status == verdict::Status::Regressed)
@@ -342,16 +400,26 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         let line = format!("moe-layer {c}");
         println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
+    for n in &noise {
+        notice!(
+            "warning: {} is noisy: the 95% interval of its {} ({:+.1}% to {:+.1}%) is wider than the {}% threshold, so a change of that size cannot be told from noise; measure longer (--time, --sample-size) or on a quieter machine",
+            n.name,
+            if n.of_change { "change" } else { "mean time" },
+            n.low * 100.0,
+            n.high * 100.0,
+            args.threshold
+        );
+    }
     if let Some(dir) = &args.out {
         let path = report::write(dir, &file, peer.as_ref(), &notes)?;
-        eprintln!("wrote {} (with bench.json and SVG figures)", path.display());
+        notice!("wrote {} (with bench.json and SVG figures)", path.display());
     }
     if let Some(name) = &args.save_baseline {
-        let path = baseline_path(name, &args.baseline_dir);
+        let path = baseline_path(name, &baseline_dir);
         let mut saved = file.clone();
         saved.baseline = None;
         saved.write(&path)?;
-        eprintln!("saved baseline `{name}` to {}", path.display());
+        notice!("saved baseline `{name}` to {}", path.display());
     }
     if !regressed.is_empty() {
         eprintln!(

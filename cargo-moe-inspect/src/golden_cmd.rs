@@ -239,7 +239,10 @@ fn record(t: &Target, sel: Selection, tol: Tolerances, device: &str) -> Result<S
             tolerances: tol,
             keep_router_probs: false,
         },
-        &progress_bar(),
+        &crate::commands::golden_progress(
+            &t.name,
+            prompts.as_ref().map_or(0, |_| model.info.num_layers),
+        ),
     )
 }
 
@@ -269,7 +272,7 @@ pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
         let snap = record(&t, sel, tol, &args.model.device)?;
         snap.write(&path)?;
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        eprintln!(
+        notice!(
             "wrote {} ({}): {} MoE layers{}",
             path.display(),
             human_size(size),
@@ -310,7 +313,7 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
             )?;
             let snap = record(&t, sel, tol, &sargs.model.device)?;
             snap.write(&path)?;
-            eprintln!("{}: no golden file; recorded {}", t.name, path.display());
+            notice!("{}: no golden file; recorded {}", t.name, path.display());
             continue;
         }
         let gold = Snapshot::read(&path)?;
@@ -348,27 +351,27 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
             match update {
                 pending::UpdateMode::Always => {
                     now.write(&path)?;
-                    eprintln!("{}: drift accepted; wrote {}", t.name, path.display());
+                    notice!("{}: drift accepted; wrote {}", t.name, path.display());
                 }
                 pending::UpdateMode::New => {
                     let new = pending::pending_path(&dir, &t.name);
                     now.write(&new)?;
-                    eprintln!(
+                    notice!(
                         "wrote {}: review it with `cargo moe-inspect review`",
                         new.display()
                     );
                 }
                 pending::UpdateMode::No if pending::on_ci() => {
-                    eprintln!("{}: drift; on CI no pending snapshot is written", t.name)
+                    notice!("{}: drift; on CI no pending snapshot is written", t.name)
                 }
-                pending::UpdateMode::No => eprintln!(
+                pending::UpdateMode::No => notice!(
                     "{}: drift; no pending snapshot written ({}=no)",
                     t.name,
                     pending::UPDATE_VAR
                 ),
             }
         } else if let Some(stale) = pending::remove_stale(&dir, &t.name)? {
-            eprintln!(
+            notice!(
                 "removed {}: the check passes, so that pending snapshot is stale",
                 stale.display()
             );
@@ -450,7 +453,7 @@ fn pending_list(args: &GoldenDirArgs) -> Result<(PathBuf, Vec<pending::Pending>)
     let dir = golden_dir(args, s.as_ref());
     let list = pending::list(&dir, args.name.as_deref())?;
     if list.is_empty() {
-        eprintln!("no pending snapshots in {}", dir.display());
+        notice!("no pending snapshots in {}", dir.display());
     }
     Ok((dir, list))
 }
@@ -459,7 +462,7 @@ pub fn accept(args: PendingArgs) -> Result<u8> {
     let (_, list) = pending_list(&args.golden())?;
     for p in list {
         pending::accept(&p)?;
-        eprintln!("accepted {} → {}", p.new.display(), p.golden.display());
+        notice!("accepted {} → {}", p.new.display(), p.golden.display());
     }
     Ok(0)
 }
@@ -468,7 +471,7 @@ pub fn reject(args: PendingArgs) -> Result<u8> {
     let (_, list) = pending_list(&args.golden())?;
     for p in list {
         pending::reject(&p)?;
-        eprintln!("rejected {}", p.new.display());
+        notice!("rejected {}", p.new.display());
     }
     Ok(0)
 }

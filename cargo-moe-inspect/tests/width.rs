@@ -78,9 +78,15 @@ fn bench_table_fits_80_columns() {
     let with_baseline = run_in(
         dir.path(),
         "80",
-        &["bench", "--load-baseline", fixture, "--baseline", fixture],
+        &[
+            "bench",
+            "--load-baseline",
+            fixture,
+            "--compare-baseline",
+            fixture,
+        ],
     );
-    assert_fits("bench --baseline", &with_baseline, 80);
+    assert_fits("bench --compare-baseline", &with_baseline, 80);
     insta::assert_snapshot!("bench_80", out);
 }
 
