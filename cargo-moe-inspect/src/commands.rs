@@ -629,3 +629,123 @@ fn init(manifest: &Path) -> Result<u8> {
     );
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A terminal that records what is drawn on it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<Vec<String>>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            if !s.trim().is_empty() {
+                self.0.lock().unwrap().push(s.to_string());
+            }
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn bar_on(screen: &Screen, name: &str, forward_layers: usize) -> Bar {
+        Bar::new(
+            name,
+            forward_layers,
+            Some(ProgressDrawTarget::term_like_with_hz(
+                Box::new(screen.clone()),
+                200,
+            )),
+        )
+    }
+
+    #[test]
+    fn nothing_is_drawn_before_the_length_is_known() {
+        let screen = Screen::default();
+        let bar = bar_on(&screen, "", 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(screen.0.lock().unwrap().is_empty(), "{:?}", screen.0);
+        bar.start(3);
+        bar.layer_done(0);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!((b.position(), b.length()), (1, Some(3)));
+        let frames = screen.0.lock().unwrap().clone();
+        assert!(!frames.is_empty());
+        assert!(frames.iter().all(|f| !f.contains("0/0")), "{frames:?}");
+        assert!(frames[0].contains("/3 layers"), "{frames:?}");
+    }
+
+    #[test]
+    fn a_golden_run_names_the_model_and_counts_each_phase_on_its_own() {
+        // A 4-layer model with 4 MoE layers: 4 static steps, then 4 forward.
+        let screen = Screen::default();
+        let bar = bar_on(&screen, "mixtral", 4);
+        bar.start(8);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!(b.length(), Some(4));
+        assert_eq!(b.prefix(), "mixtral: static analyses ");
+        for layer in 0..4 {
+            bar.layer_done(layer);
+        }
+        assert_eq!((b.position(), b.length()), (4, Some(4)));
+        bar.layer_done(0);
+        assert_eq!(b.prefix(), "mixtral: forward pass ");
+        assert_eq!((b.position(), b.length()), (1, Some(4)));
+        for layer in 1..4 {
+            bar.layer_done(layer);
+        }
+        assert_eq!((b.position(), b.length()), (4, Some(4)));
+        let frames = screen.0.lock().unwrap().clone();
+        assert!(frames.iter().all(|f| !f.contains("/8")), "{frames:?}");
+        assert!(
+            frames[0].starts_with("mixtral: static analyses"),
+            "{frames:?}"
+        );
+
+        // Forward only (routing snapshots): one phase, the model's layers.
+        let bar = bar_on(&Screen::default(), "demo", 6);
+        bar.start(6);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!(
+            (b.prefix().as_str(), b.length()),
+            ("demo: forward pass ", Some(6))
+        );
+        // Static only: no forward layers, the model's name alone.
+        let bar = bar_on(&Screen::default(), "demo", 0);
+        bar.start(5);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!((b.prefix().as_str(), b.length()), ("demo ", Some(5)));
+    }
+
+    #[test]
+    fn quiet_draws_no_bar() {
+        VERBOSITY.store(0, Ordering::Relaxed);
+        assert!(!interactive());
+        assert!(progress_bar().bar.is_none());
+        VERBOSITY.store(1, Ordering::Relaxed);
+    }
+}

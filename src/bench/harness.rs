@@ -271,6 +271,45 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_size_is_exact_and_the_warm_up_runs_its_time() {
+        // Exactly 7 samples, both for slow calls (more than the quick
+        // budget's target) and fast ones (more than its 5-sample maximum).
+        let warm = Duration::from_millis(15);
+        for sleep_us in [0u64, 5_000] {
+            let budget = Budget {
+                warm_up: warm,
+                ..Budget::quick().with_sample_size(7)
+            };
+            let mut calls: Vec<Instant> = Vec::new();
+            let m = measure(&Device::Cpu, &budget, || {
+                calls.push(Instant::now());
+                std::thread::sleep(Duration::from_micros(sleep_us));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(m.samples.len(), 7, "sleep {sleep_us} µs");
+            assert!(m.samples.iter().all(|s| s.is_finite() && *s > 0.0));
+            let sampled = m.samples.len() * m.iters_per_sample;
+            assert!(calls.len() > sampled, "at least one warm-up call");
+            let warm_calls = calls.len() - sampled;
+            // Sampling starts only once the warm-up time has passed (less
+            // the instant between the warm-up's clock start and first call).
+            assert!(
+                calls[warm_calls] - calls[0] >= warm - Duration::from_millis(1),
+                "sampling began {:?} after the first call",
+                calls[warm_calls] - calls[0]
+            );
+        }
+        let ms = measure_interleaved(
+            &Device::Cpu,
+            &Budget::quick().with_sample_size(9),
+            &mut [&mut || Ok(()), &mut || Ok(())],
+        )
+        .unwrap();
+        assert!(ms.iter().all(|m| m.samples.len() == 9));
+    }
+
+    #[test]
     fn interleaved_alternatives_get_the_same_number_of_samples() {
         let (mut a, mut b) = (0usize, 0usize);
         let ms = measure_interleaved(
