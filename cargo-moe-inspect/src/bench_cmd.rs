@@ -336,12 +336,6 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             f
         }
         None => {
-            if args.model.is_none() {
-                notice!(
-                    "benchmark data: {} (synthetic checkpoints; set MOE_INSPECT_BENCH_DIR to move it)",
-                    moe_inspect::bench::data_dir().display()
-                );
-            }
             let progress = bar(interactive);
             crate::commands::timed("benchmarks", || suite::run(&opts, &progress))?
         }
@@ -420,6 +414,13 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         saved.baseline = None;
         saved.write(&path)?;
         notice!("saved baseline `{name}` to {}", path.display());
+    }
+    let data = moe_inspect::bench::data_dir();
+    if args.load_baseline.is_none() && args.model.is_none() && data.is_dir() {
+        notice!(
+            "benchmark data: {} (synthetic checkpoints and baselines; MOE_INSPECT_BENCH_DIR moves it)",
+            data.display()
+        );
     }
     if !regressed.is_empty() {
         eprintln!(

@@ -28,12 +28,18 @@ pub struct Cli {
     pub color: ColorChoice,
 
     /// Print no progress bars or notices on stderr (errors still print).
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        display_order = 900
+    )]
     pub quiet: bool,
 
     /// Print more detail on stderr: the files read and written, and the
     /// time each phase took.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, display_order = 901)]
     pub verbose: bool,
 
     #[command(subcommand)]
@@ -156,7 +162,8 @@ pub struct CheckArgs {
     #[arg(long, value_enum, default_value = "table")]
     pub format: CheckFormat,
 
-    /// Show every check in the table, not only those beyond tolerance.
+    /// Show every check in the table, not only those beyond tolerance
+    /// (table only; json and junit always hold every check).
     #[arg(long)]
     pub all: bool,
 
@@ -236,7 +243,8 @@ pub struct DiffArgs {
     #[arg(long, value_enum, default_value = "table")]
     pub format: CheckFormat,
 
-    /// Show every metric, not only those beyond tolerance.
+    /// Show every metric in the table, not only those beyond tolerance
+    /// (table only; json and junit always hold every metric).
     #[arg(long)]
     pub all: bool,
 }
