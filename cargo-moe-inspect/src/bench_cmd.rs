@@ -394,7 +394,9 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         let line = format!("moe-layer {c}");
         println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
-    for n in &noise {
+    // `--quick` (tests, smoke runs) takes a handful of tiny samples: noise
+    // is expected there and not worth a warning.
+    for n in noise.iter().filter(|_| !args.quick) {
         notice!(
             "warning: {} is noisy: the 95% interval of its {} ({:+.1}% to {:+.1}%) is wider than the {}% threshold, so a change of that size cannot be told from noise; measure longer (--time, --sample-size) or on a quieter machine",
             n.name,
