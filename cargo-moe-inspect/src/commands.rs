@@ -333,6 +333,9 @@ pub(crate) struct Bar {
     /// The phases of this run (name, layers) and the current one.
     phases: Cell<Option<Vec<(&'static str, usize)>>>,
     phase: Cell<usize>,
+    /// Layers done in the current phase, and when it began.
+    done: Cell<usize>,
+    since: Cell<Option<Instant>>,
 }
 
 impl Bar {
@@ -353,11 +356,13 @@ impl Bar {
             target: Cell::new(target),
             phases: Cell::new(None),
             phase: Cell::new(0),
+            done: Cell::new(0),
+            since: Cell::new(None),
         }
     }
 
-    fn enter(&self, b: &ProgressBar, phases: &[(&'static str, usize)], i: usize) {
-        let (name, len) = phases[i];
+    /// Shows phase `i` on the bar, from 0.
+    fn show(&self, b: &ProgressBar, (name, len): (&'static str, usize)) {
         let prefix = match (self.label.is_empty(), name.is_empty()) {
             (true, true) => String::new(),
             (true, false) => format!("{name} "),
@@ -368,13 +373,25 @@ impl Bar {
         b.set_message("");
         b.set_length(len as u64);
         b.set_position(0);
-        self.phase.set(i);
+    }
+
+    /// With `--verbose`, the time of the phase that just ended (golden runs).
+    fn time_phase(&self, name: &str) {
+        if let Some(t) = self.since.take() {
+            if !self.label.is_empty() {
+                let name = if name.is_empty() { "layers" } else { name };
+                detail!(
+                    "time: {}: {name}: {:.3} s",
+                    self.label,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
     }
 }
 
 impl Progress for Bar {
     fn start(&self, total: usize) {
-        let Some(b) = &self.bar else { return };
         let f = self.forward_layers;
         // A golden run counts static layers, then forward layers, in one total.
         let phases: Vec<(&'static str, usize)> = if f == 0 {
@@ -386,25 +403,45 @@ impl Progress for Bar {
         } else {
             vec![("", total)]
         };
-        b.reset();
-        self.enter(b, &phases, 0);
-        self.phases.set(Some(phases));
-        if let Some(t) = self.target.take() {
-            b.set_draw_target(t);
+        self.phase.set(0);
+        self.done.set(0);
+        self.since.set(Some(Instant::now()));
+        if let Some(b) = &self.bar {
+            b.reset();
+            self.show(b, phases[0]);
+            if let Some(t) = self.target.take() {
+                b.set_draw_target(t);
+            }
         }
+        self.phases.set(Some(phases));
     }
     fn layer_done(&self, layer: usize) {
-        let Some(b) = &self.bar else { return };
         let phases = self.phases.take().unwrap_or_default();
         let i = self.phase.get();
-        if b.length().is_some_and(|len| b.position() >= len) && i + 1 < phases.len() {
-            self.enter(b, &phases, i + 1);
+        if let Some(&(name, len)) = phases.get(i) {
+            if self.done.get() >= len && i + 1 < phases.len() {
+                self.time_phase(name);
+                self.phase.set(i + 1);
+                self.done.set(0);
+                self.since.set(Some(Instant::now()));
+                if let Some(b) = &self.bar {
+                    self.show(b, phases[i + 1]);
+                }
+            }
         }
         self.phases.set(Some(phases));
-        b.set_message(format!("layer {layer}"));
-        b.inc(1);
+        self.done.set(self.done.get() + 1);
+        if let Some(b) = &self.bar {
+            b.set_message(format!("layer {layer}"));
+            b.inc(1);
+        }
     }
     fn finish(&self) {
+        let phases = self.phases.take().unwrap_or_default();
+        if let Some(&(name, _)) = phases.get(self.phase.get()) {
+            self.time_phase(name);
+        }
+        self.phases.set(Some(phases));
         if let Some(b) = &self.bar {
             b.set_position(b.length().unwrap_or(0));
         }
