@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::Cell;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_inspect::bench::harness::Budget;
 use moe_inspect::bench::schema::{BaselineComparison, BenchFile};
 use moe_inspect::bench::suite::{self, SuiteOptions};
@@ -18,55 +20,80 @@ use moe_inspect::{forward, Error, Result};
 
 use crate::cli::{BenchArgs, BenchDtype};
 
-/// Progress on stderr: a bar on a terminal, nothing otherwise.
-struct BenchBar(Option<ProgressBar>);
+/// Progress on stderr: a bar on a terminal, nothing otherwise. Before the
+/// number of benchmarks is known (the peak probes) it is a spinner with the
+/// set-up step, never a "0/0" bar.
+struct BenchBar {
+    bar: Option<ProgressBar>,
+    /// Where to draw, until the first frame.
+    target: Cell<Option<ProgressDrawTarget>>,
+}
+
+impl BenchBar {
+    fn new(target: Option<ProgressDrawTarget>) -> BenchBar {
+        let bar = target.is_some().then(|| {
+            let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+                b.set_style(style);
+            }
+            b
+        });
+        BenchBar {
+            bar,
+            target: Cell::new(target),
+        }
+    }
+
+    fn draw(&self, b: &ProgressBar) {
+        if let Some(t) = self.target.take() {
+            b.set_draw_target(t);
+            b.enable_steady_tick(Duration::from_millis(200));
+        }
+    }
+}
 
 impl suite::Progress for BenchBar {
     fn start(&self, total: usize) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:30} {pos}/{len} benchmarks [{elapsed}] {msg}")
+            {
+                b.set_style(style);
+            }
             b.set_length(total as u64);
             b.set_position(0);
-            // Drawn from here on: never a "0/0" frame before the length is known.
-            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            b.set_message("");
+            self.draw(b);
         }
     }
     fn begin(&self, name: &str) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.set_message(name.to_string());
         }
     }
     fn done(&self) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.inc(1);
         }
     }
     fn note(&self, message: &str) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.set_message(message.to_string());
+            self.draw(b);
         }
     }
 }
 
 impl Drop for BenchBar {
     fn drop(&mut self) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
     }
 }
 
 fn bar(interactive: bool) -> BenchBar {
-    if !interactive {
-        return BenchBar(None);
-    }
-    let b = ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:30} {pos}/{len} benchmarks [{elapsed}] {msg}")
-    {
-        b.set_style(style);
-    }
-    b.enable_steady_tick(Duration::from_millis(200));
-    BenchBar(Some(b))
+    BenchBar::new(interactive.then(ProgressDrawTarget::stderr))
 }
 
 fn parse_tokens(spec: &str) -> Result<Vec<usize>> {
@@ -439,6 +466,44 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bar_is_a_spinner_until_the_count_is_known() {
+        use suite::Progress;
+        let screen = crate::commands::tests::Screen::default();
+        let bar = BenchBar::new(Some(ProgressDrawTarget::term_like_with_hz(
+            Box::new(screen.clone()),
+            200,
+        )));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(screen.frames().is_empty());
+        bar.note("measuring peaks");
+        // The spinner's ticker draws it (on a loaded machine, give it time).
+        for _ in 0..400 {
+            if !screen.frames().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bar.start(3);
+        bar.begin("cpu/routing/x");
+        bar.done();
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!((b.position(), b.length()), (1, Some(3)));
+        let frames = screen.frames();
+        assert!(frames[0].contains("measuring peaks"), "{frames:?}");
+        assert!(frames.iter().all(|f| !f.contains("0/0")), "{frames:?}");
+        assert!(
+            frames.iter().any(|f| f.contains("/3 benchmarks")),
+            "{frames:?}"
+        );
+        // Off a terminal: nothing at all.
+        assert!(bar_off().bar.is_none());
+    }
+
+    fn bar_off() -> BenchBar {
+        bar(false)
+    }
 
     #[test]
     fn token_lists() {

@@ -668,13 +668,20 @@ fn init(manifest: &Path) -> Result<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
 
     /// A terminal that records what is drawn on it.
     #[derive(Debug, Clone, Default)]
-    struct Screen(Arc<Mutex<Vec<String>>>);
+    pub(crate) struct Screen(Arc<Mutex<Vec<String>>>);
+
+    impl Screen {
+        /// The frames drawn so far.
+        pub(crate) fn frames(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
 
     impl indicatif::TermLike for Screen {
         fn width(&self) -> u16 {
