@@ -153,7 +153,10 @@ fn verbose_names_the_files_read_and_times_each_phase() {
     // A golden check times each phase of each model.
     let r = run(&["-v", "check", "--name", "demo"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    for phase in ["time: demo: static analyses: ", "time: demo: forward pass: "] {
+    for phase in [
+        "time: demo: static analyses: ",
+        "time: demo: forward pass: ",
+    ] {
         assert!(r.stderr.contains(phase), "{phase:?} not in {}", r.stderr);
     }
 
