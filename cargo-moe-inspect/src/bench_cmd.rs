@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::Cell;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_inspect::bench::harness::Budget;
 use moe_inspect::bench::schema::{BaselineComparison, BenchFile};
 use moe_inspect::bench::suite::{self, SuiteOptions};
@@ -18,53 +20,80 @@ use moe_inspect::{forward, Error, Result};
 
 use crate::cli::{BenchArgs, BenchDtype};
 
-/// Progress on stderr: a bar on a terminal, nothing otherwise.
-struct BenchBar(Option<ProgressBar>);
+/// Progress on stderr: a bar on a terminal, nothing otherwise. Before the
+/// number of benchmarks is known (the peak probes) it is a spinner with the
+/// set-up step, never a "0/0" bar.
+struct BenchBar {
+    bar: Option<ProgressBar>,
+    /// Where to draw, until the first frame.
+    target: Cell<Option<ProgressDrawTarget>>,
+}
+
+impl BenchBar {
+    fn new(target: Option<ProgressDrawTarget>) -> BenchBar {
+        let bar = target.is_some().then(|| {
+            let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+                b.set_style(style);
+            }
+            b
+        });
+        BenchBar {
+            bar,
+            target: Cell::new(target),
+        }
+    }
+
+    fn draw(&self, b: &ProgressBar) {
+        if let Some(t) = self.target.take() {
+            b.set_draw_target(t);
+            b.enable_steady_tick(Duration::from_millis(200));
+        }
+    }
+}
 
 impl suite::Progress for BenchBar {
     fn start(&self, total: usize) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
+            if let Ok(style) =
+                ProgressStyle::with_template("{bar:30} {pos}/{len} benchmarks [{elapsed}] {msg}")
+            {
+                b.set_style(style);
+            }
             b.set_length(total as u64);
             b.set_position(0);
+            b.set_message("");
+            self.draw(b);
         }
     }
     fn begin(&self, name: &str) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.set_message(name.to_string());
         }
     }
     fn done(&self) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.inc(1);
         }
     }
     fn note(&self, message: &str) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.set_message(message.to_string());
+            self.draw(b);
         }
     }
 }
 
 impl Drop for BenchBar {
     fn drop(&mut self) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
     }
 }
 
 fn bar(interactive: bool) -> BenchBar {
-    if !interactive {
-        return BenchBar(None);
-    }
-    let b = ProgressBar::new(0);
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:30} {pos}/{len} benchmarks [{elapsed}] {msg}")
-    {
-        b.set_style(style);
-    }
-    b.enable_steady_tick(Duration::from_millis(200));
-    BenchBar(Some(b))
+    BenchBar::new(interactive.then(ProgressDrawTarget::stderr))
 }
 
 fn parse_tokens(spec: &str) -> Result<Vec<usize>> {
@@ -144,14 +173,30 @@ fn check_baseline_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// `benches/compare_torch.py`, from the working directory or this source tree.
-fn torch_script() -> Option<PathBuf> {
-    let local = PathBuf::from("benches/compare_torch.py");
-    if local.is_file() {
-        return Some(local);
+/// The built-in `compare_torch.py`, written to a file of its own for one run
+/// (removed when dropped).
+struct TorchScript(PathBuf);
+
+impl TorchScript {
+    fn write() -> std::result::Result<TorchScript, String> {
+        let path = std::env::temp_dir().join(format!(
+            "moe-inspect-compare_torch-{}.py",
+            std::process::id()
+        ));
+        moe_inspect::atomic_write::write_atomic(
+            &path,
+            moe_inspect::bench::COMPARE_TORCH_PY.as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        detail!("wrote: {} (the built-in compare_torch.py)", path.display());
+        Ok(TorchScript(path))
     }
-    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/compare_torch.py");
-    tree.is_file().then_some(tree)
+}
+
+impl Drop for TorchScript {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Runs `compare_torch.py` on the same checkpoint and token counts; `Err` is a note.
@@ -161,7 +206,6 @@ fn run_torch(
     device: &str,
     out: &Path,
 ) -> std::result::Result<BenchFile, String> {
-    let script = torch_script().ok_or("benches/compare_torch.py not found")?;
     let python = std::env::var("MOE_INSPECT_PYTHON").unwrap_or_else(|_| "python3".into());
     // Check for Python and PyTorch before writing any checkpoint for them.
     let probe = std::process::Command::new(&python)
@@ -178,8 +222,9 @@ fn run_torch(
         None => suite::scaled_mixtral_dir(dtype(args.dtype)).map_err(|e| e.to_string())?,
     };
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let script = TorchScript::write()?;
     let mut cmd = std::process::Command::new(&python);
-    cmd.arg(&script)
+    cmd.arg(&script.0)
         .arg(&model)
         .arg("--out")
         .arg(out)
@@ -207,7 +252,7 @@ fn run_torch(
     if !output.status.success() {
         let err = String::from_utf8_lossy(&output.stderr);
         let last = err.lines().last().unwrap_or("").trim().to_string();
-        return Err(format!("{python} {} failed: {last}", script.display()));
+        return Err(format!("{python} compare_torch.py failed: {last}"));
     }
     BenchFile::read(out).map_err(|e| e.to_string())
 }
@@ -222,6 +267,11 @@ fn dtype(d: BenchDtype) -> &'static str {
 
 /// Runs `bench`; returns the exit code (1 when a benchmark regressed).
 pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
+    if let Some(name) = &args.baseline {
+        return Err(Error::Usage(format!(
+            "bench --baseline was renamed: use `--compare-baseline {name}` (`--baseline` is diff's reference checkpoint)"
+        )));
+    }
     let device = forward::parse_device(&args.device)?;
     let tokens = parse_tokens(&args.tokens)?;
     if let Some(name) = &args.save_baseline {
@@ -239,18 +289,29 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             args.time
         )));
     }
+    let baseline_dir = args
+        .baseline_dir
+        .clone()
+        .unwrap_or_else(moe_inspect::bench::baselines_dir);
     // Read the baseline and peer file first: a typo should not cost a whole run.
     let baseline = args
-        .baseline
+        .compare_baseline
         .as_deref()
-        .map(|name| read_baseline(name, &args.baseline_dir).map(|f| (name, f)))
+        .map(|name| {
+            let f = read_baseline(name, &baseline_dir)?;
+            notice!(
+                "comparing with baseline `{name}` ({})",
+                baseline_path(name, &baseline_dir).display()
+            );
+            Ok::<_, Error>((name, f))
+        })
         .transpose()?;
     let mut notes = Vec::new();
     let peer_file = match args.peer.as_deref() {
         None | Some("torch") => None,
         Some(path) => Some(BenchFile::read(Path::new(path))?),
     };
-    let budget = if args.quick {
+    let mut budget = if args.quick {
         Budget::quick()
     } else {
         Budget {
@@ -258,6 +319,12 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             ..Budget::default()
         }
     };
+    if let Some(n) = args.sample_size {
+        budget = budget.with_sample_size(n);
+    }
+    if let Some(w) = args.warm_up {
+        budget.warm_up = Duration::from_secs_f64(w);
+    }
     let opts = SuiteOptions {
         device,
         tokens: tokens.clone(),
@@ -287,13 +354,17 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
     }
     let mut file = match &args.load_baseline {
         Some(name) => {
-            let mut f = read_baseline(name, &args.baseline_dir)?;
+            let mut f = read_baseline(name, &baseline_dir)?;
+            notice!(
+                "loaded baseline `{name}` ({}) as this run",
+                baseline_path(name, &baseline_dir).display()
+            );
             f.baseline = None;
             f
         }
         None => {
             let progress = bar(interactive);
-            suite::run(&opts, &progress)?
+            crate::commands::timed("benchmarks", || suite::run(&opts, &progress))?
         }
     };
     let peer = match (args.peer.as_deref(), peer_file) {
@@ -301,19 +372,25 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             let dir = args
                 .out
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("target/moe-inspect-bench"));
+                .unwrap_or_else(moe_inspect::bench::data_dir);
             std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
                 path: dir.clone(),
                 source: e,
             })?;
             if interactive {
-                eprintln!("running benches/compare_torch.py (PyTorch on the same checkpoint)...");
+                eprintln!("running compare_torch.py (PyTorch on the same checkpoint)...");
             }
-            match run_torch(&args, &tokens, &file.device, &dir.join("torch.json")) {
-                Ok(f) => Some(f),
+            let run = crate::commands::timed("PyTorch peer", || {
+                run_torch(&args, &tokens, &file.device, &dir.join("torch.json"))
+            });
+            match run {
+                Ok(f) => {
+                    detail!("read: {}", dir.join("torch.json").display());
+                    Some(f)
+                }
                 Err(why) => {
                     let note = format!("skipped the PyTorch comparison: {why}");
-                    eprintln!("note: {note}");
+                    notice!("note: {note}");
                     notes.push(note);
                     None
                 }
@@ -322,9 +399,11 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         (_, f) => f,
     };
     let mut regressed = Vec::new();
+    let threshold = args.threshold / 100.0;
+    let mut noise = verdict::noisy(&file, None, threshold);
     if let Some((name, base)) = &baseline {
-        let threshold = args.threshold / 100.0;
         let verdicts = verdict::compare(&file, base, threshold);
+        noise = verdict::noisy(&file, Some(&verdicts), threshold);
         regressed = verdicts
             .iter()
             .filter(|v| v.status == verdict::Status::Regressed)
@@ -342,16 +421,35 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         let line = format!("moe-layer {c}");
         println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
+    // `--quick` (tests, smoke runs) takes a handful of tiny samples: noise
+    // is expected there and not worth a warning.
+    for n in noise.iter().filter(|_| !args.quick) {
+        notice!(
+            "warning: {} is noisy: the 95% interval of its {} ({:+.1}% to {:+.1}%) is wider than the {}% threshold, so a change of that size cannot be told from noise; measure longer (--time, --sample-size) or on a quieter machine",
+            n.name,
+            if n.of_change { "change" } else { "mean time" },
+            n.low * 100.0,
+            n.high * 100.0,
+            args.threshold
+        );
+    }
     if let Some(dir) = &args.out {
         let path = report::write(dir, &file, peer.as_ref(), &notes)?;
-        eprintln!("wrote {} (with bench.json and SVG figures)", path.display());
+        notice!("wrote {} (with bench.json and SVG figures)", path.display());
     }
     if let Some(name) = &args.save_baseline {
-        let path = baseline_path(name, &args.baseline_dir);
+        let path = baseline_path(name, &baseline_dir);
         let mut saved = file.clone();
         saved.baseline = None;
         saved.write(&path)?;
-        eprintln!("saved baseline `{name}` to {}", path.display());
+        notice!("saved baseline `{name}` to {}", path.display());
+    }
+    let data = moe_inspect::bench::data_dir();
+    if args.load_baseline.is_none() && args.model.is_none() && data.is_dir() {
+        notice!(
+            "benchmark data: {} (synthetic checkpoints and baselines; MOE_INSPECT_BENCH_DIR moves it)",
+            data.display()
+        );
     }
     if !regressed.is_empty() {
         eprintln!(
@@ -368,6 +466,44 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bar_is_a_spinner_until_the_count_is_known() {
+        use suite::Progress;
+        let screen = crate::commands::tests::Screen::default();
+        let bar = BenchBar::new(Some(ProgressDrawTarget::term_like_with_hz(
+            Box::new(screen.clone()),
+            200,
+        )));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(screen.frames().is_empty());
+        bar.note("measuring peaks");
+        // The spinner's ticker draws it (on a loaded machine, give it time).
+        for _ in 0..400 {
+            if !screen.frames().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bar.start(3);
+        bar.begin("cpu/routing/x");
+        bar.done();
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!((b.position(), b.length()), (1, Some(3)));
+        let frames = screen.frames();
+        assert!(frames[0].contains("measuring peaks"), "{frames:?}");
+        assert!(frames.iter().all(|f| !f.contains("0/0")), "{frames:?}");
+        assert!(
+            frames.iter().any(|f| f.contains("/3 benchmarks")),
+            "{frames:?}"
+        );
+        // Off a terminal: nothing at all.
+        assert!(bar_off().bar.is_none());
+    }
+
+    fn bar_off() -> BenchBar {
+        bar(false)
+    }
 
     #[test]
     fn token_lists() {

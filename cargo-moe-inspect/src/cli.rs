@@ -27,6 +27,21 @@ pub struct Cli {
     )]
     pub color: ColorChoice,
 
+    /// Print no progress bars or notices on stderr (errors still print).
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        display_order = 900
+    )]
+    pub quiet: bool,
+
+    /// Print more detail on stderr: the files read and written, and the
+    /// time each phase took.
+    #[arg(short, long, global = true, display_order = 901)]
+    pub verbose: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -147,7 +162,8 @@ pub struct CheckArgs {
     #[arg(long, value_enum, default_value = "table")]
     pub format: CheckFormat,
 
-    /// Show every check in the table, not only those beyond tolerance.
+    /// Show every check in the table, not only those beyond tolerance
+    /// (table only; json and junit always hold every check).
     #[arg(long)]
     pub all: bool,
 
@@ -227,7 +243,8 @@ pub struct DiffArgs {
     #[arg(long, value_enum, default_value = "table")]
     pub format: CheckFormat,
 
-    /// Show every metric, not only those beyond tolerance.
+    /// Show every metric in the table, not only those beyond tolerance
+    /// (table only; json and junit always hold every metric).
     #[arg(long)]
     pub all: bool,
 }
@@ -254,8 +271,12 @@ pub struct TraceArgs {
     pub prompts: PromptArgs,
 
     /// Output safetensors file.
-    #[arg(long, value_name = "FILE")]
-    pub out: PathBuf,
+    #[arg(short, long, value_name = "FILE", required_unless_present = "out")]
+    pub output: Option<PathBuf>,
+
+    /// Renamed to `--output FILE` (`--out` names a directory elsewhere).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub out: Option<PathBuf>,
 
     /// Also store the final logits `[tokens, vocab]`.
     #[arg(long)]
@@ -319,19 +340,22 @@ pub struct AnalyzeArgs {
     #[arg(long, value_enum, default_value = "table")]
     pub format: OutputFormat,
 
-    /// Markdown: one colour scale for all heatmaps of an analysis (across layers).
+    /// Markdown: one colour scale for all heatmaps of an analysis (across
+    /// layers); refused with the other formats.
     #[arg(long)]
     pub shared_scale: bool,
 
     /// Table: print every expert × expert similarity matrix in full. By
     /// default, beyond 12 experts, 4 layers or the terminal width
     /// (`COLUMNS`), each layer is summarised: mean off-diagonal similarity
-    /// and the 3 most and least similar expert pairs.
+    /// and the 3 most and least similar expert pairs. Refused with the other
+    /// formats (they always hold the full matrices).
     #[arg(long)]
     pub full: bool,
 
-    /// Directory for report files (report.json / report.md and SVG figures).
-    /// Markdown defaults to `moe-inspect-report/`.
+    /// Directory for report files: report.json (json) or report.md and SVG
+    /// figures (markdown, default `moe-inspect-report/`). The table format
+    /// writes no files and refuses it.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
@@ -382,6 +406,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1.5, value_name = "SECS", value_parser = seconds)]
     pub time: f64,
 
+    /// Samples per benchmark (as criterion's --sample-size): exactly N,
+    /// however long they take; default: as many as --time allows, 5 to 30.
+    #[arg(long, value_name = "N", value_parser = sample_size)]
+    pub sample_size: Option<usize>,
+
+    /// Warm-up time per benchmark before sampling, in seconds (as
+    /// criterion's --warm-up-time); default: one call.
+    #[arg(long, value_name = "SECS", value_parser = seconds)]
+    pub warm_up: Option<f64>,
+
     /// Directory for report.md, bench.json and the SVG figures.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -392,21 +426,25 @@ pub struct BenchArgs {
 
     /// Measure nothing: take the results saved as baseline NAME (or a
     /// bench.json path) as this run's, e.g. to compare two saved runs with
-    /// --baseline (as criterion's --load-baseline).
+    /// --compare-baseline (as criterion's --load-baseline).
     #[arg(long, value_name = "NAME", conflicts_with = "save_baseline")]
     pub load_baseline: Option<String>,
 
-    /// Compare with baseline NAME (or a bench.json path); exit 1 on a regression.
+    /// Compare with baseline NAME (or a bench.json path); exit 1 on a
+    /// regression (criterion's --baseline; in this tool `--baseline` is
+    /// `diff`'s reference checkpoint).
     #[arg(long, value_name = "NAME")]
+    pub compare_baseline: Option<String>,
+
+    /// Renamed to `--compare-baseline NAME`.
+    #[arg(long, value_name = "NAME", hide = true)]
     pub baseline: Option<String>,
 
-    /// Where baselines are kept.
-    #[arg(
-        long,
-        value_name = "DIR",
-        default_value = "target/moe-inspect-bench/baselines"
-    )]
-    pub baseline_dir: PathBuf,
+    /// Where baselines are kept (default: `baselines/` in the benchmark data
+    /// directory: `$MOE_INSPECT_BENCH_DIR`, else `moe-inspect-bench/` in the
+    /// workspace's target directory, else the user cache directory).
+    #[arg(long, value_name = "DIR")]
+    pub baseline_dir: Option<PathBuf>,
 
     /// Noise threshold in percent: a regression needs the whole 95% interval
     /// of the change above it.
@@ -415,7 +453,8 @@ pub struct BenchArgs {
 
     /// Peer timings shown side by side: a bench.json-shaped FILE (from
     /// `benches/compare_torch.py --out FILE`), or `torch` to run that script
-    /// now (skipped with a note when Python or PyTorch is missing).
+    /// (built into this binary) now with `$MOE_INSPECT_PYTHON` or `python3`
+    /// (skipped with a note when Python or PyTorch is missing).
     #[arg(long, value_name = "FILE|torch")]
     pub peer: Option<String>,
 
@@ -460,6 +499,15 @@ fn percent(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("{v} is not a percentage between 0 and 1000"))
+    }
+}
+
+/// A sample count: an integer from 2 (an interval needs two) to 100000.
+fn sample_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (2..=100_000).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n} samples: expected 2 to 100000")),
+        Err(_) => Err(format!("`{s}` is not a whole number of samples")),
     }
 }
 

@@ -1,9 +1,12 @@
 //! Turns parsed arguments into library calls and output.
 
+use std::cell::Cell;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions, Progress};
 use moe_inspect::atomic_write;
 use moe_inspect::layers::LayerSelection;
@@ -13,28 +16,95 @@ use moe_inspect::{forward, input};
 use moe_inspect::{Error, Result};
 
 use crate::cli::{
-    AnalyzeArgs, Cli, ColorChoice, Command, ListFormat, ModelArgs, ModelsArgs, OutputFormat,
-    TraceArgs,
+    AnalyzeArgs, CheckFormat, Cli, ColorChoice, Command, ListFormat, ModelArgs, ModelsArgs,
+    OutputFormat, TraceArgs,
 };
+
+/// How much goes to stderr besides errors: 0 `--quiet`, 1 default, 2 `--verbose`.
+static VERBOSITY: AtomicU8 = AtomicU8::new(1);
+
+/// `--quiet`: no progress bars, no notices.
+pub fn quiet() -> bool {
+    VERBOSITY.load(Ordering::Relaxed) == 0
+}
+
+/// `--verbose`: files read and written, phase timings.
+pub fn verbose() -> bool {
+    VERBOSITY.load(Ordering::Relaxed) >= 2
+}
+
+/// Runs `f` as phase `what`; with `--verbose`, prints how long it took.
+pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    detail!("time: {what}: {:.3} s", t.elapsed().as_secs_f64());
+    out
+}
+
+/// `--flag` is only read by the table format: refused with the others
+/// instead of being silently ignored.
+fn table_only(flag: &str, given: bool, table: bool, format: &str) -> Result<()> {
+    if given && !table {
+        return Err(Error::Usage(format!(
+            "{flag} applies to the table only; --format {format} ignores it (drop {flag})"
+        )));
+    }
+    Ok(())
+}
+
+fn check_format_name(f: CheckFormat) -> &'static str {
+    match f {
+        CheckFormat::Table => "table",
+        CheckFormat::Json => "json",
+        CheckFormat::Junit => "junit",
+    }
+}
 
 /// Runs a command; the returned code is the process exit code.
 pub fn run(cli: Cli) -> Result<u8> {
+    VERBOSITY.store(
+        if cli.quiet {
+            0
+        } else if cli.verbose {
+            2
+        } else {
+            1
+        },
+        Ordering::Relaxed,
+    );
     let style = Styling {
         color: use_color(cli.color),
         width: terminal_width(),
         full: false,
     };
-    match cli.command {
+    let started = Instant::now();
+    let code = match cli.command {
         Command::Analyze(args) => analyze(args, style),
         Command::Models(args) => models(args),
         Command::Trace(args) => trace(args),
         Command::Snapshot(args) => crate::golden_cmd::snapshot(args),
-        Command::Check(args) => crate::golden_cmd::check(args, style.color),
+        Command::Check(args) => {
+            table_only(
+                "--all",
+                args.all,
+                args.format == CheckFormat::Table,
+                check_format_name(args.format),
+            )?;
+            crate::golden_cmd::check(args, style.color)
+        }
         Command::Pending(args) => crate::golden_cmd::pending(args),
         Command::Review(args) => crate::golden_cmd::review(args, style.color),
         Command::Accept(args) => crate::golden_cmd::accept(args),
         Command::Reject(args) => crate::golden_cmd::reject(args),
-        Command::Diff(args) => crate::golden_cmd::diff(args, style.color),
+        Command::Diff(args) => {
+            table_only(
+                "--all",
+                args.all,
+                args.format == CheckFormat::Table,
+                check_format_name(args.format),
+            )?;
+            crate::golden_cmd::diff(args, style.color)
+        }
         Command::Bench(args) => crate::bench_cmd::bench(args, interactive()),
         Command::Completions(args) => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -59,7 +129,9 @@ pub fn run(cli: Cli) -> Result<u8> {
                 .map_err(|e| Error::io("<stdout>", e))?;
             Ok(0)
         }
-    }
+    };
+    detail!("time: total: {:.3} s", started.elapsed().as_secs_f64());
+    code
 }
 
 fn use_color(choice: ColorChoice) -> bool {
@@ -94,16 +166,32 @@ pub fn terminal_width() -> Option<usize> {
     Some(80)
 }
 
-/// Whether to draw progress bars: only on a terminal, never on CI.
+/// Whether to draw progress bars: only on a terminal, never on CI or with
+/// `--quiet`.
 fn interactive() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("CI").is_none()
+    !quiet() && std::io::stderr().is_terminal() && std::env::var_os("CI").is_none()
 }
 
 fn open_model(args: &ModelArgs) -> Result<Model> {
     forward::parse_device(&args.device)?;
-    match &args.model {
-        Some(dir) => Model::open(dir),
-        None => Model::demo(),
+    timed("open model", || match &args.model {
+        Some(dir) => {
+            for f in checkpoint_files(dir).iter().filter(|f| f.is_file()) {
+                detail!("read: {}", f.display());
+            }
+            Model::open(dir)
+        }
+        None => {
+            detail!("read: the embedded demo model");
+            Model::demo()
+        }
+    })
+}
+
+/// With `--verbose`, names the prompt file a run reads.
+fn detail_prompts(p: &crate::cli::PromptArgs) {
+    for f in p.prompts.iter().chain(&p.token_ids) {
+        detail!("read: {}", f.display());
     }
 }
 
@@ -191,9 +279,19 @@ fn refuse_report_over_inputs(dir: &Path, inputs: &[PathBuf]) -> Result<()> {
 }
 
 fn trace(args: TraceArgs) -> Result<u8> {
+    if let Some(old) = &args.out {
+        return Err(Error::Usage(format!(
+            "trace --out was renamed: use `--output {}` (`--out` names a directory in analyze and bench)",
+            old.display()
+        )));
+    }
+    let output = args
+        .output
+        .clone()
+        .ok_or_else(|| Error::Usage("trace: --output FILE is required".into()))?;
     atomic_write::refuse_overwriting_input(
-        "--out",
-        &args.out,
+        "--output",
+        &output,
         &input_files(args.model.model.as_deref(), &args.prompts),
     )?;
     let device = forward::parse_device(&args.model.device)?;
@@ -205,17 +303,14 @@ fn trace(args: TraceArgs) -> Result<u8> {
             token_ids: args.prompts.token_ids.as_deref(),
         },
     )?;
+    detail_prompts(&args.prompts);
     let fwd = forward::Forward::new(&model, device)?;
-    let summary = moe_inspect::trace::trace(
-        &fwd,
-        &model.info.moe_layers,
-        &prompts,
-        args.logits,
-        &args.out,
-    )?;
-    eprintln!(
+    let summary = timed("forward pass and trace", || {
+        moe_inspect::trace::trace(&fwd, &model.info.moe_layers, &prompts, args.logits, &output)
+    })?;
+    notice!(
         "wrote {}: {} prompts, {} tokens, {} MoE layers",
-        args.out.display(),
+        output.display(),
         summary.prompts,
         summary.tokens,
         summary.moe_layers
@@ -223,23 +318,131 @@ fn trace(args: TraceArgs) -> Result<u8> {
     Ok(0)
 }
 
-pub(crate) struct Bar(Option<ProgressBar>);
+/// Progress over layers on stderr. The bar stays hidden until `start` gives
+/// its length (no "0/0" first frame), is named after the model, and counts
+/// each phase of a golden run on its own: first the static analyses over
+/// the MoE layers, then the forward pass over all layers of the model.
+pub(crate) struct Bar {
+    bar: Option<ProgressBar>,
+    /// Shown before the bar: the model's name, or empty.
+    label: String,
+    /// Layers of one forward pass (golden runs with prompts), else 0.
+    forward_layers: usize,
+    /// Where the bar draws once started.
+    target: Cell<Option<ProgressDrawTarget>>,
+    /// The phases of this run (name, layers) and the current one.
+    phases: Cell<Option<Vec<(&'static str, usize)>>>,
+    phase: Cell<usize>,
+    /// Layers done in the current phase, and when it began.
+    done: Cell<usize>,
+    since: Cell<Option<Instant>>,
+}
+
+impl Bar {
+    fn new(label: &str, forward_layers: usize, target: Option<ProgressDrawTarget>) -> Bar {
+        let bar = target.is_some().then(|| {
+            let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+            if let Ok(style) = ProgressStyle::with_template(
+                "{prefix}{bar:30} {pos}/{len} layers {msg} [{elapsed}]",
+            ) {
+                b.set_style(style);
+            }
+            b
+        });
+        Bar {
+            bar,
+            label: label.to_string(),
+            forward_layers,
+            target: Cell::new(target),
+            phases: Cell::new(None),
+            phase: Cell::new(0),
+            done: Cell::new(0),
+            since: Cell::new(None),
+        }
+    }
+
+    /// Shows phase `i` on the bar, from 0.
+    fn show(&self, b: &ProgressBar, (name, len): (&'static str, usize)) {
+        let prefix = match (self.label.is_empty(), name.is_empty()) {
+            (true, true) => String::new(),
+            (true, false) => format!("{name} "),
+            (false, true) => format!("{} ", self.label),
+            (false, false) => format!("{}: {name} ", self.label),
+        };
+        b.set_prefix(prefix);
+        b.set_message("");
+        b.set_length(len as u64);
+        b.set_position(0);
+    }
+
+    /// With `--verbose`, the time of the phase that just ended (golden runs).
+    fn time_phase(&self, name: &str) {
+        if let Some(t) = self.since.take() {
+            if !self.label.is_empty() {
+                let name = if name.is_empty() { "layers" } else { name };
+                detail!(
+                    "time: {}: {name}: {:.3} s",
+                    self.label,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+}
 
 impl Progress for Bar {
     fn start(&self, total: usize) {
-        if let Some(b) = &self.0 {
+        let f = self.forward_layers;
+        // A golden run counts static layers, then forward layers, in one total.
+        let phases: Vec<(&'static str, usize)> = if f == 0 {
+            vec![("", total)]
+        } else if total == f {
+            vec![("forward pass", f)]
+        } else if total > f {
+            vec![("static analyses", total - f), ("forward pass", f)]
+        } else {
+            vec![("", total)]
+        };
+        self.phase.set(0);
+        self.done.set(0);
+        self.since.set(Some(Instant::now()));
+        if let Some(b) = &self.bar {
             b.reset();
-            b.set_length(total as u64);
+            self.show(b, phases[0]);
+            if let Some(t) = self.target.take() {
+                b.set_draw_target(t);
+            }
         }
+        self.phases.set(Some(phases));
     }
     fn layer_done(&self, layer: usize) {
-        if let Some(b) = &self.0 {
+        let phases = self.phases.take().unwrap_or_default();
+        let i = self.phase.get();
+        if let Some(&(name, len)) = phases.get(i) {
+            if self.done.get() >= len && i + 1 < phases.len() {
+                self.time_phase(name);
+                self.phase.set(i + 1);
+                self.done.set(0);
+                self.since.set(Some(Instant::now()));
+                if let Some(b) = &self.bar {
+                    self.show(b, phases[i + 1]);
+                }
+            }
+        }
+        self.phases.set(Some(phases));
+        self.done.set(self.done.get() + 1);
+        if let Some(b) = &self.bar {
             b.set_message(format!("layer {layer}"));
             b.inc(1);
         }
     }
     fn finish(&self) {
-        if let Some(b) = &self.0 {
+        let phases = self.phases.take().unwrap_or_default();
+        if let Some(&(name, _)) = phases.get(self.phase.get()) {
+            self.time_phase(name);
+        }
+        self.phases.set(Some(phases));
+        if let Some(b) = &self.bar {
             b.set_position(b.length().unwrap_or(0));
         }
     }
@@ -247,25 +450,58 @@ impl Progress for Bar {
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        if let Some(b) = &self.0 {
+        if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
     }
 }
 
+/// A progress bar over layers (nothing unless stderr is a terminal).
 pub(crate) fn progress_bar() -> Bar {
-    if !interactive() {
-        return Bar(None);
+    golden_progress("", 0)
+}
+
+/// The progress bar of a golden snapshot of model `name`: its phases are
+/// named and each counts this model's own layers (`forward_layers`: the
+/// model's layer count when the snapshot runs the forward pass, else 0).
+pub(crate) fn golden_progress(name: &str, forward_layers: usize) -> Bar {
+    Bar::new(
+        name,
+        forward_layers,
+        interactive().then(ProgressDrawTarget::stderr),
+    )
+}
+
+/// Refuses the `analyze` flags its format would ignore.
+fn check_analyze_flags(args: &AnalyzeArgs) -> Result<()> {
+    let format = match args.format {
+        OutputFormat::Table => "table",
+        OutputFormat::Json => "json",
+        OutputFormat::Markdown => "markdown",
+    };
+    if args.format == OutputFormat::Table {
+        if let Some(dir) = &args.out {
+            return Err(Error::Usage(format!(
+                "--out {}: the table format writes no files; use --format json or --format markdown to write a report there",
+                dir.display()
+            )));
+        }
     }
-    let bar = ProgressBar::new(0);
-    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} layers {msg} [{elapsed}]")
-    {
-        bar.set_style(style);
+    if args.shared_scale && args.format != OutputFormat::Markdown {
+        return Err(Error::Usage(format!(
+            "--shared-scale applies to the markdown figures only; --format {format} ignores it (drop it, or use --format markdown)"
+        )));
     }
-    Bar(Some(bar))
+    table_only(
+        "--full",
+        args.full,
+        args.format == OutputFormat::Table,
+        format,
+    )
 }
 
 fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
+    check_analyze_flags(&args)?;
     let analyses = AnalysisKind::parse_selection(&args.analyses)?;
     let writes_to = match args.format {
         OutputFormat::Table => None,
@@ -297,13 +533,16 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     if let Some(sel) = &layers {
         let (_, skipped) = analysis::selected_layers(&model, Some(sel))?;
         if !skipped.is_empty() {
-            eprintln!(
+            notice!(
                 "note: skipping dense (non-MoE) layers {}",
                 moe_inspect::layers::format_list(&skipped)
             );
         }
     }
     let needs_forward = analyses.iter().any(|a| !a.is_static());
+    if needs_forward {
+        detail_prompts(&args.prompts);
+    }
     let prompts = if needs_forward {
         Some(input::resolve(
             args.model.model.as_deref(),
@@ -336,7 +575,7 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             _ => None,
         },
     };
-    let mut report = analysis::run(&model, &opts, &progress_bar())?;
+    let mut report = timed("analyses", || analysis::run(&model, &opts, &progress_bar()))?;
     if let Some(p) = &prompts {
         if let Ok(tok) = input::tokenizer(args.model.model.as_deref()) {
             report.maps.token_ids = p.ids.first().cloned().unwrap_or_default();
@@ -360,7 +599,7 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
                 std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
                 let path = dir.join("report.json");
                 atomic_write::write_atomic(&path, json.as_bytes())?;
-                eprintln!("wrote {}", path.display());
+                notice!("wrote {}", path.display());
             }
             println!("{json}");
         }
@@ -372,8 +611,10 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
                 shared_scale: args.shared_scale,
                 command_line: std::env::args().collect::<Vec<_>>().join(" "),
             };
-            let path = report::markdown::write(&report, &dir, &md)?;
-            eprintln!("wrote {} (with SVG figures)", path.display());
+            let path = timed("report and figures", || {
+                report::markdown::write(&report, &dir, &md)
+            })?;
+            notice!("wrote {} (with SVG figures)", path.display());
         }
     }
     Ok(0)
@@ -418,10 +659,137 @@ fn init(manifest: &Path) -> Result<u8> {
     }
     out.push_str(&moe_inspect::golden::config::init_block(workspace));
     atomic_write::write_atomic(manifest, out.as_bytes())?;
-    eprintln!(
+    notice!(
         "added [{}.metadata.moe-inspect] to {}: uncomment what you need, then `cargo moe-inspect snapshot`",
         if workspace { "workspace" } else { "package" },
         manifest.display()
     );
     Ok(0)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A terminal that records what is drawn on it.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Screen(Arc<Mutex<Vec<String>>>);
+
+    impl Screen {
+        /// The frames drawn so far.
+        pub(crate) fn frames(&self) -> Vec<String> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            if !s.trim().is_empty() {
+                self.0.lock().unwrap().push(s.to_string());
+            }
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn bar_on(screen: &Screen, name: &str, forward_layers: usize) -> Bar {
+        Bar::new(
+            name,
+            forward_layers,
+            Some(ProgressDrawTarget::term_like_with_hz(
+                Box::new(screen.clone()),
+                200,
+            )),
+        )
+    }
+
+    #[test]
+    fn nothing_is_drawn_before_the_length_is_known() {
+        let screen = Screen::default();
+        let bar = bar_on(&screen, "", 0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(screen.0.lock().unwrap().is_empty(), "{:?}", screen.0);
+        bar.start(3);
+        bar.layer_done(0);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!((b.position(), b.length()), (1, Some(3)));
+        let frames = screen.0.lock().unwrap().clone();
+        assert!(!frames.is_empty());
+        assert!(frames.iter().all(|f| !f.contains("0/0")), "{frames:?}");
+        assert!(frames[0].contains("/3 layers"), "{frames:?}");
+    }
+
+    #[test]
+    fn a_golden_run_names_the_model_and_counts_each_phase_on_its_own() {
+        // A 4-layer model with 4 MoE layers: 4 static steps, then 4 forward.
+        let screen = Screen::default();
+        let bar = bar_on(&screen, "mixtral", 4);
+        bar.start(8);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!(b.length(), Some(4));
+        assert_eq!(b.prefix(), "mixtral: static analyses ");
+        for layer in 0..4 {
+            bar.layer_done(layer);
+        }
+        assert_eq!((b.position(), b.length()), (4, Some(4)));
+        bar.layer_done(0);
+        assert_eq!(b.prefix(), "mixtral: forward pass ");
+        assert_eq!((b.position(), b.length()), (1, Some(4)));
+        for layer in 1..4 {
+            bar.layer_done(layer);
+        }
+        assert_eq!((b.position(), b.length()), (4, Some(4)));
+        let frames = screen.0.lock().unwrap().clone();
+        assert!(frames.iter().all(|f| !f.contains("/8")), "{frames:?}");
+        assert!(
+            frames[0].starts_with("mixtral: static analyses"),
+            "{frames:?}"
+        );
+
+        // Forward only (routing snapshots): one phase, the model's layers.
+        let bar = bar_on(&Screen::default(), "demo", 6);
+        bar.start(6);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!(
+            (b.prefix().as_str(), b.length()),
+            ("demo: forward pass ", Some(6))
+        );
+        // Static only: no forward layers, the model's name alone.
+        let bar = bar_on(&Screen::default(), "demo", 0);
+        bar.start(5);
+        let b = bar.bar.as_ref().unwrap();
+        assert_eq!((b.prefix().as_str(), b.length()), ("demo ", Some(5)));
+    }
+
+    #[test]
+    fn quiet_draws_no_bar() {
+        VERBOSITY.store(0, Ordering::Relaxed);
+        assert!(!interactive());
+        assert!(progress_bar().bar.is_none());
+        VERBOSITY.store(1, Ordering::Relaxed);
+    }
 }

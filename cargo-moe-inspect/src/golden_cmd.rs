@@ -84,15 +84,15 @@ fn plan(req: &Request) -> Result<golden::Plan> {
     })
 }
 
-fn bar_for(_: &Target) -> Box<dyn Progress> {
-    Box::new(progress_bar())
+fn bar_for(t: &Target, forward_layers: usize) -> Box<dyn Progress> {
+    Box::new(crate::commands::golden_progress(&t.name, forward_layers))
 }
 
 pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
     let plan = plan(&request(&args)?)?;
     golden::snapshot(&plan, &bar_for, &mut |r| {
         let size = std::fs::metadata(&r.path).map(|m| m.len()).unwrap_or(0);
-        eprintln!(
+        notice!(
             "wrote {} ({}): {} MoE layers{}",
             r.path.display(),
             human_size(size),
@@ -134,7 +134,7 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
 fn render_model(o: &ModelOutcome, args: &CheckArgs, color: bool) {
     let (cmp, action) = match o {
         ModelOutcome::Recorded { name, path } => {
-            eprintln!("{name}: no golden file; recorded {}", path.display());
+            notice!("{name}: no golden file; recorded {}", path.display());
             return;
         }
         ModelOutcome::Compared {
@@ -156,19 +156,19 @@ fn render_model(o: &ModelOutcome, args: &CheckArgs, color: bool) {
     let name = &cmp.name;
     match action {
         Action::None => {}
-        Action::RemovedStale(p) => eprintln!(
+        Action::RemovedStale(p) => notice!(
             "removed {}: the check passes, so that pending snapshot is stale",
             p.display()
         ),
-        Action::Accepted(p) => eprintln!("{name}: drift accepted; wrote {}", p.display()),
-        Action::Pending(p) => eprintln!(
+        Action::Accepted(p) => notice!("{name}: drift accepted; wrote {}", p.display()),
+        Action::Pending(p) => notice!(
             "wrote {}: review it with `cargo moe-inspect review`",
             p.display()
         ),
         Action::NotWrittenOnCi => {
-            eprintln!("{name}: drift; on CI no pending snapshot is written")
+            notice!("{name}: drift; on CI no pending snapshot is written")
         }
-        Action::NotWrittenByRequest => eprintln!(
+        Action::NotWrittenByRequest => notice!(
             "{name}: drift; no pending snapshot written ({}=no)",
             pending::UPDATE_VAR
         ),
@@ -238,7 +238,7 @@ fn pending_list(args: &GoldenDirArgs) -> Result<(PathBuf, Vec<pending::Pending>)
     let dir = golden::golden_dir(args.golden_dir.as_deref(), s.as_ref());
     let list = pending::list(&dir, args.name.as_deref())?;
     if list.is_empty() {
-        eprintln!("no pending snapshots in {}", dir.display());
+        notice!("no pending snapshots in {}", dir.display());
     }
     Ok((dir, list))
 }
@@ -247,7 +247,7 @@ pub fn accept(args: PendingArgs) -> Result<u8> {
     let (_, list) = pending_list(&args.golden())?;
     for p in list {
         pending::accept(&p)?;
-        eprintln!("accepted {} → {}", p.new.display(), p.golden.display());
+        notice!("accepted {} → {}", p.new.display(), p.golden.display());
     }
     Ok(0)
 }
@@ -256,7 +256,7 @@ pub fn reject(args: PendingArgs) -> Result<u8> {
     let (_, list) = pending_list(&args.golden())?;
     for p in list {
         pending::reject(&p)?;
-        eprintln!("rejected {}", p.new.display());
+        notice!("rejected {}", p.new.display());
     }
     Ok(0)
 }

@@ -2,6 +2,25 @@
 //! are parsed here (clap), turned into library options, and library errors are
 //! mapped to exit codes: 0 success, 1 drift/regression, 2 usage or input error.
 
+/// A notice on stderr (`wrote …`, `note: …`): silenced by `--quiet`.
+/// Errors are not notices: they always print.
+macro_rules! notice {
+    ($($arg:tt)*) => {
+        if !$crate::commands::quiet() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// Detail on stderr (files read and written, phase timings): `--verbose` only.
+macro_rules! detail {
+    ($($arg:tt)*) => {
+        if $crate::commands::verbose() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
 mod bench_cmd;
 mod cli;
 mod commands;

@@ -129,7 +129,7 @@ fn writes_the_report_and_flags_a_regression_against_a_baseline() {
     let (code, stdout, stderr) = quick(
         &out,
         &baselines,
-        &[&load[..], &["--baseline", "before"]].concat(),
+        &[&load[..], &["--compare-baseline", "before"]].concat(),
     );
     assert_eq!(code, 1, "{stdout}\n{stderr}");
     assert!(stderr.contains("regressed"), "{stderr}");
@@ -148,7 +148,7 @@ fn writes_the_report_and_flags_a_regression_against_a_baseline() {
     let (code, _, stderr) = quick(
         &out,
         &baselines,
-        &["--load-baseline", "before", "--baseline", "before"],
+        &["--load-baseline", "before", "--compare-baseline", "before"],
     );
     assert_eq!(code, 0, "{stderr}");
     let json = read_json(&out.join("bench.json"));
@@ -165,7 +165,11 @@ fn writes_the_report_and_flags_a_regression_against_a_baseline() {
     let (code, _, stderr) = quick(
         &out,
         &baselines,
-        &[&load[..], &["--baseline", one_path.to_str().unwrap()]].concat(),
+        &[
+            &load[..],
+            &["--compare-baseline", one_path.to_str().unwrap()],
+        ]
+        .concat(),
     );
     assert_eq!(code, 1, "{stderr}");
     let json = read_json(&out.join("bench.json"));
@@ -206,7 +210,7 @@ fn list_and_missing_baseline() {
             "--quick",
             "--filter",
             BENCH,
-            "--baseline",
+            "--compare-baseline",
             "nope",
             "--baseline-dir",
             tmp.path().to_str().unwrap(),
@@ -288,7 +292,12 @@ fn bad_arguments_exit_2() {
     }
     let missing = tmp.path().join("nope.json");
     let (code, _, stderr) = run(
-        &["bench", "--quick", "--baseline", missing.to_str().unwrap()],
+        &[
+            "bench",
+            "--quick",
+            "--compare-baseline",
+            missing.to_str().unwrap(),
+        ],
         &[],
     );
     assert_eq!(code, 2);

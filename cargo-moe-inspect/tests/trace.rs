@@ -59,7 +59,7 @@ fn trace_matches_the_transformers_reference() {
         fixture("mixtral").to_str().unwrap(),
         "--token-ids",
         ids.to_str().unwrap(),
-        "--out",
+        "--output",
         out.to_str().unwrap(),
         "--logits",
     ]);
@@ -124,7 +124,7 @@ fn trace_matches_the_transformers_reference() {
 fn trace_of_the_demo_model_with_its_built_in_prompts() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.safetensors");
-    let (code, stderr) = run(&["trace", "--out", out.to_str().unwrap()]);
+    let (code, stderr) = run(&["trace", "--output", out.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
     let t = Weights::open_file(&out).unwrap();
     assert!(!t.contains("logits"));
@@ -147,7 +147,7 @@ fn prompt_errors_exit_2() {
         "trace",
         "--model",
         fixture("qwen3-moe").to_str().unwrap(),
-        "--out",
+        "--output",
         out,
     ]);
     assert_eq!(code, 2, "{stderr}");
@@ -166,7 +166,7 @@ fn prompt_errors_exit_2() {
         model.path().to_str().unwrap(),
         "--prompts",
         prompts.to_str().unwrap(),
-        "--out",
+        "--output",
         out,
     ]);
     assert_eq!(code, 2, "{stderr}");
@@ -183,7 +183,7 @@ fn prompt_errors_exit_2() {
         model.path().to_str().unwrap(),
         "--token-ids",
         ids.to_str().unwrap(),
-        "--out",
+        "--output",
         out,
     ]);
     assert_eq!(code, 2, "{stderr}");
@@ -192,7 +192,13 @@ fn prompt_errors_exit_2() {
         "{stderr}"
     );
     std::fs::write(&ids, "1 two\n").unwrap();
-    let (code, stderr) = run(&["trace", "--token-ids", ids.to_str().unwrap(), "--out", out]);
+    let (code, stderr) = run(&[
+        "trace",
+        "--token-ids",
+        ids.to_str().unwrap(),
+        "--output",
+        out,
+    ]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
         stderr.contains("ids.txt") && stderr.contains("`two`"),

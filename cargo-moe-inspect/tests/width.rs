@@ -78,10 +78,43 @@ fn bench_table_fits_80_columns() {
     let with_baseline = run_in(
         dir.path(),
         "80",
-        &["bench", "--load-baseline", fixture, "--baseline", fixture],
+        &[
+            "bench",
+            "--load-baseline",
+            fixture,
+            "--compare-baseline",
+            fixture,
+        ],
     );
-    assert_fits("bench --baseline", &with_baseline, 80);
+    assert_fits("bench --compare-baseline", &with_baseline, 80);
     insta::assert_snapshot!("bench_80", out);
+}
+
+/// `check --all` at 80 columns: the drift table of every check of the demo
+/// model against a snapshot recorded by this run (so every delta is exactly
+/// 0 and the snapshot does not depend on the machine's float rounding).
+#[test]
+fn check_table_fits_80_columns() {
+    let golden = tempfile::tempdir().unwrap();
+    let g = golden.path().to_str().unwrap();
+    let root = repo_root();
+    let snap = Command::new(env!("CARGO_BIN_EXE_cargo-moe-inspect"))
+        .args(["snapshot", "--name", "demo", "--golden-dir", g])
+        .current_dir(&root)
+        .env_remove("CI")
+        .output()
+        .unwrap();
+    assert!(snap.status.success(), "{snap:?}");
+    let out = run_in(
+        &root,
+        "80",
+        &["check", "--name", "demo", "--golden-dir", g, "--all"],
+    );
+    assert_fits("check --all", &out, 80);
+    let rows = out.lines().filter(|l| l.contains("│ ok ")).count();
+    assert!(rows >= 40, "every check is a row: {out}");
+    assert!(!out.contains("drift"), "{out}");
+    insta::assert_snapshot!("check_demo_all_80", out);
 }
 
 #[test]
@@ -142,6 +175,7 @@ fn table_snapshots_fit_80_columns() {
         "width__analyze_demo_layer0_80.snap",
         "width__models_80.snap",
         "width__bench_80.snap",
+        "width__check_demo_all_80.snap",
     ] {
         let text = std::fs::read_to_string(dir.join(name)).unwrap();
         // Skip the insta header (`---` ... `---`).

@@ -343,7 +343,7 @@ fn with_file_size_limit(cmd: &mut Command, bytes: u64) {
     }
 }
 
-/// A full device: `trace --out /dev/full` is one clear exit-2 error. A golden
+/// A full device: `trace --output /dev/full` is one clear exit-2 error. A golden
 /// or bench baseline whose write fails half-way (file size limit; a small
 /// tmpfs when the test may mount one) keeps its old complete content and
 /// leaves no temp file.
@@ -354,7 +354,7 @@ fn a_full_disk_is_an_error_and_leaves_the_old_file() {
     let cwd = scratch.path();
 
     if Path::new("/dev/full").exists() {
-        let o = run(cwd, &["trace", "--demo", "--out", "/dev/full"], &[]);
+        let o = run(cwd, &["trace", "--demo", "--output", "/dev/full"], &[]);
         assert_error(&o, &["/dev/full"]);
     } else {
         eprintln!("no /dev/full on this system: that part is skipped");
@@ -463,7 +463,7 @@ fn a_full_disk_is_an_error_and_leaves_the_old_file() {
     assert_eq!(temp_files(&gdir), Vec::<String>::new());
 }
 
-/// `trace --out` onto a file of the checkpoint being read (by any spelling or
+/// `trace --output` onto a file of the checkpoint being read (by any spelling or
 /// hard link), or onto the token-ids file, and report directories whose files
 /// would replace an input: exit 2 naming both, the input unchanged.
 #[test]
@@ -488,12 +488,12 @@ fn outputs_that_would_overwrite_an_input_are_refused() {
                 s(m),
                 "--token-ids",
                 s(&ids),
-                "--out",
+                "--output",
                 s(out),
             ],
             &[],
         );
-        assert_error(&o, &["--out", s(out), "refusing to overwrite an input"]);
+        assert_error(&o, &["--output", s(out), "refusing to overwrite an input"]);
     }
     assert!(
         std::fs::read(&weights).unwrap() == before,
@@ -510,7 +510,7 @@ fn outputs_that_would_overwrite_an_input_are_refused() {
             s(m),
             "--token-ids",
             s(&ids),
-            "--out",
+            "--output",
             s(&trace),
         ],
         &[],

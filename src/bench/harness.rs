@@ -20,6 +20,9 @@ pub struct Budget {
     pub max_samples: usize,
     /// Iterations are batched into samples of at least this duration (timer resolution, launch overhead).
     pub min_sample_time: Duration,
+    /// Warm-up: calls before sampling until this much time has passed (at
+    /// least one call; zero: exactly one).
+    pub warm_up: Duration,
 }
 
 impl Default for Budget {
@@ -29,6 +32,7 @@ impl Default for Budget {
             min_samples: 5,
             max_samples: 30,
             min_sample_time: Duration::from_millis(5),
+            warm_up: Duration::ZERO,
         }
     }
 }
@@ -41,8 +45,40 @@ impl Budget {
             min_samples: 3,
             max_samples: 5,
             min_sample_time: Duration::from_micros(200),
+            warm_up: Duration::ZERO,
         }
     }
+
+    /// Exactly `n` samples (criterion's `--sample-size`), whatever the time.
+    pub fn with_sample_size(self, n: usize) -> Budget {
+        Budget {
+            min_samples: n.max(1),
+            max_samples: n.max(1),
+            ..self
+        }
+    }
+}
+
+/// The warm-up: calls `f` (waiting for the device) until `budget.warm_up`
+/// has passed, at least once; returns the time of one call, averaged over
+/// the warm-up (at least 100 ns).
+fn warm_up(
+    device: &Device,
+    budget: &Budget,
+    f: &mut dyn FnMut() -> Result<()>,
+    sync: &dyn Fn(&Device) -> Result<()>,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    let mut calls = 0u32;
+    loop {
+        f()?;
+        sync(device)?;
+        calls += 1;
+        if t0.elapsed() >= budget.warm_up || calls == u32::MAX {
+            break;
+        }
+    }
+    Ok((t0.elapsed() / calls).max(Duration::from_nanos(100)))
 }
 
 /// The samples of one benchmark: seconds per iteration.
@@ -105,7 +141,7 @@ impl Measurement {
     }
 }
 
-/// Times `f` on `device`: one warm-up call, then samples until `budget` is
+/// Times `f` on `device`: the warm-up (one call by default), then samples until `budget` is
 /// spent. Each sample runs `f` a fixed number of times and waits for the
 /// device before the clock stops.
 pub fn measure(
@@ -119,10 +155,7 @@ pub fn measure(
             reason: e.to_string(),
         })
     };
-    let t0 = Instant::now();
-    f()?;
-    sync(device)?;
-    let first = t0.elapsed().max(Duration::from_nanos(100));
+    let first = warm_up(device, budget, &mut f, &sync)?;
     let iters = if first < budget.min_sample_time {
         (budget.min_sample_time.as_secs_f64() / first.as_secs_f64()).ceil() as usize
     } else {
@@ -170,10 +203,7 @@ pub fn measure_interleaved(
     let mut iters = Vec::with_capacity(fs.len());
     let mut rounds = budget.max_samples.max(1);
     for f in fs.iter_mut() {
-        let t0 = Instant::now();
-        f()?;
-        sync(device)?;
-        let first = t0.elapsed().max(Duration::from_nanos(100));
+        let first = warm_up(device, budget, &mut **f, &sync)?;
         let n = if first < budget.min_sample_time {
             (budget.min_sample_time.as_secs_f64() / first.as_secs_f64()).ceil() as usize
         } else {
@@ -238,6 +268,45 @@ mod tests {
         assert!(m.samples.len() >= 3 && m.samples.len() <= 5);
         assert!(m.iters_per_sample > 1, "a no-op is batched");
         assert_eq!(calls, 1 + m.samples.len() * m.iters_per_sample);
+    }
+
+    #[test]
+    fn a_sample_size_is_exact_and_the_warm_up_runs_its_time() {
+        // Exactly 7 samples, both for slow calls (more than the quick
+        // budget's target) and fast ones (more than its 5-sample maximum).
+        let warm = Duration::from_millis(15);
+        for sleep_us in [0u64, 5_000] {
+            let budget = Budget {
+                warm_up: warm,
+                ..Budget::quick().with_sample_size(7)
+            };
+            let mut calls: Vec<Instant> = Vec::new();
+            let m = measure(&Device::Cpu, &budget, || {
+                calls.push(Instant::now());
+                std::thread::sleep(Duration::from_micros(sleep_us));
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(m.samples.len(), 7, "sleep {sleep_us} µs");
+            assert!(m.samples.iter().all(|s| s.is_finite() && *s > 0.0));
+            let sampled = m.samples.len() * m.iters_per_sample;
+            assert!(calls.len() > sampled, "at least one warm-up call");
+            let warm_calls = calls.len() - sampled;
+            // Sampling starts only once the warm-up time has passed (less
+            // the instant between the warm-up's clock start and first call).
+            assert!(
+                calls[warm_calls] - calls[0] >= warm - Duration::from_millis(1),
+                "sampling began {:?} after the first call",
+                calls[warm_calls] - calls[0]
+            );
+        }
+        let ms = measure_interleaved(
+            &Device::Cpu,
+            &Budget::quick().with_sample_size(9),
+            &mut [&mut || Ok(()), &mut || Ok(())],
+        )
+        .unwrap();
+        assert!(ms.iter().all(|m| m.samples.len() == 9));
     }
 
     #[test]

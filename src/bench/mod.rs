@@ -18,6 +18,16 @@ pub mod verdict;
 
 use std::path::PathBuf;
 
+/// `benches/compare_torch.py`, the PyTorch peer of the benchmarks, built
+/// into the library so that an installed binary can run it (`bench --peer
+/// torch`) without its source tree.
+pub const COMPARE_TORCH_PY: &str = include_str!("../../benches/compare_torch.py");
+
+/// Where `bench` keeps saved baselines by default: `baselines/` in [`data_dir`].
+pub fn baselines_dir() -> PathBuf {
+    data_dir().join("baselines")
+}
+
 /// A directory for generated benchmark checkpoints and baselines (kept
 /// between runs), decided once per process: `$MOE_INSPECT_BENCH_DIR`; else
 /// `moe-inspect-bench/` in the target directory of the cargo workspace of

@@ -133,6 +133,57 @@ pub fn compare(now: &BenchFile, baseline: &BenchFile, threshold: f64) -> Vec<Ver
         .collect()
 }
 
+/// A benchmark too noisy for the threshold: its 95% interval (of the change
+/// against the baseline, or without one of the mean time relative to the
+/// mean) is wider than the noise threshold, so it cannot resolve a change
+/// of the threshold's size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Noise {
+    /// Benchmark name.
+    pub name: String,
+    /// Lower bound of the interval, relative (`-0.03` is −3%).
+    pub low: f64,
+    /// Upper bound of the interval, relative.
+    pub high: f64,
+    /// Whether the interval is of the change against a baseline (else of
+    /// the mean time around the mean).
+    pub of_change: bool,
+}
+
+/// The benchmarks of `now` whose 95% interval is wider than `threshold`:
+/// with `verdicts`, the interval of each change; without, each benchmark's
+/// interval of the mean time, relative to the mean.
+pub fn noisy(now: &BenchFile, verdicts: Option<&[Verdict]>, threshold: f64) -> Vec<Noise> {
+    match verdicts {
+        Some(vs) => vs
+            .iter()
+            .filter_map(|v| {
+                let (lo, hi) = (v.change_low?, v.change_high?);
+                (hi - lo > threshold).then(|| Noise {
+                    name: v.name.clone(),
+                    low: lo,
+                    high: hi,
+                    of_change: true,
+                })
+            })
+            .collect(),
+        None => now
+            .benchmarks
+            .iter()
+            .filter(|b| b.mean_s > 0.0)
+            .filter_map(|b| {
+                let (lo, hi) = (b.ci_low_s / b.mean_s - 1.0, b.ci_high_s / b.mean_s - 1.0);
+                (hi - lo > threshold).then(|| Noise {
+                    name: b.name.clone(),
+                    low: lo,
+                    high: hi,
+                    of_change: false,
+                })
+            })
+            .collect(),
+    }
+}
+
 /// Whether any verdict is a regression (the process then exits 1).
 pub fn any_regressed(verdicts: &[Verdict]) -> bool {
     verdicts.iter().any(|v| v.status == Status::Regressed)
@@ -223,6 +274,46 @@ mod tests {
         let v = compare(&now, &base, DEFAULT_THRESHOLD);
         assert_eq!(v[0].status, Status::Unchanged, "{v:?}");
         assert!(v[0].change_low.unwrap() < 0.05);
+    }
+
+    #[test]
+    fn an_interval_wider_than_the_threshold_is_noise() {
+        // ±40% scatter: the change's interval spans far more than 5%.
+        let base = file(vec![result("cpu/a", &jittered(1.0, 0.4))]);
+        let now = file(vec![
+            result("cpu/a", &jittered(1.08, 0.4)),
+            result("cpu/b", &jittered(1.0, 0.4)),
+        ]);
+        let v = compare(&now, &base, DEFAULT_THRESHOLD);
+        let n = noisy(&now, Some(&v), DEFAULT_THRESHOLD);
+        assert_eq!(n.len(), 1, "cpu/b is new: no change interval");
+        assert_eq!(n[0].name, "cpu/a");
+        assert!(n[0].of_change && n[0].high - n[0].low > DEFAULT_THRESHOLD);
+        assert!(n[0].low.is_finite() && n[0].high.is_finite());
+        // A wider threshold accepts the same interval.
+        assert!(noisy(&now, Some(&v), n[0].high - n[0].low + 1e-9).is_empty());
+        // ±0.5% scatter: well within 5%, no warning.
+        let tight_base = file(vec![result("cpu/a", &jittered(1.0, 0.005))]);
+        let tight = file(vec![result("cpu/a", &jittered(1.2, 0.005))]);
+        let v = compare(&tight, &tight_base, DEFAULT_THRESHOLD);
+        assert!(noisy(&tight, Some(&v), DEFAULT_THRESHOLD).is_empty());
+    }
+
+    #[test]
+    fn without_a_baseline_the_mean_interval_is_judged() {
+        let mut wide = result("cpu/a", &jittered(1.0, 0.4));
+        wide.mean_s = 1.0;
+        wide.ci_low_s = 0.9;
+        wide.ci_high_s = 1.1;
+        let mut narrow = result("cpu/b", &jittered(1.0, 0.01));
+        narrow.mean_s = 1.0;
+        narrow.ci_low_s = 0.99;
+        narrow.ci_high_s = 1.01;
+        let n = noisy(&file(vec![wide, narrow]), None, DEFAULT_THRESHOLD);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].name, "cpu/a");
+        assert!(!n[0].of_change);
+        assert!((n[0].low + 0.1).abs() < 1e-12 && (n[0].high - 0.1).abs() < 1e-12);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct Request {
     pub device: String,
 }
 
+/// Makes the progress reporter of one model: given the model and the number
+/// of decoder layers its forward pass runs through (0 when none).
+pub type ProgressFor<'a> = &'a dyn Fn(&Target, usize) -> Box<dyn Progress>;
+
 /// One model a run covers, with its settings resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
@@ -247,13 +251,16 @@ impl Plan {
         }
     }
 
-    /// Records a target's snapshot now.
+    /// Records a target's snapshot now. `progress` makes its progress
+    /// reporter, given the number of decoder layers the forward pass runs
+    /// through (0 when the selection needs none): the static layers come
+    /// first, then the forward layers, in one count.
     pub fn record(
         &self,
         t: &Target,
         selection: Selection,
         tolerances: Tolerances,
-        progress: &dyn Progress,
+        progress: ProgressFor<'_>,
     ) -> Result<Snapshot> {
         let device = crate::forward::parse_device(&self.device)?;
         let model = Model::open_or_demo(t.model.as_deref())?;
@@ -263,6 +270,7 @@ impl Plan {
             t.token_ids.as_deref(),
             selection,
         )?;
+        let forward_layers = prompts.as_ref().map_or(0, |_| model.info.num_layers);
         build(
             &model,
             &BuildOptions {
@@ -273,12 +281,12 @@ impl Plan {
                 tolerances,
                 keep_router_probs: false,
             },
-            progress,
+            progress(t, forward_layers).as_ref(),
         )
     }
 
     /// Records a target with the settings a new snapshot gets.
-    fn record_new(&self, t: &Target, progress: &dyn Progress) -> Result<Snapshot> {
+    fn record_new(&self, t: &Target, progress: ProgressFor<'_>) -> Result<Snapshot> {
         let sel = self.selection(t, None)?;
         let tol = self.tolerances(Tolerances::default(), t)?;
         self.record(t, sel, tol, progress)
@@ -316,7 +324,7 @@ pub struct Recorded {
 /// after each file is written.
 pub fn snapshot(
     plan: &Plan,
-    progress: &dyn Fn(&Target) -> Box<dyn Progress>,
+    progress: ProgressFor<'_>,
     done: &mut dyn FnMut(&Recorded),
 ) -> Result<Vec<Recorded>> {
     if pending::on_ci() {
@@ -333,7 +341,7 @@ pub fn snapshot(
     let mut out = Vec::with_capacity(plan.targets.len());
     for t in &plan.targets {
         let path = plan.golden_path(t);
-        let snap = plan.record_new(t, progress(t).as_ref())?;
+        let snap = plan.record_new(t, progress)?;
         snap.write(&path)?;
         let r = Recorded {
             name: t.name.clone(),
@@ -447,12 +455,12 @@ impl CheckOutcome {
 pub fn check(
     plan: &Plan,
     update: UpdateMode,
-    progress: &dyn Fn(&Target) -> Box<dyn Progress>,
+    progress: ProgressFor<'_>,
     done: &mut dyn FnMut(&ModelOutcome),
 ) -> Result<CheckOutcome> {
     let mut models = Vec::with_capacity(plan.targets.len());
     for t in &plan.targets {
-        let outcome = check_one(plan, t, update, progress(t).as_ref())?;
+        let outcome = check_one(plan, t, update, progress)?;
         done(&outcome);
         models.push(outcome);
     }
@@ -463,7 +471,7 @@ fn check_one(
     plan: &Plan,
     t: &Target,
     update: UpdateMode,
-    progress: &dyn Progress,
+    progress: ProgressFor<'_>,
 ) -> Result<ModelOutcome> {
     let path = plan.golden_path(t);
     if update == UpdateMode::Always && !path.exists() {

@@ -26,7 +26,7 @@ pub mod pending;
 
 pub use check::{
     check, dir_name, golden_dir, plan, plan_with_config, prompt_ids, snapshot, Action,
-    CheckOutcome, ModelOutcome, Plan, Recorded, Request, Target,
+    CheckOutcome, ModelOutcome, Plan, ProgressFor, Recorded, Request, Target,
 };
 pub use diff::{diff, DiffOptions, DiffOutcome};
 
