@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use moe_inspect::analysis::Progress;
 use moe_inspect::golden::compare::{self, Comparison};
 use moe_inspect::golden::{
-    self, pending, Action, DiffOptions, ModelOutcome, Request, Selection, Snapshot, Target,
-    Tolerances,
+    self, pending, Action, CheckOutcome, DiffOptions, ModelOutcome, Request, Selection, Snapshot,
+    Target, Tolerances,
 };
 use moe_inspect::report::drift;
 use moe_inspect::{Error, Result};
@@ -122,11 +122,65 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
         render_model(o, &args, color)
     })?;
     let comparisons: Vec<Comparison> = outcome.comparisons().into_iter().cloned().collect();
-    emit(&comparisons, args.format)?;
+    if args.format == CheckFormat::Table {
+        println!("{}", totals(&outcome));
+    }
+    emit(&outcome, &comparisons, args.format)?;
     if let Some(path) = &args.junit {
         moe_inspect::atomic_write::write_atomic(path, drift::junit(&comparisons).as_bytes())?;
     }
     Ok(u8::from(outcome.failed()))
+}
+
+/// The totals line across models, as cargo-nextest's summary:
+/// `check: 10 models: 9 passed, 1 drifted (1 pending review)`.
+fn totals(outcome: &CheckOutcome) -> String {
+    let n = outcome.models.len();
+    let (mut passed, mut drifted, mut recorded) = (0, 0, 0);
+    let (mut accepted, mut pending_review, mut unwritten) = (0, 0, 0);
+    for m in &outcome.models {
+        match m {
+            ModelOutcome::Recorded { .. } => recorded += 1,
+            ModelOutcome::Compared {
+                comparison, action, ..
+            } => {
+                if !comparison.drift() {
+                    passed += 1;
+                    continue;
+                }
+                drifted += 1;
+                match action {
+                    Action::Accepted(_) => accepted += 1,
+                    Action::Pending(_) => pending_review += 1,
+                    _ => unwritten += 1,
+                }
+            }
+        }
+    }
+    let mut parts = vec![format!("{passed} passed"), format!("{drifted} drifted")];
+    if recorded > 0 {
+        parts.push(format!("{recorded} recorded"));
+    }
+    let mut what = Vec::new();
+    for (k, label) in [
+        (accepted, "accepted"),
+        (pending_review, "pending review"),
+        (unwritten, "not written"),
+    ] {
+        if k > 0 {
+            what.push(format!("{k} {label}"));
+        }
+    }
+    let detail = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", what.join(", "))
+    };
+    format!(
+        "check: {n} model{}: {}{detail}",
+        if n == 1 { "" } else { "s" },
+        parts.join(", ")
+    )
 }
 
 /// Prints one model's outcome as soon as it is known: its drift table (table
@@ -194,7 +248,7 @@ pub fn pending(args: PendingArgs) -> Result<u8> {
 }
 
 /// Machine-readable output, GitHub annotations and the step summary.
-fn emit(comparisons: &[Comparison], format: CheckFormat) -> Result<()> {
+fn emit(outcome: &CheckOutcome, comparisons: &[Comparison], format: CheckFormat) -> Result<()> {
     match format {
         CheckFormat::Table => {}
         CheckFormat::Json => {
@@ -208,7 +262,17 @@ fn emit(comparisons: &[Comparison], format: CheckFormat) -> Result<()> {
         CheckFormat::Junit => print!("{}", drift::junit(comparisons)),
     }
     if std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true") {
-        let notes = drift::github_annotations(comparisons);
+        let with_files: Vec<(&Comparison, Option<&std::path::Path>)> = outcome
+            .models
+            .iter()
+            .filter_map(|m| match m {
+                ModelOutcome::Compared {
+                    comparison, golden, ..
+                } => Some((comparison, Some(golden.as_path()))),
+                ModelOutcome::Recorded { .. } => None,
+            })
+            .collect();
+        let notes = drift::github_annotations(&with_files);
         if format == CheckFormat::Table {
             print!("{notes}");
         } else {
@@ -385,7 +449,7 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
                     cmp,
                     args.all,
                     color,
-                    ["baseline", "candidate"],
+                    ["base", "cand"],
                     crate::commands::terminal_width()
                 )
             );

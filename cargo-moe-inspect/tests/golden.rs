@@ -810,10 +810,22 @@ fn junit_and_github_outputs() {
         ],
     );
     assert_eq!(r.code, 1);
+    // Annotations name the golden file, so GitHub shows them on it.
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("routing-top1-agreement layer 1::"))
+        .unwrap_or_else(|| panic!("no annotation in {}", r.stdout));
     assert!(
-        r.stdout.contains(
-            "::error title=moe-inspect drift%3A fixture routing-top1-agreement layer 1::"
-        ),
+        line.starts_with("::error file=")
+            && line.contains(
+                "fixture.json,title=moe-inspect drift%3A fixture routing-top1-agreement layer 1::"
+            ),
+        "{line}"
+    );
+    // The totals line across models, after the tables.
+    assert!(
+        r.stdout.contains("check: 1 model: 0 passed, 1 drifted"),
         "{}",
         r.stdout
     );

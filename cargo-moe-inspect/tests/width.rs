@@ -113,7 +113,11 @@ fn check_table_fits_80_columns() {
     assert_fits("check --all", &out, 80);
     let rows = out.lines().filter(|l| l.contains("│ ok ")).count();
     assert!(rows >= 40, "every check is a row: {out}");
-    assert!(!out.contains("drift"), "{out}");
+    assert!(!out.lines().any(|l| l.contains("│ drift")), "{out}");
+    assert!(
+        out.ends_with("check: 1 model: 1 passed, 0 drifted\n"),
+        "{out}"
+    );
     insta::assert_snapshot!("check_demo_all_80", out);
 }
 

@@ -39,6 +39,25 @@ fn paint(s: &str, code: &str, color: bool) -> String {
     }
 }
 
+/// A metric name on two lines at its last `.` (`expert-similarity` /
+/// `.up`), or after a `-` when it has no `.` (`routing-top1-` / `agreement`),
+/// so that no line is longer than 17 characters where it can be helped.
+fn split_metric(m: &str) -> String {
+    const MAX: usize = 17;
+    if m.len() <= MAX {
+        return m.to_string();
+    }
+    let at = m.rfind('.').or_else(|| {
+        m.get(..=MAX)
+            .and_then(|head| head.rfind('-'))
+            .map(|i| i + 1)
+    });
+    match at {
+        Some(i) if i > 0 && i < m.len() => format!("{}\n{}", &m[..i], &m[i..]),
+        _ => m.to_string(),
+    }
+}
+
 /// The drift table of one comparison: rows beyond tolerance (all rows with
 /// `all`), then notices, then a one-line verdict.
 /// `columns` names the two sides (`golden`/`now`, `baseline`/`candidate`).
@@ -58,26 +77,41 @@ pub fn table(
         .collect();
     let drifted = cmp.drifted().count();
     if !shown.is_empty() {
-        let mut b = Builder::default();
-        b.push_record([
-            "metric", "layer", columns[0], columns[1], "delta", "limit", "result",
-        ]);
-        for r in &shown {
-            let verdict = match r.verdict {
-                Verdict::Ok => "ok".to_string(),
-                Verdict::Drift => "DRIFT".to_string(),
-            };
+        let build = |split_names: bool| {
+            let mut b = Builder::default();
             b.push_record([
-                r.metric.clone(),
-                r.layer.to_string(),
-                num(r.golden),
-                num(r.now),
-                delta(r.delta),
-                r.tolerance_text(),
-                verdict,
+                "metric", "layer", columns[0], columns[1], "delta", "limit", "result",
             ]);
-        }
-        out.push_str(&crate::report::table::fit(b.build(), width));
+            for r in &shown {
+                let verdict = match r.verdict {
+                    Verdict::Ok => "ok".to_string(),
+                    Verdict::Drift => "DRIFT".to_string(),
+                };
+                b.push_record([
+                    if split_names {
+                        split_metric(&r.metric)
+                    } else {
+                        r.metric.clone()
+                    },
+                    r.layer.to_string(),
+                    num(r.golden),
+                    num(r.now),
+                    delta(r.delta),
+                    r.tolerance_text(),
+                    verdict,
+                ]);
+            }
+            b.build()
+        };
+        // Too wide for the terminal: metric names break at their own
+        // separators (`expert-similarity` / `.up`), not in mid-word.
+        let natural = crate::report::table::fit(build(false), None);
+        let too_wide = width.is_some_and(|w| natural.lines().any(|l| l.chars().count() > w));
+        out.push_str(&if too_wide {
+            crate::report::table::fit(build(true), width)
+        } else {
+            natural
+        });
         out.push('\n');
         let explained = |r: &&&DriftRow| {
             !r.detail.is_empty() && r.verdict == Verdict::Drift && r.metric != "router-jsd"
@@ -185,17 +219,30 @@ fn message(r: &DriftRow) -> String {
 
 /// GitHub Actions workflow commands: one `::error` per drifted metric, one
 /// `::notice` per notice.
-pub fn github_annotations(cmps: &[Comparison]) -> String {
+/// Each comparison comes with its golden file, which the annotations name
+/// (`file=golden/<name>.json`) so GitHub shows them on that file.
+pub fn github_annotations(cmps: &[(&Comparison, Option<&std::path::Path>)]) -> String {
     let esc = |s: &str| {
         s.replace('%', "%25")
             .replace('\r', "%0D")
             .replace('\n', "%0A")
     };
     let mut out = String::new();
-    for c in cmps {
+    for &(c, golden) in cmps {
+        // Property values escape `,` and `:` too (GitHub's workflow commands).
+        let file = golden
+            .map(|p| {
+                format!(
+                    "file={},",
+                    esc(&p.display().to_string())
+                        .replace(',', "%2C")
+                        .replace(':', "%3A")
+                )
+            })
+            .unwrap_or_default();
         for r in c.drifted() {
             out.push_str(&format!(
-                "::error title={}::{}\n",
+                "::error {file}title={}::{}\n",
                 esc(&format!(
                     "moe-inspect drift: {} {} layer {}",
                     c.name, r.metric, r.layer
@@ -208,7 +255,7 @@ pub fn github_annotations(cmps: &[Comparison]) -> String {
         for n in &c.notices {
             let at = n.layer.map(|l| format!("layer {l}: ")).unwrap_or_default();
             out.push_str(&format!(
-                "::notice title={}::{}\n",
+                "::notice {file}title={}::{}\n",
                 esc(&format!("moe-inspect {}", c.name))
                     .replace(',', "%2C")
                     .replace(':', "%3A"),
@@ -281,4 +328,24 @@ pub fn expert_cosine_table(layers: &[ExpertCosines]) -> String {
         }
     }
     b.build().with(Style::rounded()).to_string()
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::split_metric;
+
+    #[test]
+    fn metric_names_split_at_their_separators() {
+        assert_eq!(
+            split_metric("expert-similarity.up"),
+            "expert-similarity\n.up"
+        );
+        assert_eq!(
+            split_metric("routing-top1-agreement"),
+            "routing-top1-\nagreement"
+        );
+        assert_eq!(split_metric("router-jsd"), "router-jsd");
+        assert_eq!(split_metric("norm-score-top1"), "norm-score-top1");
+        assert_eq!(split_metric("x".repeat(30).as_str()), "x".repeat(30));
+    }
 }
