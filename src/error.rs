@@ -180,13 +180,82 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// A value the caller chose (a layer selection, a device, the prompts)
+    /// is not valid. The library names the kind of value; a front end that
+    /// knows where the value came from (a command-line flag) can say so
+    /// instead (see [`ValueKind`]).
+    #[error("{}", bad_value(*kind, value, reason))]
+    BadValue {
+        /// What kind of value.
+        kind: ValueKind,
+        /// The value as given (empty when the problem is its absence).
+        value: String,
+        /// What is wrong, in words.
+        reason: String,
+    },
+
     /// Two snapshots cannot be compared (other models, geometry or
     /// settings); [`Error::at`] names the file.
     #[error("{0}")]
     NotComparable(String),
 }
 
+/// The kinds of caller-chosen values an [`Error::BadValue`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ValueKind {
+    /// A layer selection (`0,5,31`, `0..8`).
+    Layers,
+    /// A compute device (`cpu`, `cuda:N`).
+    Device,
+    /// A list of analyses.
+    Analyses,
+    /// The prompts of a forward pass (none given).
+    Prompts,
+    /// Prompts as token ids (needed when a model has no tokenizer).
+    TokenIds,
+    /// Prompt lengths of a benchmark.
+    TokenCounts,
+    /// A benchmark name filter.
+    BenchFilter,
+    /// The Cargo.toml to read the configuration from.
+    Manifest,
+}
+
+impl ValueKind {
+    /// How the library names the value in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ValueKind::Layers => "layer selection",
+            ValueKind::Device => "device",
+            ValueKind::Analyses => "analyses",
+            ValueKind::Prompts => "prompts",
+            ValueKind::TokenIds => "token ids",
+            ValueKind::TokenCounts => "token counts",
+            ValueKind::BenchFilter => "benchmark filter",
+            ValueKind::Manifest => "manifest",
+        }
+    }
+}
+
+fn bad_value(kind: ValueKind, value: &str, reason: &str) -> String {
+    if value.is_empty() {
+        format!("{}: {reason}", kind.describe())
+    } else {
+        format!("{} `{value}`: {reason}", kind.describe())
+    }
+}
+
 impl Error {
+    /// An [`Error::BadValue`].
+    pub fn bad_value(kind: ValueKind, value: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::BadValue {
+            kind,
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// The process exit code for this error (SPEC §3): 2 for usage, configuration
     /// and input errors. (Drift and regressions, exit 1, are results, not errors.)
     pub fn exit_code(&self) -> i32 {

@@ -206,10 +206,11 @@ pub fn resolve(model_dir: Option<&Path>, args: &PromptArgs<'_>) -> Result<Prompt
         #[cfg(not(feature = "demo"))]
         (None, None) => return Err(crate::model::no_demo()),
         (None, Some(dir)) => {
-            return Err(Error::Usage(format!(
-                "{}: no prompts given: pass --prompts FILE (text or JSONL) or --token-ids FILE",
-                dir.display()
-            )))
+            return Err(Error::bad_value(
+                crate::error::ValueKind::Prompts,
+                dir.display().to_string(),
+                "no prompts given for this model",
+            ))
         }
     };
     let tok = tokenizer(model_dir)?;
@@ -229,9 +230,10 @@ pub fn tokenizer(model_dir: Option<&Path>) -> Result<Tokenizer> {
         Some(dir) => {
             let path = dir.join("tokenizer.json");
             if !path.exists() {
-                return Err(input_error(
-                    &path,
-                    "the model has no tokenizer.json: pass token ids with --token-ids FILE",
+                return Err(Error::bad_value(
+                    crate::error::ValueKind::TokenIds,
+                    path.display().to_string(),
+                    "the model has no tokenizer.json, so prompts must be given as token ids",
                 ));
             }
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;

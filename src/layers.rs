@@ -1,6 +1,6 @@
 //! `--layers` selections: `0,5,31`, `0..8` (end exclusive), `0..=7`, or a mix.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ValueKind};
 
 /// A parsed layer selection: half-open ranges of checkpoint layer indices,
 /// kept as ranges (never expanded) until they are resolved against a model,
@@ -12,9 +12,11 @@ impl LayerSelection {
     /// Parses a selection such as `0,5,31`, `0..8` or `2..=4,10`.
     pub fn parse(spec: &str) -> Result<LayerSelection> {
         let bad = |part: &str, why: &str| {
-            Error::Usage(format!(
-                "--layers `{spec}`: `{part}` {why} (expected e.g. `0,5,31` or `0..8`)"
-            ))
+            Error::bad_value(
+                ValueKind::Layers,
+                spec,
+                format!("`{part}` {why} (expected e.g. `0,5,31` or `0..8`)"),
+            )
         };
         let num = |s: &str, part: &str| {
             s.trim()
@@ -61,19 +63,27 @@ impl LayerSelection {
         moe_layers: &[usize],
     ) -> Result<(Vec<usize>, Vec<usize>)> {
         if let Some(bad) = self.0.iter().map(|r| r.end - 1).find(|&l| l >= num_layers) {
-            return Err(Error::Usage(format!(
-                "--layers: layer {bad} does not exist (the model has {num_layers} layers, 0..{num_layers})"
-            )));
+            return Err(Error::bad_value(
+                ValueKind::Layers,
+                "",
+                format!(
+                    "layer {bad} does not exist (the model has {num_layers} layers, 0..{num_layers})"
+                ),
+            ));
         }
         // Every range now lies within the model: walking the model's layers is bounded.
         let (moe, dense): (Vec<usize>, Vec<usize>) = (0..num_layers)
             .filter(|&l| self.contains(l))
             .partition(|l| moe_layers.contains(l));
         if moe.is_empty() {
-            return Err(Error::Usage(format!(
-                "--layers selects no MoE layer (MoE layers: {})",
-                format_list(moe_layers)
-            )));
+            return Err(Error::bad_value(
+                ValueKind::Layers,
+                "",
+                format!(
+                    "selects no MoE layer (MoE layers: {})",
+                    format_list(moe_layers)
+                ),
+            ));
         }
         Ok((moe, dense))
     }
@@ -147,7 +157,7 @@ mod tests {
     fn rejects_garbage_and_empty_ranges() {
         for bad in ["", "a", "3..1", "1,,2", "-1", "0..x"] {
             let err = LayerSelection::parse(bad).unwrap_err().to_string();
-            assert!(err.contains("--layers"), "{bad}: {err}");
+            assert!(err.starts_with("layer selection"), "{bad}: {err}");
         }
     }
 

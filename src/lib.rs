@@ -54,4 +54,4 @@ pub mod trace;
 #[cfg(test)]
 mod test_support;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, ValueKind};

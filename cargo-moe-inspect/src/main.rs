@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -64,5 +64,44 @@ fn restore_sigpipe() {
     // setting a signal's disposition to its default has no other effect.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// The one line printed for an error. The library names the kind of a bad
+/// value ("layer selection `x`"); here it is named by the flag that gave it.
+fn render_error(e: &moe_inspect::Error) -> String {
+    use moe_inspect::ValueKind;
+    let moe_inspect::Error::BadValue {
+        kind,
+        value,
+        reason,
+    } = e
+    else {
+        return e.to_string();
+    };
+    let flag = match kind {
+        ValueKind::Layers => "--layers",
+        ValueKind::Device => "--device",
+        ValueKind::Analyses => "--analyses",
+        ValueKind::TokenCounts => "--tokens",
+        ValueKind::BenchFilter => "--filter",
+        ValueKind::Manifest => "--manifest-path",
+        ValueKind::Prompts => {
+            let at = if value.is_empty() {
+                String::new()
+            } else {
+                format!("{value}: ")
+            };
+            return format!(
+                "{at}{reason}: pass --prompts FILE (text or JSONL) or --token-ids FILE"
+            );
+        }
+        ValueKind::TokenIds => return format!("{value}: {reason}: pass --token-ids FILE"),
+        _ => return e.to_string(),
+    };
+    if value.is_empty() {
+        format!("{flag}: {reason}")
+    } else {
+        format!("{flag} `{value}`: {reason}")
     }
 }

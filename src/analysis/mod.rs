@@ -107,10 +107,14 @@ impl AnalysisKind {
                 continue;
             }
             out.push(AnalysisKind::from_name(part).ok_or_else(|| {
-                Error::Usage(format!(
-                    "--analyses: unknown analysis `{part}` (available: static, dynamic, all, {})",
-                    AnalysisKind::ALL.map(|a| a.name()).join(", ")
-                ))
+                Error::bad_value(
+                    crate::error::ValueKind::Analyses,
+                    "",
+                    format!(
+                        "unknown analysis `{part}` (available: static, dynamic, all, {})",
+                        AnalysisKind::ALL.map(|a| a.name()).join(", ")
+                    ),
+                )
             })?);
         }
         out.sort_unstable();

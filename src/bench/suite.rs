@@ -325,8 +325,10 @@ fn machine(peaks: Option<&Peaks>) -> Machine {
 /// Runs the selected benchmarks (peak probes first) and returns the results.
 pub fn run(opts: &SuiteOptions, progress: &dyn Progress) -> Result<BenchFile> {
     if opts.tokens.is_empty() || opts.tokens.contains(&0) {
-        return Err(Error::Usage(
-            "--tokens: expected positive token counts, e.g. 1,16,256".into(),
+        return Err(Error::bad_value(
+            crate::error::ValueKind::TokenCounts,
+            "",
+            "expected positive token counts, e.g. 1,16,256",
         ));
     }
     let plan: Vec<(Setup, Vec<Case>)> = setups(opts)
@@ -338,11 +340,14 @@ pub fn run(opts: &SuiteOptions, progress: &dyn Progress) -> Result<BenchFile> {
         .filter(|(_, c)| !c.is_empty())
         .collect();
     if plan.is_empty() {
-        return Err(Error::Usage(format!(
-            "--filter {}: no benchmark matches (names look like {}/routing/softmax-topk/e8-k2/n16)",
+        return Err(Error::bad_value(
+            crate::error::ValueKind::BenchFilter,
             opts.filter.join(","),
-            device_prefix(&opts.device)
-        )));
+            format!(
+                "no benchmark matches (names look like {}/routing/softmax-topk/e8-k2/n16)",
+                device_prefix(&opts.device)
+            ),
+        ));
     }
     for (setup, cases) in &plan {
         if let Some(case) = cases.iter().max_by_key(|c| c.tokens) {

@@ -14,7 +14,7 @@ use expert_gemm::Activation;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ValueKind};
 use crate::model::{Family, Model};
 use config::{AttentionKind, ForwardConfig, QkNorm};
 use observer::{MoeObservation, Observer, Wants};
@@ -1016,19 +1016,24 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             let ordinal = match d.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse::<usize>()
-                    .map_err(|_| Error::Usage(format!("--device `{d}`: expected cuda:N")))?,
+                    .map_err(|_| Error::bad_value(ValueKind::Device, d, "expected cuda:N"))?,
                 None => 0,
             };
             if !cfg!(feature = "cuda") {
-                return Err(Error::Usage(format!(
-                    "--device {d}: this build has no CUDA support (rebuild with `--features cuda`)"
-                )));
+                return Err(Error::bad_value(
+                    ValueKind::Device,
+                    d,
+                    "this build has no CUDA support (rebuild with `--features cuda`)",
+                ));
             }
-            Device::new_cuda(ordinal).map_err(|e| Error::Usage(format!("--device {d}: {e}")))
+            Device::new_cuda(ordinal)
+                .map_err(|e| Error::bad_value(ValueKind::Device, d, e.to_string()))
         }
-        d => Err(Error::Usage(format!(
-            "--device `{d}`: expected `cpu` or `cuda[:N]`"
-        ))),
+        d => Err(Error::bad_value(
+            ValueKind::Device,
+            d,
+            "expected `cpu` or `cuda[:N]`",
+        )),
     }
 }
 

@@ -210,10 +210,11 @@ fn load_with_cargo(
     cmd.no_deps();
     if let Some(p) = manifest_path {
         if !p.is_file() {
-            return Err(LoadError::Other(Error::Input {
-                path: p.to_path_buf(),
-                reason: "--manifest-path: no such file".into(),
-            }));
+            return Err(LoadError::Other(Error::bad_value(
+                crate::error::ValueKind::Manifest,
+                p.display().to_string(),
+                "no such file",
+            )));
         }
         cmd.manifest_path(p);
     }

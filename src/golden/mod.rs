@@ -693,8 +693,10 @@ pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) ->
     let prompts = match (sel.any_dynamic(), opts.prompts) {
         (true, Some(p)) => Some(p),
         (true, None) => {
-            return Err(Error::Usage(
-                "routing and norm-score snapshots need prompts: pass --prompts FILE or --token-ids FILE".into(),
+            return Err(Error::bad_value(
+                crate::error::ValueKind::Prompts,
+                "",
+                "routing and norm-score snapshots need prompts",
             ))
         }
         (false, _) => None,
