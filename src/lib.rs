@@ -26,6 +26,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod golden;
+pub mod import;
 pub mod input;
 pub mod layers;
 pub mod memory;

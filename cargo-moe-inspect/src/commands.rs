@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Analyze(args) => analyze(args, style),
         Command::Models(args) => models(args),
         Command::Trace(args) => trace(args),
+        Command::Import(args) => crate::import_cmd::import(args),
         Command::Snapshot(args) => crate::golden_cmd::snapshot(args),
         Command::Check(args) => crate::golden_cmd::check(args, style.color),
         Command::Pending(args) => crate::golden_cmd::pending(args),
@@ -266,6 +267,9 @@ pub(crate) fn progress_bar() -> Bar {
 }
 
 fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
+    if args.trace.is_some() {
+        return crate::import_cmd::analyze_trace(args, style);
+    }
     let analyses = AnalysisKind::parse_selection(&args.analyses)?;
     let writes_to = match args.format {
         OutputFormat::Table => None,

@@ -1,0 +1,298 @@
+//! SGLang expert distribution recorder dumps (`--expert-distribution-recorder-mode`,
+//! `/dump_expert_distribution_record`): `torch.save` files.
+//!
+//! - `per_token`: one file per rank, `dict(records=[...],
+//!   last_physical_to_logical_map=int64 [L, physical])`; each record holds
+//!   `forward_pass_id`, `rank`, `input_ids`, `positions`, `extend_seq_lens`
+//!   (None in decode passes), `forward_mode` and `topk_ids_of_layer`
+//!   (int32 `[L, tokens, 8]`, physical ids, padded with -1; dense layers all
+//!   -1). Physical ids are mapped to logical ones through the map, -1 padding
+//!   is dropped, and the prompts are rebuilt from the extend segments: a
+//!   segment whose first position is 0 starts a prompt, one at position p
+//!   continues the prompt that has p tokens so far (chunked prefill). Decode
+//!   tokens are left out with a note (they belong to no prompt the trace can
+//!   name). Records repeated on several ranks (tensor parallelism: same pass,
+//!   same tokens) are merged once; different tokens on different ranks (data
+//!   parallel attention) are all kept.
+//! - `per_pass`: records with `global_physical_count [L, physical]`;
+//!   `stat`: rank 0 only, `logical_count [buffer, L, E]` (a circular buffer,
+//!   unused rows zero). Both give counts only (`expert_counts`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use super::pickle::{TorchFile, Value};
+use super::{Imported, PerToken};
+use crate::error::{Error, Result};
+use crate::model::family::ModelInfo;
+use crate::trace::{Routing, MAX_TRACE_TOKENS};
+
+/// One prompt being rebuilt: its token ids and `[tokens, layers, k]` ids.
+struct Prompt {
+    ids: Vec<i64>,
+    selected: Vec<u16>,
+}
+
+/// Reads SGLang recorder dumps (see the module documentation).
+pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
+    let files = super::files(paths, |n| n.ends_with(".pt"))?;
+    let (l, e) = (info.moe_layers.len(), info.num_experts);
+    let mut prompts: Vec<Prompt> = Vec::new();
+    let mut counts: Option<Vec<u64>> = None;
+    let mut per_token_files = 0usize;
+    let mut decode_tokens = 0usize;
+    let mut duplicates = 0usize;
+    let mut seen: HashSet<(i64, Vec<i64>, Vec<i64>)> = HashSet::new();
+    // (forward_pass_id, file index, record index) → processed in pass order.
+    let mut passes: Vec<(i64, usize, usize)> = Vec::new();
+    let mut opened: Vec<(TorchFile, Option<Vec<i64>>, usize)> = Vec::new();
+    for (fi, path) in files.iter().enumerate() {
+        let bad = |reason: String| Error::Input {
+            path: path.clone(),
+            reason,
+        };
+        let mut f = TorchFile::open(path)?;
+        let root = f.root.clone();
+        if let Some(Value::Tensor(t)) = root.get("logical_count") {
+            // stat mode
+            if t.shape.len() != 3 || t.shape[1] != info.num_layers || t.shape[2] != e {
+                return Err(bad(format!(
+                    "`logical_count` has shape {:?}; the model needs [buffer, {} layers, {e} experts]",
+                    t.shape, info.num_layers
+                )));
+            }
+            let v = f.ints(&t)?;
+            let c = counts.get_or_insert_with(|| vec![0; l * e]);
+            let per = info.num_layers * e;
+            for row in v.chunks_exact(per) {
+                for (li, &layer) in info.moe_layers.iter().enumerate() {
+                    for x in 0..e {
+                        add(&mut c[li * e + x], row[layer * e + x], path)?;
+                    }
+                }
+            }
+            continue;
+        }
+        let records = root
+            .get("records")
+            .and_then(|r| r.items())
+            .ok_or_else(|| bad("neither `records` (per_token / per_pass) nor `logical_count` (stat): not a recorder dump".into()))?;
+        let map = match root.get("last_physical_to_logical_map") {
+            Some(Value::Tensor(t)) => {
+                if t.shape.len() != 2 || t.shape[0] != info.num_layers || t.shape[1] == 0 {
+                    return Err(bad(format!(
+                        "`last_physical_to_logical_map` has shape {:?}; the model has {} layers",
+                        t.shape, info.num_layers
+                    )));
+                }
+                let phys = t.shape[1];
+                let m = f.ints(&t)?;
+                if let Some(&x) = m.iter().find(|&&x| x < 0 || x >= e as i64) {
+                    return Err(bad(format!(
+                        "`last_physical_to_logical_map` maps to expert {x}, out of range (the model has {e} experts)"
+                    )));
+                }
+                Some((m, phys))
+            }
+            _ => None,
+        };
+        let (map, phys) = match map {
+            Some((m, p)) => (Some(m), p),
+            None => (None, 0),
+        };
+        for (ri, rec) in records.iter().enumerate() {
+            if let Some(Value::Tensor(_)) = rec.get("topk_ids_of_layer") {
+                let fp = rec.get("forward_pass_id").and_then(|v| v.int()).unwrap_or(0);
+                passes.push((fp, fi, ri));
+            } else if let Some(Value::Tensor(t)) = rec.get("global_physical_count") {
+                let map = map.as_ref().ok_or_else(|| bad("no `last_physical_to_logical_map`".into()))?;
+                if t.shape != [info.num_layers, phys] {
+                    return Err(bad(format!(
+                        "record {ri}: `global_physical_count` has shape {:?}, expected [{}, {phys}]",
+                        t.shape, info.num_layers
+                    )));
+                }
+                let v = f.ints(&t.clone())?;
+                let c = counts.get_or_insert_with(|| vec![0; l * e]);
+                for (li, &layer) in info.moe_layers.iter().enumerate() {
+                    for p in 0..phys {
+                        let logical = map[layer * phys + p] as usize;
+                        add(&mut c[li * e + logical], v[layer * phys + p], path)?;
+                    }
+                }
+            } else {
+                return Err(bad(format!(
+                    "record {ri} holds neither `topk_ids_of_layer` nor `global_physical_count`"
+                )));
+            }
+        }
+        let has_token_records = passes.iter().any(|p| p.1 == fi);
+        if has_token_records {
+            per_token_files += 1;
+        }
+        opened.push((f, map, phys));
+    }
+    if per_token_files > 0 && counts.is_some() {
+        return Err(Error::Input {
+            path: files[0].clone(),
+            reason: "the files mix per_token records with counts-only (per_pass / stat) dumps: import them separately".into(),
+        });
+    }
+    if let Some(c) = counts {
+        return Ok(Imported {
+            routing: Routing {
+                source: "sglang".into(),
+                moe_layers: info.moe_layers.clone(),
+                num_experts: e,
+                top_k: info.top_k,
+                expert_counts: Some(c),
+                ..Routing::default()
+            },
+            notes: vec![format!("counts only (per_pass / stat): {} files merged", files.len())],
+        });
+    }
+    passes.sort();
+    for (_, fi, ri) in passes {
+        let path = &files[fi];
+        let (f, map, phys) = &mut opened[fi];
+        let map = map.as_ref().ok_or_else(|| Error::Input {
+            path: path.clone(),
+            reason: "no `last_physical_to_logical_map`: physical ids cannot be mapped".into(),
+        })?;
+        let rec = f.root.get("records").and_then(|r| r.items()).expect("read above")[ri].clone();
+        let (d, dup) = record(path, ri, f, &rec, map, *phys, info, &mut prompts, &mut seen)?;
+        decode_tokens += d;
+        duplicates += usize::from(dup);
+    }
+    let mut notes = Vec::new();
+    if decode_tokens > 0 {
+        notes.push(format!("{decode_tokens} decode tokens left out: only prompt (extend) tokens are imported"));
+    }
+    if duplicates > 0 {
+        notes.push(format!("{duplicates} records repeated on several ranks merged once"));
+    }
+    let mut out = PerToken::new();
+    for p in prompts {
+        out.prompt_lengths.push(p.ids.len());
+        out.token_ids.extend(p.ids);
+        out.selected.extend(p.selected);
+    }
+    if out.prompt_lengths.is_empty() {
+        return Err(Error::Input {
+            path: files[0].clone(),
+            reason: "the dump holds no prompt (extend) tokens".into(),
+        });
+    }
+    Ok(Imported {
+        routing: out.finish("sglang", info),
+        notes,
+    })
+}
+
+fn add(x: &mut u64, v: i64, path: &Path) -> Result<()> {
+    let v = u64::try_from(v).map_err(|_| Error::Input {
+        path: path.to_path_buf(),
+        reason: format!("negative count {v}"),
+    })?;
+    *x = x.checked_add(v).ok_or_else(|| Error::Input {
+        path: path.to_path_buf(),
+        reason: "counts overflow".into(),
+    })?;
+    Ok(())
+}
+
+/// Adds one per-token record; returns (decode tokens left out, whether it
+/// repeated a record already seen).
+#[allow(clippy::too_many_arguments)]
+fn record(
+    path: &Path,
+    ri: usize,
+    f: &mut TorchFile,
+    rec: &Value,
+    map: &[i64],
+    phys: usize,
+    info: &ModelInfo,
+    prompts: &mut Vec<Prompt>,
+    seen: &mut HashSet<(i64, Vec<i64>, Vec<i64>)>,
+) -> Result<(usize, bool)> {
+    let bad = |reason: String| Error::Input {
+        path: path.to_path_buf(),
+        reason: format!("record {ri}: {reason}"),
+    };
+    let (l, k, e) = (info.moe_layers.len(), info.top_k, info.num_experts);
+    let ids = rec.get("input_ids").and_then(|v| v.ints()).ok_or_else(|| bad("no `input_ids` list".into()))?;
+    let positions = rec.get("positions").and_then(|v| v.ints()).ok_or_else(|| bad("no `positions` list".into()))?;
+    let tokens = ids.len();
+    if tokens > MAX_TRACE_TOKENS || positions.len() != tokens {
+        return Err(bad(format!("{} positions for {tokens} input ids", positions.len())));
+    }
+    let fp = rec.get("forward_pass_id").and_then(|v| v.int()).unwrap_or(0);
+    let key = (fp, ids.clone(), positions.clone());
+    if seen.contains(&key) {
+        return Ok((0, true));
+    }
+    let Some(Value::Tensor(t)) = rec.get("topk_ids_of_layer") else {
+        return Err(bad("no `topk_ids_of_layer` tensor".into()));
+    };
+    if t.shape.len() != 3 || t.shape[0] != info.num_layers || t.shape[1] != tokens || t.shape[2] < k {
+        return Err(bad(format!(
+            "`topk_ids_of_layer` has shape {:?}; the model needs [{} layers, {tokens} tokens, ≥ {k}]",
+            t.shape, info.num_layers
+        )));
+    }
+    let width = t.shape[2];
+    let topk = f.ints(&t.clone())?;
+    let segments: Vec<usize> = match rec.get("extend_seq_lens") {
+        None | Some(Value::None) => Vec::new(),
+        Some(v) => v
+            .ints()
+            .ok_or_else(|| bad("`extend_seq_lens` is not a list of ints".into()))?
+            .into_iter()
+            .map(|x| usize::try_from(x).map_err(|_| bad(format!("negative extend length {x}"))))
+            .collect::<Result<_>>()?,
+    };
+    let extend: usize = segments.iter().sum();
+    if extend > tokens {
+        return Err(bad(format!("extend lengths sum to {extend}, the pass has {tokens} tokens")));
+    }
+    let mut start = 0usize;
+    for len in segments {
+        let first = positions.get(start).copied().unwrap_or(0);
+        let pi = if first == 0 {
+            prompts.push(Prompt { ids: Vec::new(), selected: Vec::new() });
+            prompts.len() - 1
+        } else {
+            prompts
+                .iter()
+                .rposition(|p| p.ids.len() as i64 == first)
+                .ok_or_else(|| bad(format!("an extend segment starts at position {first}, but no prompt has {first} tokens so far")))?
+        };
+        for tok in start..start + len {
+            prompts[pi].ids.push(ids[tok]);
+            for (li, &layer) in info.moe_layers.iter().enumerate() {
+                let row = &topk[(layer * tokens + tok) * width..(layer * tokens + tok + 1) * width];
+                let mut n = 0usize;
+                for &x in row.iter().filter(|&&x| x != -1) {
+                    let p = usize::try_from(x)
+                        .ok()
+                        .filter(|&p| p < phys)
+                        .ok_or_else(|| bad(format!("token {tok}, layer {layer}: physical expert id {x} is out of range ({phys} physical experts)")))?;
+                    let logical = map[layer * phys + p];
+                    let what = || format!("record {ri}, token {tok}, layer {layer}");
+                    prompts[pi].selected.push(PerToken::check_id(logical, e, what, path)?);
+                    n += 1;
+                }
+                if n != k {
+                    return Err(bad(format!(
+                        "token {tok}, layer {layer}: {n} experts selected (after dropping -1 padding), the model's top-k is {k}"
+                    )));
+                }
+                let _ = li;
+            }
+        }
+        start += len;
+    }
+    let _ = l;
+    seen.insert(key);
+    Ok((tokens - extend, false))
+}
