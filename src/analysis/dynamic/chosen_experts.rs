@@ -71,7 +71,8 @@ impl Accumulator {
 /// running the model, on the MoE layers in `layers` (all when `None`).
 /// Per-token records give every statistic; a counts-only trace (an engine
 /// that records bincounts) gives the load statistics, with an empty
-/// co-activation matrix and `tokens` = 0.
+/// co-activation matrix; its `tokens` is the first layer's selections / top-k
+/// (each token selects top-k experts), 0 when the top-k is unknown.
 pub fn from_routing(r: &crate::trace::Routing, layers: Option<&[usize]>) -> ChosenExperts {
     let (l, e, k) = (r.moe_layers.len(), r.num_experts, r.top_k);
     let wanted = |layer: usize| layers.is_none_or(|s| s.contains(&layer));
@@ -105,7 +106,11 @@ pub fn from_routing(r: &crate::trace::Routing, layers: Option<&[usize]>) -> Chos
     ChosenExperts {
         summary: summary(&layers),
         layers,
-        tokens: if r.selected.is_some() { r.tokens() } else { 0 },
+        tokens: match (&r.selected, &r.expert_counts) {
+            (Some(_), _) => r.tokens(),
+            (None, Some(c)) if k > 0 => (c.iter().take(e).sum::<u64>() / k as u64) as usize,
+            _ => 0,
+        },
     }
 }
 

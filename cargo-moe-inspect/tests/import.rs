@@ -1,0 +1,339 @@
+//! `import` (issue 15): each engine's routing record, written in the engine's
+//! own layout by fixtures/engine-traces/make_engine_traces.py from a
+//! transformers forward pass of fixtures/qwen3-moe, converts into a trace
+//! whose chosen-experts load equals the transformers reference and this
+//! tool's own `trace` of the same token ids; mismatches with the model exit 2.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fixture, repo_root};
+use serde_json::Value;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cargo-moe-inspect"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn traces() -> PathBuf {
+    repo_root().join("fixtures/engine-traces")
+}
+
+fn expected() -> Value {
+    serde_json::from_slice(&std::fs::read(traces().join("expected.json")).unwrap()).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// (per-layer load, tokens) of a chosen-experts JSON report.
+fn loads(json: &str) -> (Vec<Vec<u64>>, u64) {
+    let v: Value = serde_json::from_str(json).unwrap();
+    let c = &v["analyses"]["chosen-experts"];
+    let layers = c["layers"].as_array().unwrap();
+    let load = layers
+        .iter()
+        .map(|l| {
+            l["load"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        })
+        .collect();
+    for l in layers {
+        for key in ["balancedness", "cv", "dead_share", "entropy_ratio"] {
+            assert!(l[key].as_f64().unwrap().is_finite(), "{key} not finite");
+        }
+    }
+    (load, c["tokens"].as_u64().unwrap())
+}
+
+fn expected_load() -> Vec<Vec<u64>> {
+    let e = expected();
+    e["load"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect())
+        .collect()
+}
+
+fn import(from: &str, path: &Path, model: &Path, out: &Path) -> (i32, String) {
+    let (code, _, stderr) = run(&[
+        "import", "--from", from, s(path), "--model", s(model), "--out", s(out),
+    ]);
+    (code, stderr)
+}
+
+fn analyze_trace(trace: &Path, model: Option<&Path>) -> (Vec<Vec<u64>>, u64) {
+    let mut args = vec!["analyze", "--trace", s(trace), "--analyses", "chosen-experts", "--format", "json"];
+    if let Some(m) = model {
+        args.extend(["--model", s(m)]);
+    }
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "{stderr}");
+    loads(&stdout)
+}
+
+/// Every engine's record, per-token and counts-only, gives the load of the
+/// transformers reference, which is also what this tool's own `trace` and
+/// forward pass give on the same token ids.
+#[test]
+fn every_engine_import_gives_the_load_of_the_models_own_trace() {
+    let model = fixture("qwen3-moe");
+    let dir = tempfile::tempdir().unwrap();
+    let want = expected_load();
+    assert_eq!(want.len(), 2);
+    assert_eq!(want.iter().map(|l| l.iter().sum::<u64>()).collect::<Vec<_>>(), vec![84, 84]);
+
+    // The tool's own trace and forward pass of the same token ids.
+    let own = dir.path().join("own.safetensors");
+    let ids = traces().join("prompts.txt");
+    let (code, _, stderr) = run(&["trace", "--model", s(&model), "--token-ids", s(&ids), "--out", s(&own)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(analyze_trace(&own, None), (want.clone(), 42));
+    let (code, stdout, stderr) = run(&[
+        "analyze", "--model", s(&model), "--token-ids", s(&ids), "--analyses", "chosen-experts", "--format", "json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(loads(&stdout), (want.clone(), 42));
+
+    let cases: [(&str, &str, bool); 8] = [
+        ("vllm", "vllm/responses.jsonl", true),
+        ("vllm", "vllm/npy", true),
+        ("sglang", "sglang/per_token", true),
+        ("sglang", "sglang/per_token_tp", true),
+        ("sglang", "sglang/per_pass", false),
+        ("sglang", "sglang/stat", false),
+        ("megatron", "megatron", true),
+        ("trtllm", "trtllm", false),
+    ];
+    for (from, path, per_token) in cases {
+        let out = dir.path().join(format!("{}.safetensors", path.replace('/', "_")));
+        let (code, stderr) = import(from, &traces().join(path), &model, &out);
+        assert_eq!(code, 0, "{from} {path}: {stderr}");
+        assert!(stderr.contains("wrote"), "{stderr}");
+        let (load, tokens) = analyze_trace(&out, Some(&model));
+        assert_eq!(load, want, "{from} {path}");
+        assert_eq!(tokens, 42, "{from} {path}");
+        // Without --model the trace alone says how many experts there are.
+        assert_eq!(analyze_trace(&out, None).0, want, "{from} {path}");
+        let r = moe_inspect::trace::read(&out, None).unwrap();
+        assert_eq!(r.selected.is_some(), per_token, "{from} {path}");
+        assert_eq!(r.expert_counts.is_some(), !per_token, "{from} {path}");
+        assert_eq!(r.source, from);
+    }
+}
+
+/// Per-token imports hold the transformers top-2 of every token, in prompt
+/// order, with the token ids where the engine records them (Megatron: none)
+/// and Megatron's bf16 logits sidecar within bf16 rounding of the tool's own
+/// router logits.
+#[test]
+fn per_token_imports_hold_each_tokens_experts_and_ids() {
+    let model = fixture("qwen3-moe");
+    let dir = tempfile::tempdir().unwrap();
+    let e = expected();
+    let prompts: Vec<Vec<i64>> = e["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+        .collect();
+    // [prompt][token][layer] → sorted pair
+    let want: Vec<Vec<u16>> = e["selected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p.as_array().unwrap().clone())
+        .map(|tok| {
+            tok.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|layer| {
+                    let mut v: Vec<u16> = layer.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u16).collect();
+                    v.sort_unstable();
+                    v
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(want.len(), 42);
+    let own = dir.path().join("own.safetensors");
+    let (code, _, stderr) = run(&[
+        "trace", "--model", s(&model), "--token-ids", s(&traces().join("prompts.txt")), "--out", s(&own),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let own = moe_inspect::trace::read(&own, None).unwrap();
+    for (from, path, ids) in [
+        ("vllm", "vllm/responses.jsonl", true),
+        ("vllm", "vllm/npy", true),
+        ("sglang", "sglang/per_token", true),
+        ("sglang", "sglang/per_token_tp", true),
+        ("megatron", "megatron", false),
+    ] {
+        let out = dir.path().join("t.safetensors");
+        let (code, stderr) = import(from, &traces().join(path), &model, &out);
+        assert_eq!(code, 0, "{stderr}");
+        let r = moe_inspect::trace::read(&out, None).unwrap();
+        assert_eq!(r.prompt_lengths, vec![20, 13, 9], "{from} {path}");
+        assert_eq!((r.num_experts, r.top_k, r.moe_layers.clone()), (8, 2, vec![1, 2]));
+        let sel = r.selected.as_ref().unwrap();
+        assert_eq!(sel.len(), 42 * 2 * 2);
+        let got: Vec<Vec<u16>> = sel
+            .chunks_exact(4)
+            .map(|t| {
+                let mut a = t[..2].to_vec();
+                let mut b = t[2..].to_vec();
+                a.sort_unstable();
+                b.sort_unstable();
+                [a, b].concat()
+            })
+            .collect();
+        assert_eq!(got, want, "{from} {path}");
+        if ids {
+            assert_eq!(r.token_ids.as_ref().unwrap(), &prompts.concat(), "{from} {path}");
+        } else {
+            assert!(r.token_ids.is_none(), "{from}: token ids invented");
+        }
+        match from {
+            "megatron" => {
+                let got = r.router_logits.as_ref().unwrap();
+                let own = own.router_logits.as_ref().unwrap();
+                assert_eq!(got.len(), own.len());
+                for (a, b) in got.iter().zip(own) {
+                    assert!(a.is_finite() && (a - b).abs() <= b.abs() / 128.0 + 1e-6, "{a} vs {b}");
+                }
+            }
+            _ => assert!(r.router_logits.is_none(), "{from}: logits invented"),
+        }
+        assert!(r.routing_weights.is_none());
+    }
+}
+
+/// A record that does not match the model is one exit-2 error naming the
+/// file and the mismatch, for each engine.
+#[test]
+fn records_that_do_not_match_the_model_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.safetensors");
+    let t = traces();
+    // mixtral: 2 layers, both MoE; qwen2-moe: 6 experts. (vLLM records only
+    // MoE-layer columns, so a same-shaped model is indistinguishable.)
+    let cases: [(&str, PathBuf, &str, &str, &str); 8] = [
+        ("vllm", t.join("vllm/responses.jsonl"), "qwen2-moe", "responses.jsonl", "expert id 6 is out of range (the model has 6 experts)"),
+        ("vllm", t.join("vllm/npy"), "qwen2-moe", "response0.json", "out of range (the model has 6 experts)"),
+        ("sglang", t.join("sglang/per_token"), "mixtral", ".pt", "the model has 2 layers"),
+        ("sglang", t.join("sglang/per_token"), "qwen2-moe", ".pt", "out of range (the model has 6 experts)"),
+        ("sglang", t.join("sglang/stat"), "qwen2-moe", ".pt", "6 experts"),
+        ("megatron", t.join("megatron"), "mixtral", "router_trace_rank0.jsonl", "line 2: layer 2 is not an MoE layer of the model (MoE layers [0, 1])"),
+        ("trtllm", t.join("trtllm"), "mixtral", "rank0.safetensors", "tensor `0_2`: layer 2 is not an MoE layer of the model (MoE layers [0, 1])"),
+        ("trtllm", t.join("trtllm"), "qwen2-moe", "meta_info.json", "`num_experts` is 8, the model has 6 experts"),
+    ];
+    for (from, path, model, file, what) in cases {
+        let (code, stderr) = import(from, &path, &fixture(model), &out);
+        assert_eq!(code, 2, "{from} on {model}: {stderr}");
+        assert!(stderr.contains(file) && stderr.contains(what), "{from} on {model}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!out.exists(), "nothing written on error");
+    }
+
+    // Edited records: wrong top-k, wrong layer count, a dense layer.
+    let line = std::fs::read_to_string(t.join("vllm/responses.jsonl")).unwrap();
+    let mut v: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    let routes = v["prompt_routed_experts"].clone();
+    let one_expert: Vec<Value> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|tok| Value::Array(tok.as_array().unwrap().iter().map(|l| Value::Array(vec![l[0].clone()])).collect()))
+        .collect();
+    v["prompt_routed_experts"] = Value::Array(one_expert);
+    let f = dir.path().join("topk.json");
+    std::fs::write(&f, v.to_string()).unwrap();
+    let (code, stderr) = import("vllm", &f, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("topk.json") && stderr.contains("selects 1 experts per token, the model's top-k is 2"), "{stderr}");
+
+    let three_layers: Vec<Value> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|tok| {
+            let mut l = tok.as_array().unwrap().clone();
+            l.push(l[0].clone());
+            Value::Array(l)
+        })
+        .collect();
+    v["prompt_routed_experts"] = Value::Array(three_layers);
+    let f = dir.path().join("layers.json");
+    std::fs::write(&f, v.to_string()).unwrap();
+    let (code, stderr) = import("vllm", &f, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("layers.json") && stderr.contains("covers 3 MoE layers, the model has 2"), "{stderr}");
+
+    let mega = std::fs::read_to_string(t.join("megatron/router_trace_rank1.jsonl")).unwrap();
+    let m = dir.path().join("router_trace_rank1.jsonl");
+    std::fs::write(&m, mega.replacen("\"layer\": 1", "\"layer\": 0", 1)).unwrap();
+    let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("line 1: layer 0 is not an MoE layer"), "{stderr}");
+    let second_layer_only: String = mega.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&m, second_layer_only).unwrap();
+    let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("rank 1, step 0: no record of MoE layers [1]"), "{stderr}");
+    std::fs::write(&m, mega.replacen("[[", "[[9, 1], [", 1)).unwrap();
+    let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("`top_indices` has 10 rows, `num_tokens` is 9"), "{stderr}");
+
+    // Garbage instead of a torch.save archive.
+    let pt = dir.path().join("x.pt");
+    std::fs::write(&pt, b"not a zip").unwrap();
+    let (code, stderr) = import("sglang", &pt, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("x.pt") && stderr.contains("not a torch.save zip archive"), "{stderr}");
+}
+
+/// `analyze --trace` runs only what needs routing, and checks the trace
+/// against --model.
+#[test]
+fn analyze_trace_refuses_what_needs_the_model_and_mismatched_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.safetensors");
+    let (code, stderr) = import("trtllm", &traces().join("trtllm"), &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = run(&["analyze", "--trace", s(&out), "--analyses", "expert-similarity"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("`expert-similarity` needs the model's weights"), "{stderr}");
+    let (code, _, stderr) = run(&["analyze", "--trace", s(&out), "--model", s(&fixture("mixtral"))]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("t.safetensors") && stderr.contains("the model's MoE layers are [0, 1]"), "{stderr}");
+    let (code, _, stderr) = run(&["analyze", "--trace", s(&out), "--model", s(&fixture("qwen2-moe"))]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("the trace has 8 experts per layer, the model 6"), "{stderr}");
+    // --layers selects MoE layers of the trace.
+    let (code, stdout, stderr) = run(&[
+        "analyze", "--trace", s(&out), "--layers", "2", "--format", "json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let (load, _) = loads(&stdout);
+    assert_eq!(load, vec![expected_load()[1].clone()]);
+    // The output may not replace the input record.
+    let (code, stderr) = import("trtllm", &traces().join("trtllm"), &fixture("qwen3-moe"), &traces().join("trtllm/rank0.safetensors"));
+    assert_eq!(code, 2, "{stderr}");
+}
