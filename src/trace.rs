@@ -521,3 +521,57 @@ pub fn read(path: &Path, num_experts: Option<usize>) -> Result<Routing> {
     r.validate(path)?;
     Ok(r)
 }
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+
+    fn routing() -> Routing {
+        Routing {
+            source: "test".into(),
+            moe_layers: vec![1, 3],
+            num_experts: 4,
+            top_k: 2,
+            prompt_lengths: vec![2, 1],
+            selected: Some(vec![0, 1, 2, 3, 1, 0, 3, 2, 0, 3, 1, 2]),
+            token_ids: Some(vec![5, 6, 7]),
+            ..Routing::default()
+        }
+    }
+
+    #[test]
+    fn write_then_read_round_trips_and_counts_load() {
+        let dir = std::env::temp_dir().join(format!("moe-inspect-routing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let r = routing();
+        write(&r, &path).unwrap();
+        let back = read(&path, None).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.load(), vec![vec![3, 2, 0, 1], vec![0, 1, 3, 2]]);
+        // The model's expert count must agree with the file's.
+        let err = read(&path, Some(6)).unwrap_err().to_string();
+        assert!(err.contains("the trace has 4 experts per layer, the model 6"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn validation_names_the_bad_id_and_the_size_mismatch() {
+        let p = Path::new("x.safetensors");
+        let mut r = routing();
+        r.selected.as_mut().unwrap()[5] = 4;
+        let err = r.validate(p).unwrap_err().to_string();
+        assert!(err.contains("x.safetensors") && err.contains("token 1, MoE layer 1: expert id 4 is out of range"), "{err}");
+        let mut r = routing();
+        r.prompt_lengths = vec![2, 2];
+        assert!(r.validate(p).unwrap_err().to_string().contains("4 tokens × 2 layers × 2 need 16"));
+        let mut r = routing();
+        r.token_ids = Some(vec![1]);
+        assert!(r.validate(p).unwrap_err().to_string().contains("`token_ids` holds 1 ids for 3 tokens"));
+        let mut r = routing();
+        r.selected = None;
+        assert!(r.validate(p).unwrap_err().to_string().contains("neither"));
+        r.expert_counts = Some(vec![1; 7]);
+        assert!(r.validate(p).unwrap_err().to_string().contains("`expert_counts` holds 7 values"));
+    }
+}

@@ -552,3 +552,44 @@ fn reduce(f: &Value, args: &Value) -> std::result::Result<Value, String> {
     }
     Ok(Value::Opaque(format!("{}.{}", g.0, g.1).into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pickle.dumps({'a': [1, -2, 300, 70000, 2**40], 'b': None, 'c': ('x', True)}, protocol=2)`,
+    /// with the list memoized and fetched again under key 'd'.
+    #[test]
+    fn reads_protocol_2_containers_numbers_and_memo() {
+        let mut p: Vec<u8> = vec![0x80, 2, b'}', b'q', 0, b'('];
+        p.extend(b"X\x01\x00\x00\x00a");
+        p.extend(b"]q\x01(K\x01J\xfe\xff\xff\xffM\x2c\x01J\x70\x11\x01\x00\x8a\x06\x00\x00\x00\x00\x00\x01e");
+        p.extend(b"X\x01\x00\x00\x00bN");
+        p.extend(b"X\x01\x00\x00\x00c\x8c\x01x\x88\x86");
+        p.extend(b"X\x01\x00\x00\x00dh\x01");
+        p.extend(b"u.");
+        let v = unpickle(&p).unwrap();
+        let want = vec![1, -2, 300, 70000, 1i64 << 40];
+        assert_eq!(v.get("a").unwrap().ints().unwrap(), want);
+        assert_eq!(v.get("d").unwrap().ints().unwrap(), want, "memo shares the list");
+        assert!(matches!(v.get("b"), Some(Value::None)));
+        let c = v.get("c").unwrap().items().unwrap();
+        assert!(matches!(&c[0], Value::Str(s) if &**s == "x"));
+        assert!(matches!(c[1], Value::Bool(true)));
+    }
+
+    #[test]
+    fn refuses_truncated_and_unknown_pickles() {
+        assert!(unpickle(b"\x80\x02]q").unwrap_err().contains("truncated"));
+        assert!(unpickle(b"\x80\x02i").unwrap_err().contains("unsupported pickle opcode 0x69"));
+        assert!(unpickle(b"\x80\x02h\x05.").unwrap_err().contains("memo entry 5 missing"));
+        assert!(unpickle(b"e").unwrap_err().contains("MARK"));
+        // A negative LONG1 and a string longer than the data.
+        assert_eq!(unpickle(b"\x8a\x02\x00\xff.").unwrap().int(), Some(-256));
+        assert!(unpickle(b"X\xff\xff\xff\xffab").unwrap_err().contains("truncated"));
+        // A non-integer storage is refused by name.
+        let mut p = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ.".to_vec();
+        assert!(unpickle(&p).unwrap_err().contains("FloatStorage"));
+        p.clear();
+    }
+}

@@ -296,3 +296,111 @@ fn record(
     seen.insert(key);
     Ok((tokens - extend, false))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Config;
+
+    fn fixture(p: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+    }
+
+    fn qwen3() -> ModelInfo {
+        ModelInfo::from_config(&Config::read_dir(&fixture("fixtures/qwen3-moe")).unwrap()).unwrap()
+    }
+
+    /// The dump holds physical ids padded with -1 (dense layer 0 all -1); the
+    /// import maps them to the logical ids transformers chose.
+    #[test]
+    fn physical_ids_are_mapped_and_padding_dropped() {
+        let dir = fixture("fixtures/engine-traces/sglang/per_token");
+        let path = dir.join("expert_distribution_recorder_1780000000.0_0.pt");
+        let mut f = TorchFile::open(&path).unwrap();
+        let records = f.root.get("records").unwrap().items().unwrap();
+        assert_eq!(records.len(), 3);
+        let Some(Value::Tensor(t)) = records[0].get("topk_ids_of_layer") else {
+            panic!("no topk_ids_of_layer")
+        };
+        assert_eq!(t.shape, vec![3, 25, 8]);
+        let raw = f.ints(&t).unwrap();
+        let Some(Value::Tensor(m)) = f.root.get("last_physical_to_logical_map") else {
+            panic!("no map")
+        };
+        assert_eq!(m.shape, vec![3, 12]);
+        let map = f.ints(&m).unwrap();
+        // Dense layer 0: all padding; MoE layers: 2 ids then 6 × -1.
+        assert!(raw[..25 * 8].iter().all(|&x| x == -1));
+        for row in raw[25 * 8..].chunks_exact(8) {
+            assert!(row[..2].iter().all(|&x| (0..12).contains(&x)));
+            assert!(row[2..].iter().all(|&x| x == -1));
+        }
+        // The raw ids are physical: read as logical they would be wrong.
+        let expected: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixture("fixtures/engine-traces/expected.json")).unwrap(),
+        )
+        .unwrap();
+        let want = |p: usize, t: usize, li: usize| -> Vec<i64> {
+            let mut v: Vec<i64> = expected["selected"][p][t][li]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let (mut differ, mut compared) = (0, 0);
+        for tok in 0..20 {
+            for (li, layer) in [1usize, 2].into_iter().enumerate() {
+                let row = &raw[(layer * 25 + tok) * 8..(layer * 25 + tok) * 8 + 2];
+                let mut physical = row.to_vec();
+                physical.sort_unstable();
+                let mut logical: Vec<i64> = row.iter().map(|&p| map[layer * 12 + p as usize]).collect();
+                logical.sort_unstable();
+                assert_eq!(logical, want(0, tok, li));
+                differ += usize::from(physical != logical);
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 40);
+        assert!(differ > 20, "the fixture's physical ids must differ from the logical ones");
+        // And the import does the mapping.
+        let r = import(&[dir], &qwen3()).unwrap().routing;
+        let sel = r.selected.unwrap();
+        for tok in 0..20 {
+            for li in 0..2 {
+                let mut got: Vec<i64> = sel[(tok * 2 + li) * 2..(tok * 2 + li) * 2 + 2]
+                    .iter()
+                    .map(|&x| i64::from(x))
+                    .collect();
+                got.sort_unstable();
+                assert_eq!(got, want(0, tok, li));
+            }
+        }
+    }
+
+    /// Counts-only dumps (per_pass physical counts, stat logical counts) give
+    /// the same per-layer load; per_token and counts-only files do not mix.
+    #[test]
+    fn counts_only_modes_agree_and_do_not_mix() {
+        let info = qwen3();
+        let a = import(&[fixture("fixtures/engine-traces/sglang/per_pass")], &info).unwrap();
+        let b = import(&[fixture("fixtures/engine-traces/sglang/stat")], &info).unwrap();
+        let c = import(&[fixture("fixtures/engine-traces/sglang/per_token")], &info).unwrap();
+        assert!(a.routing.selected.is_none() && a.routing.expert_counts.is_some());
+        assert_eq!(a.routing.load(), b.routing.load());
+        assert_eq!(a.routing.load(), c.routing.load());
+        assert_eq!(a.routing.load()[0].iter().sum::<u64>(), 84);
+        let err = import(
+            &[
+                fixture("fixtures/engine-traces/sglang/per_pass"),
+                fixture("fixtures/engine-traces/sglang/per_token"),
+            ],
+            &info,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mix per_token records with counts-only"), "{err}");
+    }
+}

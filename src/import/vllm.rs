@@ -248,3 +248,35 @@ pub(crate) fn npy(b: &[u8]) -> std::result::Result<([usize; 3], Vec<i64>), Strin
         .collect();
     Ok(([t, l, k], ids))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy_bytes(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend((h.len() as u16).to_le_bytes());
+        b.extend(h.as_bytes());
+        b.extend(data);
+        b
+    }
+
+    #[test]
+    fn npy_of_each_integer_width() {
+        let i32s: Vec<u8> = [3i32, -1, 7, 0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(npy(&npy_bytes("<i4", "(2, 1, 2)", &i32s)).unwrap(), ([2, 1, 2], vec![3, -1, 7, 0]));
+        let i16s: Vec<u8> = [5i16, 6].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(npy(&npy_bytes("<i2", "(1, 1, 2)", &i16s)).unwrap(), ([1, 1, 2], vec![5, 6]));
+        assert_eq!(npy(&npy_bytes("|u1", "(1, 2, 1)", &[250, 1])).unwrap(), ([1, 2, 1], vec![250, 1]));
+        assert!(npy(&npy_bytes("<f4", "(1, 1, 1)", &[0; 4])).unwrap_err().contains("dtype <f4"));
+        assert!(npy(&npy_bytes("<i4", "(2, 2)", &[0; 16])).unwrap_err().contains("expected [tokens, layers, k]"));
+        assert!(npy(&npy_bytes("<i4", "(2, 1, 2)", &[0; 12])).unwrap_err().contains("holds 12 data bytes"));
+        assert!(npy(&npy_bytes("<i4", "(4294967296, 4294967296, 4294967296)", &[])).is_err());
+        assert!(npy(b"\x93NUMPY\x01\x00\xff\xff{").unwrap_err().contains("truncated"));
+    }
+}
