@@ -130,6 +130,12 @@ pub struct SnapshotArgs {
     /// load-shift, gate-r2, norm-score-top1).
     #[arg(long, value_name = "KEY=VALUE")]
     pub tolerance: Vec<String>,
+
+    /// Record / compare the routing (chosen-experts) of a trace file (`trace`
+    /// or `import` output) instead of running the model; needs --model DIR,
+    /// of which only config.json is read.
+    #[arg(long, value_name = "FILE", requires = "model", conflicts_with_all = ["prompts", "token_ids"])]
+    pub trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

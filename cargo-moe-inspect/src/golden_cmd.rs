@@ -243,6 +243,21 @@ fn record(t: &Target, sel: Selection, tol: Tolerances, device: &str) -> Result<S
     )
 }
 
+/// `--trace FILE` (issue 15): the routing snapshot of a trace file instead
+/// of a forward pass (see `import_cmd::trace_snapshot`).
+fn record_or_trace(
+    t: &Target,
+    sel: Selection,
+    tol: Tolerances,
+    device: &str,
+    trace: Option<&Path>,
+) -> Result<Snapshot> {
+    match trace {
+        Some(file) => crate::import_cmd::trace_snapshot(file, t.model.as_deref(), &t.name, tol),
+        None => record(t, sel, tol, device),
+    }
+}
+
 pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
     let s = settings(args.golden.manifest_path.as_deref())?;
     let dir = golden_dir(&args.golden, s.as_ref());
@@ -266,7 +281,7 @@ pub fn snapshot(args: SnapshotArgs) -> Result<u8> {
             &args.tolerance,
         )?;
         let path = pending::golden_path(&dir, &t.name);
-        let snap = record(&t, sel, tol, &args.model.device)?;
+        let snap = record_or_trace(&t, sel, tol, &args.model.device, args.trace.as_deref())?;
         snap.write(&path)?;
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         eprintln!(
@@ -308,7 +323,7 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
                 t.entry.as_ref(),
                 &sargs.tolerance,
             )?;
-            let snap = record(&t, sel, tol, &sargs.model.device)?;
+            let snap = record_or_trace(&t, sel, tol, &sargs.model.device, sargs.trace.as_deref())?;
             snap.write(&path)?;
             eprintln!("{}: no golden file; recorded {}", t.name, path.display());
             continue;
@@ -327,7 +342,7 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
             t.entry.as_ref(),
             &sargs.tolerance,
         )?;
-        let now = record(&t, sel, tol, &sargs.model.device)?;
+        let now = record_or_trace(&t, sel, tol, &sargs.model.device, sargs.trace.as_deref())?;
         let cmp = compare::compare(&gold, &now, &tol).map_err(|reason| Error::Incompatible {
             path: path.clone(),
             reason,

@@ -202,3 +202,20 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     }
     Ok(0)
 }
+
+/// `snapshot --trace` / `check --trace`: the routing snapshot of a trace,
+/// checked against the model's config.json (no weights are read).
+pub fn trace_snapshot(
+    file: &Path,
+    model: Option<&Path>,
+    name: &str,
+    tol: moe_inspect::golden::Tolerances,
+) -> Result<moe_inspect::golden::Snapshot> {
+    let dir = model.ok_or_else(|| {
+        Error::Usage("--trace needs --model DIR (its config.json describes the traced model)".into())
+    })?;
+    let (config, info) = model_info(dir)?;
+    let routing = trace::read(file, Some(info.num_experts))?;
+    import::check_model(&routing, &info, file)?;
+    moe_inspect::golden::from_trace(&routing, &config, name, tol)
+}

@@ -337,3 +337,99 @@ fn analyze_trace_refuses_what_needs_the_model_and_mismatched_models() {
     let (code, stderr) = import("trtllm", &traces().join("trtllm"), &fixture("qwen3-moe"), &traces().join("trtllm/rank0.safetensors"));
     assert_eq!(code, 2, "{stderr}");
 }
+
+fn run_env(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cargo-moe-inspect"))
+        .args(args)
+        .env_remove("CI")
+        .env_remove("GITHUB_ACTIONS")
+        .env("MOE_INSPECT_UPDATE", "no")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `snapshot --trace` records the routing of a trace; `check --trace` exits 0
+/// on the same routing (this tool's trace, or an engine's import of the same
+/// prompts) and 1 when one layer's routing was altered, naming only that layer.
+#[test]
+fn check_trace_exits_1_when_one_layers_routing_was_altered() {
+    let model = fixture("qwen3-moe");
+    let dir = tempfile::tempdir().unwrap();
+    let golden = dir.path().join("golden");
+    std::fs::create_dir(&golden).unwrap();
+    let own = dir.path().join("own.safetensors");
+    let (code, _, stderr) = run(&[
+        "trace", "--model", s(&model), "--token-ids", s(&traces().join("prompts.txt")), "--out", s(&own),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let common = ["--model", s(&model), "--golden-dir", s(&golden), "--format", "json"];
+    let (code, _, stderr) = run_env(&[&["snapshot", "--trace", s(&own)][..], &common[..4]].concat());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(golden.join("qwen3-moe.json").exists());
+
+    let check = |trace: &Path| -> (i32, Value) {
+        let (code, stdout, stderr) = run_env(&[&["check", "--trace", s(trace)][..], &common[..]].concat());
+        assert!(code == 0 || code == 1, "{stderr}");
+        (code, serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}")))
+    };
+    let metrics = |v: &Value| -> Vec<(String, u64, String)> {
+        v["models"][0]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"].as_str().unwrap().to_string(),
+                    r["layer"].as_u64().unwrap(),
+                    r["verdict"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (code, v) = check(&own);
+    assert_eq!(code, 0);
+    let rows = metrics(&v);
+    assert_eq!(rows.len(), 8, "top-1, top-k, jsd, load-shift × 2 layers: {rows:?}");
+    assert!(rows.iter().all(|r| r.2 == "ok"));
+
+    // SGLang's import of the same prompts: the same routing.
+    let sg = dir.path().join("sglang.safetensors");
+    let (code, stderr) = import("sglang", &traces().join("sglang/per_token"), &model, &sg);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, v) = check(&sg);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(metrics(&v).len(), 8);
+
+    // Layer 2's routing altered: every token's experts shifted by one.
+    let mut r = moe_inspect::trace::read(&own, None).unwrap();
+    let sel = r.selected.as_mut().unwrap();
+    for tok in sel.chunks_exact_mut(4) {
+        for x in &mut tok[2..] {
+            *x = (*x + 1) % 8;
+        }
+    }
+    let altered = dir.path().join("altered.safetensors");
+    moe_inspect::trace::write(&r, &altered).unwrap();
+    let (code, v) = check(&altered);
+    assert_eq!(code, 1, "{v}");
+    let rows = metrics(&v);
+    assert_eq!(rows.len(), 8);
+    let drifted: Vec<_> = rows.iter().filter(|r| r.2 != "ok").collect();
+    assert!(!drifted.is_empty());
+    assert!(drifted.iter().all(|r| r.1 == 2), "only layer 2 drifts: {drifted:?}");
+    assert!(drifted.iter().any(|r| r.0 == "routing-topk-agreement"), "{drifted:?}");
+
+    // A counts-only trace gates load-shift and the load JSD only.
+    let trt = dir.path().join("trt.safetensors");
+    let (code, stderr) = import("trtllm", &traces().join("trtllm"), &model, &trt);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, v) = check(&trt);
+    assert_eq!(code, 0, "{v}");
+    let names: Vec<String> = metrics(&v).into_iter().map(|r| r.0).collect();
+    assert_eq!(names, ["router-jsd", "load-shift", "router-jsd", "load-shift"]);
+}
