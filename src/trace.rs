@@ -309,7 +309,8 @@ pub fn write(routing: &Routing, out: &Path) -> Result<()> {
         routing.num_experts,
         routing.top_k,
     );
-    let i64s = |v: &mut dyn Iterator<Item = i64>| -> Vec<u8> { v.flat_map(i64::to_le_bytes).collect() };
+    let i64s =
+        |v: &mut dyn Iterator<Item = i64>| -> Vec<u8> { v.flat_map(i64::to_le_bytes).collect() };
     let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let mut tensors: Vec<(TensorSpec, Vec<u8>)> = Vec::new();
     if let Some(g) = &routing.router_logits {
@@ -317,10 +318,16 @@ pub fn write(routing: &Routing, out: &Path) -> Result<()> {
     }
     if let Some(sel) = &routing.selected {
         let bytes = sel.iter().flat_map(|&x| (x as i16).to_le_bytes()).collect();
-        tensors.push((TensorSpec::new("selected_experts", "I16", &[t, l, k]), bytes));
+        tensors.push((
+            TensorSpec::new("selected_experts", "I16", &[t, l, k]),
+            bytes,
+        ));
     }
     if let Some(w) = &routing.routing_weights {
-        tensors.push((TensorSpec::new("routing_weights", "F32", &[t, l, k]), f32s(w)));
+        tensors.push((
+            TensorSpec::new("routing_weights", "F32", &[t, l, k]),
+            f32s(w),
+        ));
     }
     if let Some(ids) = &routing.token_ids {
         tensors.push((
@@ -446,8 +453,8 @@ pub fn read(path: &Path, num_experts: Option<usize>) -> Result<Routing> {
             })
             .collect()
     };
-    let (_, layers) =
-        tensor("moe_layers", "I64", 1)?.ok_or_else(|| bad("no `moe_layers` tensor: not a trace file".into()))?;
+    let (_, layers) = tensor("moe_layers", "I64", 1)?
+        .ok_or_else(|| bad("no `moe_layers` tensor: not a trace file".into()))?;
     let moe_layers = nonneg("moe_layers", i64s(layers))?;
     let meta_usize = |key: &str| -> Result<Option<usize>> {
         match meta.get(key).and_then(|v| v.as_str()) {
@@ -551,7 +558,10 @@ mod routing_tests {
         assert_eq!(back.load(), vec![vec![3, 2, 0, 1], vec![0, 1, 3, 2]]);
         // The model's expert count must agree with the file's.
         let err = read(&path, Some(6)).unwrap_err().to_string();
-        assert!(err.contains("the trace has 4 experts per layer, the model 6"), "{err}");
+        assert!(
+            err.contains("the trace has 4 experts per layer, the model 6"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -561,17 +571,33 @@ mod routing_tests {
         let mut r = routing();
         r.selected.as_mut().unwrap()[5] = 4;
         let err = r.validate(p).unwrap_err().to_string();
-        assert!(err.contains("x.safetensors") && err.contains("token 1, MoE layer 1: expert id 4 is out of range"), "{err}");
+        assert!(
+            err.contains("x.safetensors")
+                && err.contains("token 1, MoE layer 1: expert id 4 is out of range"),
+            "{err}"
+        );
         let mut r = routing();
         r.prompt_lengths = vec![2, 2];
-        assert!(r.validate(p).unwrap_err().to_string().contains("4 tokens × 2 layers × 2 need 16"));
+        assert!(r
+            .validate(p)
+            .unwrap_err()
+            .to_string()
+            .contains("4 tokens × 2 layers × 2 need 16"));
         let mut r = routing();
         r.token_ids = Some(vec![1]);
-        assert!(r.validate(p).unwrap_err().to_string().contains("`token_ids` holds 1 ids for 3 tokens"));
+        assert!(r
+            .validate(p)
+            .unwrap_err()
+            .to_string()
+            .contains("`token_ids` holds 1 ids for 3 tokens"));
         let mut r = routing();
         r.selected = None;
         assert!(r.validate(p).unwrap_err().to_string().contains("neither"));
         r.expert_counts = Some(vec![1; 7]);
-        assert!(r.validate(p).unwrap_err().to_string().contains("`expert_counts` holds 7 values"));
+        assert!(r
+            .validate(p)
+            .unwrap_err()
+            .to_string()
+            .contains("`expert_counts` holds 7 values"));
     }
 }

@@ -105,11 +105,14 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     }
     let num_layers = model
         .as_ref()
-        .map_or(routing.moe_layers.iter().max().map_or(0, |m| m + 1), |m| m.2.num_layers);
+        .map_or(routing.moe_layers.iter().max().map_or(0, |m| m + 1), |m| {
+            m.2.num_layers
+        });
     let layers = match args.layers.as_deref() {
         None => None,
         Some(spec) => {
-            let (sel, skipped) = LayerSelection::parse(spec)?.resolve(num_layers, &routing.moe_layers)?;
+            let (sel, skipped) =
+                LayerSelection::parse(spec)?.resolve(num_layers, &routing.moe_layers)?;
             if !skipped.is_empty() {
                 eprintln!(
                     "note: skipping dense (non-MoE) layers {}",
@@ -180,7 +183,11 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         OutputFormat::Json => {
             let json = report::to_json(&report);
             if let Some(dir) = &args.out {
-                atomic_write::refuse_overwriting_input("--out", &dir.join("report.json"), &[path.clone()])?;
+                atomic_write::refuse_overwriting_input(
+                    "--out",
+                    &dir.join("report.json"),
+                    std::slice::from_ref(&path),
+                )?;
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
                 let p = dir.join("report.json");
                 atomic_write::write_atomic(&p, json.as_bytes())?;
@@ -212,7 +219,9 @@ pub fn trace_snapshot(
     tol: moe_inspect::golden::Tolerances,
 ) -> Result<moe_inspect::golden::Snapshot> {
     let dir = model.ok_or_else(|| {
-        Error::Usage("--trace needs --model DIR (its config.json describes the traced model)".into())
+        Error::Usage(
+            "--trace needs --model DIR (its config.json describes the traced model)".into(),
+        )
     })?;
     let (config, info) = model_info(dir)?;
     let routing = trace::read(file, Some(info.num_experts))?;

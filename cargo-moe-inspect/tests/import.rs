@@ -67,19 +67,40 @@ fn expected_load() -> Vec<Vec<u64>> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| l.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect())
+        .map(|l| {
+            l.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect()
+        })
         .collect()
 }
 
 fn import(from: &str, path: &Path, model: &Path, out: &Path) -> (i32, String) {
     let (code, _, stderr) = run(&[
-        "import", "--from", from, s(path), "--model", s(model), "--out", s(out),
+        "import",
+        "--from",
+        from,
+        s(path),
+        "--model",
+        s(model),
+        "--out",
+        s(out),
     ]);
     (code, stderr)
 }
 
 fn analyze_trace(trace: &Path, model: Option<&Path>) -> (Vec<Vec<u64>>, u64) {
-    let mut args = vec!["analyze", "--trace", s(trace), "--analyses", "chosen-experts", "--format", "json"];
+    let mut args = vec![
+        "analyze",
+        "--trace",
+        s(trace),
+        "--analyses",
+        "chosen-experts",
+        "--format",
+        "json",
+    ];
     if let Some(m) = model {
         args.extend(["--model", s(m)]);
     }
@@ -97,16 +118,37 @@ fn every_engine_import_gives_the_load_of_the_models_own_trace() {
     let dir = tempfile::tempdir().unwrap();
     let want = expected_load();
     assert_eq!(want.len(), 2);
-    assert_eq!(want.iter().map(|l| l.iter().sum::<u64>()).collect::<Vec<_>>(), vec![84, 84]);
+    assert_eq!(
+        want.iter()
+            .map(|l| l.iter().sum::<u64>())
+            .collect::<Vec<_>>(),
+        vec![84, 84]
+    );
 
     // The tool's own trace and forward pass of the same token ids.
     let own = dir.path().join("own.safetensors");
     let ids = traces().join("prompts.txt");
-    let (code, _, stderr) = run(&["trace", "--model", s(&model), "--token-ids", s(&ids), "--out", s(&own)]);
+    let (code, _, stderr) = run(&[
+        "trace",
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&ids),
+        "--out",
+        s(&own),
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(analyze_trace(&own, None), (want.clone(), 42));
     let (code, stdout, stderr) = run(&[
-        "analyze", "--model", s(&model), "--token-ids", s(&ids), "--analyses", "chosen-experts", "--format", "json",
+        "analyze",
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&ids),
+        "--analyses",
+        "chosen-experts",
+        "--format",
+        "json",
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(loads(&stdout), (want.clone(), 42));
@@ -122,7 +164,9 @@ fn every_engine_import_gives_the_load_of_the_models_own_trace() {
         ("trtllm", "trtllm", false),
     ];
     for (from, path, per_token) in cases {
-        let out = dir.path().join(format!("{}.safetensors", path.replace('/', "_")));
+        let out = dir
+            .path()
+            .join(format!("{}.safetensors", path.replace('/', "_")));
         let (code, stderr) = import(from, &traces().join(path), &model, &out);
         assert_eq!(code, 0, "{from} {path}: {stderr}");
         assert!(stderr.contains("wrote"), "{stderr}");
@@ -151,7 +195,13 @@ fn per_token_imports_hold_each_tokens_experts_and_ids() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect())
+        .map(|p| {
+            p.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_i64().unwrap())
+                .collect()
+        })
         .collect();
     // [prompt][token][layer] → sorted pair
     let want: Vec<Vec<u16>> = e["selected"]
@@ -164,7 +214,12 @@ fn per_token_imports_hold_each_tokens_experts_and_ids() {
                 .unwrap()
                 .iter()
                 .flat_map(|layer| {
-                    let mut v: Vec<u16> = layer.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u16).collect();
+                    let mut v: Vec<u16> = layer
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as u16)
+                        .collect();
                     v.sort_unstable();
                     v
                 })
@@ -174,7 +229,13 @@ fn per_token_imports_hold_each_tokens_experts_and_ids() {
     assert_eq!(want.len(), 42);
     let own = dir.path().join("own.safetensors");
     let (code, _, stderr) = run(&[
-        "trace", "--model", s(&model), "--token-ids", s(&traces().join("prompts.txt")), "--out", s(&own),
+        "trace",
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&traces().join("prompts.txt")),
+        "--out",
+        s(&own),
     ]);
     assert_eq!(code, 0, "{stderr}");
     let own = moe_inspect::trace::read(&own, None).unwrap();
@@ -190,7 +251,10 @@ fn per_token_imports_hold_each_tokens_experts_and_ids() {
         assert_eq!(code, 0, "{stderr}");
         let r = moe_inspect::trace::read(&out, None).unwrap();
         assert_eq!(r.prompt_lengths, vec![20, 13, 9], "{from} {path}");
-        assert_eq!((r.num_experts, r.top_k, r.moe_layers.clone()), (8, 2, vec![1, 2]));
+        assert_eq!(
+            (r.num_experts, r.top_k, r.moe_layers.clone()),
+            (8, 2, vec![1, 2])
+        );
         let sel = r.selected.as_ref().unwrap();
         assert_eq!(sel.len(), 42 * 2 * 2);
         let got: Vec<Vec<u16>> = sel
@@ -205,7 +269,11 @@ fn per_token_imports_hold_each_tokens_experts_and_ids() {
             .collect();
         assert_eq!(got, want, "{from} {path}");
         if ids {
-            assert_eq!(r.token_ids.as_ref().unwrap(), &prompts.concat(), "{from} {path}");
+            assert_eq!(
+                r.token_ids.as_ref().unwrap(),
+                &prompts.concat(),
+                "{from} {path}"
+            );
         } else {
             assert!(r.token_ids.is_none(), "{from}: token ids invented");
         }
@@ -215,7 +283,10 @@ fn per_token_imports_hold_each_tokens_experts_and_ids() {
                 let own = own.router_logits.as_ref().unwrap();
                 assert_eq!(got.len(), own.len());
                 for (a, b) in got.iter().zip(own) {
-                    assert!(a.is_finite() && (a - b).abs() <= b.abs() / 128.0 + 1e-6, "{a} vs {b}");
+                    assert!(
+                        a.is_finite() && (a - b).abs() <= b.abs() / 128.0 + 1e-6,
+                        "{a} vs {b}"
+                    );
                 }
             }
             _ => assert!(r.router_logits.is_none(), "{from}: logits invented"),
@@ -234,19 +305,70 @@ fn records_that_do_not_match_the_model_exit_2() {
     // mixtral: 2 layers, both MoE; qwen2-moe: 6 experts. (vLLM records only
     // MoE-layer columns, so a same-shaped model is indistinguishable.)
     let cases: [(&str, PathBuf, &str, &str, &str); 8] = [
-        ("vllm", t.join("vllm/responses.jsonl"), "qwen2-moe", "responses.jsonl", "expert id 6 is out of range (the model has 6 experts)"),
-        ("vllm", t.join("vllm/npy"), "qwen2-moe", "response0.json", "out of range (the model has 6 experts)"),
-        ("sglang", t.join("sglang/per_token"), "mixtral", ".pt", "the model has 2 layers"),
-        ("sglang", t.join("sglang/per_token"), "qwen2-moe", ".pt", "out of range (the model has 6 experts)"),
-        ("sglang", t.join("sglang/stat"), "qwen2-moe", ".pt", "6 experts"),
-        ("megatron", t.join("megatron"), "mixtral", "router_trace_rank0.jsonl", "line 2: layer 2 is not an MoE layer of the model (MoE layers [0, 1])"),
-        ("trtllm", t.join("trtllm"), "mixtral", "rank0.safetensors", "tensor `0_2`: layer 2 is not an MoE layer of the model (MoE layers [0, 1])"),
-        ("trtllm", t.join("trtllm"), "qwen2-moe", "meta_info.json", "`num_experts` is 8, the model has 6 experts"),
+        (
+            "vllm",
+            t.join("vllm/responses.jsonl"),
+            "qwen2-moe",
+            "responses.jsonl",
+            "expert id 6 is out of range (the model has 6 experts)",
+        ),
+        (
+            "vllm",
+            t.join("vllm/npy"),
+            "qwen2-moe",
+            "response0.json",
+            "out of range (the model has 6 experts)",
+        ),
+        (
+            "sglang",
+            t.join("sglang/per_token"),
+            "mixtral",
+            ".pt",
+            "the model has 2 layers",
+        ),
+        (
+            "sglang",
+            t.join("sglang/per_token"),
+            "qwen2-moe",
+            ".pt",
+            "out of range (the model has 6 experts)",
+        ),
+        (
+            "sglang",
+            t.join("sglang/stat"),
+            "qwen2-moe",
+            ".pt",
+            "6 experts",
+        ),
+        (
+            "megatron",
+            t.join("megatron"),
+            "mixtral",
+            "router_trace_rank0.jsonl",
+            "line 2: layer 2 is not an MoE layer of the model (MoE layers [0, 1])",
+        ),
+        (
+            "trtllm",
+            t.join("trtllm"),
+            "mixtral",
+            "rank0.safetensors",
+            "tensor `0_2`: layer 2 is not an MoE layer of the model (MoE layers [0, 1])",
+        ),
+        (
+            "trtllm",
+            t.join("trtllm"),
+            "qwen2-moe",
+            "meta_info.json",
+            "`num_experts` is 8, the model has 6 experts",
+        ),
     ];
     for (from, path, model, file, what) in cases {
         let (code, stderr) = import(from, &path, &fixture(model), &out);
         assert_eq!(code, 2, "{from} on {model}: {stderr}");
-        assert!(stderr.contains(file) && stderr.contains(what), "{from} on {model}: {stderr}");
+        assert!(
+            stderr.contains(file) && stderr.contains(what),
+            "{from} on {model}: {stderr}"
+        );
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(!out.exists(), "nothing written on error");
     }
@@ -259,14 +381,26 @@ fn records_that_do_not_match_the_model_exit_2() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|tok| Value::Array(tok.as_array().unwrap().iter().map(|l| Value::Array(vec![l[0].clone()])).collect()))
+        .map(|tok| {
+            Value::Array(
+                tok.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| Value::Array(vec![l[0].clone()]))
+                    .collect(),
+            )
+        })
         .collect();
     v["prompt_routed_experts"] = Value::Array(one_expert);
     let f = dir.path().join("topk.json");
     std::fs::write(&f, v.to_string()).unwrap();
     let (code, stderr) = import("vllm", &f, &fixture("qwen3-moe"), &out);
     assert_eq!(code, 2);
-    assert!(stderr.contains("topk.json") && stderr.contains("selects 1 experts per token, the model's top-k is 2"), "{stderr}");
+    assert!(
+        stderr.contains("topk.json")
+            && stderr.contains("selects 1 experts per token, the model's top-k is 2"),
+        "{stderr}"
+    );
 
     let three_layers: Vec<Value> = routes
         .as_array()
@@ -283,30 +417,45 @@ fn records_that_do_not_match_the_model_exit_2() {
     std::fs::write(&f, v.to_string()).unwrap();
     let (code, stderr) = import("vllm", &f, &fixture("qwen3-moe"), &out);
     assert_eq!(code, 2);
-    assert!(stderr.contains("layers.json") && stderr.contains("covers 3 MoE layers, the model has 2"), "{stderr}");
+    assert!(
+        stderr.contains("layers.json") && stderr.contains("covers 3 MoE layers, the model has 2"),
+        "{stderr}"
+    );
 
     let mega = std::fs::read_to_string(t.join("megatron/router_trace_rank1.jsonl")).unwrap();
     let m = dir.path().join("router_trace_rank1.jsonl");
     std::fs::write(&m, mega.replacen("\"layer\": 1", "\"layer\": 0", 1)).unwrap();
     let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
     assert_eq!(code, 2);
-    assert!(stderr.contains("line 1: layer 0 is not an MoE layer"), "{stderr}");
+    assert!(
+        stderr.contains("line 1: layer 0 is not an MoE layer"),
+        "{stderr}"
+    );
     let second_layer_only: String = mega.lines().skip(1).map(|l| format!("{l}\n")).collect();
     std::fs::write(&m, second_layer_only).unwrap();
     let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
     assert_eq!(code, 2);
-    assert!(stderr.contains("rank 1, step 0: no record of MoE layers [1]"), "{stderr}");
+    assert!(
+        stderr.contains("rank 1, step 0: no record of MoE layers [1]"),
+        "{stderr}"
+    );
     std::fs::write(&m, mega.replacen("[[", "[[9, 1], [", 1)).unwrap();
     let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
     assert_eq!(code, 2);
-    assert!(stderr.contains("`top_indices` has 10 rows, `num_tokens` is 9"), "{stderr}");
+    assert!(
+        stderr.contains("`top_indices` has 10 rows, `num_tokens` is 9"),
+        "{stderr}"
+    );
 
     // Garbage instead of a torch.save archive.
     let pt = dir.path().join("x.pt");
     std::fs::write(&pt, b"not a zip").unwrap();
     let (code, stderr) = import("sglang", &pt, &fixture("qwen3-moe"), &out);
     assert_eq!(code, 2);
-    assert!(stderr.contains("x.pt") && stderr.contains("not a torch.save zip archive"), "{stderr}");
+    assert!(
+        stderr.contains("x.pt") && stderr.contains("not a torch.save zip archive"),
+        "{stderr}"
+    );
 }
 
 /// `analyze --trace` runs only what needs routing, and checks the trace
@@ -315,26 +464,69 @@ fn records_that_do_not_match_the_model_exit_2() {
 fn analyze_trace_refuses_what_needs_the_model_and_mismatched_models() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("t.safetensors");
-    let (code, stderr) = import("trtllm", &traces().join("trtllm"), &fixture("qwen3-moe"), &out);
+    let (code, stderr) = import(
+        "trtllm",
+        &traces().join("trtllm"),
+        &fixture("qwen3-moe"),
+        &out,
+    );
     assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = run(&["analyze", "--trace", s(&out), "--analyses", "expert-similarity"]);
+    let (code, _, stderr) = run(&[
+        "analyze",
+        "--trace",
+        s(&out),
+        "--analyses",
+        "expert-similarity",
+    ]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("`expert-similarity` needs the model's weights"), "{stderr}");
-    let (code, _, stderr) = run(&["analyze", "--trace", s(&out), "--model", s(&fixture("mixtral"))]);
+    assert!(
+        stderr.contains("`expert-similarity` needs the model's weights"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&[
+        "analyze",
+        "--trace",
+        s(&out),
+        "--model",
+        s(&fixture("mixtral")),
+    ]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("t.safetensors") && stderr.contains("the model's MoE layers are [0, 1]"), "{stderr}");
-    let (code, _, stderr) = run(&["analyze", "--trace", s(&out), "--model", s(&fixture("qwen2-moe"))]);
+    assert!(
+        stderr.contains("t.safetensors") && stderr.contains("the model's MoE layers are [0, 1]"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&[
+        "analyze",
+        "--trace",
+        s(&out),
+        "--model",
+        s(&fixture("qwen2-moe")),
+    ]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("the trace has 8 experts per layer, the model 6"), "{stderr}");
+    assert!(
+        stderr.contains("the trace has 8 experts per layer, the model 6"),
+        "{stderr}"
+    );
     // --layers selects MoE layers of the trace.
     let (code, stdout, stderr) = run(&[
-        "analyze", "--trace", s(&out), "--layers", "2", "--format", "json",
+        "analyze",
+        "--trace",
+        s(&out),
+        "--layers",
+        "2",
+        "--format",
+        "json",
     ]);
     assert_eq!(code, 0, "{stderr}");
     let (load, _) = loads(&stdout);
     assert_eq!(load, vec![expected_load()[1].clone()]);
     // The output may not replace the input record.
-    let (code, stderr) = import("trtllm", &traces().join("trtllm"), &fixture("qwen3-moe"), &traces().join("trtllm/rank0.safetensors"));
+    let (code, stderr) = import(
+        "trtllm",
+        &traces().join("trtllm"),
+        &fixture("qwen3-moe"),
+        &traces().join("trtllm/rank0.safetensors"),
+    );
     assert_eq!(code, 2, "{stderr}");
 }
 
@@ -364,18 +556,36 @@ fn check_trace_exits_1_when_one_layers_routing_was_altered() {
     std::fs::create_dir(&golden).unwrap();
     let own = dir.path().join("own.safetensors");
     let (code, _, stderr) = run(&[
-        "trace", "--model", s(&model), "--token-ids", s(&traces().join("prompts.txt")), "--out", s(&own),
+        "trace",
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&traces().join("prompts.txt")),
+        "--out",
+        s(&own),
     ]);
     assert_eq!(code, 0, "{stderr}");
-    let common = ["--model", s(&model), "--golden-dir", s(&golden), "--format", "json"];
-    let (code, _, stderr) = run_env(&[&["snapshot", "--trace", s(&own)][..], &common[..4]].concat());
+    let common = [
+        "--model",
+        s(&model),
+        "--golden-dir",
+        s(&golden),
+        "--format",
+        "json",
+    ];
+    let (code, _, stderr) =
+        run_env(&[&["snapshot", "--trace", s(&own)][..], &common[..4]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert!(golden.join("qwen3-moe.json").exists());
 
     let check = |trace: &Path| -> (i32, Value) {
-        let (code, stdout, stderr) = run_env(&[&["check", "--trace", s(trace)][..], &common[..]].concat());
+        let (code, stdout, stderr) =
+            run_env(&[&["check", "--trace", s(trace)][..], &common[..]].concat());
         assert!(code == 0 || code == 1, "{stderr}");
-        (code, serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}")))
+        (
+            code,
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout} {stderr}")),
+        )
     };
     let metrics = |v: &Value| -> Vec<(String, u64, String)> {
         v["models"][0]["rows"]
@@ -394,7 +604,11 @@ fn check_trace_exits_1_when_one_layers_routing_was_altered() {
     let (code, v) = check(&own);
     assert_eq!(code, 0);
     let rows = metrics(&v);
-    assert_eq!(rows.len(), 8, "top-1, top-k, jsd, load-shift × 2 layers: {rows:?}");
+    assert_eq!(
+        rows.len(),
+        8,
+        "top-1, top-k, jsd, load-shift × 2 layers: {rows:?}"
+    );
     assert!(rows.iter().all(|r| r.2 == "ok"));
 
     // SGLang's import of the same prompts: the same routing.
@@ -421,8 +635,14 @@ fn check_trace_exits_1_when_one_layers_routing_was_altered() {
     assert_eq!(rows.len(), 8);
     let drifted: Vec<_> = rows.iter().filter(|r| r.2 != "ok").collect();
     assert!(!drifted.is_empty());
-    assert!(drifted.iter().all(|r| r.1 == 2), "only layer 2 drifts: {drifted:?}");
-    assert!(drifted.iter().any(|r| r.0 == "routing-topk-agreement"), "{drifted:?}");
+    assert!(
+        drifted.iter().all(|r| r.1 == 2),
+        "only layer 2 drifts: {drifted:?}"
+    );
+    assert!(
+        drifted.iter().any(|r| r.0 == "routing-topk-agreement"),
+        "{drifted:?}"
+    );
 
     // A counts-only trace gates load-shift and the load JSD only.
     let trt = dir.path().join("trt.safetensors");
@@ -431,5 +651,8 @@ fn check_trace_exits_1_when_one_layers_routing_was_altered() {
     let (code, v) = check(&trt);
     assert_eq!(code, 0, "{v}");
     let names: Vec<String> = metrics(&v).into_iter().map(|r| r.0).collect();
-    assert_eq!(names, ["router-jsd", "load-shift", "router-jsd", "load-shift"]);
+    assert_eq!(
+        names,
+        ["router-jsd", "load-shift", "router-jsd", "load-shift"]
+    );
 }

@@ -35,7 +35,9 @@ struct Record {
 
 /// Reads Megatron-LM routing traces (see the module documentation).
 pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
-    let files = super::files(paths, |n| n.starts_with("router_trace_rank") && n.ends_with(".jsonl"))?;
+    let files = super::files(paths, |n| {
+        n.starts_with("router_trace_rank") && n.ends_with(".jsonl")
+    })?;
     let (l, k, e) = (info.moe_layers.len(), info.top_k, info.num_experts);
     let mut out = PerToken::new();
     out.has_ids = false;
@@ -47,10 +49,11 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
             path: path.to_path_buf(),
             reason: format!("line {line}: {reason}"),
         };
-        let text = String::from_utf8(super::read_bounded(path, MAX_FILE)?).map_err(|_| Error::Input {
-            path: path.clone(),
-            reason: "not UTF-8 JSONL".into(),
-        })?;
+        let text =
+            String::from_utf8(super::read_bounded(path, MAX_FILE)?).map_err(|_| Error::Input {
+                path: path.clone(),
+                reason: "not UTF-8 JSONL".into(),
+            })?;
         // (rank, step) → layer → record
         let mut steps: BTreeMap<(i64, i64), BTreeMap<usize, Record>> = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
@@ -58,17 +61,30 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line).map_err(|err| bad(n, format!("not JSON: {err}")))?;
+            let v: Value =
+                serde_json::from_str(line).map_err(|err| bad(n, format!("not JSON: {err}")))?;
             let int = |key: &str| -> Result<i64> {
-                v.get(key).and_then(Value::as_i64).ok_or_else(|| bad(n, format!("no integer `{key}`")))
+                v.get(key)
+                    .and_then(Value::as_i64)
+                    .ok_or_else(|| bad(n, format!("no integer `{key}`")))
             };
-            if v.get("block").and_then(Value::as_str).is_some_and(|b| b != "decoder") {
+            if v.get("block")
+                .and_then(Value::as_str)
+                .is_some_and(|b| b != "decoder")
+            {
                 mtp += 1;
                 continue;
             }
-            let layer = usize::try_from(int("layer")?).map_err(|_| bad(n, "negative `layer`".into()))?;
+            let layer =
+                usize::try_from(int("layer")?).map_err(|_| bad(n, "negative `layer`".into()))?;
             if !info.moe_layers.contains(&layer) {
-                return Err(bad(n, format!("layer {layer} is not an MoE layer of the model (MoE layers {:?})", info.moe_layers)));
+                return Err(bad(
+                    n,
+                    format!(
+                        "layer {layer} is not an MoE layer of the model (MoE layers {:?})",
+                        info.moe_layers
+                    ),
+                ));
             }
             let tokens = usize::try_from(int("num_tokens")?)
                 .ok()
@@ -76,20 +92,43 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
                 .ok_or_else(|| bad(n, "`num_tokens` is out of range".into()))?;
             let topk = int("topk")?;
             if topk != k as i64 {
-                return Err(bad(n, format!("layer {layer} selects {topk} experts per token, the model's top-k is {k}")));
+                return Err(bad(
+                    n,
+                    format!(
+                        "layer {layer} selects {topk} experts per token, the model's top-k is {k}"
+                    ),
+                ));
             }
-            let rows = v.get("top_indices").and_then(Value::as_array).ok_or_else(|| bad(n, "no `top_indices` list".into()))?;
+            let rows = v
+                .get("top_indices")
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad(n, "no `top_indices` list".into()))?;
             if rows.len() != tokens {
-                return Err(bad(n, format!("`top_indices` has {} rows, `num_tokens` is {tokens}", rows.len())));
+                return Err(bad(
+                    n,
+                    format!(
+                        "`top_indices` has {} rows, `num_tokens` is {tokens}",
+                        rows.len()
+                    ),
+                ));
             }
             let mut ids = Vec::with_capacity(tokens * k);
             for row in rows {
-                let row = row.as_array().filter(|r| r.len() == k).ok_or_else(|| bad(n, format!("a `top_indices` row is not {k} ids")))?;
+                let row = row
+                    .as_array()
+                    .filter(|r| r.len() == k)
+                    .ok_or_else(|| bad(n, format!("a `top_indices` row is not {k} ids")))?;
                 for x in row {
-                    ids.push(x.as_i64().ok_or_else(|| bad(n, "an expert id is not an integer".into()))?);
+                    ids.push(
+                        x.as_i64()
+                            .ok_or_else(|| bad(n, "an expert id is not an integer".into()))?,
+                    );
                 }
             }
-            let logits = match (v.get("logit_offset").and_then(Value::as_u64), v.get("logit_bytes").and_then(Value::as_u64)) {
+            let logits = match (
+                v.get("logit_offset").and_then(Value::as_u64),
+                v.get("logit_bytes").and_then(Value::as_u64),
+            ) {
                 (Some(off), Some(bytes)) => {
                     if Some(bytes) != (tokens as u64).checked_mul(e as u64 * 2) {
                         return Err(bad(n, format!("`logit_bytes` {bytes} is not {tokens} tokens × {e} experts × 2 (bf16)")));
@@ -100,26 +139,58 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
             };
             let key = (int("rank")?, int("step")?);
             let step = steps.entry(key).or_default();
-            if step.insert(layer, Record { line: n, tokens, ids, logits }).is_some() {
-                return Err(bad(n, format!("rank {}, step {}: layer {layer} appears twice", key.0, key.1)));
+            if step
+                .insert(
+                    layer,
+                    Record {
+                        line: n,
+                        tokens,
+                        ids,
+                        logits,
+                    },
+                )
+                .is_some()
+            {
+                return Err(bad(
+                    n,
+                    format!(
+                        "rank {}, step {}: layer {layer} appears twice",
+                        key.0, key.1
+                    ),
+                ));
             }
         }
         let mut sidecar: Option<(PathBuf, std::fs::File)> = None;
         for ((rank, step), layers) in steps {
             if layers.len() != l {
-                let missing: Vec<usize> = info.moe_layers.iter().copied().filter(|x| !layers.contains_key(x)).collect();
+                let missing: Vec<usize> = info
+                    .moe_layers
+                    .iter()
+                    .copied()
+                    .filter(|x| !layers.contains_key(x))
+                    .collect();
                 let first = layers.values().next().map_or(0, |r| r.line);
-                return Err(bad(first, format!("rank {rank}, step {step}: no record of MoE layers {missing:?}")));
+                return Err(bad(
+                    first,
+                    format!("rank {rank}, step {step}: no record of MoE layers {missing:?}"),
+                ));
             }
             let tokens = layers.values().next().map_or(0, |r| r.tokens);
             if let Some(r) = layers.values().find(|r| r.tokens != tokens) {
-                return Err(bad(r.line, format!("rank {rank}, step {step}: {} tokens in one layer, {tokens} in another", r.tokens)));
+                return Err(bad(
+                    r.line,
+                    format!(
+                        "rank {rank}, step {step}: {} tokens in one layer, {tokens} in another",
+                        r.tokens
+                    ),
+                ));
             }
             let recs: Vec<&Record> = layers.values().collect();
             for t in 0..tokens {
                 for (li, r) in recs.iter().enumerate() {
                     for &x in &r.ids[t * k..(t + 1) * k] {
-                        let what = || format!("line {}, token {t}, layer {}", r.line, info.moe_layers[li]);
+                        let what =
+                            || format!("line {}, token {t}, layer {}", r.line, info.moe_layers[li]);
                         out.selected.push(PerToken::check_id(x, e, what, path)?);
                     }
                 }

@@ -40,7 +40,12 @@ pub enum Engine {
 
 impl Engine {
     /// Every engine, in CLI order.
-    pub const ALL: [Engine; 4] = [Engine::Vllm, Engine::Sglang, Engine::Megatron, Engine::Trtllm];
+    pub const ALL: [Engine; 4] = [
+        Engine::Vllm,
+        Engine::Sglang,
+        Engine::Megatron,
+        Engine::Trtllm,
+    ];
 
     /// The CLI name.
     pub fn name(self) -> &'static str {
@@ -114,7 +119,9 @@ pub(crate) fn files(paths: &[PathBuf], keep: impl Fn(&str) -> bool) -> Result<Ve
             let mut found: Vec<PathBuf> = std::fs::read_dir(p)
                 .map_err(|e| Error::io(p, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.file_name().and_then(|n| n.to_str()).is_some_and(&keep))
+                .filter(|f| {
+                    f.is_file() && f.file_name().and_then(|n| n.to_str()).is_some_and(&keep)
+                })
                 .collect();
             if found.is_empty() {
                 return Err(Error::Input {
@@ -135,7 +142,9 @@ pub(crate) fn files(paths: &[PathBuf], keep: impl Fn(&str) -> bool) -> Result<Ve
 
 /// Reads a whole (small) file, refusing more than `limit` bytes.
 pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     if size > limit {
         return Err(Error::Input {
             path: path.to_path_buf(),

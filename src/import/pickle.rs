@@ -208,11 +208,15 @@ impl TorchFile {
         }
         // The largest element index the view reaches must lie in the storage.
         if numel > 0 {
-            let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |acc, (&d, &s)| {
-                (d as u64 - 1)
-                    .checked_mul(s as u64)
-                    .and_then(|x| acc.checked_add(x))
-            });
+            let last = t
+                .shape
+                .iter()
+                .zip(&t.stride)
+                .try_fold(t.offset, |acc, (&d, &s)| {
+                    (d as u64 - 1)
+                        .checked_mul(s as u64)
+                        .and_then(|x| acc.checked_add(x))
+                });
             if last.is_none_or(|l| l >= t.storage_numel) {
                 return Err(bad(format!(
                     "tensor view reaches past the end of storage `{}`",
@@ -292,7 +296,9 @@ pub fn unpickle(data: &[u8]) -> std::result::Result<Value, String> {
     };
     let u32le = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
     fn pop(stack: &mut Vec<Value>) -> std::result::Result<Value, String> {
-        stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
+        stack
+            .pop()
+            .ok_or_else(|| "pickle stack underflow".to_string())
     }
     fn pop_mark(stack: &mut Vec<Value>) -> std::result::Result<Vec<Value>, String> {
         let at = stack
@@ -327,7 +333,9 @@ pub fn unpickle(data: &[u8]) -> std::result::Result<Value, String> {
             0x89 => stack.push(Value::Bool(false)),
             b'J' => {
                 let b = take(&mut pos, 4)?;
-                stack.push(Value::Int(i64::from(i32::from_le_bytes(b.try_into().expect("4")))));
+                stack.push(Value::Int(i64::from(i32::from_le_bytes(
+                    b.try_into().expect("4"),
+                ))));
             }
             b'K' => stack.push(Value::Int(i64::from(take(&mut pos, 1)?[0]))),
             b'M' => {
@@ -495,7 +503,12 @@ pub fn unpickle(data: &[u8]) -> std::result::Result<Value, String> {
             b'b' => {
                 pop(&mut stack)?; // state: ignored (only plain objects are modelled)
             }
-            other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", pos - 1)),
+            other => {
+                return Err(format!(
+                    "unsupported pickle opcode 0x{other:02x} at byte {}",
+                    pos - 1
+                ))
+            }
         }
     }
 }
@@ -504,9 +517,12 @@ pub fn unpickle(data: &[u8]) -> std::result::Result<Value, String> {
 fn storage(pid: &Value) -> std::result::Result<Value, String> {
     let items = pid.items().ok_or("persistent id is not a tuple")?;
     match items.as_slice() {
-        [Value::Str(tag), Value::Global(g), Value::Str(key), _location, numel] if &**tag == "storage" => {
-            let elem = Elem::from_storage(&g.1)
-                .ok_or_else(|| format!("tensor storage `{}.{}` is not an integer type", g.0, g.1))?;
+        [Value::Str(tag), Value::Global(g), Value::Str(key), _location, numel]
+            if &**tag == "storage" =>
+        {
+            let elem = Elem::from_storage(&g.1).ok_or_else(|| {
+                format!("tensor storage `{}.{}` is not an integer type", g.0, g.1)
+            })?;
             let numel = numel
                 .int()
                 .and_then(|n| u64::try_from(n).ok())
@@ -571,7 +587,11 @@ mod tests {
         let v = unpickle(&p).unwrap();
         let want = vec![1, -2, 300, 70000, 1i64 << 40];
         assert_eq!(v.get("a").unwrap().ints().unwrap(), want);
-        assert_eq!(v.get("d").unwrap().ints().unwrap(), want, "memo shares the list");
+        assert_eq!(
+            v.get("d").unwrap().ints().unwrap(),
+            want,
+            "memo shares the list"
+        );
         assert!(matches!(v.get("b"), Some(Value::None)));
         let c = v.get("c").unwrap().items().unwrap();
         assert!(matches!(&c[0], Value::Str(s) if &**s == "x"));
@@ -581,12 +601,18 @@ mod tests {
     #[test]
     fn refuses_truncated_and_unknown_pickles() {
         assert!(unpickle(b"\x80\x02]q").unwrap_err().contains("truncated"));
-        assert!(unpickle(b"\x80\x02i").unwrap_err().contains("unsupported pickle opcode 0x69"));
-        assert!(unpickle(b"\x80\x02h\x05.").unwrap_err().contains("memo entry 5 missing"));
+        assert!(unpickle(b"\x80\x02i")
+            .unwrap_err()
+            .contains("unsupported pickle opcode 0x69"));
+        assert!(unpickle(b"\x80\x02h\x05.")
+            .unwrap_err()
+            .contains("memo entry 5 missing"));
         assert!(unpickle(b"e").unwrap_err().contains("MARK"));
         // A negative LONG1 and a string longer than the data.
         assert_eq!(unpickle(b"\x8a\x02\x00\xff.").unwrap().int(), Some(-256));
-        assert!(unpickle(b"X\xff\xff\xff\xffab").unwrap_err().contains("truncated"));
+        assert!(unpickle(b"X\xff\xff\xff\xffab")
+            .unwrap_err()
+            .contains("truncated"));
         // A non-integer storage is refused by name.
         let mut p = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ.".to_vec();
         assert!(unpickle(&p).unwrap_err().contains("FloatStorage"));

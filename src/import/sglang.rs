@@ -102,10 +102,15 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
         };
         for (ri, rec) in records.iter().enumerate() {
             if let Some(Value::Tensor(_)) = rec.get("topk_ids_of_layer") {
-                let fp = rec.get("forward_pass_id").and_then(|v| v.int()).unwrap_or(0);
+                let fp = rec
+                    .get("forward_pass_id")
+                    .and_then(|v| v.int())
+                    .unwrap_or(0);
                 passes.push((fp, fi, ri));
             } else if let Some(Value::Tensor(t)) = rec.get("global_physical_count") {
-                let map = map.as_ref().ok_or_else(|| bad("no `last_physical_to_logical_map`".into()))?;
+                let map = map
+                    .as_ref()
+                    .ok_or_else(|| bad("no `last_physical_to_logical_map`".into()))?;
                 if t.shape != [info.num_layers, phys] {
                     return Err(bad(format!(
                         "record {ri}: `global_physical_count` has shape {:?}, expected [{}, {phys}]",
@@ -148,7 +153,10 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
                 expert_counts: Some(c),
                 ..Routing::default()
             },
-            notes: vec![format!("counts only (per_pass / stat): {} files merged", files.len())],
+            notes: vec![format!(
+                "counts only (per_pass / stat): {} files merged",
+                files.len()
+            )],
         });
     }
     passes.sort();
@@ -159,17 +167,26 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
             path: path.clone(),
             reason: "no `last_physical_to_logical_map`: physical ids cannot be mapped".into(),
         })?;
-        let rec = f.root.get("records").and_then(|r| r.items()).expect("read above")[ri].clone();
+        let rec = f
+            .root
+            .get("records")
+            .and_then(|r| r.items())
+            .expect("read above")[ri]
+            .clone();
         let (d, dup) = record(path, ri, f, &rec, map, *phys, info, &mut prompts, &mut seen)?;
         decode_tokens += d;
         duplicates += usize::from(dup);
     }
     let mut notes = Vec::new();
     if decode_tokens > 0 {
-        notes.push(format!("{decode_tokens} decode tokens left out: only prompt (extend) tokens are imported"));
+        notes.push(format!(
+            "{decode_tokens} decode tokens left out: only prompt (extend) tokens are imported"
+        ));
     }
     if duplicates > 0 {
-        notes.push(format!("{duplicates} records repeated on several ranks merged once"));
+        notes.push(format!(
+            "{duplicates} records repeated on several ranks merged once"
+        ));
     }
     let mut out = PerToken::new();
     for p in prompts {
@@ -220,13 +237,25 @@ fn record(
         reason: format!("record {ri}: {reason}"),
     };
     let (l, k, e) = (info.moe_layers.len(), info.top_k, info.num_experts);
-    let ids = rec.get("input_ids").and_then(|v| v.ints()).ok_or_else(|| bad("no `input_ids` list".into()))?;
-    let positions = rec.get("positions").and_then(|v| v.ints()).ok_or_else(|| bad("no `positions` list".into()))?;
+    let ids = rec
+        .get("input_ids")
+        .and_then(|v| v.ints())
+        .ok_or_else(|| bad("no `input_ids` list".into()))?;
+    let positions = rec
+        .get("positions")
+        .and_then(|v| v.ints())
+        .ok_or_else(|| bad("no `positions` list".into()))?;
     let tokens = ids.len();
     if tokens > MAX_TRACE_TOKENS || positions.len() != tokens {
-        return Err(bad(format!("{} positions for {tokens} input ids", positions.len())));
+        return Err(bad(format!(
+            "{} positions for {tokens} input ids",
+            positions.len()
+        )));
     }
-    let fp = rec.get("forward_pass_id").and_then(|v| v.int()).unwrap_or(0);
+    let fp = rec
+        .get("forward_pass_id")
+        .and_then(|v| v.int())
+        .unwrap_or(0);
     let key = (fp, ids.clone(), positions.clone());
     if seen.contains(&key) {
         return Ok((0, true));
@@ -234,7 +263,8 @@ fn record(
     let Some(Value::Tensor(t)) = rec.get("topk_ids_of_layer") else {
         return Err(bad("no `topk_ids_of_layer` tensor".into()));
     };
-    if t.shape.len() != 3 || t.shape[0] != info.num_layers || t.shape[1] != tokens || t.shape[2] < k {
+    if t.shape.len() != 3 || t.shape[0] != info.num_layers || t.shape[1] != tokens || t.shape[2] < k
+    {
         return Err(bad(format!(
             "`topk_ids_of_layer` has shape {:?}; the model needs [{} layers, {tokens} tokens, ≥ {k}]",
             t.shape, info.num_layers
@@ -253,13 +283,18 @@ fn record(
     };
     let extend: usize = segments.iter().sum();
     if extend > tokens {
-        return Err(bad(format!("extend lengths sum to {extend}, the pass has {tokens} tokens")));
+        return Err(bad(format!(
+            "extend lengths sum to {extend}, the pass has {tokens} tokens"
+        )));
     }
     let mut start = 0usize;
     for len in segments {
         let first = positions.get(start).copied().unwrap_or(0);
         let pi = if first == 0 {
-            prompts.push(Prompt { ids: Vec::new(), selected: Vec::new() });
+            prompts.push(Prompt {
+                ids: Vec::new(),
+                selected: Vec::new(),
+            });
             prompts.len() - 1
         } else {
             prompts
@@ -279,7 +314,9 @@ fn record(
                         .ok_or_else(|| bad(format!("token {tok}, layer {layer}: physical expert id {x} is out of range ({phys} physical experts)")))?;
                     let logical = map[layer * phys + p];
                     let what = || format!("record {ri}, token {tok}, layer {layer}");
-                    prompts[pi].selected.push(PerToken::check_id(logical, e, what, path)?);
+                    prompts[pi]
+                        .selected
+                        .push(PerToken::check_id(logical, e, what, path)?);
                     n += 1;
                 }
                 if n != k {
@@ -356,7 +393,8 @@ mod tests {
                 let row = &raw[(layer * 25 + tok) * 8..(layer * 25 + tok) * 8 + 2];
                 let mut physical = row.to_vec();
                 physical.sort_unstable();
-                let mut logical: Vec<i64> = row.iter().map(|&p| map[layer * 12 + p as usize]).collect();
+                let mut logical: Vec<i64> =
+                    row.iter().map(|&p| map[layer * 12 + p as usize]).collect();
                 logical.sort_unstable();
                 assert_eq!(logical, want(0, tok, li));
                 differ += usize::from(physical != logical);
@@ -364,7 +402,10 @@ mod tests {
             }
         }
         assert_eq!(compared, 40);
-        assert!(differ > 20, "the fixture's physical ids must differ from the logical ones");
+        assert!(
+            differ > 20,
+            "the fixture's physical ids must differ from the logical ones"
+        );
         // And the import does the mapping.
         let r = import(&[dir], &qwen3()).unwrap().routing;
         let sel = r.selected.unwrap();
@@ -401,6 +442,9 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("mix per_token records with counts-only"), "{err}");
+        assert!(
+            err.contains("mix per_token records with counts-only"),
+            "{err}"
+        );
     }
 }

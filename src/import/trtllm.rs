@@ -17,14 +17,18 @@ use crate::trace::Routing;
 
 /// Reads TensorRT-LLM expert statistics (see the module documentation).
 pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
-    let files = super::files(paths, |n| n.starts_with("rank") && n.ends_with(".safetensors"))?;
+    let files = super::files(paths, |n| {
+        n.starts_with("rank") && n.ends_with(".safetensors")
+    })?;
     let (l, e) = (info.moe_layers.len(), info.num_experts);
     // meta_info.json sits beside the rank files.
     let meta_path = files[0].with_file_name("meta_info.json");
-    let meta: serde_json::Value = serde_json::from_slice(&super::read_bounded(&meta_path, 1 << 20)?)
-        .map_err(|err| Error::Input {
-            path: meta_path.clone(),
-            reason: format!("not JSON: {err}"),
+    let meta: serde_json::Value =
+        serde_json::from_slice(&super::read_bounded(&meta_path, 1 << 20)?).map_err(|err| {
+            Error::Input {
+                path: meta_path.clone(),
+                reason: format!("not JSON: {err}"),
+            }
         })?;
     let bad_meta = |reason: String| Error::Input {
         path: meta_path.clone(),
@@ -33,7 +37,9 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
     let get = |key: &str| meta.get(key).and_then(serde_json::Value::as_u64);
     let me = get("num_experts").ok_or_else(|| bad_meta("no integer `num_experts`".into()))?;
     if me != e as u64 {
-        return Err(bad_meta(format!("`num_experts` is {me}, the model has {e} experts")));
+        return Err(bad_meta(format!(
+            "`num_experts` is {me}, the model has {e} experts"
+        )));
     }
     if let Some(k) = get("num_experts_per_token") {
         if k != info.top_k as u64 {
@@ -67,10 +73,16 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
                     "tensor `{name}` (iteration {iter}) is {tag} {shape:?}; expected I64 [{e}] (one count per expert)"
                 )));
             }
-            for (x, c) in counts[li * e..(li + 1) * e].iter_mut().zip(bytes.chunks_exact(8)) {
+            for (x, c) in counts[li * e..(li + 1) * e]
+                .iter_mut()
+                .zip(bytes.chunks_exact(8))
+            {
                 let v = i64::from_le_bytes(c.try_into().expect("8 bytes"));
-                let v = u64::try_from(v).map_err(|_| bad(format!("tensor `{name}` holds the count {v}")))?;
-                *x = x.checked_add(v).ok_or_else(|| bad("counts overflow".into()))?;
+                let v = u64::try_from(v)
+                    .map_err(|_| bad(format!("tensor `{name}` holds the count {v}")))?;
+                *x = x
+                    .checked_add(v)
+                    .ok_or_else(|| bad("counts overflow".into()))?;
             }
             seen[li] = true;
         }
@@ -78,7 +90,10 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
     if let Some(li) = seen.iter().position(|s| !s) {
         return Err(Error::Input {
             path: files[0].clone(),
-            reason: format!("no statistics of MoE layer {} in any rank file", info.moe_layers[li]),
+            reason: format!(
+                "no statistics of MoE layer {} in any rank file",
+                info.moe_layers[li]
+            ),
         });
     }
     Ok(Imported {

@@ -154,18 +154,30 @@ fn routes_array(v: &Value) -> std::result::Result<([usize; 3], Vec<i64>), String
             let mut shape = [rows.len(), 0, 0];
             let mut ids = Vec::new();
             for (t, row) in rows.iter().enumerate() {
-                let layers = row.as_array().ok_or("routed experts are not [tokens][layers][k] lists")?;
+                let layers = row
+                    .as_array()
+                    .ok_or("routed experts are not [tokens][layers][k] lists")?;
                 if t == 0 {
                     shape[1] = layers.len();
                 } else if layers.len() != shape[1] {
-                    return Err(format!("token {t} has {} layers, token 0 {}", layers.len(), shape[1]));
+                    return Err(format!(
+                        "token {t} has {} layers, token 0 {}",
+                        layers.len(),
+                        shape[1]
+                    ));
                 }
                 for layer in layers {
-                    let sel = layer.as_array().ok_or("routed experts are not [tokens][layers][k] lists")?;
+                    let sel = layer
+                        .as_array()
+                        .ok_or("routed experts are not [tokens][layers][k] lists")?;
                     if shape[2] == 0 {
                         shape[2] = sel.len();
                     } else if sel.len() != shape[2] {
-                        return Err(format!("token {t} selects {} experts in a layer, others {}", sel.len(), shape[2]));
+                        return Err(format!(
+                            "token {t} selects {} experts in a layer, others {}",
+                            sel.len(),
+                            shape[2]
+                        ));
                     }
                     for x in sel {
                         ids.push(x.as_i64().ok_or("an expert id is not an integer")?);
@@ -188,7 +200,10 @@ pub(crate) fn npy(b: &[u8]) -> std::result::Result<([usize; 3], Vec<i64>), Strin
         2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
         v => return Err(format!(".npy version {v} is not supported")),
     };
-    let end = start.checked_add(hlen).filter(|&e| e <= b.len()).ok_or(".npy header is truncated")?;
+    let end = start
+        .checked_add(hlen)
+        .filter(|&e| e <= b.len())
+        .ok_or(".npy header is truncated")?;
     let header = std::str::from_utf8(&b[start..end]).map_err(|_| ".npy header is not text")?;
     let after = |key: &str| -> Option<&str> {
         let i = header.find(key)?;
@@ -212,10 +227,15 @@ pub(crate) fn npy(b: &[u8]) -> std::result::Result<([usize; 3], Vec<i64>), Strin
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!(".npy shape `{inner}` is not integers")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!(".npy shape `{inner}` is not integers"))
+        })
         .collect::<std::result::Result<_, _>>()?;
     let [t, l, k] = dims[..] else {
-        return Err(format!(".npy array has shape ({inner}), expected [tokens, layers, k]"));
+        return Err(format!(
+            ".npy array has shape ({inner}), expected [tokens, layers, k]"
+        ));
     };
     let size = match descr.as_str() {
         "<i8" | "<u8" => 8,
@@ -230,7 +250,10 @@ pub(crate) fn npy(b: &[u8]) -> std::result::Result<([usize; 3], Vec<i64>), Strin
         .ok_or(".npy shape overflows")?;
     let data = &b[end..];
     if Some(data.len()) != n.checked_mul(size) {
-        return Err(format!(".npy holds {} data bytes, its shape needs {n}×{size}", data.len()));
+        return Err(format!(
+            ".npy holds {} data bytes, its shape needs {n}×{size}",
+            data.len()
+        ));
     }
     let signed = descr.as_bytes()[1] == b'i';
     let ids = data
@@ -268,15 +291,40 @@ mod tests {
 
     #[test]
     fn npy_of_each_integer_width() {
-        let i32s: Vec<u8> = [3i32, -1, 7, 0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(npy(&npy_bytes("<i4", "(2, 1, 2)", &i32s)).unwrap(), ([2, 1, 2], vec![3, -1, 7, 0]));
+        let i32s: Vec<u8> = [3i32, -1, 7, 0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(
+            npy(&npy_bytes("<i4", "(2, 1, 2)", &i32s)).unwrap(),
+            ([2, 1, 2], vec![3, -1, 7, 0])
+        );
         let i16s: Vec<u8> = [5i16, 6].iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(npy(&npy_bytes("<i2", "(1, 1, 2)", &i16s)).unwrap(), ([1, 1, 2], vec![5, 6]));
-        assert_eq!(npy(&npy_bytes("|u1", "(1, 2, 1)", &[250, 1])).unwrap(), ([1, 2, 1], vec![250, 1]));
-        assert!(npy(&npy_bytes("<f4", "(1, 1, 1)", &[0; 4])).unwrap_err().contains("dtype <f4"));
-        assert!(npy(&npy_bytes("<i4", "(2, 2)", &[0; 16])).unwrap_err().contains("expected [tokens, layers, k]"));
-        assert!(npy(&npy_bytes("<i4", "(2, 1, 2)", &[0; 12])).unwrap_err().contains("holds 12 data bytes"));
-        assert!(npy(&npy_bytes("<i4", "(4294967296, 4294967296, 4294967296)", &[])).is_err());
-        assert!(npy(b"\x93NUMPY\x01\x00\xff\xff{").unwrap_err().contains("truncated"));
+        assert_eq!(
+            npy(&npy_bytes("<i2", "(1, 1, 2)", &i16s)).unwrap(),
+            ([1, 1, 2], vec![5, 6])
+        );
+        assert_eq!(
+            npy(&npy_bytes("|u1", "(1, 2, 1)", &[250, 1])).unwrap(),
+            ([1, 2, 1], vec![250, 1])
+        );
+        assert!(npy(&npy_bytes("<f4", "(1, 1, 1)", &[0; 4]))
+            .unwrap_err()
+            .contains("dtype <f4"));
+        assert!(npy(&npy_bytes("<i4", "(2, 2)", &[0; 16]))
+            .unwrap_err()
+            .contains("expected [tokens, layers, k]"));
+        assert!(npy(&npy_bytes("<i4", "(2, 1, 2)", &[0; 12]))
+            .unwrap_err()
+            .contains("holds 12 data bytes"));
+        assert!(npy(&npy_bytes(
+            "<i4",
+            "(4294967296, 4294967296, 4294967296)",
+            &[]
+        ))
+        .is_err());
+        assert!(npy(b"\x93NUMPY\x01\x00\xff\xff{")
+            .unwrap_err()
+            .contains("truncated"));
     }
 }

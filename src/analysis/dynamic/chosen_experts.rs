@@ -82,7 +82,10 @@ pub fn from_routing(r: &crate::trace::Routing, layers: Option<&[usize]>) -> Chos
             for row in sel.chunks_exact(l * k) {
                 for (li, a) in acc.iter_mut().enumerate() {
                     if wanted(r.moe_layers[li]) {
-                        let ids: Vec<u32> = row[li * k..(li + 1) * k].iter().map(|&x| u32::from(x)).collect();
+                        let ids: Vec<u32> = row[li * k..(li + 1) * k]
+                            .iter()
+                            .map(|&x| u32::from(x))
+                            .collect();
                         a.add(&ids);
                     }
                 }
