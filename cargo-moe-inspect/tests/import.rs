@@ -153,8 +153,9 @@ fn every_engine_import_gives_the_load_of_the_models_own_trace() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(loads(&stdout), (want.clone(), 42));
 
-    let cases: [(&str, &str, bool); 8] = [
+    let cases: [(&str, &str, bool); 9] = [
         ("vllm", "vllm/responses.jsonl", true),
+        ("sglang", "sglang/requests.jsonl", true),
         ("vllm", "vllm/npy", true),
         ("sglang", "sglang/per_token", true),
         ("sglang", "sglang/per_token_tp", true),
@@ -244,6 +245,7 @@ fn per_token_imports_hold_each_tokens_experts_and_ids() {
         ("vllm", "vllm/npy", true),
         ("sglang", "sglang/per_token", true),
         ("sglang", "sglang/per_token_tp", true),
+        ("sglang", "sglang/requests.jsonl", false),
         ("megatron", "megatron", false),
     ] {
         let out = dir.path().join("t.safetensors");
@@ -304,7 +306,14 @@ fn records_that_do_not_match_the_model_exit_2() {
     let t = traces();
     // mixtral: 2 layers, both MoE; qwen2-moe: 6 experts. (vLLM records only
     // MoE-layer columns, so a same-shaped model is indistinguishable.)
-    let cases: [(&str, PathBuf, &str, &str, &str); 8] = [
+    let cases: [(&str, PathBuf, &str, &str, &str); 9] = [
+        (
+            "sglang",
+            t.join("sglang/requests.jsonl"),
+            "mixtral",
+            "requests.jsonl",
+            "recorded with another layer count or top-k?",
+        ),
         (
             "vllm",
             t.join("vllm/responses.jsonl"),

@@ -5,7 +5,7 @@
 //! | engine | reads | per-token ids | token ids | weights | logits | counts only |
 //! |---|---|---|---|---|---|---|
 //! | [`vllm`] | response JSON / JSONL (`prompt_routed_experts`) | yes | `prompt_token_ids` | – | – | – |
-//! | [`sglang`] | recorder dumps (`.pt`) | `per_token` | `input_ids` | – | – | `per_pass`, `stat` |
+//! | [`sglang`] | recorder dumps (`.pt`), per-request JSON | `per_token`, per-request | `input_ids` (dumps) | – | – | `per_pass`, `stat` |
 //! | [`megatron`] | `router_trace_rank*.jsonl` | yes | – | – | bf16 sidecar | – |
 //! | [`trtllm`] | `meta_info.json` + `rank*.safetensors` | – | – | – | – | yes |
 //!

@@ -17,6 +17,13 @@
 //! - `per_pass`: records with `global_physical_count [L, physical]`;
 //!   `stat`: rank 0 only, `logical_count [buffer, L, E]` (a circular buffer,
 //!   unused rows zero). Both give counts only (`expert_counts`).
+//! - Per-request output (`--enable-return-routed-experts`, request field
+//!   `return_routed_experts`): `/generate` responses (`.json` / `.jsonl`)
+//!   whose `meta_info.routed_experts` is base64 of a flat int32
+//!   `[seqlen − 1, num_hidden_layers, top_k]` array (dense-layer rows 0) and
+//!   `meta_info.prompt_tokens` the prompt length: the first `prompt_tokens`
+//!   rows, MoE layers only, become one prompt. The response carries no
+//!   prompt token ids, so the trace has none.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -35,7 +42,20 @@ struct Prompt {
 
 /// Reads SGLang recorder dumps (see the module documentation).
 pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
-    let files = super::files(paths, |n| n.ends_with(".pt"))?;
+    let files = super::files(paths, |n| {
+        n.ends_with(".pt") || n.ends_with(".json") || n.ends_with(".jsonl")
+    })?;
+    let is_json = |p: &PathBuf| p.extension().is_some_and(|x| x == "json" || x == "jsonl");
+    if files.iter().all(is_json) {
+        return per_request(&files, info);
+    }
+    if let Some(j) = files.iter().find(|p| is_json(p)) {
+        return Err(Error::Input {
+            path: j.clone(),
+            reason: "per-request JSON mixed with recorder dumps (.pt): import them separately"
+                .into(),
+        });
+    }
     let (l, e) = (info.moe_layers.len(), info.num_experts);
     let mut prompts: Vec<Prompt> = Vec::new();
     let mut counts: Option<Vec<u64>> = None;
@@ -199,6 +219,120 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
             path: files[0].clone(),
             reason: "the dump holds no prompt (extend) tokens".into(),
         });
+    }
+    Ok(Imported {
+        routing: out.finish("sglang", info),
+        notes,
+    })
+}
+
+/// Largest response file read (bytes).
+const MAX_RESPONSES: u64 = 1 << 32;
+
+/// Per-request `meta_info.routed_experts` (see the module documentation).
+fn per_request(files: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
+    use base64::Engine as _;
+    let (nl, k, e) = (info.num_layers, info.top_k, info.num_experts);
+    let mut out = PerToken::new();
+    out.has_ids = false;
+    let mut generated = 0usize;
+    for path in files {
+        let bytes = super::read_bounded(path, MAX_RESPONSES)?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| Error::Input {
+            path: path.clone(),
+            reason: "not UTF-8 JSON".into(),
+        })?;
+        let responses: Vec<(String, serde_json::Value)> = match serde_json::from_str(text) {
+            Ok(serde_json::Value::Array(a)) => a
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("response {i}"), v))
+                .collect(),
+            Ok(v) => vec![("the response".into(), v)],
+            Err(_) => text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| {
+                    serde_json::from_str(l)
+                        .map(|v| (format!("line {}", i + 1), v))
+                        .map_err(|err| Error::Input {
+                            path: path.clone(),
+                            reason: format!("line {}: not JSON: {err}", i + 1),
+                        })
+                })
+                .collect::<Result<_>>()?,
+        };
+        for (label, r) in responses {
+            let bad = |reason: String| Error::Input {
+                path: path.clone(),
+                reason: format!("{label}: {reason}"),
+            };
+            let meta = r
+                .get("meta_info")
+                .ok_or_else(|| bad("no `meta_info`".into()))?;
+            let b64 = meta
+                .get("routed_experts")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| {
+                    bad("no `meta_info.routed_experts` (request with return_routed_experts)".into())
+                })?;
+            let prompt = meta
+                .get("prompt_tokens")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|p| usize::try_from(p).ok())
+                .filter(|&p| p <= MAX_TRACE_TOKENS)
+                .ok_or_else(|| bad("no `meta_info.prompt_tokens` count".into()))?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|err| bad(format!("`routed_experts` is not base64: {err}")))?;
+            let row = nl * k * 4;
+            if raw.len() % row != 0 {
+                return Err(bad(format!(
+                    "`routed_experts` holds {} bytes, not a multiple of {nl} layers × top-{k} × 4 (int32)",
+                    raw.len()
+                )));
+            }
+            let rows = raw.len() / row;
+            // seqlen − 1 rows: the last generated token is never fed back.
+            let completion = meta
+                .get("completion_tokens")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|c| usize::try_from(c).ok());
+            if let Some(want) = completion.and_then(|c| (prompt + c).checked_sub(1)) {
+                if rows != want {
+                    return Err(bad(format!(
+                        "`routed_experts` holds {} bytes: {rows} rows of {nl} layers × top-{k} (int32), but the response has {prompt} prompt + {} completion tokens, so {want} rows; recorded with another layer count or top-k?",
+                        raw.len(),
+                        completion.unwrap_or(0)
+                    )));
+                }
+            }
+            if rows < prompt {
+                return Err(bad(format!(
+                    "`routed_experts` has {rows} token rows, fewer than the {prompt} prompt tokens"
+                )));
+            }
+            generated += rows - prompt;
+            for t in 0..prompt {
+                for &layer in &info.moe_layers {
+                    for j in 0..k {
+                        let at = ((t * nl + layer) * k + j) * 4;
+                        let x = i32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
+                        let what = || format!("{label}, token {t}, layer {layer}");
+                        out.selected
+                            .push(PerToken::check_id(i64::from(x), e, what, path)?);
+                    }
+                }
+            }
+            out.prompt_lengths.push(prompt);
+        }
+    }
+    let mut notes = Vec::new();
+    if generated > 0 {
+        notes.push(format!(
+            "{generated} generated tokens' routing left out: only prompt tokens are imported"
+        ));
     }
     Ok(Imported {
         routing: out.finish("sglang", info),
