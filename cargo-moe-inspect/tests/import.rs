@@ -665,3 +665,51 @@ fn check_trace_exits_1_when_one_layers_routing_was_altered() {
         ["router-jsd", "load-shift", "router-jsd", "load-shift"]
     );
 }
+
+/// vLLM's whole-sequence form: without `prompt_routed_experts`,
+/// `choices[0].routed_experts` holds prompt + generated − 1 rows and is split
+/// at the prompt length; a row count that does not fit is refused.
+#[test]
+fn vllm_whole_sequence_routing_is_split_at_the_prompt() {
+    let model = fixture("qwen3-moe");
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(traces().join("vllm/responses.jsonl")).unwrap();
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        let mut rows = v["prompt_routed_experts"].as_array().unwrap().clone();
+        let gen = v["choices"][0]["routed_experts"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            gen.len() + 1,
+            v["choices"][0]["token_ids"].as_array().unwrap().len()
+        );
+        rows.extend(gen);
+        v["choices"][0]["routed_experts"] = Value::Array(rows);
+        v.as_object_mut().unwrap().remove("prompt_routed_experts");
+        lines.push(v.to_string());
+    }
+    let f = dir.path().join("whole.jsonl");
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    let out = dir.path().join("t.safetensors");
+    let (code, stderr) = import("vllm", &f, &model, &out);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("6 generated tokens' routing"), "{stderr}");
+    assert_eq!(analyze_trace(&out, Some(&model)), (expected_load(), 42));
+
+    // One row short: refused, naming the counts.
+    let mut v: Value = serde_json::from_str(&lines[0]).unwrap();
+    v["choices"][0]["routed_experts"]
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    std::fs::write(&f, v.to_string()).unwrap();
+    let (code, stderr) = import("vllm", &f, &model, &out);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("has 21 rows; 20 prompt + 3 generated tokens need 22"),
+        "{stderr}"
+    );
+}

@@ -5,7 +5,9 @@
 //! part (without the last generated token, which is never fed back).
 //!
 //! Input: one response (`.json`), a JSON array of responses, or a JSONL file
-//! of responses. Each response becomes one prompt of the trace. Only the
+//! of responses. Without `prompt_routed_experts`, a `choices[0].routed_experts`
+//! covering the whole sequence (prompt + generated − 1 rows) is split at
+//! `len(prompt_token_ids)`. Each response becomes one prompt of the trace. Only the
 //! prompt part is imported, so the trace compares with this tool's own
 //! `trace` of the same prompts; the generated rows are counted in a note.
 
@@ -86,10 +88,60 @@ fn one(path: &Path, label: &str, r: &Value, info: &ModelInfo, out: &mut PerToken
             .filter(|v| !v.is_null())
             .or_else(|| choices?.first()?.get(name).filter(|v| !v.is_null()))
     };
-    let routes = field("prompt_routed_experts").ok_or_else(|| {
-        bad("no `prompt_routed_experts` (serve with --enable-return-routed-experts)".into())
-    })?;
-    let (shape, ids) = routes_array(routes).map_err(&bad)?;
+    let prompt_ids: Option<Vec<i64>> = field("prompt_token_ids")
+        .map(|p| {
+            p.as_array()
+                .and_then(|a| a.iter().map(Value::as_i64).collect())
+                .ok_or_else(|| bad("`prompt_token_ids` is not a list of integers".into()))
+        })
+        .transpose()?;
+    let generated: usize;
+    let (shape, ids) = match field("prompt_routed_experts") {
+        Some(routes) => {
+            generated = choices.map_or(0, |cs| {
+                cs.iter()
+                    .filter_map(|c| c.get("routed_experts").filter(|v| !v.is_null()))
+                    .filter_map(|v| routes_array(v).ok())
+                    .map(|(s, _)| s[0])
+                    .sum()
+            });
+            routes_array(routes).map_err(&bad)?
+        }
+        None => {
+            // Whole-sequence form: choices[0].routed_experts covers the prompt
+            // and the generated tokens but the last (P + N − 1 rows).
+            let c = choices.and_then(|cs| cs.first());
+            let routes = c
+                .and_then(|c| c.get("routed_experts"))
+                .filter(|v| !v.is_null())
+                .ok_or_else(|| {
+                    bad(
+                        "no `prompt_routed_experts` (serve with --enable-return-routed-experts)"
+                            .into(),
+                    )
+                })?;
+            let p = prompt_ids.as_ref().map(Vec::len).ok_or_else(|| {
+                bad("`choices[0].routed_experts` without `prompt_routed_experts` needs `prompt_token_ids` to find the prompt rows".into())
+            })?;
+            let n = c
+                .and_then(|c| c.get("token_ids"))
+                .and_then(Value::as_array)
+                .map(Vec::len)
+                .ok_or_else(|| bad("`choices[0].routed_experts` without `prompt_routed_experts` needs `choices[0].token_ids`".into()))?;
+            let (shape, ids) = routes_array(routes).map_err(&bad)?;
+            if p == 0 || shape[0] + 1 != p + n {
+                return Err(bad(format!(
+                    "`choices[0].routed_experts` has {} rows; {p} prompt + {n} generated tokens need {} (the last generated token has none)",
+                    shape[0],
+                    (p + n).saturating_sub(1)
+                )));
+            }
+            generated = shape[0] - p;
+            let mut ids = ids;
+            ids.truncate(p * shape[1] * shape[2]);
+            ([p, shape[1], shape[2]], ids)
+        }
+    };
     let (l, k) = (info.moe_layers.len(), info.top_k);
     if shape[1] != l {
         return Err(bad(format!(
@@ -104,11 +156,7 @@ fn one(path: &Path, label: &str, r: &Value, info: &ModelInfo, out: &mut PerToken
         )));
     }
     let t = shape[0];
-    if let Some(p) = field("prompt_token_ids") {
-        let p: Vec<i64> = p
-            .as_array()
-            .and_then(|a| a.iter().map(Value::as_i64).collect())
-            .ok_or_else(|| bad("`prompt_token_ids` is not a list of integers".into()))?;
+    if let Some(p) = prompt_ids {
         if p.len() != t {
             return Err(bad(format!(
                 "{} prompt token ids but {t} rows of routing",
@@ -131,13 +179,6 @@ fn one(path: &Path, label: &str, r: &Value, info: &ModelInfo, out: &mut PerToken
             .push(PerToken::check_id(x, info.num_experts, what, path)?);
     }
     out.prompt_lengths.push(t);
-    let generated = choices.map_or(0, |cs| {
-        cs.iter()
-            .filter_map(|c| c.get("routed_experts").filter(|v| !v.is_null()))
-            .filter_map(|v| routes_array(v).ok())
-            .map(|(s, _)| s[0])
-            .sum()
-    });
     Ok(generated)
 }
 
