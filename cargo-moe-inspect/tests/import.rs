@@ -456,6 +456,27 @@ fn records_that_do_not_match_the_model_exit_2() {
         "{stderr}"
     );
 
+    // A logits sidecar offset past the end of the sidecar.
+    std::fs::copy(
+        t.join("megatron/logits_rank1.bin"),
+        dir.path().join("logits_rank1.bin"),
+    )
+    .unwrap();
+    std::fs::write(
+        &m,
+        mega.replacen("\"logit_offset\": 0", "\"logit_offset\": 100000", 1),
+    )
+    .unwrap();
+    let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("logits_rank1.bin") && stderr.contains("past the end of the file"),
+        "{stderr}"
+    );
+    std::fs::write(&m, &mega).unwrap();
+    let (code, stderr) = import("megatron", &m, &fixture("qwen3-moe"), &out);
+    assert_eq!(code, 0, "the unedited copy imports: {stderr}");
+
     // Garbage instead of a torch.save archive.
     let pt = dir.path().join("x.pt");
     std::fs::write(&pt, b"not a zip").unwrap();

@@ -206,9 +206,26 @@ pub fn import(paths: &[PathBuf], info: &ModelInfo) -> Result<Imported> {
                 sidecar = Some((p, f));
             }
             let (sp, f) = sidecar.as_mut().expect("opened above");
+            let side_len = f
+                .metadata()
+                .map_err(|err| Error::io(sp.clone(), err))?
+                .len();
             let mut per_layer = Vec::with_capacity(l);
             for r in &recs {
                 let (off, n) = r.logits.expect("checked above");
+                if off
+                    .checked_add(n as u64 * 2)
+                    .is_none_or(|end| end > side_len)
+                {
+                    return Err(Error::Input {
+                        path: sp.clone(),
+                        reason: format!(
+                            "line {}: logits at bytes {off}..+{} lie past the end of the file ({side_len} bytes)",
+                            r.line,
+                            n * 2
+                        ),
+                    });
+                }
                 let mut b = vec![0u8; n * 2];
                 f.seek(SeekFrom::Start(off))
                     .and_then(|_| f.read_exact(&mut b))

@@ -146,6 +146,7 @@ pub struct TorchFile {
     path: PathBuf,
     prefix: String,
     zip: zip::ZipArchive<std::fs::File>,
+    file_len: u64,
     /// The unpickled root object.
     pub root: Value,
 }
@@ -158,6 +159,8 @@ impl TorchFile {
             reason,
         };
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // No entry of a stored (uncompressed) archive is larger than the file.
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut zip = zip::ZipArchive::new(file)
             .map_err(|e| bad(format!("not a torch.save zip archive: {e}")))?;
         let pkl = zip
@@ -168,12 +171,13 @@ impl TorchFile {
             })
             .ok_or_else(|| bad("the archive has no `<name>/data.pkl`".into()))?;
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
-        let bytes = read_entry(&mut zip, &pkl, MAX_PICKLE).map_err(bad)?;
+        let bytes = read_entry(&mut zip, &pkl, MAX_PICKLE.min(file_len)).map_err(bad)?;
         let root = unpickle(&bytes).map_err(|e| bad(format!("{pkl}: {e}")))?;
         Ok(TorchFile {
             path: path.to_path_buf(),
             prefix,
             zip,
+            file_len,
             root,
         })
     }
@@ -190,7 +194,14 @@ impl TorchFile {
             .checked_mul(t.elem.size() as u64)
             .filter(|&n| n <= MAX_STORAGE)
             .ok_or_else(|| bad(format!("storage `{}` is too large", t.key)))?;
-        let bytes = read_entry(&mut self.zip, &name, MAX_STORAGE).map_err(&bad)?;
+        if need > self.file_len {
+            return Err(bad(format!(
+                "storage `{}` needs {need} bytes, more than the file holds",
+                t.key
+            )));
+        }
+        let bytes =
+            read_entry(&mut self.zip, &name, MAX_STORAGE.min(self.file_len)).map_err(&bad)?;
         if (bytes.len() as u64) < need {
             return Err(bad(format!(
                 "storage `{}` holds {} bytes, its tensor needs {need}",
@@ -203,6 +214,14 @@ impl TorchFile {
             .iter()
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| bad("tensor shape overflows".into()))?;
+        // A view larger than its storage (an expanded, stride-0 view) is not
+        // something the recorder writes; refusing it bounds the allocation.
+        if numel as u64 > t.storage_numel {
+            return Err(bad(format!(
+                "tensor of {numel} elements views a storage of {}",
+                t.storage_numel
+            )));
+        }
         if t.shape.len() != t.stride.len() {
             return Err(bad("tensor shape and stride differ in rank".into()));
         }

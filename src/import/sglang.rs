@@ -582,3 +582,50 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod corruption {
+    use super::*;
+    use crate::model::config::Config;
+
+    /// Truncated or byte-flipped dumps give an error or a checked import,
+    /// never a panic or an unbounded allocation.
+    #[test]
+    fn damaged_dumps_are_errors_not_panics() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let info =
+            ModelInfo::from_config(&Config::read_dir(&root.join("fixtures/qwen3-moe")).unwrap())
+                .unwrap();
+        let src = root.join("fixtures/engine-traces/sglang/per_token/expert_distribution_recorder_1780000000.0_1.pt");
+        let good = std::fs::read(&src).unwrap();
+        let dir = std::env::temp_dir().join(format!("moe-inspect-pt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d.pt");
+        let (mut errors, mut total) = (0, 0);
+        let mut variants: Vec<Vec<u8>> = (0..good.len())
+            .step_by(61)
+            .map(|n| good[..n].to_vec())
+            .collect();
+        for at in (0..good.len()).step_by(23) {
+            let mut b = good.clone();
+            b[at] ^= 0xff;
+            variants.push(b);
+        }
+        for bytes in variants {
+            std::fs::write(&path, &bytes).unwrap();
+            total += 1;
+            match import(&[path.clone()], &info) {
+                Err(e) => {
+                    errors += 1;
+                    assert!(e.to_string().contains("d.pt"), "{e}");
+                }
+                Ok(r) => r.routing.validate(&path).unwrap(),
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(
+            total > 100 && errors > total / 2,
+            "{errors} errors of {total}"
+        );
+    }
+}
