@@ -614,7 +614,7 @@ mod corruption {
         for bytes in variants {
             std::fs::write(&path, &bytes).unwrap();
             total += 1;
-            match import(&[path.clone()], &info) {
+            match import(std::slice::from_ref(&path), &info) {
                 Err(e) => {
                     errors += 1;
                     assert!(e.to_string().contains("d.pt"), "{e}");
