@@ -394,7 +394,9 @@ fn metadata(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
     if len > crate::model::safetensors::MAX_HEADER_BYTES {
         return Err(crate::Error::Input {
             path: path.to_path_buf(),
-            reason: format!("safetensors header of {len} bytes is too large"),
+            reason: format!(
+                "not a trace file: its safetensors header length {len} is out of range"
+            ),
         });
     }
     let mut text = vec![0u8; len as usize];
