@@ -674,6 +674,43 @@ fn check_trace_exits_1_when_one_layers_routing_was_altered() {
         "{drifted:?}"
     );
 
+    // A golden recorded from the model's own forward pass (all analyses) on
+    // the same token ids: an engine's trace is gated on routing, the rest is
+    // noted as not recomputed.
+    let g2 = dir.path().join("golden2");
+    std::fs::create_dir(&g2).unwrap();
+    let (code, _, stderr) = run_env(&[
+        "snapshot",
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&traces().join("prompts.txt")),
+        "--golden-dir",
+        s(&g2),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    for (trace, want) in [(&sg, 0), (&altered, 1)] {
+        let (code, stdout, stderr) = run_env(&[
+            "check",
+            "--trace",
+            s(trace),
+            "--model",
+            s(&model),
+            "--golden-dir",
+            s(&g2),
+            "--format",
+            "json",
+        ]);
+        assert_eq!(code, want, "{stdout} {stderr}");
+        let v: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(metrics(&v).len(), 8, "{v}");
+        let notices = v["models"][0]["notices"].to_string();
+        assert!(
+            notices.contains("not recomputed, so not compared: expert-similarity"),
+            "{notices}"
+        );
+    }
+
     // A counts-only trace gates load-shift and the load JSD only.
     let trt = dir.path().join("trt.safetensors");
     let (code, stderr) = import("trtllm", &traces().join("trtllm"), &model, &trt);
