@@ -12,7 +12,10 @@
 //!   and benchmark reports.
 //!
 //! Each of these imports only those listed before it (`tests/module_graph.rs`
-//! checks it); [`bench`](mod@bench) and the small utility modules sit beside them.
+//! checks it); [`bench`](mod@bench) and the small utility modules sit beside them,
+//! among them [`trace`] (routing dumps, and reading them back) and
+//! [`import`](mod@import) (vLLM, SGLang, Megatron-LM and TensorRT-LLM routing
+//! records converted into traces; it uses only `model`, `trace` and `error`).
 
 // Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:`
 // line, also inside `unsafe fn`s (clippy enforces the comment).
@@ -43,6 +46,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod golden;
+pub mod import;
 pub mod input;
 pub mod layers;
 pub mod memory;

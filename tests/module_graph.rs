@@ -14,11 +14,12 @@ const LAYERS: [&str; 5] = ["model", "forward", "analysis", "golden", "report"];
 
 /// Utilities used across layers: allowed wherever they are used, as long as
 /// the whole graph stays acyclic.
-const UTILITIES: [&str; 10] = [
+const UTILITIES: [&str; 11] = [
     "atomic_write",
     "bench",
     "demo",
     "error",
+    "import",
     "input",
     "layers",
     "memory",

@@ -75,6 +75,8 @@ pub enum Command {
     Diff(DiffArgs),
     /// Dump router logits and top-k routing per token to a safetensors file.
     Trace(TraceArgs),
+    /// Convert an engine's routing record (vLLM, SGLang, Megatron-LM, TensorRT-LLM) into a trace file.
+    Import(ImportArgs),
     /// Benchmark routing, one MoE layer and the full forward pass; report; compare with a baseline.
     Bench(BenchArgs),
     /// Print a shell completion script (e.g. `cargo moe-inspect completions bash > ~/.local/share/bash-completion/completions/cargo-moe-inspect`).
@@ -143,6 +145,12 @@ pub struct SnapshotArgs {
     /// load-shift, gate-r2, norm-score-top1).
     #[arg(long, value_name = "KEY=VALUE")]
     pub tolerance: Vec<String>,
+
+    /// Record / compare the routing (chosen-experts) of a trace file (`trace`
+    /// or `import` output) instead of running the model; needs --model DIR,
+    /// of which only config.json is read.
+    #[arg(long, value_name = "FILE", requires = "model", conflicts_with_all = ["prompts", "token_ids"])]
+    pub trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -358,6 +366,46 @@ pub struct AnalyzeArgs {
     /// writes no files and refuses it.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+
+    /// Run the routing analyses (chosen-experts) on a trace file (`trace` or
+    /// `import` output) instead of running the model; --model, when given,
+    /// only supplies config.json and is checked against the trace.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompts", "token_ids", "dense_reference"])]
+    pub trace: Option<PathBuf>,
+}
+
+/// `import`: an engine's routing record → a trace file.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The engine that wrote the record.
+    #[arg(long = "from", value_enum, value_name = "ENGINE")]
+    pub from: EngineChoice,
+
+    /// The record: files, or a folder with one run's per-rank files.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+
+    /// The served model's folder (only config.json is read): layers, experts
+    /// and top-k are checked against it.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+
+    /// Output trace file (safetensors).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+/// The engines `import` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineChoice {
+    /// vLLM `--enable-return-routed-experts` responses (JSON / JSONL).
+    Vllm,
+    /// SGLang expert distribution recorder dumps (`.pt`).
+    Sglang,
+    /// Megatron-LM `--moe-routing-trace-path` JSONL (+ logits sidecar).
+    Megatron,
+    /// TensorRT-LLM expert statistics (`meta_info.json` + `rank*.safetensors`): counts only.
+    Trtllm,
 }
 
 #[derive(Debug, Args)]

@@ -82,6 +82,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Analyze(args) => analyze(args, style),
         Command::Models(args) => models(args),
         Command::Trace(args) => trace(args),
+        Command::Import(args) => crate::import_cmd::import(args),
         Command::Snapshot(args) => crate::golden_cmd::snapshot(args),
         Command::Check(args) => {
             table_only(
@@ -502,6 +503,9 @@ fn check_analyze_flags(args: &AnalyzeArgs) -> Result<()> {
 
 fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     check_analyze_flags(&args)?;
+    if args.trace.is_some() {
+        return crate::import_cmd::analyze_trace(args, style);
+    }
     let analyses = AnalysisKind::parse_selection(&args.analyses)?;
     let writes_to = match args.format {
         OutputFormat::Table => None,

@@ -73,6 +73,7 @@ fn request(args: &SnapshotArgs) -> Result<Request> {
         analyses: args.analyses.clone(),
         tolerances: tolerance_flags(&args.tolerance)?,
         device: args.model.device.clone(),
+        trace: args.trace.clone(),
     })
 }
 

@@ -25,6 +25,7 @@ mod bench_cmd;
 mod cli;
 mod commands;
 mod golden_cmd;
+mod import_cmd;
 
 use std::process::ExitCode;
 

@@ -43,6 +43,10 @@ pub struct Request {
     pub tolerances: Vec<(String, f64)>,
     /// Device of the forward pass (`cpu`, `cuda`, `cuda:N`).
     pub device: String,
+    /// A routing trace (the `trace` format, or an engine's record converted
+    /// by `import`) to record routing from instead of running the model;
+    /// the model directory's config.json describes the traced model.
+    pub trace: Option<PathBuf>,
 }
 
 /// Makes the progress reporter of one model: given the model and the number
@@ -80,6 +84,8 @@ pub struct Plan {
     pub tolerance_overrides: Vec<(String, f64)>,
     /// Device of the forward pass.
     pub device: String,
+    /// Routing trace to record from instead of a forward pass.
+    pub trace: Option<PathBuf>,
 }
 
 /// The name of a model directory (its last path component).
@@ -116,6 +122,7 @@ pub fn plan(req: &Request, settings: Option<Settings>) -> Result<Plan> {
         targets,
         tolerance_overrides: req.tolerances.clone(),
         device: req.device.clone(),
+        trace: req.trace.clone(),
     })
 }
 
@@ -262,6 +269,9 @@ impl Plan {
         tolerances: Tolerances,
         progress: ProgressFor<'_>,
     ) -> Result<Snapshot> {
+        if let Some(file) = &self.trace {
+            return self.record_trace(file, t, tolerances);
+        }
         let device = crate::forward::parse_device(&self.device)?;
         let model = Model::open_or_demo(t.model.as_deref())?;
         let prompts = prompt_ids(
@@ -283,6 +293,21 @@ impl Plan {
             },
             progress(t, forward_layers).as_ref(),
         )
+    }
+
+    /// The routing snapshot of a trace file, checked against the target
+    /// model's config.json (no weights are read).
+    fn record_trace(&self, file: &Path, t: &Target, tolerances: Tolerances) -> Result<Snapshot> {
+        let dir = t.model.as_deref().ok_or_else(|| {
+            Error::Invalid(
+                "a routing trace needs the model directory it was recorded on (its config.json describes the traced model)".into(),
+            )
+        })?;
+        let config = crate::model::Config::read_dir(dir)?;
+        let info = crate::model::ModelInfo::from_config(&config)?;
+        let routing = crate::trace::read(file, Some(info.num_experts))?;
+        crate::import::check_model(&routing, &info, file)?;
+        crate::golden::from_trace(&routing, &config, &t.name, tolerances)
     }
 
     /// Records a target with the settings a new snapshot gets.

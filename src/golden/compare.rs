@@ -519,6 +519,12 @@ fn compare_snapshots(
                     }
                     (sum / n_tok.max(1) as f64, "mean over tokens")
                 }
+                // A trace without router logits records no mean distribution
+                // (issue 15): compare the load distributions instead.
+                _ if ra.mean_probs.len() != e || rb.mean_probs.len() != e => (
+                    jsd(&load_a, &load_b),
+                    "of the load distributions (no router logits recorded)",
+                ),
                 _ => {
                     let p: Vec<f64> = ra.mean_probs.iter().map(|&x| x as f64).collect();
                     let q: Vec<f64> = (0..e).map(|i| rb.mean_probs[perm[i]] as f64).collect();

@@ -296,7 +296,8 @@ pub struct RoutingStats {
     pub tokens: usize,
     /// Selections per expert.
     pub load: Vec<u64>,
-    /// Mean router distribution over tokens (scores normalised to sum 1).
+    /// Mean router distribution over tokens (scores normalised to sum 1);
+    /// empty when recorded from a trace without router logits.
     pub mean_probs: Vec<f32>,
 }
 
@@ -1146,7 +1147,8 @@ impl Snapshot {
                 square(g, "gate_similarity", l.layer)?;
             }
             if let Some(r) = &l.routing {
-                if r.load.len() != e || r.mean_probs.len() != e {
+                // An empty mean_probs: a trace without router logits (`from_trace`).
+                if r.load.len() != e || (r.mean_probs.len() != e && !r.mean_probs.is_empty()) {
                     return Err(format!(
                         "layer {}: routing has the wrong expert count",
                         l.layer
@@ -1247,6 +1249,124 @@ fn write_value(v: &serde_json::Value, indent: usize, out: &mut String) {
         }
         other => out.push_str(&other.to_string()),
     }
+}
+
+/// A routing-only snapshot of a trace file (`snapshot --trace`, `check
+/// --trace`): `chosen-experts` with the per-layer load and, from per-token
+/// traces, the top-k ids (so `check` computes top-k agreement). The identity
+/// comes from the model's config.json alone (no weights: the tensor index
+/// hash is `trace`). The mean router distribution is the softmax of the
+/// trace's router logits when it has them, else empty: `router-jsd` then
+/// compares the load distributions (see [`compare::compare`]).
+/// The prompts are identified by the hash of the token ids (as for a model
+/// snapshot), or of the prompt lengths when the engine records no ids.
+pub fn from_trace(
+    routing: &crate::trace::Routing,
+    config: &crate::model::config::Config,
+    name: &str,
+    tolerances: Tolerances,
+) -> Result<Snapshot> {
+    let info = crate::model::family::ModelInfo::from_config(config)?;
+    let mut cfg = String::new();
+    canonical(&serde_json::Value::Object(config.map().clone()), &mut cfg);
+    let identity = Identity {
+        family: info.family.id().to_string(),
+        num_layers: info.num_layers,
+        moe_layers: info.moe_layers.clone(),
+        num_experts: info.num_experts,
+        top_k: info.top_k,
+        hidden_size: info.hidden_size,
+        intermediate_size: info.expert_intermediate,
+        dtype: config
+            .get("torch_dtype")
+            .or_else(|| config.get("dtype"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown")
+            .to_string(),
+        config_hash: short_hash(cfg.as_bytes()),
+        tensor_index_hash: "trace".into(),
+    };
+    let (l, e, k) = (routing.moe_layers.len(), routing.num_experts, routing.top_k);
+    let load = routing.load();
+    let tokens = match &routing.selected {
+        Some(_) => routing.tokens(),
+        None => load.first().map_or(0, |x| x.iter().sum::<u64>() as usize) / k.max(1),
+    };
+    let mut layers = Vec::with_capacity(l);
+    for (li, &layer) in routing.moe_layers.iter().enumerate() {
+        let mean_probs: Vec<f32> = match &routing.router_logits {
+            Some(g) => {
+                let mut sum = vec![0f64; e];
+                for row in g.chunks_exact(e).skip(li).step_by(l) {
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                    for (s, &x) in sum.iter_mut().zip(row) {
+                        *s += (x as f64 - m).exp() / z;
+                    }
+                }
+                sum.iter()
+                    .map(|s| (s / tokens.max(1) as f64) as f32)
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        layers.push(LayerSnapshot {
+            layer,
+            expert_similarity: None,
+            neuron_similarity: None,
+            gate_similarity: None,
+            gate_r2: None,
+            fingerprint: None,
+            routing: Some(RoutingStats {
+                tokens,
+                load: load[li].clone(),
+                mean_probs,
+            }),
+            norm_score: None,
+        });
+    }
+    let prompts = routing.selected.as_ref().map(|_| match &routing.token_ids {
+        Some(ids) => {
+            let mut at = 0;
+            let prompts: Vec<Vec<u32>> = routing
+                .prompt_lengths
+                .iter()
+                .map(|&n| {
+                    let p = ids[at..at + n].iter().map(|&x| x as u32).collect();
+                    at += n;
+                    p
+                })
+                .collect();
+            prompts_info(&prompts)
+        }
+        None => {
+            let text: Vec<String> = routing
+                .prompt_lengths
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            PromptsInfo {
+                count: routing.prompt_lengths.len(),
+                tokens,
+                hash: short_hash(format!("lengths:{}", text.join(",")).as_bytes()),
+            }
+        }
+    });
+    let top_k_ids = routing.selected.as_ref().map(|sel| {
+        let ids: Vec<i16> = sel.iter().map(|&x| x as i16).collect();
+        TopKIds::encode(&ids, [tokens, l, k])
+    });
+    Ok(Snapshot {
+        schema: GOLDEN_SCHEMA.to_string(),
+        name: name.to_string(),
+        model: identity,
+        analyses: vec!["chosen-experts".into()],
+        prompts,
+        tolerances,
+        layers,
+        top_k_ids,
+        router_probs: BTreeMap::new(),
+    })
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! variation, dead-expert share, normalised routing entropy exp(H)/E and the
 //! co-activation counts, and across layers min/p50/p90/max of those.
 
-use crate::analysis::results::{ChosenExpertsLayer, ChosenSummary, Quantiles};
+use crate::analysis::results::{ChosenExperts, ChosenExpertsLayer, ChosenSummary, Quantiles};
 
 #[derive(Debug, Clone)]
 /// Accumulates one layer's routing over tokens.
@@ -64,6 +64,56 @@ impl Accumulator {
             entropy_ratio: if total > 0.0 { h.exp() / e } else { 0.0 },
             coactivation: self.coact.chunks(self.e).map(<[u64]>::to_vec).collect(),
         }
+    }
+}
+
+/// `chosen-experts` from a trace's routing ([`crate::trace::read`]), without
+/// running the model, on the MoE layers in `layers` (all when `None`).
+/// Per-token records give every statistic; a counts-only trace (an engine
+/// that records bincounts) gives the load statistics, with an empty
+/// co-activation matrix; its `tokens` is the first layer's selections / top-k
+/// (each token selects top-k experts), 0 when the top-k is unknown.
+pub fn from_routing(r: &crate::trace::Routing, layers: Option<&[usize]>) -> ChosenExperts {
+    let (l, e, k) = (r.moe_layers.len(), r.num_experts, r.top_k);
+    let wanted = |layer: usize| layers.is_none_or(|s| s.contains(&layer));
+    let mut acc: Vec<Accumulator> = (0..l).map(|_| Accumulator::new(e)).collect();
+    match (&r.selected, &r.expert_counts) {
+        (Some(sel), _) => {
+            for row in sel.chunks_exact(l * k) {
+                for (li, a) in acc.iter_mut().enumerate() {
+                    if wanted(r.moe_layers[li]) {
+                        let ids: Vec<u32> = row[li * k..(li + 1) * k]
+                            .iter()
+                            .map(|&x| u32::from(x))
+                            .collect();
+                        a.add(&ids);
+                    }
+                }
+            }
+        }
+        (None, Some(counts)) => {
+            for (a, c) in acc.iter_mut().zip(counts.chunks_exact(e)) {
+                a.load.copy_from_slice(c);
+                a.coact.clear();
+            }
+        }
+        (None, None) => {}
+    }
+    let layers: Vec<ChosenExpertsLayer> = r
+        .moe_layers
+        .iter()
+        .zip(&acc)
+        .filter(|(&layer, _)| wanted(layer))
+        .map(|(&layer, a)| a.finish(layer))
+        .collect();
+    ChosenExperts {
+        summary: summary(&layers),
+        layers,
+        tokens: match (&r.selected, &r.expert_counts) {
+            (Some(_), _) => r.tokens(),
+            (None, Some(c)) if k > 0 => (c.iter().take(e).sum::<u64>() / k as u64) as usize,
+            _ => 0,
+        },
     }
 }
 
