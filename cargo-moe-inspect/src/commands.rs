@@ -102,9 +102,19 @@ fn interactive() -> bool {
 fn open_model(args: &ModelArgs) -> Result<Model> {
     forward::parse_device(&args.device)?;
     match &args.model {
-        Some(dir) => Model::open(dir),
+        Some(dir) => open_dir(dir),
         None => Model::demo(),
     }
+}
+
+/// Opens a model directory; what was inferred about a family the table does
+/// not know goes to stderr.
+pub(crate) fn open_dir(dir: &Path) -> Result<Model> {
+    let model = Model::open(dir)?;
+    if let Some(notice) = model.notice() {
+        eprintln!("notice: {notice}");
+    }
+    Ok(model)
 }
 
 /// The files a run reads: the checkpoint's config.json, tokenizer.json and
@@ -387,7 +397,7 @@ fn io(path: &std::path::Path, e: std::io::Error) -> Error {
 }
 
 fn models(args: ModelsArgs) -> Result<u8> {
-    let rows: Vec<_> = Family::ALL.iter().map(|f| f.describe()).collect();
+    let rows: Vec<_> = Family::all().map(|f| f.describe()).collect();
     match args.format {
         ListFormat::Json => println!("{}", report::to_json_value(&rows)),
         ListFormat::Table => print!("{}", report::table::families(&rows, terminal_width())),

@@ -201,7 +201,7 @@ fn selection(list: Option<&Vec<String>>) -> Result<Selection> {
 
 fn open(t: &Target) -> Result<Model> {
     match &t.model {
-        Some(dir) => Model::open(dir),
+        Some(dir) => crate::commands::open_dir(dir),
         None => Model::demo(),
     }
 }
@@ -559,8 +559,8 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
     let sel = selection(args.analyses.as_ref().map(|a| vec![a.clone()]).as_ref())?;
     let tol = tolerances(Tolerances::default(), s.as_ref(), None, &args.tolerance)?;
     let device = forward::parse_device(&args.device)?;
-    let a = Model::open(&args.baseline)?;
-    let b = Model::open(&args.candidate)?;
+    let a = crate::commands::open_dir(&args.baseline)?;
+    let b = crate::commands::open_dir(&args.candidate)?;
     let prompts = prompts_for(
         Some(&args.baseline),
         args.prompts.prompts.as_deref(),

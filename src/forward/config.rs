@@ -136,6 +136,13 @@ impl ForwardConfig {
     /// Reads the forward-pass settings of a model.
     pub fn from_config(c: &Config, info: &ModelInfo) -> Result<ForwardConfig> {
         let fam = info.family;
+        if !fam.native_forward() {
+            return Err(Error::NoNativeForward {
+                path: c.path().to_path_buf(),
+                family: fam.id().to_string(),
+                native: Family::ALL.map(|f| f.id()).join(", "),
+            });
+        }
         let mla = matches!(fam, Family::DeepSeekV2 | Family::DeepSeekV3);
         let heads = c.usize_in("num_attention_heads", 1, limits::HEADS)?;
         let kv_heads = c
@@ -205,7 +212,8 @@ impl ForwardConfig {
                     scale,
                 }
             }
-            Family::DeepSeekV3 => Routing::DeepSeekV3 {
+            // DeepSeek-V3 (Kimi-K2): the last native family (checked above).
+            _ => Routing::DeepSeekV3 {
                 n_group,
                 topk_group,
                 renormalize: norm_topk.unwrap_or(true),

@@ -1,0 +1,158 @@
+//! The family table end to end: fused-expert twins give the same analyses
+//! and forward as their per-expert originals, the new families run the static
+//! analyses and refuse forward-needing commands with a clear exit-2 error.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+
+use common::{repo_root, FAMILY_FIXTURES};
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cargo-moe-inspect"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("NO_COLOR", "1")
+        .env_remove("CARGO_TERM_COLOR")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, stdout, stderr) = run(args);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    stdout
+}
+
+/// `analyze --format json`, with the model directory (the one thing that
+/// differs between twins) replaced by a placeholder.
+fn analysis_json(dir: &str, analyses: &str) -> String {
+    let out = ok(&[
+        "analyze",
+        "--model",
+        dir,
+        "--analyses",
+        analyses,
+        "--token-ids",
+        "golden/fixture-token-ids.txt",
+        "--format",
+        "json",
+    ]);
+    assert!(out.contains(dir), "the report names its model");
+    out.replace(dir, "<model>")
+}
+
+#[test]
+fn a_fused_twin_gives_byte_identical_analyses_and_forward() {
+    for name in ["mixtral", "qwen3-moe"] {
+        let per_expert = format!("fixtures/{name}");
+        let fused = format!("fixtures/fused/{name}");
+        // Static and dynamic (a forward pass over the prompts) analyses.
+        let a = analysis_json(&per_expert, "all");
+        let b = analysis_json(&fused, "all");
+        assert!(a.contains("output_similarity"), "{name}: dynamic analyses ran");
+        assert_eq!(a, b, "{name}: fused twin differs");
+    }
+}
+
+#[test]
+fn the_fused_twin_traces_the_same_routing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut traces = Vec::new();
+    for (i, model) in ["fixtures/qwen3-moe", "fixtures/fused/qwen3-moe"]
+        .iter()
+        .enumerate()
+    {
+        let out = dir.path().join(format!("t{i}.safetensors"));
+        ok(&[
+            "trace",
+            "--model",
+            model,
+            "--token-ids",
+            "golden/fixture-token-ids.txt",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let w = moe_inspect::model::Weights::open_file(&out).unwrap();
+        let mut tensors: Vec<(String, Vec<u8>)> = w
+            .names()
+            .into_iter()
+            .map(|n| (n.to_string(), w.raw(n).unwrap().2.to_vec()))
+            .collect();
+        tensors.sort();
+        assert!(tensors.len() > 1);
+        traces.push(tensors);
+    }
+    assert_eq!(traces[0], traces[1]);
+}
+
+#[test]
+fn every_new_family_runs_the_static_analyses() {
+    for name in FAMILY_FIXTURES {
+        let dir = format!("fixtures/{name}");
+        let json: serde_json::Value = serde_json::from_str(&analysis_json(&dir, "static")).unwrap();
+        let text = json.to_string();
+        assert!(text.contains("expert_similarity"), "{name}");
+        assert!(!text.contains("NaN"), "{name}");
+    }
+}
+
+#[test]
+fn forward_commands_on_a_family_without_native_forward_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.safetensors");
+    for args in [
+        vec![
+            "trace",
+            "--model",
+            "fixtures/families/gpt_oss",
+            "--token-ids",
+            "golden/fixture-token-ids.txt",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        vec![
+            "analyze",
+            "--model",
+            "fixtures/families/glm4_moe",
+            "--analyses",
+            "dynamic",
+            "--token-ids",
+            "golden/fixture-token-ids.txt",
+        ],
+    ] {
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {stdout}");
+        assert!(
+            stderr.contains("static analyses only") && stderr.contains("engine trace"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn models_lists_every_family_of_the_table() {
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&["models", "--format", "json"])).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), moe_inspect::model::family::FAMILIES.len());
+    for r in rows {
+        let forward = r["forward"].as_str().unwrap();
+        assert!(forward == "native" || forward == "trace", "{r}");
+        assert!(!r["router_rule"].as_str().unwrap().is_empty(), "{r}");
+        assert!(!r["layout"].as_str().unwrap().is_empty(), "{r}");
+    }
+    let native: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["forward"] == "native")
+        .map(|r| r["model_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(native.len(), 8);
+}
