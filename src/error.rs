@@ -58,7 +58,7 @@ pub enum Error {
     },
 
     /// The family has no native forward pass: a command that needs one was asked of it.
-    #[error("{}: family `{family}` has static analyses only; use an engine trace (--trace) for routing and activations (families with a native forward: {native})", path.display())]
+    #[error("{}: family `{family}` has static analyses only; use an engine trace for routing and activations (families with a native forward: {native})", path.display())]
     NoNativeForward {
         /// The config.json of the model.
         path: PathBuf,

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{repo_root, FAMILY_FIXTURES};
+use common::{copy_fixture, edit_config, repo_root, FAMILY_FIXTURES};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_cargo-moe-inspect"))
@@ -56,7 +56,7 @@ fn a_fused_twin_gives_byte_identical_analyses_and_forward() {
         // Static and dynamic (a forward pass over the prompts) analyses.
         let a = analysis_json(&per_expert, "all");
         let b = analysis_json(&fused, "all");
-        assert!(a.contains("output_similarity"), "{name}: dynamic analyses ran");
+        assert!(a.contains("\"output-similarity\""), "{name}: dynamic analyses ran");
         assert_eq!(a, b, "{name}: fused twin differs");
     }
 }
@@ -98,7 +98,7 @@ fn every_new_family_runs_the_static_analyses() {
         let dir = format!("fixtures/{name}");
         let json: serde_json::Value = serde_json::from_str(&analysis_json(&dir, "static")).unwrap();
         let text = json.to_string();
-        assert!(text.contains("expert_similarity"), "{name}");
+        assert!(text.contains("\"expert-similarity\""), "{name}");
         assert!(!text.contains("NaN"), "{name}");
     }
 }
@@ -155,4 +155,55 @@ fn models_lists_every_family_of_the_table() {
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
     assert_eq!(native.len(), 8);
+}
+
+/// The `analyses` part of `analyze --format json` (the rest names the model and family).
+fn analyses_of(json: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let a = v["analyses"].clone();
+    assert!(a.is_object(), "{v}");
+    a
+}
+
+#[test]
+fn a_family_the_table_does_not_know_is_inferred_from_its_tensors() {
+    // Per-expert (qwen3-moe: a dense layer 0, sharded), fused (gpt-oss's
+    // interleaved layout is not inferable; the fused qwen3-moe twin is), and a
+    // Mixtral-named one (w1/w3/w2 under block_sparse_moe).
+    for name in ["qwen3-moe", "fused/qwen3-moe", "mixtral", "families/hunyuan_v1_moe"] {
+        let dir = copy_fixture(name);
+        edit_config(dir.path(), |c| {
+            c.insert("model_type".into(), "brand_new_moe".into());
+            c.insert("architectures".into(), serde_json::json!(["BrandNewMoeForCausalLM"]));
+        });
+        let path = dir.path().to_str().unwrap();
+        let args = |d: &str| {
+            vec![
+                "analyze".to_string(),
+                "--model".to_string(),
+                d.to_string(),
+                "--format".to_string(),
+                "json".to_string(),
+            ]
+        };
+        let a: Vec<String> = args(path);
+        let (code, stdout, stderr) = run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(code, 0, "{name}: {stderr}");
+        assert!(
+            stderr.contains("notice:")
+                && stderr.contains("brand_new_moe")
+                && stderr.contains("inferred")
+                && stderr.contains("router"),
+            "{name}: {stderr}"
+        );
+        let original = ok(&args(&format!("fixtures/{name}"))
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>());
+        assert_eq!(
+            analyses_of(&stdout),
+            analyses_of(&original),
+            "{name}: inferred analyses differ from the known family's"
+        );
+    }
 }

@@ -1069,6 +1069,36 @@ impl ModelInfo {
                     (moe, dense, "moe_layer_start_index")
                 }
             };
+        // transformers 5 configs may spell the layer kinds out (`mlp_layer_types`:
+        // "dense" / "sparse" per layer, DeepSeek-V3.2 and later); that list wins.
+        let (moe_layers, dense_layers, dense_key) = match config.get("mlp_layer_types") {
+            Some(serde_json::Value::Array(kinds)) => {
+                if kinds.len() != num_layers {
+                    return Err(Error::key(
+                        path,
+                        "mlp_layer_types",
+                        format!("has {} entries for {num_layers} layers (num_hidden_layers)", kinds.len()),
+                    ));
+                }
+                let mut moe = Vec::new();
+                let mut dense = Vec::new();
+                for (l, k) in kinds.iter().enumerate() {
+                    match k.as_str() {
+                        Some("sparse" | "moe") => moe.push(l),
+                        Some("dense") => dense.push(l),
+                        _ => {
+                            return Err(Error::key(
+                                path,
+                                "mlp_layer_types",
+                                format!("entry {l} is {}, expected \"dense\" or \"sparse\"", short_value(k)),
+                            ))
+                        }
+                    }
+                }
+                (moe, dense, "mlp_layer_types")
+            }
+            _ => (moe_layers, dense_layers, dense_key),
+        };
         if moe_layers.is_empty() {
             let key = if num_layers == 0 {
                 "num_hidden_layers"

@@ -265,7 +265,7 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
         router,
         per_expert,
         fused: fused.map(|f| Fused { router, ..f }),
-        shared_prefix: shared_prefix.map(leak),
+        shared_prefix: shared_prefix.map(|p| leak(format!("{block}.{p}"))),
         dense_prefix: leak(block.clone()),
         activation: family::Activation::Silu,
         router_rule: "unknown (inferred family)",

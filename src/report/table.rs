@@ -538,7 +538,7 @@ pub fn families(rows: &[crate::model::family::FamilyDescription], width: Option<
     let mut out = format!("{}\n", fit(b.build(), width));
     out.push_str(
         "Static analyses run on every family; forward `native`: observer, trace and dynamic \
-         analyses run here, `trace`: they need an engine trace (--trace).\n\
+         analyses run here, `trace`: they need an engine trace.\n\
          Per family: router rule; expert activation; tensors per MoE layer; dense layers from:\n",
     );
     for r in rows {

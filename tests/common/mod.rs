@@ -22,7 +22,8 @@ pub const MOE_FIXTURES: [&str; 8] = [
 
 /// The fixtures of the families added by the family table (issue 13), made
 /// by fixtures/make_family_fixtures.py with transformers 5: static analyses only.
-pub const FAMILY_FIXTURES: [&str; 11] = [
+pub const FAMILY_FIXTURES: [&str; 12] = [
+    "families/deepseek_v32",
     "families/gpt_oss",
     "families/glm4_moe",
     "families/qwen3_next",
