@@ -62,6 +62,16 @@ fn a_fused_twin_gives_byte_identical_analyses_and_forward() {
 }
 
 #[test]
+fn granite_hub_and_transformers_5_layouts_give_the_same_analyses() {
+    // Hub: block_sparse_moe.input_linear/output_linear + router.layer;
+    // transformers 5: block_sparse_moe.experts.gate_up_proj/down_proj + router.
+    let a = analysis_json("fixtures/families/granitemoe", "static");
+    let b = analysis_json("fixtures/fused/granitemoe", "static");
+    assert!(a.contains("\"expert-similarity\""));
+    assert_eq!(a, b);
+}
+
+#[test]
 fn the_fused_twin_traces_the_same_routing() {
     let dir = tempfile::tempdir().unwrap();
     let mut traces = Vec::new();

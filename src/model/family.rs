@@ -151,8 +151,8 @@ pub struct FamilySpec {
     pub router: &'static str,
     /// Per-expert layout, if the family has one.
     pub per_expert: Option<PerExpert>,
-    /// Fused layout (transformers 5, or the family's only one).
-    pub fused: Option<Fused>,
+    /// Fused layouts (the family's own, and the one transformers 5 writes).
+    pub fused: &'static [Fused],
     /// Shared expert module under the layer (`mlp.shared_experts`).
     pub shared_prefix: Option<&'static str>,
     /// Dense MLP module under the layer.
@@ -201,7 +201,7 @@ const BASE: FamilySpec = FamilySpec {
     layers: LayerRule::All,
     router: "mlp.gate.weight",
     per_expert: Some(MLP_EXPERTS),
-    fused: Some(FUSED_MLP),
+    fused: &[FUSED_MLP],
     shared_prefix: None,
     dense_prefix: "mlp",
     activation: Activation::Silu,
@@ -256,7 +256,7 @@ pub static FAMILIES: &[FamilySpec] = &[
             prefix: "moe_block.experts",
             mats: ["linear", "linear_v", "linear_1"],
         }),
-        fused: None,
+        fused: &[],
         activation: Activation::GeluTanh,
         router_rule: "softmax, top-k, not renormalised",
         native_forward: true,
@@ -343,12 +343,12 @@ pub static FAMILIES: &[FamilySpec] = &[
         width_keys: W_INTER,
         router: "mlp.router.weight",
         per_expert: None,
-        fused: Some(Fused {
+        fused: &[Fused {
             router: "mlp.router.weight",
             gate_up: "mlp.experts.gate_up_proj",
             down: "mlp.experts.down_proj",
             kind: FusedKind::InterleavedColumns,
-        }),
+        }],
         activation: Activation::ClampedSwiglu,
         router_rule: "linear with bias, top-k on logits, softmax over the k",
         ..BASE
@@ -433,6 +433,10 @@ pub static FAMILIES: &[FamilySpec] = &[
         width_keys: W_INTER,
         router: "block_sparse_moe.gate.weight",
         per_expert: Some(BSM_EXPERTS),
+        fused: &[Fused {
+            router: "mlp.router.weight",
+            ..FUSED_MLP
+        }],
         router_rule: "sparsemixer (top-2 by masked softmax)",
         ..BASE
     },
@@ -449,12 +453,12 @@ pub static FAMILIES: &[FamilySpec] = &[
         layers: LayerRule::Interleaved,
         router: "feed_forward.router.weight",
         per_expert: None,
-        fused: Some(Fused {
+        fused: &[Fused {
             router: "feed_forward.router.weight",
             gate_up: "feed_forward.experts.gate_up_proj",
             down: "feed_forward.experts.down_proj",
             kind: FusedKind::ConcatColumns,
-        }),
+        }],
         shared_prefix: Some("feed_forward.shared_expert"),
         dense_prefix: "feed_forward",
         router_rule: "top-k on logits, sigmoid of the kept logits scales the expert input",
@@ -487,10 +491,10 @@ pub static FAMILIES: &[FamilySpec] = &[
         width_keys: W_INTER,
         shared: Shared::One,
         router: "mlp.gate.wg.weight",
-        fused: Some(Fused {
+        fused: &[Fused {
             router: "mlp.gate.wg.weight",
             ..FUSED_MLP
-        }),
+        }],
         shared_prefix: Some("mlp.shared_mlp"),
         router_rule: "softmax, top-k, renormalised; shared MLP always on",
         ..BASE
@@ -505,12 +509,20 @@ pub static FAMILIES: &[FamilySpec] = &[
         width_keys: W_INTER,
         router: "block_sparse_moe.router.layer.weight",
         per_expert: None,
-        fused: Some(Fused {
-            router: "block_sparse_moe.router.layer.weight",
-            gate_up: "block_sparse_moe.input_linear.weight",
-            down: "block_sparse_moe.output_linear.weight",
-            kind: FusedKind::GateUpRows,
-        }),
+        fused: &[
+            Fused {
+                router: "block_sparse_moe.router.layer.weight",
+                gate_up: "block_sparse_moe.input_linear.weight",
+                down: "block_sparse_moe.output_linear.weight",
+                kind: FusedKind::GateUpRows,
+            },
+            Fused {
+                router: "block_sparse_moe.router.weight",
+                gate_up: "block_sparse_moe.experts.gate_up_proj",
+                down: "block_sparse_moe.experts.down_proj",
+                kind: FusedKind::GateUpRows,
+            },
+        ],
         router_rule: "top-k on logits, softmax over the k",
         ..BASE
     },
@@ -648,7 +660,7 @@ impl Family {
             }
             layouts.push(t);
         }
-        if let Some(f) = s.fused {
+        for f in s.fused {
             let shape = match f.kind {
                 FusedKind::GateUpRows => "[E,2I,H] gate|up rows, [E,H,I]",
                 FusedKind::InterleavedColumns => "[E,H,2I] gate/up interleaved, [E,I,H], biases",
@@ -733,7 +745,11 @@ impl Family {
         Naming {
             family: self,
             prefix: LAYER_PREFIXES[0],
-            fused: self.spec().per_expert.is_none(),
+            fused: if self.spec().per_expert.is_none() {
+                Some(0)
+            } else {
+                None
+            },
         }
     }
 
@@ -783,8 +799,8 @@ pub struct Naming {
     pub family: Family,
     /// Layer prefix, one of [`LAYER_PREFIXES`].
     pub prefix: &'static str,
-    /// The experts are stacked (the family's fused layout).
-    pub fused: bool,
+    /// The experts are stacked: which of the family's fused layouts.
+    pub fused: Option<u8>,
 }
 
 /// Where a routed expert's three matrices are.
@@ -813,32 +829,33 @@ impl Naming {
     /// Router matrix `[E, hidden]`.
     pub fn router(&self, layer: usize) -> String {
         let s = self.family.spec();
-        match s.fused {
-            Some(f) if self.fused => self.layer(layer, f.router),
-            _ => self.layer(layer, s.router),
+        match self.fused_layout() {
+            Some(f) => self.layer(layer, f.router),
+            None => self.layer(layer, s.router),
         }
     }
 
     /// Where routed expert `e` is.
     pub fn expert_source(&self, layer: usize, e: usize) -> ExpertSource {
         let s = self.family.spec();
-        match (s.per_expert, s.fused) {
-            (Some(p), _) if !self.fused => ExpertSource::Separate(
-                p.mats
-                    .map(|m| self.layer(layer, &format!("{}.{e}.{m}.weight", p.prefix))),
-            ),
-            (_, Some(f)) => ExpertSource::Fused {
+        match (self.fused_layout(), s.per_expert) {
+            (Some(f), _) => ExpertSource::Fused {
                 gate_up: self.layer(layer, f.gate_up),
                 down: self.layer(layer, f.down),
                 kind: f.kind,
                 index: e,
             },
-            (Some(p), None) => ExpertSource::Separate(
+            (None, Some(p)) => ExpertSource::Separate(
                 p.mats
                     .map(|m| self.layer(layer, &format!("{}.{e}.{m}.weight", p.prefix))),
             ),
-            (None, None) => unreachable!("every table row has a per-expert or a fused layout"),
+            (None, None) => unreachable!("a family without a per-expert layout is named fused"),
         }
+    }
+
+    /// The fused layout in use, if the experts are stacked.
+    pub fn fused_layout(&self) -> Option<&'static Fused> {
+        self.family.spec().fused.get(usize::from(self.fused?))
     }
 
     /// Tensor names of expert `e` (for a fused layout, `[gate_up, gate_up, down]`).
@@ -851,7 +868,7 @@ impl Naming {
 
     /// Every tensor of the routed experts of a layer (fused: the two stacked ones).
     pub fn expert_tensors(&self, layer: usize, experts: usize) -> Vec<String> {
-        if self.fused {
+        if self.fused.is_some() {
             let [g, _, d] = self.expert(layer, 0);
             vec![format!("{g}_bias"), format!("{d}_bias"), g, d]
         } else {

@@ -264,7 +264,10 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
         layers: LayerRule::All,
         router,
         per_expert,
-        fused: fused.map(|f| Fused { router, ..f }),
+        fused: match fused {
+            Some(f) => Box::leak(Box::new([Fused { router, ..f }])),
+            None => &[],
+        },
         shared_prefix: shared_prefix.map(|p| leak(format!("{block}.{p}"))),
         dense_prefix: leak(block.clone()),
         activation: family::Activation::Silu,
@@ -277,7 +280,7 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
     let naming = Naming {
         family,
         prefix,
-        fused: fused.is_some(),
+        fused: fused.map(|_| 0),
     };
     let notice = format!(
         "{}: model family `{id}` is not in the table (see `cargo moe-inspect models`); inferred from the tensors: \

@@ -374,17 +374,20 @@ impl Model {
 /// family's canonical naming (validation then names the missing tensor).
 fn detect_naming(info: &ModelInfo, weights: &Weights) -> Naming {
     let layer = info.moe_layers.first().copied().unwrap_or(0);
+    let spec = info.family.spec();
+    let layouts = spec
+        .per_expert
+        .map(|_| None)
+        .into_iter()
+        .chain((0..spec.fused.len()).map(|i| Some(i as u8)));
+    let layouts: Vec<Option<u8>> = layouts.collect();
     for prefix in family::LAYER_PREFIXES {
-        for fused in [false, true] {
+        for &fused in &layouts {
             let naming = Naming {
                 family: info.family,
                 prefix,
                 fused,
             };
-            let spec = info.family.spec();
-            if (fused && spec.fused.is_none()) || (!fused && spec.per_expert.is_none()) {
-                continue;
-            }
             if weights.contains(&naming.router(layer)) && weights.contains(&naming.expert(layer, 0)[0]) {
                 return naming;
             }

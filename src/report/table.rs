@@ -536,11 +536,11 @@ pub fn families(rows: &[crate::model::family::FamilyDescription], width: Option<
         ]);
     }
     let mut out = format!("{}\n", fit(b.build(), width));
-    out.push_str(
-        "Static analyses run on every family; forward `native`: observer, trace and dynamic \
-         analyses run here, `trace`: they need an engine trace.\n\
-         Per family: router rule; expert activation; tensors per MoE layer; dense layers from:\n",
-    );
+    let intro = "Static analyses run on every family; forward `native`: observer, trace and \
+                 dynamic analyses run here, `trace`: they need an engine trace. Per family: \
+                 router rule; expert activation; tensors per MoE layer; dense layers from:";
+    out.push_str(&wrap_text(intro, width.map(|w| w.max(20))));
+    out.push('\n');
     for r in rows {
         let line = format!(
             "{}: {}; {}; {}; dense layers from {}",
