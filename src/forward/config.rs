@@ -284,7 +284,7 @@ impl ForwardConfig {
             } else {
                 None
             },
-            shared_expert_gate: fam == Family::Qwen2Moe,
+            shared_expert_gate: fam.spec().shared_gate.is_some(),
         })
     }
 }

@@ -15,7 +15,7 @@ use expert_gemm::Activation;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::model::{Family, Model};
+use crate::model::Model;
 use config::{AttentionKind, ForwardConfig, QkNorm};
 use observer::{MoeObservation, Observer, Wants};
 use weights::{ce, AttnWeights, Ffn, HeadWeights, LayerWeights, MlpWeights};
@@ -274,7 +274,7 @@ impl<'m> Forward<'m> {
     }
 
     fn act(&self, x: &Tensor) -> R<Tensor> {
-        if self.cfg.family == Family::Grok1 {
+        if self.cfg.family.spec().activation == crate::model::family::Activation::Gelu {
             x.gelu_erf()
         } else {
             x.silu()
@@ -355,7 +355,7 @@ impl<'m> Forward<'m> {
     }
 
     fn activation(&self) -> Activation {
-        if self.cfg.family == Family::Grok1 {
+        if self.cfg.family.spec().activation == crate::model::family::Activation::Gelu {
             Activation::GeluErf
         } else {
             Activation::Silu

@@ -377,8 +377,12 @@ impl LayerWeights {
                 _ => None,
             };
             let router_name = naming.router(layer);
-            let bias_name = router_name.replace(".weight", ".e_score_correction_bias");
-            let bias = if fam == Family::DeepSeekV3 && w.contains(&bias_name) {
+            let bias_name = fam
+                .spec()
+                .correction_bias
+                .map(|b| naming.layer_tensor(layer, b))
+                .unwrap_or_default();
+            let bias = if w.contains(&bias_name) {
                 w.expect_shape(&bias_name, &[info.num_experts])?;
                 let view = w.tensor(&bias_name)?;
                 let b = view.to_f32_vec();
@@ -404,10 +408,11 @@ impl LayerWeights {
                 bias,
                 experts,
                 shared,
-                shared_gate: if cfg.shared_expert_gate {
-                    load_opt(w, &format!("{p}.mlp.shared_expert_gate.weight"), device, t)?
-                } else {
-                    None
+                shared_gate: match fam.spec().shared_gate {
+                    Some(g) if cfg.shared_expert_gate => {
+                        load_opt(w, &naming.layer_tensor(layer, g), device, t)?
+                    }
+                    _ => None,
                 },
             }
         } else {

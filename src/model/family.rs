@@ -1,6 +1,6 @@
 //! The family table: every MoE family's config keys and hub tensor names, as
 //! data (SPEC §4). Nothing outside this file knows a tensor name; a checkpoint
-//! of a family the table does not know is read through [`infer`].
+//! of a family the table does not know is read through [`crate::model::infer`].
 
 use crate::error::{Error, Result};
 use crate::model::config::{limits, Config};
@@ -95,8 +95,8 @@ pub enum LayerRule {
 pub enum Activation {
     /// `silu` (SwiGLU).
     Silu,
-    /// tanh-approximated GELU (Grok-1's GeGLU).
-    GeluTanh,
+    /// exact (erf) GELU (Grok-1's GeGLU).
+    Gelu,
     /// gpt-oss: clamped SwiGLU, `(up + 1) · gate · sigmoid(alpha · gate)`.
     ClampedSwiglu,
 }
@@ -105,7 +105,7 @@ impl Activation {
     fn name(self) -> &'static str {
         match self {
             Activation::Silu => "silu",
-            Activation::GeluTanh => "gelu_tanh",
+            Activation::Gelu => "gelu",
             Activation::ClampedSwiglu => "clamped swiglu (alpha, limit, up + 1)",
         }
     }
@@ -157,6 +157,10 @@ pub struct FamilySpec {
     pub shared_prefix: Option<&'static str>,
     /// Dense MLP module under the layer.
     pub dense_prefix: &'static str,
+    /// The `[1, H]` sigmoid gate of the shared expert under the layer (Qwen2-MoE, Qwen3-Next).
+    pub shared_gate: Option<&'static str>,
+    /// The routing-correction bias `[E]` under the layer (DeepSeek-V3, GLM-4.5, MiniMax-M2, ERNIE 4.5).
+    pub correction_bias: Option<&'static str>,
     /// The expert activation.
     pub activation: Activation,
     /// How router logits become selected experts and weights, in words.
@@ -204,6 +208,8 @@ const BASE: FamilySpec = FamilySpec {
     fused: &[FUSED_MLP],
     shared_prefix: None,
     dense_prefix: "mlp",
+    shared_gate: None,
+    correction_bias: None,
     activation: Activation::Silu,
     router_rule: "softmax, top-k",
     groups: Groups::None,
@@ -257,7 +263,7 @@ pub static FAMILIES: &[FamilySpec] = &[
             mats: ["linear", "linear_v", "linear_1"],
         }),
         fused: &[],
-        activation: Activation::GeluTanh,
+        activation: Activation::Gelu,
         router_rule: "softmax, top-k, not renormalised",
         native_forward: true,
         ..BASE
@@ -271,6 +277,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared: Shared::Width("shared_expert_intermediate_size"),
         layers: LayerRule::QwenSparse,
         shared_prefix: Some("mlp.shared_expert"),
+        shared_gate: Some("mlp.shared_expert_gate.weight"),
         router_rule: "softmax, top-k (norm_topk_prob); shared expert × sigmoid gate",
         native_forward: true,
         dense_from: "mlp_only_layers, decoder_sparse_step",
@@ -325,6 +332,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared: Shared::Count("n_shared_experts"),
         layers: LayerRule::FirstKDense,
         shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.gate.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
         groups: Groups::Always,
         native_forward: true,
@@ -363,6 +371,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared: Shared::Count("n_shared_experts"),
         layers: LayerRule::FirstKDense,
         shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.gate.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
         groups: Groups::Always,
         dense_from: "first_k_dense_replace",
@@ -378,6 +387,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared: Shared::Count("n_shared_experts"),
         layers: LayerRule::FirstKDense,
         shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.gate.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
         groups: Groups::Always,
         dense_from: "first_k_dense_replace, moe_layer_freq",
@@ -392,6 +402,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared: Shared::Width("shared_expert_intermediate_size"),
         layers: LayerRule::QwenSparse,
         shared_prefix: Some("mlp.shared_expert"),
+        shared_gate: Some("mlp.shared_expert_gate.weight"),
         router_rule: "softmax, top-k (norm_topk_prob); shared expert × sigmoid gate",
         dense_from: "mlp_only_layers, decoder_sparse_step",
         ..BASE
@@ -407,6 +418,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         examples: "Qwen3.5-397B-A17B, Qwen3.5-35B-A3B",
         shared: Shared::Width("shared_expert_intermediate_size"),
         shared_prefix: Some("mlp.shared_expert"),
+        shared_gate: Some("mlp.shared_expert_gate.weight"),
         router_rule: "softmax, top-k, renormalised; shared expert × sigmoid gate",
         ..BASE
     },
@@ -420,6 +432,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         width_keys: W_INTER,
         router: "block_sparse_moe.gate.weight",
         per_expert: Some(BSM_EXPERTS),
+        correction_bias: Some("block_sparse_moe.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, top-k, renormalised",
         ..BASE
     },
@@ -476,6 +489,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared: Shared::Count("moe_num_shared_experts"),
         layers: LayerRule::StartEnd,
         shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.moe_statics.e_score_correction_bias"),
         router_rule: "softmax, top-k by softmax + e_score_correction_bias, renormalised",
         dense_from: "moe_layer_start_index, moe_layer_end_index, moe_layer_interval",
         ..BASE
@@ -716,10 +730,7 @@ impl Family {
 
     /// The error for a config whose family the table does not know.
     pub fn unknown(config: &Config) -> Error {
-        let supported = Family::all()
-            .map(|f| f.id())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let supported = Family::all().map(|f| f.id()).collect::<Vec<_>>().join(", ");
         let found = match config.str("model_type") {
             Ok(Some(mt)) => mt.to_string(),
             _ => match config.architecture() {
@@ -882,6 +893,11 @@ impl Naming {
         Some(STD.map(|m| self.layer(layer, &format!("{p}.{m}.weight"))))
     }
 
+    /// A per-layer tensor of the table (`shared_gate`, `correction_bias`) under this naming's prefix.
+    pub fn layer_tensor(&self, layer: usize, rest: &str) -> String {
+        self.layer(layer, rest)
+    }
+
     /// Dense MLP `[gate, up, down]`.
     pub fn dense(&self, layer: usize) -> [String; 3] {
         let p = self.family.spec().dense_prefix;
@@ -892,9 +908,7 @@ impl Naming {
 /// The layer index of a per-layer tensor name (`model.layers.{i}.…`, or a
 /// multimodal release's `model.language_model.layers.{i}.…`).
 pub(crate) fn layer_of(name: &str) -> Option<usize> {
-    let rest = LAYER_PREFIXES
-        .iter()
-        .find_map(|p| name.strip_prefix(p))?;
+    let rest = LAYER_PREFIXES.iter().find_map(|p| name.strip_prefix(p))?;
     let (index, _) = rest.split_once('.')?;
     index.parse().ok()
 }
@@ -989,9 +1003,7 @@ impl ModelInfo {
             Shared::One => expert_intermediate,
             Shared::Width(key) => config.usize_opt_in(key, 0, limits::WIDTH)?.unwrap_or(0),
             Shared::Count(key) => {
-                let n = config
-                    .usize_opt_in(key, 0, limits::EXPERTS)?
-                    .unwrap_or(0);
+                let n = config.usize_opt_in(key, 0, limits::EXPERTS)?.unwrap_or(0);
                 n.checked_mul(expert_intermediate)
                     .filter(|&w| w <= limits::WIDTH)
                     .ok_or_else(|| {
@@ -1042,8 +1054,7 @@ impl ModelInfo {
                     if freq == 0 {
                         return Err(Error::key(path, "moe_layer_freq", "must be at least 1"));
                     }
-                    let (moe, dense) =
-                        (0..num_layers).partition(|&l| l >= first && l % freq == 0);
+                    let (moe, dense) = (0..num_layers).partition(|&l| l >= first && l % freq == 0);
                     let key = if first >= num_layers {
                         "first_k_dense_replace"
                     } else {
@@ -1052,21 +1063,20 @@ impl ModelInfo {
                     (moe, dense, key)
                 }
                 LayerRule::Interleaved => {
-                    let listed: std::collections::BTreeSet<usize> = if config.get("moe_layers").is_some() {
-                        config.usize_list("moe_layers")?.into_iter().collect()
-                    } else {
-                        let step = config
-                            .usize_opt("interleave_moe_layer_step")?
-                            .unwrap_or(1);
-                        if step == 0 {
-                            return Err(Error::key(
-                                path,
-                                "interleave_moe_layer_step",
-                                "must be at least 1",
-                            ));
-                        }
-                        (step - 1..num_layers).step_by(step).collect()
-                    };
+                    let listed: std::collections::BTreeSet<usize> =
+                        if config.get("moe_layers").is_some() {
+                            config.usize_list("moe_layers")?.into_iter().collect()
+                        } else {
+                            let step = config.usize_opt("interleave_moe_layer_step")?.unwrap_or(1);
+                            if step == 0 {
+                                return Err(Error::key(
+                                    path,
+                                    "interleave_moe_layer_step",
+                                    "must be at least 1",
+                                ));
+                            }
+                            (step - 1..num_layers).step_by(step).collect()
+                        };
                     let (moe, dense) = (0..num_layers).partition(|l| listed.contains(l));
                     (moe, dense, "moe_layers")
                 }
@@ -1094,7 +1104,10 @@ impl ModelInfo {
                     return Err(Error::key(
                         path,
                         "mlp_layer_types",
-                        format!("has {} entries for {num_layers} layers (num_hidden_layers)", kinds.len()),
+                        format!(
+                            "has {} entries for {num_layers} layers (num_hidden_layers)",
+                            kinds.len()
+                        ),
                     ));
                 }
                 let mut moe = Vec::new();
@@ -1107,7 +1120,10 @@ impl ModelInfo {
                             return Err(Error::key(
                                 path,
                                 "mlp_layer_types",
-                                format!("entry {l} is {}, expected \"dense\" or \"sparse\"", short_value(k)),
+                                format!(
+                                    "entry {l} is {}, expected \"dense\" or \"sparse\"",
+                                    short_value(k)
+                                ),
                             ))
                         }
                     }
@@ -1184,8 +1200,8 @@ fn check_groups(config: &Config, groups: Groups, experts: usize, top_k: usize) -
             format!("is {topk_group}, must be between 1 and n_group ({n_group})"),
         ));
     }
-    let grouped = groups == Groups::Always
-        || config.str("topk_method")? == Some("group_limited_greedy");
+    let grouped =
+        groups == Groups::Always || config.str("topk_method")? == Some("group_limited_greedy");
     let eligible = topk_group * (experts / n_group);
     if grouped && eligible < top_k {
         return Err(Error::key(

@@ -207,7 +207,9 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
     let shared_prefix = weights
         .names()
         .into_iter()
-        .filter(|n| n.starts_with(&head) && n.contains("shared") && n.ends_with(".gate_proj.weight"))
+        .filter(|n| {
+            n.starts_with(&head) && n.contains("shared") && n.ends_with(".gate_proj.weight")
+        })
         .map(|n| n[head.len()..n.len() - ".gate_proj.weight".len()].to_string())
         .next();
     let shared_width = match &shared_prefix {
@@ -225,19 +227,32 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
     let moe_layers: Vec<usize> = (0..num_layers)
         .filter(|&l| weights.contains(&router_full(l)))
         .collect();
-    let dense_layers: Vec<usize> = (0..num_layers).filter(|l| !moe_layers.contains(l)).collect();
+    let dense_layers: Vec<usize> = (0..num_layers)
+        .filter(|l| !moe_layers.contains(l))
+        .collect();
     let dense_intermediate = dense_layers.first().and_then(|&l| {
         weights
             .shape(&format!("{prefix}{l}.{block}.gate_proj.weight"))
             .ok()
             .and_then(|s| s.first().copied())
     });
-    let (top_k, top_k_note) = match ["num_experts_per_tok", "moe_k", "moe_topk", "experts_per_token"]
-        .iter()
-        .find(|k| c.get(k).is_some())
+    let (top_k, top_k_note) = match [
+        "num_experts_per_tok",
+        "moe_k",
+        "moe_topk",
+        "experts_per_token",
+    ]
+    .iter()
+    .find(|k| c.get(k).is_some())
     {
-        Some(k) => (c.usize_uniform(k)?, format!("top-k {} from `{k}`", c.usize_uniform(k)?)),
-        None => (1, "top-k unknown (no num_experts_per_tok): 1 assumed".to_string()),
+        Some(k) => (
+            c.usize_uniform(k)?,
+            format!("top-k {} from `{k}`", c.usize_uniform(k)?),
+        ),
+        None => (
+            1,
+            "top-k unknown (no num_experts_per_tok): 1 assumed".to_string(),
+        ),
     };
     if top_k == 0 || top_k > num_experts {
         return Err(Error::key(
@@ -260,7 +275,11 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
         top_k_keys: &[],
         width_keys: &[],
         dense_width_key: "intermediate_size",
-        shared: if shared_width > 0 { Shared::One } else { Shared::None },
+        shared: if shared_width > 0 {
+            Shared::One
+        } else {
+            Shared::None
+        },
         layers: LayerRule::All,
         router,
         per_expert,
@@ -270,6 +289,8 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
         },
         shared_prefix: shared_prefix.map(|p| leak(format!("{block}.{p}"))),
         dense_prefix: leak(block.clone()),
+        shared_gate: None,
+        correction_bias: None,
         activation: family::Activation::Silu,
         router_rule: "unknown (inferred family)",
         groups: family::Groups::None,

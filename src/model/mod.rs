@@ -388,7 +388,9 @@ fn detect_naming(info: &ModelInfo, weights: &Weights) -> Naming {
                 prefix,
                 fused,
             };
-            if weights.contains(&naming.router(layer)) && weights.contains(&naming.expert(layer, 0)[0]) {
+            if weights.contains(&naming.router(layer))
+                && weights.contains(&naming.expert(layer, 0)[0])
+            {
                 return naming;
             }
         }

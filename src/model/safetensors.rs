@@ -481,11 +481,13 @@ impl<'a> TensorView<'a> {
     fn element(&self, k: usize) -> f32 {
         let b = &self.bytes;
         match self.dtype {
-            Dtype::F32 => {
-                f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]])
+            Dtype::F32 => f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]),
+            Dtype::BF16 => {
+                f32::from_bits((u16::from_le_bytes([b[2 * k], b[2 * k + 1]]) as u32) << 16)
             }
-            Dtype::BF16 => f32::from_bits((u16::from_le_bytes([b[2 * k], b[2 * k + 1]]) as u32) << 16),
-            Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([b[2 * k], b[2 * k + 1]])).to_f32(),
+            Dtype::F16 => {
+                half::f16::from_bits(u16::from_le_bytes([b[2 * k], b[2 * k + 1]])).to_f32()
+            }
             Dtype::F8E4M3 => fp8_table()[b[k] as usize],
         }
     }
