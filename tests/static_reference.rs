@@ -343,13 +343,21 @@ fn fp8_block_scaled_weights_are_dequantised_for_the_static_analyses() {
 
 #[test]
 fn the_new_families_are_read_as_their_own_family_and_layout() {
-    // (fixture, family id, stored fused)
+    // Families whose hub layout stacks the experts.
     let fused = ["gpt_oss", "llama4", "granitemoe"];
     for name in FAMILY_FIXTURES {
         let model = Model::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let id = name.trim_start_matches("families/");
-        assert_eq!(model.info.family.id(), id);
-        assert_eq!(model.naming().fused.is_some(), fused.contains(&id), "{name}");
+        let id = reference(name)["family"].as_str().unwrap().to_string();
+        assert_eq!(model.info.family.id(), id, "{name}");
+        assert_eq!(
+            model.naming().fused.is_some(),
+            fused.contains(&id.as_str()),
+            "{name}"
+        );
         assert!(!model.info.family.native_forward(), "{name}");
     }
+    // The multimodal release: text_config, `language_model.model.layers.`.
+    let mm = Model::open(&fixture("families/llama4_multimodal")).unwrap();
+    assert_eq!(mm.naming().prefix, "language_model.model.layers.");
+    assert!(mm.config.get("text_config").is_some() && mm.config.get("num_hidden_layers").is_none());
 }

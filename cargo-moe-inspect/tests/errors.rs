@@ -70,7 +70,10 @@ fn unknown_model_type_without_moe_tensors() {
     let dir = copy_fixture("mistral-dense");
     edit_config(dir.path(), |c| {
         c.insert("model_type".into(), "gpt2".into());
-        c.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
+        c.insert(
+            "architectures".into(),
+            serde_json::json!(["GPT2LMHeadModel"]),
+        );
     });
     assert_input_error(
         dir.path(),

@@ -56,7 +56,10 @@ fn a_fused_twin_gives_byte_identical_analyses_and_forward() {
         // Static and dynamic (a forward pass over the prompts) analyses.
         let a = analysis_json(&per_expert, "all");
         let b = analysis_json(&fused, "all");
-        assert!(a.contains("\"output-similarity\""), "{name}: dynamic analyses ran");
+        assert!(
+            a.contains("\"output-similarity\""),
+            "{name}: dynamic analyses ran"
+        );
         assert_eq!(a, b, "{name}: fused twin differs");
     }
 }
@@ -180,11 +183,19 @@ fn a_family_the_table_does_not_know_is_inferred_from_its_tensors() {
     // Per-expert (qwen3-moe: a dense layer 0, sharded), fused (gpt-oss's
     // interleaved layout is not inferable; the fused qwen3-moe twin is), and a
     // Mixtral-named one (w1/w3/w2 under block_sparse_moe).
-    for name in ["qwen3-moe", "fused/qwen3-moe", "mixtral", "families/hunyuan_v1_moe"] {
+    for name in [
+        "qwen3-moe",
+        "fused/qwen3-moe",
+        "mixtral",
+        "families/hunyuan_v1_moe",
+    ] {
         let dir = copy_fixture(name);
         edit_config(dir.path(), |c| {
             c.insert("model_type".into(), "brand_new_moe".into());
-            c.insert("architectures".into(), serde_json::json!(["BrandNewMoeForCausalLM"]));
+            c.insert(
+                "architectures".into(),
+                serde_json::json!(["BrandNewMoeForCausalLM"]),
+            );
         });
         let path = dir.path().to_str().unwrap();
         let args = |d: &str| {

@@ -684,7 +684,7 @@ impl Family {
                 "fused: {}, {} + {} {shape}",
                 f.router.trim_end_matches(".weight"),
                 f.gate_up,
-                f.down.rsplit('.').next().unwrap_or(f.down)
+                f.down
             );
             if s.per_expert.is_none() {
                 if let Some(sh) = s.shared_prefix {

@@ -22,7 +22,7 @@ pub const MOE_FIXTURES: [&str; 8] = [
 
 /// The fixtures of the families added by the family table (issue 13), made
 /// by fixtures/make_family_fixtures.py with transformers 5: static analyses only.
-pub const FAMILY_FIXTURES: [&str; 12] = [
+pub const FAMILY_FIXTURES: [&str; 13] = [
     "families/deepseek_v32",
     "families/gpt_oss",
     "families/glm4_moe",
@@ -30,6 +30,7 @@ pub const FAMILY_FIXTURES: [&str; 12] = [
     "families/qwen3_5_moe",
     "families/minimax_m2",
     "families/llama4",
+    "families/llama4_multimodal",
     "families/ernie4_5_moe",
     "families/hunyuan_v1_moe",
     "families/phimoe",
