@@ -354,7 +354,11 @@ fn the_new_families_are_read_as_their_own_family_and_layout() {
             fused.contains(&id.as_str()),
             "{name}"
         );
-        assert!(!model.info.family.native_forward(), "{name}");
+        assert_eq!(
+            model.info.family.native_forward(),
+            id == "granitemoe",
+            "{name}: native forward"
+        );
     }
     // The multimodal release: text_config, `language_model.model.layers.`.
     let mm = Model::open(&fixture("families/llama4_multimodal")).unwrap();

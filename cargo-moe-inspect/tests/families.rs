@@ -167,7 +167,8 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 8);
+    assert_eq!(native.len(), 9);
+    assert!(native.contains(&"granitemoe"));
 }
 
 /// The `analyses` part of `analyze --format json` (the rest names the model and family).

@@ -535,6 +535,10 @@ impl<'m> Forward<'m> {
         if let Some(n) = &lw.post_attn_norm {
             attn = rms_norm(&attn, n, eps).map_err(ce(&what))?;
         }
+        let rm = self.cfg.residual_multiplier;
+        if rm != 1.0 {
+            attn = (attn * rm).map_err(ce(&what))?;
+        }
         let h = (h + attn).map_err(ce(&what))?;
         let m = rms_norm(&h, &lw.mlp_norm, eps).map_err(ce(&what))?;
         let mut y = match &lw.mlp {
@@ -543,6 +547,9 @@ impl<'m> Forward<'m> {
         };
         if let Some(n) = &lw.post_mlp_norm {
             y = rms_norm(&y, n, eps).map_err(ce(&what))?;
+        }
+        if rm != 1.0 {
+            y = (y * rm).map_err(ce(&what))?;
         }
         (h + y).map_err(ce(&what))
     }

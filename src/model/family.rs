@@ -538,6 +538,7 @@ pub static FAMILIES: &[FamilySpec] = &[
             },
         ],
         router_rule: "top-k on logits, softmax over the k",
+        native_forward: true,
         ..BASE
     },
     FamilySpec {
@@ -596,6 +597,8 @@ impl Family {
     pub const DeepSeekV2: Family = Family(6);
     /// DeepSeek-V3 (`deepseek_v3`, and Kimi-K2).
     pub const DeepSeekV3: Family = Family(7);
+    /// IBM Granite MoE (`granitemoe`).
+    pub const GraniteMoe: Family = Family(18);
 
     /// Every family of the table, in the order `models` lists them.
     pub fn all() -> impl Iterator<Item = Family> {
@@ -603,7 +606,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 9] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -612,6 +615,7 @@ impl Family {
         Family::Olmoe,
         Family::DeepSeekV2,
         Family::DeepSeekV3,
+        Family::GraniteMoe,
     ];
 
     /// The table row of this family (or of a family inferred from a checkpoint).
@@ -1430,6 +1434,27 @@ mod tests {
             "decoder_sparse_step",
             &["is 4", "no MoE layer"],
         );
+    }
+
+    #[test]
+    fn named_constants_are_their_table_rows() {
+        let ids = Family::ALL.map(Family::id);
+        assert_eq!(
+            ids,
+            [
+                "mixtral",
+                "deepseek",
+                "grok-1",
+                "qwen2_moe",
+                "qwen3_moe",
+                "olmoe",
+                "deepseek_v2",
+                "deepseek_v3",
+                "granitemoe"
+            ]
+        );
+        let native: Vec<Family> = Family::all().filter(|f| f.native_forward()).collect();
+        assert_eq!(native, Family::ALL.to_vec());
     }
 
     #[test]
