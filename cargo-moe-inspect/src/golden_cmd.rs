@@ -223,6 +223,22 @@ fn prompts_for(
 fn record(t: &Target, sel: Selection, tol: Tolerances, device: &str) -> Result<Snapshot> {
     let device = forward::parse_device(device)?;
     let model = open(t)?;
+    let mut sel = sel;
+    if t.analyses.is_none()
+        && !model.info.family.native_forward()
+        && (sel.routing || sel.norm_score)
+    {
+        // The default selection records routing too; a family without a
+        // native forward records what it can. (Asked for explicitly, the
+        // dynamic analyses fail with the "static analyses only" error.)
+        eprintln!(
+            "notice: {}: family `{}` has no native forward pass: recording the static analyses only",
+            t.name,
+            model.info.family.id()
+        );
+        sel.routing = false;
+        sel.norm_score = false;
+    }
     let prompts = prompts_for(
         t.model.as_deref(),
         t.prompts.as_deref(),

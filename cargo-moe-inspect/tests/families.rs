@@ -229,3 +229,44 @@ fn a_family_the_table_does_not_know_is_inferred_from_its_tensors() {
         );
     }
 }
+
+#[test]
+fn snapshot_of_a_static_only_family_records_the_static_analyses() {
+    let golden = tempfile::tempdir().unwrap();
+    let g = golden.path().to_str().unwrap();
+    let (code, _, stderr) = run(&[
+        "snapshot",
+        "--model",
+        "fixtures/families/glm4_moe",
+        "--golden-dir",
+        g,
+        "--name",
+        "glm",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("static analyses only"), "{stderr}");
+    let (code, stdout, stderr) = run(&[
+        "check",
+        "--model",
+        "fixtures/families/glm4_moe",
+        "--golden-dir",
+        g,
+        "--name",
+        "glm",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // Asked for explicitly, routing needs a forward pass: exit 2.
+    let (code, _, stderr) = run(&[
+        "snapshot",
+        "--model",
+        "fixtures/families/glm4_moe",
+        "--golden-dir",
+        g,
+        "--name",
+        "glm2",
+        "--analyses",
+        "all",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("static analyses only"), "{stderr}");
+}
