@@ -57,6 +57,17 @@ pub enum Error {
         supported: String,
     },
 
+    /// The family has no native forward pass: a command that needs one was asked of it.
+    #[error("{}: family `{family}` has static analyses only; use an engine trace for routing and activations (families with a native forward: {native})", path.display())]
+    NoNativeForward {
+        /// The config.json of the model.
+        path: PathBuf,
+        /// The family id.
+        family: String,
+        /// The families with a native forward, comma-separated.
+        native: String,
+    },
+
     /// No safetensors file (single or sharded index) in a model directory.
     #[error("{}: no model.safetensors or model.safetensors.index.json in this model directory", dir.display())]
     NoWeights {

@@ -178,6 +178,14 @@ fn check_family(name: &str) {
     }
 }
 
+/// Granite MoE (bf16, fused `input_linear`/`output_linear` hub layout, embedding /
+/// attention / residual multipliers and logits scaling set away from 1):
+/// reference from transformers' GraniteMoeForCausalLM (fixtures/make_granite_forward_ref.py).
+#[test]
+fn granitemoe_bf16() {
+    check_family("families/granitemoe");
+}
+
 #[test]
 fn mixtral() {
     check_family("mixtral");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, matrix, max_abs_diff, reference, MOE_FIXTURES};
+use common::{fixture, matrix, max_abs_diff, reference, static_fixtures, FAMILY_FIXTURES};
 use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions};
 use moe_inspect::model::{DenseModel, Matrix, Model};
 
@@ -12,7 +12,7 @@ const TOL: f64 = 1e-5;
 
 #[test]
 fn every_family_reports_the_geometry_the_fixture_script_built() {
-    for name in MOE_FIXTURES {
+    for name in static_fixtures() {
         let model = Model::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let r = reference(name);
         let info = &model.info;
@@ -53,7 +53,7 @@ fn every_family_reports_the_geometry_the_fixture_script_built() {
 
 #[test]
 fn expert_similarity_matches_numpy_for_every_family() {
-    for name in MOE_FIXTURES {
+    for name in static_fixtures() {
         let model = Model::open(&fixture(name)).unwrap();
         let opts = AnalyzeOptions {
             analyses: vec![AnalysisKind::ExpertSimilarity],
@@ -142,7 +142,7 @@ fn run_all(name: &str, dense: Option<&DenseModel>) -> moe_inspect::analysis::res
 
 #[test]
 fn neuron_similarity_matches_numpy_for_every_family() {
-    for name in MOE_FIXTURES {
+    for name in static_fixtures() {
         let a = run_all(name, None);
         let r = reference(name);
         for l in &a.neuron_similarity.unwrap().layers {
@@ -166,7 +166,7 @@ fn neuron_similarity_matches_numpy_for_every_family() {
 
 #[test]
 fn gate_embedding_matches_scipy_pearson_for_every_family() {
-    for name in MOE_FIXTURES {
+    for name in static_fixtures() {
         let g = run_all(name, None).gate_embedding.unwrap();
         let r = &reference(name)["gate_embedding"];
         for l in &g.layers {
@@ -201,7 +201,7 @@ fn gate_embedding_matches_scipy_pearson_for_every_family() {
 
 #[test]
 fn neuron_reorder_matches_scipy_assignment_and_kendall_tau() {
-    for name in MOE_FIXTURES {
+    for name in static_fixtures() {
         let a = run_all(name, None).neuron_reorder.unwrap();
         let r = reference(name);
         assert_eq!(
@@ -265,7 +265,7 @@ fn assert_points_match(got: &[[f64; 2]], want: &serde_json::Value, tol: f64, wha
 
 #[test]
 fn projection_matches_sklearn_pca_up_to_sign() {
-    for name in MOE_FIXTURES {
+    for name in static_fixtures() {
         let p = run_all(name, None).projection.unwrap();
         let r = reference(name);
         for l in &p.layers {
@@ -339,4 +339,29 @@ fn fp8_block_scaled_weights_are_dequantised_for_the_static_analyses() {
             }
         }
     }
+}
+
+#[test]
+fn the_new_families_are_read_as_their_own_family_and_layout() {
+    // Families whose hub layout stacks the experts.
+    let fused = ["gpt_oss", "llama4", "granitemoe"];
+    for name in FAMILY_FIXTURES {
+        let model = Model::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let id = reference(name)["family"].as_str().unwrap().to_string();
+        assert_eq!(model.info.family.id(), id, "{name}");
+        assert_eq!(
+            model.naming().fused.is_some(),
+            fused.contains(&id.as_str()),
+            "{name}"
+        );
+        assert_eq!(
+            model.info.family.native_forward(),
+            id == "granitemoe",
+            "{name}: native forward"
+        );
+    }
+    // The multimodal release: text_config, `language_model.model.layers.`.
+    let mm = Model::open(&fixture("families/llama4_multimodal")).unwrap();
+    assert_eq!(mm.naming().prefix, "language_model.model.layers.");
+    assert!(mm.config.get("text_config").is_some() && mm.config.get("num_hidden_layers").is_none());
 }

@@ -180,7 +180,7 @@ fn open_model(args: &ModelArgs) -> Result<Model> {
             for f in checkpoint_files(dir).iter().filter(|f| f.is_file()) {
                 detail!("read: {}", f.display());
             }
-            Model::open(dir)
+            open_dir(dir)
         }
         None => {
             detail!("read: the embedded demo model");
@@ -194,6 +194,16 @@ fn detail_prompts(p: &crate::cli::PromptArgs) {
     for f in p.prompts.iter().chain(&p.token_ids) {
         detail!("read: {}", f.display());
     }
+}
+
+/// Opens a model directory; what was inferred about a family the table does
+/// not know goes to stderr.
+pub(crate) fn open_dir(dir: &Path) -> Result<Model> {
+    let model = Model::open(dir)?;
+    if let Some(notice) = model.notice() {
+        notice!("notice: {notice}");
+    }
+    Ok(model)
 }
 
 /// The files a run reads: the checkpoint's config.json, tokenizer.json and
@@ -392,6 +402,12 @@ impl Bar {
 }
 
 impl Progress for Bar {
+    fn notice(&self, text: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| notice!("notice: {text}")),
+            None => notice!("notice: {text}"),
+        }
+    }
     fn start(&self, total: usize) {
         let f = self.forward_layers;
         // A golden run counts static layers, then forward layers, in one total.
@@ -632,7 +648,7 @@ fn io(path: &std::path::Path, e: std::io::Error) -> Error {
 }
 
 fn models(args: ModelsArgs) -> Result<u8> {
-    let rows: Vec<_> = Family::ALL.iter().map(|f| f.describe()).collect();
+    let rows: Vec<_> = Family::all().map(|f| f.describe()).collect();
     match args.format {
         ListFormat::Json => println!("{}", report::to_json_value(&rows)),
         ListFormat::Table => print!("{}", report::table::families(&rows, terminal_width())),

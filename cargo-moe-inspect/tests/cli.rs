@@ -67,7 +67,19 @@ fn models_lists_every_family() {
             "qwen3_moe",
             "olmoe",
             "deepseek_v2",
-            "deepseek_v3"
+            "deepseek_v3",
+            "gpt_oss",
+            "glm4_moe",
+            "deepseek_v32",
+            "qwen3_next",
+            "qwen3_5_moe",
+            "minimax_m2",
+            "phimoe",
+            "llama4",
+            "ernie4_5_moe",
+            "hunyuan_v1_moe",
+            "granitemoe",
+            "flex_olmo"
         ]
     );
     // A format `models` cannot write is refused, not answered with the table.

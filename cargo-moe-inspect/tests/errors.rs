@@ -64,12 +64,38 @@ fn malformed_config_json() {
 }
 
 #[test]
-fn unknown_model_type() {
-    let dir = copy_fixture("mixtral");
+fn unknown_model_type_without_moe_tensors() {
+    // A dense checkpoint under an unknown family: nothing MoE-shaped to infer.
+    // (An MoE checkpoint under an unknown name is inferred: tests/families.rs.)
+    let dir = copy_fixture("mistral-dense");
     edit_config(dir.path(), |c| {
         c.insert("model_type".into(), "gpt2".into());
+        c.insert(
+            "architectures".into(),
+            serde_json::json!(["GPT2LMHeadModel"]),
+        );
     });
-    assert_input_error(dir.path(), &["config.json", "unknown model family `gpt2`"]);
+    assert_input_error(
+        dir.path(),
+        &[
+            "config.json",
+            "unknown model family `gpt2`",
+            "no MoE structure could be inferred",
+        ],
+    );
+}
+
+#[test]
+fn unknown_model_type_with_a_known_architecture_is_that_architecture() {
+    // Kimi-K2 style: `kimi_k2`-like unknown model_type, DeepseekV3ForCausalLM.
+    let dir = copy_fixture("mixtral");
+    edit_config(dir.path(), |c| {
+        c.insert("model_type".into(), "my_mixtral".into());
+    });
+    let (code, stdout, stderr) = run(&["analyze", "--model", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("mixtral"), "{stdout}");
+    assert!(!stderr.contains("notice"), "{stderr}");
 }
 
 #[test]

@@ -153,6 +153,9 @@ pub trait Progress {
     fn layer_done(&self, _layer: usize) {}
     /// Called after the last layer.
     fn finish(&self) {}
+    /// Something the user should know about the run (what was inferred
+    /// about a model, an analysis left out): one line, without a prefix.
+    fn notice(&self, _text: &str) {}
 }
 
 /// No progress output.

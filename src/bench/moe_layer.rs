@@ -90,7 +90,7 @@ pub fn real_geometries(full_size: bool, dtype: &'static str) -> Vec<LayerGeometr
 }
 
 fn act(family: Family, x: &Tensor) -> R<Tensor> {
-    if family == Family::Grok1 {
+    if family.spec().activation == crate::model::family::Activation::Gelu {
         x.gelu_erf()
     } else {
         x.silu()

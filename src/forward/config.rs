@@ -79,6 +79,8 @@ pub struct ForwardConfig {
     pub max_attn_value: Option<f64>,
     /// Qwen2-MoE: shared expert scaled by sigmoid(shared_expert_gate·x).
     pub shared_expert_gate: bool,
+    /// Granite: attention and MLP outputs × this before the residual add.
+    pub residual_multiplier: f64,
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
@@ -136,6 +138,13 @@ impl ForwardConfig {
     /// Reads the forward-pass settings of a model.
     pub fn from_config(c: &Config, info: &ModelInfo) -> Result<ForwardConfig> {
         let fam = info.family;
+        if !fam.native_forward() {
+            return Err(Error::NoNativeForward {
+                path: c.path().to_path_buf(),
+                family: fam.id().to_string(),
+                native: Family::ALL.map(Family::id).join(", "),
+            });
+        }
         let mla = matches!(fam, Family::DeepSeekV2 | Family::DeepSeekV3);
         let heads = c.usize_in("num_attention_heads", 1, limits::HEADS)?;
         let kv_heads = c
@@ -181,7 +190,8 @@ impl ForwardConfig {
         let n_group = c.usize_opt_in("n_group", 1, info.num_experts)?.unwrap_or(1);
         let topk_group = c.usize_opt_in("topk_group", 1, n_group)?.unwrap_or(n_group);
         let routing = match fam {
-            Family::Mixtral => Routing::SoftmaxTopK {
+            // Granite: softmax over the top-k logits, the same weights.
+            Family::Mixtral | Family::GraniteMoe => Routing::SoftmaxTopK {
                 renormalize: true,
                 scale: 1.0,
             },
@@ -205,7 +215,8 @@ impl ForwardConfig {
                     scale,
                 }
             }
-            Family::DeepSeekV3 => Routing::DeepSeekV3 {
+            // DeepSeek-V3 (Kimi-K2): the last native family (checked above).
+            _ => Routing::DeepSeekV3 {
                 n_group,
                 topk_group,
                 renormalize: norm_topk.unwrap_or(true),
@@ -242,6 +253,7 @@ impl ForwardConfig {
             },
         };
         let grok = fam == Family::Grok1;
+        let granite = fam == Family::GraniteMoe;
         let finite = |key: &str| c.f64_opt_where(key, "a finite number", |_| true);
         let positive = |key: &str| c.f64_opt_where(key, "a positive finite number", |v| v > 0.0);
         Ok(ForwardConfig {
@@ -258,16 +270,22 @@ impl ForwardConfig {
             tie_embeddings: c.bool_opt("tie_word_embeddings")?.unwrap_or(grok),
             embedding_multiplier: if grok {
                 finite("embedding_multiplier_scale")?.unwrap_or(1.0)
+            } else if granite {
+                finite("embedding_multiplier")?.unwrap_or(1.0)
             } else {
                 1.0
             },
             output_multiplier: if grok {
                 finite("output_multiplier_scale")?.unwrap_or(1.0)
+            } else if granite {
+                1.0 / positive("logits_scaling")?.unwrap_or(1.0)
             } else {
                 1.0
             },
             attn_output_multiplier: if grok {
                 finite("attn_output_multiplier")?
+            } else if granite {
+                finite("attention_multiplier")?
             } else {
                 None
             },
@@ -276,7 +294,12 @@ impl ForwardConfig {
             } else {
                 None
             },
-            shared_expert_gate: fam == Family::Qwen2Moe,
+            shared_expert_gate: fam.spec().shared_gate.is_some(),
+            residual_multiplier: if granite {
+                finite("residual_multiplier")?.unwrap_or(1.0)
+            } else {
+                1.0
+            },
         })
     }
 }

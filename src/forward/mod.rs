@@ -15,7 +15,7 @@ use expert_gemm::Activation;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result, ValueKind};
-use crate::model::{Family, Model};
+use crate::model::Model;
 use config::{AttentionKind, ForwardConfig, QkNorm};
 use observer::{MoeObservation, Observer, Wants};
 use weights::{ce, AttnWeights, Ffn, HeadWeights, LayerWeights, MlpWeights};
@@ -274,7 +274,7 @@ impl<'m> Forward<'m> {
     }
 
     fn act(&self, x: &Tensor) -> R<Tensor> {
-        if self.cfg.family == Family::Grok1 {
+        if self.cfg.family.spec().activation == crate::model::family::Activation::Gelu {
             x.gelu_erf()
         } else {
             x.silu()
@@ -355,7 +355,7 @@ impl<'m> Forward<'m> {
     }
 
     fn activation(&self) -> Activation {
-        if self.cfg.family == Family::Grok1 {
+        if self.cfg.family.spec().activation == crate::model::family::Activation::Gelu {
             Activation::GeluErf
         } else {
             Activation::Silu
@@ -535,6 +535,10 @@ impl<'m> Forward<'m> {
         if let Some(n) = &lw.post_attn_norm {
             attn = rms_norm(&attn, n, eps).map_err(ce(&what))?;
         }
+        let rm = self.cfg.residual_multiplier;
+        if rm != 1.0 {
+            attn = (attn * rm).map_err(ce(&what))?;
+        }
         let h = (h + attn).map_err(ce(&what))?;
         let m = rms_norm(&h, &lw.mlp_norm, eps).map_err(ce(&what))?;
         let mut y = match &lw.mlp {
@@ -543,6 +547,9 @@ impl<'m> Forward<'m> {
         };
         if let Some(n) = &lw.post_mlp_norm {
             y = rms_norm(&y, n, eps).map_err(ce(&what))?;
+        }
+        if rm != 1.0 {
+            y = (y * rm).map_err(ce(&what))?;
         }
         (h + y).map_err(ce(&what))
     }

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::forward::config::{AttentionKind, ForwardConfig, QkNorm};
-use crate::model::{Family, Model, Weights};
+use crate::model::{ExpertView, Family, Model, TensorView, Weights};
 
 /// Converts a candle error into the crate's error, naming what was computed.
 pub fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
@@ -22,7 +22,12 @@ pub fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
 /// `[in, out]`: a copy that pays off when weights stay resident across runs
 /// (the matrix products then read a contiguous right-hand side).
 pub fn load(weights: &Weights, name: &str, device: &Device, transposed: bool) -> Result<Tensor> {
-    let view = weights.tensor(name)?;
+    load_view(&weights.tensor(name)?, device, transposed)
+}
+
+/// [`load`] of a view (one expert of a fused tensor is a view, not a name).
+pub fn load_view(view: &TensorView<'_>, device: &Device, transposed: bool) -> Result<Tensor> {
+    let name = view.name;
     let data = view.to_f32_vec();
     if data.iter().any(|x| !x.is_finite()) {
         return Err(Error::NonFinite {
@@ -87,6 +92,16 @@ impl Ffn {
             gate: load(weights, &names[0], device, t)?,
             up: load(weights, &names[1], device, t)?,
             down: load(weights, &names[2], device, t)?,
+            transposed: t,
+        })
+    }
+
+    /// Loads an expert from its views (separate tensors or parts of fused ones).
+    pub fn from_view(x: &ExpertView<'_>, device: &Device, t: bool) -> Result<Ffn> {
+        Ok(Ffn {
+            gate: load_view(&x.gate, device, t)?,
+            up: load_view(&x.up, device, t)?,
+            down: load_view(&x.down, device, t)?,
             transposed: t,
         })
     }
@@ -351,18 +366,23 @@ impl LayerWeights {
             // Routed experts stay in the hub layout on the CPU: the grouped
             // kernels (`expert_gemm`) read their rows directly.
             let te = t && !device.is_cpu();
+            let naming = model.naming();
             let experts = (0..info.num_experts)
-                .map(|e| Ffn::load(w, &fam.expert_names(layer, e), device, te))
+                .map(|e| Ffn::from_view(&model.expert(layer, e)?, device, te))
                 .collect::<Result<Vec<_>>>()?;
-            let shared = match fam.shared_names(layer) {
+            let shared = match naming.shared(layer) {
                 Some(names) if info.shared_intermediate > 0 => {
                     Some(Ffn::load(w, &names, device, t)?)
                 }
                 _ => None,
             };
-            let router_name = fam.router_name(layer);
-            let bias_name = router_name.replace(".weight", ".e_score_correction_bias");
-            let bias = if fam == Family::DeepSeekV3 && w.contains(&bias_name) {
+            let router_name = naming.router(layer);
+            let bias_name = fam
+                .spec()
+                .correction_bias
+                .map(|b| naming.layer_tensor(layer, b))
+                .unwrap_or_default();
+            let bias = if w.contains(&bias_name) {
                 w.expect_shape(&bias_name, &[info.num_experts])?;
                 let view = w.tensor(&bias_name)?;
                 let b = view.to_f32_vec();
@@ -388,14 +408,15 @@ impl LayerWeights {
                 bias,
                 experts,
                 shared,
-                shared_gate: if cfg.shared_expert_gate {
-                    load_opt(w, &format!("{p}.mlp.shared_expert_gate.weight"), device, t)?
-                } else {
-                    None
+                shared_gate: match fam.spec().shared_gate {
+                    Some(g) if cfg.shared_expert_gate => {
+                        load_opt(w, &naming.layer_tensor(layer, g), device, t)?
+                    }
+                    _ => None,
                 },
             }
         } else {
-            MlpWeights::Dense(Ffn::load(w, &fam.dense_names(layer), device, t)?)
+            MlpWeights::Dense(Ffn::load(w, &model.naming().dense(layer), device, t)?)
         };
         Ok(LayerWeights {
             attn_norm,

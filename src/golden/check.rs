@@ -274,6 +274,21 @@ impl Plan {
         }
         let device = crate::forward::parse_device(&self.device)?;
         let model = Model::open_or_demo(t.model.as_deref())?;
+        let mut selection = selection;
+        let mut notices: Vec<String> = model.notice().map(str::to_string).into_iter().collect();
+        let family = model.info.family;
+        if t.analyses.is_none() && !family.native_forward() && selection.needs_prompts() {
+            // The default selection records routing too; a family without a
+            // native forward records what it can. (Asked for explicitly, the
+            // dynamic analyses fail with the "static analyses only" error.)
+            notices.push(format!(
+                "{}: family `{}` has no native forward pass: recording the static analyses only",
+                t.name,
+                family.id()
+            ));
+            selection.routing = false;
+            selection.norm_score = false;
+        }
         let prompts = prompt_ids(
             t.model.as_deref(),
             t.prompts.as_deref(),
@@ -281,6 +296,10 @@ impl Plan {
             selection,
         )?;
         let forward_layers = prompts.as_ref().map_or(0, |_| model.info.num_layers);
+        let progress = progress(t, forward_layers);
+        for n in &notices {
+            progress.notice(n);
+        }
         build(
             &model,
             &BuildOptions {
@@ -291,7 +310,7 @@ impl Plan {
                 tolerances,
                 keep_router_probs: false,
             },
-            progress(t, forward_layers).as_ref(),
+            progress.as_ref(),
         )
     }
 

@@ -145,6 +145,11 @@ pub fn diff(
     let device = crate::forward::parse_device(&opts.device)?;
     let a = Model::open(baseline)?;
     let b = Model::open(candidate)?;
+    for (m, path) in [(&a, baseline), (&b, candidate)] {
+        if let Some(n) = m.notice() {
+            progress(path).notice(n);
+        }
+    }
     let prompts = prompt_ids(
         Some(baseline),
         opts.prompts.as_deref(),

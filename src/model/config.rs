@@ -205,6 +205,40 @@ impl Config {
         }
     }
 
+    /// A required integer, or a per-layer list of one same integer (Hunyuan's `moe_topk`).
+    pub fn usize_uniform(&self, key: &str) -> Result<usize> {
+        match self.get(key) {
+            Some(Value::Array(_)) => {
+                let list = self.usize_list(key)?;
+                match list.split_first() {
+                    Some((&first, rest)) if rest.iter().all(|&v| v == first) => Ok(first),
+                    Some(_) => Err(Error::key(
+                        &self.path,
+                        key,
+                        "differs between layers; one value for every MoE layer is supported",
+                    )),
+                    None => Err(Error::key(&self.path, key, "is an empty list")),
+                }
+            }
+            _ => self.usize(key),
+        }
+    }
+
+    /// The nested `text_config` of a multimodal release (Llama 4, Qwen3.5),
+    /// when the text model's keys are there rather than at the top level.
+    pub fn text_config(&self) -> Option<Config> {
+        if self.get("num_hidden_layers").is_some() {
+            return None;
+        }
+        match self.get("text_config")? {
+            Value::Object(map) => Some(Config {
+                path: self.path.clone(),
+                map: map.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// The first entry of `architectures`, if any.
     pub fn architecture(&self) -> Option<&str> {
         self.get("architectures")?.as_array()?.first()?.as_str()

@@ -1,29 +1,557 @@
-//! Family adapters: map each family's config keys and hub tensor names onto
-//! one view (SPEC §4). Nothing outside this file knows a tensor name.
+//! The family table: every MoE family's config keys and hub tensor names, as
+//! data (SPEC §4). Nothing outside this file knows a tensor name; a checkpoint
+//! of a family the table does not know is read through [`crate::model::infer`].
 
 use crate::error::{Error, Result};
 use crate::model::config::{limits, Config};
 
-/// The supported MoE model families.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// Mixtral (`mixtral`).
-    Mixtral,
-    /// DeepSeekMoE (`deepseek`).
-    DeepSeekMoe,
-    /// Grok-1 (`grok-1`).
-    Grok1,
-    /// Qwen2-MoE / Qwen1.5-MoE (`qwen2_moe`).
-    Qwen2Moe,
-    /// Qwen3-MoE (`qwen3_moe`).
-    Qwen3Moe,
-    /// OLMoE (`olmoe`).
-    Olmoe,
-    /// DeepSeek-V2 (`deepseek_v2`).
-    DeepSeekV2,
-    /// DeepSeek-V3 (`deepseek_v3`).
-    DeepSeekV3,
+/// A model family: a handle into [`FAMILIES`]. It is `Copy` and compares by
+/// identity; the families with a native forward pass have named constants
+/// (`Family::Mixtral`...), which `match` accepts as patterns.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Family(u8);
+
+impl std::fmt::Debug for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.spec().name)
+    }
 }
+
+/// How a family's routed experts are stored per layer, one tensor per expert
+/// and matrix: `{prefix}.{e}.{mats[k]}.weight` for gate, up, down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerExpert {
+    /// Name of the expert list under the layer (`mlp.experts`).
+    pub prefix: &'static str,
+    /// Module names of gate, up and down (`gate_proj`, `up_proj`, `down_proj`).
+    pub mats: [&'static str; 3],
+}
+
+/// How the two stacked tensors of a fused-expert layout hold each expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedKind {
+    /// transformers 5 (`integrations/moe.py`): `gate_up [E, 2I, H]`, gate in
+    /// rows `0..I`, up in rows `I..2I`; `down [E, H, I]`.
+    GateUpRows,
+    /// gpt-oss: `gate_up [E, H, 2I]` input-major, gate in the even columns,
+    /// up in the odd ones; `down [E, I, H]`; both with biases.
+    InterleavedColumns,
+    /// Llama 4: `gate_up [E, H, 2I]` input-major, gate in columns `0..I`,
+    /// up in `I..2I`; `down [E, I, H]`.
+    ConcatColumns,
+}
+
+/// A fused-expert layout: the router and the two stacked expert tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fused {
+    /// Router weight under the layer (`mlp.gate.weight`).
+    pub router: &'static str,
+    /// Stacked gate/up tensor under the layer.
+    pub gate_up: &'static str,
+    /// Stacked down tensor under the layer.
+    pub down: &'static str,
+    /// How the experts lie in them.
+    pub kind: FusedKind,
+}
+
+/// The transformers-5 fused layout of the `mlp.experts` families.
+const FUSED_MLP: Fused = Fused {
+    router: "mlp.gate.weight",
+    gate_up: "mlp.experts.gate_up_proj",
+    down: "mlp.experts.down_proj",
+    kind: FusedKind::GateUpRows,
+};
+
+/// How the width of the shared expert(s) follows from config.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    /// No shared experts.
+    None,
+    /// One shared block whose width is this key (Qwen2-MoE).
+    Width(&'static str),
+    /// This many shared experts (key), each of the routed experts' width, fused into one block.
+    Count(&'static str),
+    /// One shared expert of the routed experts' width (Llama 4, Hunyuan).
+    One,
+}
+
+/// Which layers hold an MoE block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerRule {
+    /// Every layer.
+    All,
+    /// Qwen: not in `mlp_only_layers`, and `(l + 1) % decoder_sparse_step == 0`.
+    QwenSparse,
+    /// DeepSeek: `l >= first_k_dense_replace` and `l % moe_layer_freq == 0`.
+    FirstKDense,
+    /// Llama 4: the `moe_layers` list, else every `interleave_moe_layer_step`-th layer.
+    Interleaved,
+    /// ERNIE 4.5: `moe_layer_start_index..=moe_layer_end_index`, every `moe_layer_interval`-th.
+    StartEnd,
+}
+
+/// The expert activation (between `gate·x` and the product with `up·x`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU).
+    Silu,
+    /// exact (erf) GELU (Grok-1's GeGLU).
+    Gelu,
+    /// gpt-oss: clamped SwiGLU, `(up + 1) · gate · sigmoid(alpha · gate)`.
+    ClampedSwiglu,
+}
+
+impl Activation {
+    fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::Gelu => "gelu",
+            Activation::ClampedSwiglu => "clamped swiglu (alpha, limit, up + 1)",
+        }
+    }
+}
+
+/// Group-limited routing settings to validate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Groups {
+    /// None.
+    None,
+    /// `n_group`/`topk_group` always route (DeepSeek-V3, GLM-4.5).
+    Always,
+    /// Only with `topk_method: group_limited_greedy` (DeepSeek-V2).
+    WhenGreedy,
+}
+
+/// One row of the family table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FamilySpec {
+    /// Stable id used in reports (the main `model_type`).
+    pub id: &'static str,
+    /// Name for `Debug`.
+    pub name: &'static str,
+    /// `model_type` values of config.json that are this family (text and multimodal).
+    pub model_types: &'static [&'static str],
+    /// `architectures` classes that are this family when `model_type` is unknown or absent.
+    pub architectures: &'static [&'static str],
+    /// Example checkpoints.
+    pub examples: &'static str,
+    /// Keys of the routed expert count, first present wins.
+    pub experts_keys: &'static [&'static str],
+    /// Keys of experts per token.
+    pub top_k_keys: &'static [&'static str],
+    /// Keys of the routed expert width.
+    pub width_keys: &'static [&'static str],
+    /// Key of the dense MLP width of non-MoE layers.
+    pub dense_width_key: &'static str,
+    /// Shared experts.
+    pub shared: Shared,
+    /// Which layers are MoE.
+    pub layers: LayerRule,
+    /// Router weight under the layer, per-expert layout.
+    pub router: &'static str,
+    /// Per-expert layout, if the family has one.
+    pub per_expert: Option<PerExpert>,
+    /// Fused layouts (the family's own, and the one transformers 5 writes).
+    pub fused: &'static [Fused],
+    /// Shared expert module under the layer (`mlp.shared_experts`).
+    pub shared_prefix: Option<&'static str>,
+    /// Dense MLP module under the layer.
+    pub dense_prefix: &'static str,
+    /// The `[1, H]` sigmoid gate of the shared expert under the layer (Qwen2-MoE, Qwen3-Next).
+    pub shared_gate: Option<&'static str>,
+    /// The routing-correction bias `[E]` under the layer (DeepSeek-V3, GLM-4.5, MiniMax-M2, ERNIE 4.5).
+    pub correction_bias: Option<&'static str>,
+    /// The expert activation.
+    pub activation: Activation,
+    /// How router logits become selected experts and weights, in words.
+    pub router_rule: &'static str,
+    /// Group routing settings to validate.
+    pub groups: Groups,
+    /// Whether the forward pass (observer, trace, dynamic analyses) is native.
+    pub native_forward: bool,
+    /// Which layers are dense, in words (for `models`).
+    pub dense_from: &'static str,
+}
+
+const STD: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+const W132: [&str; 3] = ["w1", "w3", "w2"];
+const MLP_EXPERTS: PerExpert = PerExpert {
+    prefix: "mlp.experts",
+    mats: STD,
+};
+const BSM_EXPERTS: PerExpert = PerExpert {
+    prefix: "block_sparse_moe.experts",
+    mats: W132,
+};
+const E_LOCAL: &[&str] = &["num_local_experts", "num_experts"];
+const E_NUM: &[&str] = &["num_experts", "num_local_experts"];
+const E_ROUTED: &[&str] = &["n_routed_experts", "num_local_experts", "num_experts"];
+const TOPK: &[&str] = &["num_experts_per_tok"];
+const W_INTER: &[&str] = &["intermediate_size"];
+const W_MOE: &[&str] = &["moe_intermediate_size"];
+
+/// A table row with the common defaults (transformers-5 `mlp.experts` layout).
+const BASE: FamilySpec = FamilySpec {
+    id: "",
+    name: "",
+    model_types: &[],
+    architectures: &[],
+    examples: "",
+    experts_keys: E_NUM,
+    top_k_keys: TOPK,
+    width_keys: W_MOE,
+    dense_width_key: "intermediate_size",
+    shared: Shared::None,
+    layers: LayerRule::All,
+    router: "mlp.gate.weight",
+    per_expert: Some(MLP_EXPERTS),
+    fused: &[FUSED_MLP],
+    shared_prefix: None,
+    dense_prefix: "mlp",
+    shared_gate: None,
+    correction_bias: None,
+    activation: Activation::Silu,
+    router_rule: "softmax, top-k",
+    groups: Groups::None,
+    native_forward: false,
+    dense_from: "none",
+};
+
+/// The family table, in the order `models` lists it. The first eight have a
+/// native forward pass and keep their indices (the named constants).
+pub static FAMILIES: &[FamilySpec] = &[
+    FamilySpec {
+        id: "mixtral",
+        name: "Mixtral",
+        model_types: &["mixtral"],
+        architectures: &["MixtralForCausalLM"],
+        examples: "Mixtral-8x7B, Mixtral-8x22B",
+        experts_keys: E_LOCAL,
+        width_keys: W_INTER,
+        router: "block_sparse_moe.gate.weight",
+        per_expert: Some(BSM_EXPERTS),
+        router_rule: "softmax, top-k, renormalised",
+        native_forward: true,
+        ..BASE
+    },
+    FamilySpec {
+        id: "deepseek",
+        name: "DeepSeekMoe",
+        model_types: &["deepseek"],
+        architectures: &["DeepseekForCausalLM"],
+        examples: "deepseek-moe-16b",
+        experts_keys: E_ROUTED,
+        shared: Shared::Count("n_shared_experts"),
+        layers: LayerRule::FirstKDense,
+        shared_prefix: Some("mlp.shared_experts"),
+        router_rule: "softmax, top-k (norm_topk_prob)",
+        native_forward: true,
+        dense_from: "first_k_dense_replace, moe_layer_freq",
+        ..BASE
+    },
+    FamilySpec {
+        id: "grok-1",
+        name: "Grok1",
+        model_types: &["grok-1", "grok1", "grok"],
+        architectures: &["Grok1ModelForCausalLM", "Grok1ForCausalLM"],
+        examples: "Grok-1 (hpcai-tech)",
+        experts_keys: E_NUM,
+        width_keys: W_INTER,
+        router: "moe_block.gate.weight",
+        per_expert: Some(PerExpert {
+            prefix: "moe_block.experts",
+            mats: ["linear", "linear_v", "linear_1"],
+        }),
+        fused: &[],
+        activation: Activation::Gelu,
+        router_rule: "softmax, top-k, not renormalised",
+        native_forward: true,
+        ..BASE
+    },
+    FamilySpec {
+        id: "qwen2_moe",
+        name: "Qwen2Moe",
+        model_types: &["qwen2_moe"],
+        architectures: &["Qwen2MoeForCausalLM"],
+        examples: "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B",
+        shared: Shared::Width("shared_expert_intermediate_size"),
+        layers: LayerRule::QwenSparse,
+        shared_prefix: Some("mlp.shared_expert"),
+        shared_gate: Some("mlp.shared_expert_gate.weight"),
+        router_rule: "softmax, top-k (norm_topk_prob); shared expert × sigmoid gate",
+        native_forward: true,
+        dense_from: "mlp_only_layers, decoder_sparse_step",
+        ..BASE
+    },
+    FamilySpec {
+        id: "qwen3_moe",
+        name: "Qwen3Moe",
+        model_types: &["qwen3_moe"],
+        architectures: &["Qwen3MoeForCausalLM"],
+        examples: "Qwen3-30B-A3B, Qwen3-235B-A22B",
+        layers: LayerRule::QwenSparse,
+        router_rule: "softmax, top-k (norm_topk_prob)",
+        native_forward: true,
+        dense_from: "mlp_only_layers, decoder_sparse_step",
+        ..BASE
+    },
+    FamilySpec {
+        id: "olmoe",
+        name: "Olmoe",
+        model_types: &["olmoe"],
+        architectures: &["OlmoeForCausalLM"],
+        examples: "OLMoE-1B-7B",
+        width_keys: W_INTER,
+        router_rule: "softmax, top-k (norm_topk_prob)",
+        native_forward: true,
+        ..BASE
+    },
+    FamilySpec {
+        id: "deepseek_v2",
+        name: "DeepSeekV2",
+        model_types: &["deepseek_v2"],
+        architectures: &["DeepseekV2ForCausalLM"],
+        examples: "DeepSeek-V2, DeepSeek-V2-Lite",
+        experts_keys: E_ROUTED,
+        shared: Shared::Count("n_shared_experts"),
+        layers: LayerRule::FirstKDense,
+        shared_prefix: Some("mlp.shared_experts"),
+        router_rule: "softmax, top-k or group-limited greedy, × routed_scaling_factor",
+        groups: Groups::WhenGreedy,
+        native_forward: true,
+        dense_from: "first_k_dense_replace, moe_layer_freq",
+        ..BASE
+    },
+    FamilySpec {
+        id: "deepseek_v3",
+        name: "DeepSeekV3",
+        model_types: &["deepseek_v3", "kimi_k2"],
+        architectures: &["DeepseekV3ForCausalLM"],
+        examples: "DeepSeek-V3, DeepSeek-R1, Kimi-K2",
+        experts_keys: E_ROUTED,
+        shared: Shared::Count("n_shared_experts"),
+        layers: LayerRule::FirstKDense,
+        shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.gate.e_score_correction_bias"),
+        router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
+        groups: Groups::Always,
+        native_forward: true,
+        dense_from: "first_k_dense_replace, moe_layer_freq",
+        ..BASE
+    },
+    // ---- static analyses only (an engine trace for the dynamic ones) ----
+    FamilySpec {
+        id: "gpt_oss",
+        name: "GptOss",
+        model_types: &["gpt_oss"],
+        architectures: &["GptOssForCausalLM"],
+        examples: "gpt-oss-20b, gpt-oss-120b",
+        experts_keys: E_LOCAL,
+        top_k_keys: &["num_experts_per_tok", "experts_per_token"],
+        width_keys: W_INTER,
+        router: "mlp.router.weight",
+        per_expert: None,
+        fused: &[Fused {
+            router: "mlp.router.weight",
+            gate_up: "mlp.experts.gate_up_proj",
+            down: "mlp.experts.down_proj",
+            kind: FusedKind::InterleavedColumns,
+        }],
+        activation: Activation::ClampedSwiglu,
+        router_rule: "linear with bias, top-k on logits, softmax over the k",
+        ..BASE
+    },
+    FamilySpec {
+        id: "glm4_moe",
+        name: "Glm4Moe",
+        model_types: &["glm4_moe"],
+        architectures: &["Glm4MoeForCausalLM"],
+        examples: "GLM-4.5, GLM-4.6, GLM-4.5-Air",
+        experts_keys: E_ROUTED,
+        shared: Shared::Count("n_shared_experts"),
+        layers: LayerRule::FirstKDense,
+        shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.gate.e_score_correction_bias"),
+        router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
+        groups: Groups::Always,
+        dense_from: "first_k_dense_replace",
+        ..BASE
+    },
+    FamilySpec {
+        id: "deepseek_v32",
+        name: "DeepSeekV32",
+        model_types: &["deepseek_v32"],
+        architectures: &["DeepseekV32ForCausalLM"],
+        examples: "DeepSeek-V3.2-Exp, DeepSeek-V3.2",
+        experts_keys: E_ROUTED,
+        shared: Shared::Count("n_shared_experts"),
+        layers: LayerRule::FirstKDense,
+        shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.gate.e_score_correction_bias"),
+        router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
+        groups: Groups::Always,
+        dense_from: "first_k_dense_replace, moe_layer_freq",
+        ..BASE
+    },
+    FamilySpec {
+        id: "qwen3_next",
+        name: "Qwen3Next",
+        model_types: &["qwen3_next"],
+        architectures: &["Qwen3NextForCausalLM"],
+        examples: "Qwen3-Next-80B-A3B",
+        shared: Shared::Width("shared_expert_intermediate_size"),
+        layers: LayerRule::QwenSparse,
+        shared_prefix: Some("mlp.shared_expert"),
+        shared_gate: Some("mlp.shared_expert_gate.weight"),
+        router_rule: "softmax, top-k (norm_topk_prob); shared expert × sigmoid gate",
+        dense_from: "mlp_only_layers, decoder_sparse_step",
+        ..BASE
+    },
+    FamilySpec {
+        id: "qwen3_5_moe",
+        name: "Qwen35Moe",
+        model_types: &["qwen3_5_moe", "qwen3_5_moe_text"],
+        architectures: &[
+            "Qwen3_5MoeForConditionalGeneration",
+            "Qwen3_5MoeForCausalLM",
+        ],
+        examples: "Qwen3.5-397B-A17B, Qwen3.5-35B-A3B",
+        shared: Shared::Width("shared_expert_intermediate_size"),
+        shared_prefix: Some("mlp.shared_expert"),
+        shared_gate: Some("mlp.shared_expert_gate.weight"),
+        router_rule: "softmax, top-k, renormalised; shared expert × sigmoid gate",
+        ..BASE
+    },
+    FamilySpec {
+        id: "minimax_m2",
+        name: "MiniMaxM2",
+        model_types: &["minimax_m2"],
+        architectures: &["MiniMaxM2ForCausalLM"],
+        examples: "MiniMax-M2, MiniMax-M2.1",
+        experts_keys: E_LOCAL,
+        width_keys: W_INTER,
+        router: "block_sparse_moe.gate.weight",
+        per_expert: Some(BSM_EXPERTS),
+        correction_bias: Some("block_sparse_moe.e_score_correction_bias"),
+        router_rule: "sigmoid + e_score_correction_bias, top-k, renormalised",
+        ..BASE
+    },
+    FamilySpec {
+        id: "phimoe",
+        name: "PhiMoe",
+        model_types: &["phimoe"],
+        architectures: &["PhimoeForCausalLM"],
+        examples: "Phi-3.5-MoE-instruct",
+        experts_keys: E_LOCAL,
+        width_keys: W_INTER,
+        router: "block_sparse_moe.gate.weight",
+        per_expert: Some(BSM_EXPERTS),
+        fused: &[Fused {
+            router: "mlp.router.weight",
+            ..FUSED_MLP
+        }],
+        router_rule: "sparsemixer (top-2 by masked softmax)",
+        ..BASE
+    },
+    FamilySpec {
+        id: "llama4",
+        name: "Llama4",
+        model_types: &["llama4", "llama4_text"],
+        architectures: &["Llama4ForConditionalGeneration", "Llama4ForCausalLM"],
+        examples: "Llama-4-Scout-17B-16E, Llama-4-Maverick-17B-128E",
+        experts_keys: E_LOCAL,
+        width_keys: W_INTER,
+        dense_width_key: "intermediate_size_mlp",
+        shared: Shared::One,
+        layers: LayerRule::Interleaved,
+        router: "feed_forward.router.weight",
+        per_expert: None,
+        fused: &[Fused {
+            router: "feed_forward.router.weight",
+            gate_up: "feed_forward.experts.gate_up_proj",
+            down: "feed_forward.experts.down_proj",
+            kind: FusedKind::ConcatColumns,
+        }],
+        shared_prefix: Some("feed_forward.shared_expert"),
+        dense_prefix: "feed_forward",
+        router_rule: "top-k on logits, sigmoid of the kept logits scales the expert input",
+        dense_from: "moe_layers, interleave_moe_layer_step",
+        ..BASE
+    },
+    FamilySpec {
+        id: "ernie4_5_moe",
+        name: "Ernie45Moe",
+        model_types: &["ernie4_5_moe"],
+        architectures: &["Ernie4_5_MoeForCausalLM"],
+        examples: "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B",
+        experts_keys: &["moe_num_experts"],
+        top_k_keys: &["moe_k"],
+        shared: Shared::Count("moe_num_shared_experts"),
+        layers: LayerRule::StartEnd,
+        shared_prefix: Some("mlp.shared_experts"),
+        correction_bias: Some("mlp.moe_statics.e_score_correction_bias"),
+        router_rule: "softmax, top-k by softmax + e_score_correction_bias, renormalised",
+        dense_from: "moe_layer_start_index, moe_layer_end_index, moe_layer_interval",
+        ..BASE
+    },
+    FamilySpec {
+        id: "hunyuan_v1_moe",
+        name: "HunYuanMoeV1",
+        model_types: &["hunyuan_v1_moe"],
+        architectures: &["HunYuanMoEV1ForCausalLM"],
+        examples: "Hunyuan-A13B",
+        experts_keys: E_NUM,
+        top_k_keys: &["moe_topk"],
+        width_keys: W_INTER,
+        shared: Shared::One,
+        router: "mlp.gate.wg.weight",
+        fused: &[Fused {
+            router: "mlp.gate.wg.weight",
+            ..FUSED_MLP
+        }],
+        shared_prefix: Some("mlp.shared_mlp"),
+        router_rule: "softmax, top-k, renormalised; shared MLP always on",
+        ..BASE
+    },
+    FamilySpec {
+        id: "granitemoe",
+        name: "GraniteMoe",
+        model_types: &["granitemoe"],
+        architectures: &["GraniteMoeForCausalLM"],
+        examples: "granite-3.0-1b-a400m, granite-3.0-3b-a800m",
+        experts_keys: E_LOCAL,
+        width_keys: W_INTER,
+        router: "block_sparse_moe.router.layer.weight",
+        per_expert: None,
+        fused: &[
+            Fused {
+                router: "block_sparse_moe.router.layer.weight",
+                gate_up: "block_sparse_moe.input_linear.weight",
+                down: "block_sparse_moe.output_linear.weight",
+                kind: FusedKind::GateUpRows,
+            },
+            Fused {
+                router: "block_sparse_moe.router.weight",
+                gate_up: "block_sparse_moe.experts.gate_up_proj",
+                down: "block_sparse_moe.experts.down_proj",
+                kind: FusedKind::GateUpRows,
+            },
+        ],
+        router_rule: "top-k on logits, softmax over the k",
+        native_forward: true,
+        ..BASE
+    },
+    FamilySpec {
+        id: "flex_olmo",
+        name: "FlexOlmo",
+        model_types: &["flex_olmo"],
+        architectures: &["FlexOlmoForCausalLM"],
+        examples: "FlexOlmo-7x7B-1T",
+        width_keys: W_INTER,
+        router_rule: "softmax, top-k (norm_topk_prob)",
+        ..BASE
+    },
+];
 
 /// One row of `cargo moe-inspect models`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -32,19 +560,53 @@ pub struct FamilyDescription {
     pub family: &'static str,
     /// The `model_type` of its config.json.
     pub model_type: &'static str,
+    /// Every `model_type` (and `architectures` class) read as this family.
+    pub aliases: Vec<&'static str>,
     /// Example checkpoints.
     pub examples: &'static str,
-    /// Tensor naming layout of the experts.
-    pub layout: &'static str,
+    /// Tensor naming layout(s) of the experts, per-expert and fused.
+    pub layout: String,
     /// Whether it has shared experts.
     pub shared_experts: bool,
     /// Which layers are dense rather than MoE.
     pub dense_layers: &'static str,
+    /// How router logits become selected experts.
+    pub router_rule: &'static str,
+    /// The expert activation.
+    pub activation: &'static str,
+    /// `native` (forward pass, dynamic analyses) or `trace` (static analyses
+    /// natively; dynamic ones from an engine trace).
+    pub forward: &'static str,
 }
 
+#[allow(non_upper_case_globals)]
 impl Family {
-    /// All families, in the order `models` lists them.
-    pub const ALL: [Family; 8] = [
+    /// Mixtral (`mixtral`).
+    pub const Mixtral: Family = Family(0);
+    /// DeepSeekMoE (`deepseek`).
+    pub const DeepSeekMoe: Family = Family(1);
+    /// Grok-1 (`grok-1`).
+    pub const Grok1: Family = Family(2);
+    /// Qwen2-MoE / Qwen1.5-MoE (`qwen2_moe`).
+    pub const Qwen2Moe: Family = Family(3);
+    /// Qwen3-MoE (`qwen3_moe`).
+    pub const Qwen3Moe: Family = Family(4);
+    /// OLMoE (`olmoe`).
+    pub const Olmoe: Family = Family(5);
+    /// DeepSeek-V2 (`deepseek_v2`).
+    pub const DeepSeekV2: Family = Family(6);
+    /// DeepSeek-V3 (`deepseek_v3`, and Kimi-K2).
+    pub const DeepSeekV3: Family = Family(7);
+    /// IBM Granite MoE (`granitemoe`).
+    pub const GraniteMoe: Family = Family(18);
+
+    /// Every family of the table, in the order `models` lists them.
+    pub fn all() -> impl Iterator<Item = Family> {
+        (0..FAMILIES.len()).map(|i| Family(i as u8))
+    }
+
+    /// The families with a native forward pass (the named constants).
+    pub const ALL: [Family; 9] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -53,188 +615,304 @@ impl Family {
         Family::Olmoe,
         Family::DeepSeekV2,
         Family::DeepSeekV3,
+        Family::GraniteMoe,
     ];
+
+    /// The table row of this family (or of a family inferred from a checkpoint).
+    pub fn spec(self) -> &'static FamilySpec {
+        let i = self.0 as usize;
+        match FAMILIES.get(i) {
+            Some(s) => s,
+            None => {
+                let inferred = inferred().lock().unwrap_or_else(|e| e.into_inner());
+                inferred[i - FAMILIES.len()]
+            }
+        }
+    }
+
+    /// A handle for a family inferred from a checkpoint's tensors (see
+    /// [`crate::model::infer`]); the same row twice gets the same handle.
+    pub fn register(spec: FamilySpec) -> Result<Family> {
+        let mut inferred = inferred().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = inferred.iter().position(|s| **s == spec) {
+            return Ok(Family((FAMILIES.len() + i) as u8));
+        }
+        let i = FAMILIES.len() + inferred.len();
+        if i > u8::MAX as usize {
+            return Err(Error::Usage(
+                "too many different inferred model families in one process".to_string(),
+            ));
+        }
+        inferred.push(Box::leak(Box::new(spec)));
+        Ok(Family(i as u8))
+    }
+
+    /// The family of this id (`gpt_oss`...).
+    pub fn by_id(id: &str) -> Option<Family> {
+        Family::all().find(|f| f.id() == id)
+    }
 
     /// Stable identifier used in reports (the config `model_type`).
     pub fn id(self) -> &'static str {
-        match self {
-            Family::Mixtral => "mixtral",
-            Family::DeepSeekMoe => "deepseek",
-            Family::Grok1 => "grok-1",
-            Family::Qwen2Moe => "qwen2_moe",
-            Family::Qwen3Moe => "qwen3_moe",
-            Family::Olmoe => "olmoe",
-            Family::DeepSeekV2 => "deepseek_v2",
-            Family::DeepSeekV3 => "deepseek_v3",
-        }
+        self.spec().id
+    }
+
+    /// Whether the forward pass (observer, trace, dynamic analyses, bench) is native.
+    pub fn native_forward(self) -> bool {
+        self.spec().native_forward
     }
 
     /// What `models` prints about the family.
     pub fn describe(self) -> FamilyDescription {
-        let (examples, layout, dense) = match self {
-            Family::Mixtral => (
-                "Mixtral-8x7B, Mixtral-8x22B",
-                "block_sparse_moe.gate, experts.{e}.w1/w3/w2",
-                "none",
-            ),
-            Family::DeepSeekMoe => (
-                "deepseek-moe-16b",
-                "mlp.gate, mlp.experts.{e}.*_proj, mlp.shared_experts",
-                "first_k_dense_replace, moe_layer_freq",
-            ),
-            Family::Grok1 => (
-                "Grok-1 (hpcai-tech)",
-                "moe_block.gate, experts.{e}.linear/linear_v/linear_1",
-                "none",
-            ),
-            Family::Qwen2Moe => (
-                "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B",
-                "mlp.gate, mlp.experts.{e}.*_proj, mlp.shared_expert(+_gate)",
-                "mlp_only_layers, decoder_sparse_step",
-            ),
-            Family::Qwen3Moe => (
-                "Qwen3-30B-A3B, Qwen3-235B-A22B",
-                "mlp.gate, mlp.experts.{e}.*_proj",
-                "mlp_only_layers, decoder_sparse_step",
-            ),
-            Family::Olmoe => ("OLMoE-1B-7B", "mlp.gate, mlp.experts.{e}.*_proj", "none"),
-            Family::DeepSeekV2 => (
-                "DeepSeek-V2, DeepSeek-V2-Lite",
-                "mlp.gate, mlp.experts.{e}.*_proj, mlp.shared_experts",
-                "first_k_dense_replace, moe_layer_freq",
-            ),
-            Family::DeepSeekV3 => (
-                "DeepSeek-V3, DeepSeek-R1",
-                "mlp.gate(+e_score_correction_bias), mlp.experts.{e}.*_proj, mlp.shared_experts",
-                "first_k_dense_replace, moe_layer_freq",
-            ),
-        };
+        let s = self.spec();
+        let mut layouts = Vec::new();
+        if let Some(p) = s.per_expert {
+            let mut t = format!(
+                "{}, {}.{{e}}.{}",
+                s.router.trim_end_matches(".weight"),
+                p.prefix,
+                p.mats.join("/")
+            );
+            if let Some(sh) = s.shared_prefix {
+                t.push_str(&format!(", {sh}"));
+            }
+            layouts.push(t);
+        }
+        for f in s.fused {
+            let shape = match f.kind {
+                FusedKind::GateUpRows => "[E,2I,H] gate|up rows, [E,H,I]",
+                FusedKind::InterleavedColumns => "[E,H,2I] gate/up interleaved, [E,I,H], biases",
+                FusedKind::ConcatColumns => "[E,H,2I] gate|up columns, [E,I,H]",
+            };
+            let mut t = format!(
+                "fused: {}, {} + {} {shape}",
+                f.router.trim_end_matches(".weight"),
+                f.gate_up,
+                f.down
+            );
+            if s.per_expert.is_none() {
+                if let Some(sh) = s.shared_prefix {
+                    t.push_str(&format!(", {sh}"));
+                }
+            }
+            layouts.push(t);
+        }
+        let mut aliases: Vec<&'static str> = s.model_types.to_vec();
+        aliases.extend(s.architectures);
         FamilyDescription {
-            family: self.id(),
-            model_type: self.id(),
-            examples,
-            layout,
-            shared_experts: self.has_shared(),
-            dense_layers: dense,
+            family: s.id,
+            model_type: s.id,
+            aliases,
+            examples: s.examples,
+            layout: layouts.join("; "),
+            shared_experts: s.shared != Shared::None,
+            dense_layers: s.dense_from,
+            router_rule: s.router_rule,
+            activation: s.activation.name(),
+            forward: if s.native_forward { "native" } else { "trace" },
         }
     }
 
-    /// Detects the family from `model_type`, or from `architectures` when a
-    /// release has no `model_type` (hpcai-tech's Grok-1).
+    /// Detects the family from `model_type`, or from `architectures` when
+    /// `model_type` is absent (hpcai-tech's Grok-1) or unknown (Kimi-K2's
+    /// `kimi_k2` with `DeepseekV3ForCausalLM`).
     pub fn detect(config: &Config) -> Result<Family> {
-        let supported = || {
-            Family::ALL
-                .iter()
-                .map(|f| f.id())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        if let Some(mt) = config.str("model_type")? {
-            return Family::from_model_type(mt).ok_or_else(|| Error::UnknownFamily {
-                path: config.path().to_path_buf(),
-                found: mt.to_string(),
-                supported: supported(),
-            });
+        match Family::recognise(config)? {
+            Some(f) => Ok(f),
+            None => Err(Family::unknown(config)),
+        }
+    }
+
+    /// The family a config names, if the table knows it.
+    pub fn recognise(config: &Config) -> Result<Option<Family>> {
+        if let Some(f) = config.str("model_type")?.and_then(Family::from_model_type) {
+            return Ok(Some(f));
         }
         let arch = config.architecture().unwrap_or("");
-        let family = match arch {
-            "MixtralForCausalLM" => Some(Family::Mixtral),
-            "DeepseekForCausalLM" => Some(Family::DeepSeekMoe),
-            "Grok1ModelForCausalLM" | "Grok1ForCausalLM" => Some(Family::Grok1),
-            "Qwen2MoeForCausalLM" => Some(Family::Qwen2Moe),
-            "Qwen3MoeForCausalLM" => Some(Family::Qwen3Moe),
-            "OlmoeForCausalLM" => Some(Family::Olmoe),
-            "DeepseekV2ForCausalLM" => Some(Family::DeepSeekV2),
-            "DeepseekV3ForCausalLM" => Some(Family::DeepSeekV3),
-            _ => None,
-        };
-        family.ok_or_else(|| Error::UnknownFamily {
-            path: config.path().to_path_buf(),
-            found: if arch.is_empty() {
-                "(no model_type or architectures)".to_string()
-            } else {
-                arch.to_string()
+        Ok(Family::all().find(|f| f.spec().architectures.contains(&arch)))
+    }
+
+    /// The error for a config whose family the table does not know.
+    pub fn unknown(config: &Config) -> Error {
+        let supported = Family::all().map(|f| f.id()).collect::<Vec<_>>().join(", ");
+        let found = match config.str("model_type") {
+            Ok(Some(mt)) => mt.to_string(),
+            _ => match config.architecture() {
+                Some(a) if !a.is_empty() => a.to_string(),
+                _ => "(no model_type or architectures)".to_string(),
             },
-            supported: supported(),
-        })
+        };
+        Error::UnknownFamily {
+            path: config.path().to_path_buf(),
+            found,
+            supported,
+        }
     }
 
     /// Maps a config `model_type` onto a family.
     pub fn from_model_type(mt: &str) -> Option<Family> {
-        Some(match mt {
-            "mixtral" => Family::Mixtral,
-            "deepseek" => Family::DeepSeekMoe,
-            "grok-1" | "grok1" | "grok" => Family::Grok1,
-            "qwen2_moe" => Family::Qwen2Moe,
-            "qwen3_moe" => Family::Qwen3Moe,
-            "olmoe" => Family::Olmoe,
-            "deepseek_v2" => Family::DeepSeekV2,
-            "deepseek_v3" => Family::DeepSeekV3,
-            _ => return None,
-        })
+        Family::all().find(|f| f.spec().model_types.contains(&mt))
     }
 
-    fn has_shared(self) -> bool {
-        matches!(
-            self,
-            Family::DeepSeekMoe | Family::Qwen2Moe | Family::DeepSeekV2 | Family::DeepSeekV3
-        )
+    /// The canonical naming (`model.layers.`, the per-expert layout where the
+    /// family has one, else its fused layout).
+    pub fn naming(self) -> Naming {
+        Naming {
+            family: self,
+            prefix: LAYER_PREFIXES[0],
+            fused: if self.spec().per_expert.is_none() {
+                Some(0)
+            } else {
+                None
+            },
+        }
     }
 
-    /// Tensor name of the router matrix `[E, hidden]` of a layer.
+    /// Tensor name of the router matrix `[E, hidden]` of a layer (canonical naming).
     pub fn router_name(self, layer: usize) -> String {
-        match self {
-            Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe.gate.weight"),
-            Family::Grok1 => format!("model.layers.{layer}.moe_block.gate.weight"),
-            _ => format!("model.layers.{layer}.mlp.gate.weight"),
-        }
+        self.naming().router(layer)
     }
 
-    /// Tensor names `[gate, up, down]` of routed expert `e` in a layer.
+    /// Tensor names `[gate, up, down]` of routed expert `e` in a layer
+    /// (canonical naming). For a family stored fused only, the names of the
+    /// stacked tensors that hold it: `[gate_up, gate_up, down]`.
     pub fn expert_names(self, layer: usize, e: usize) -> [String; 3] {
-        match self {
-            Family::Mixtral => {
-                let p = format!("model.layers.{layer}.block_sparse_moe.experts.{e}");
-                [
-                    format!("{p}.w1.weight"),
-                    format!("{p}.w3.weight"),
-                    format!("{p}.w2.weight"),
-                ]
-            }
-            Family::Grok1 => {
-                let p = format!("model.layers.{layer}.moe_block.experts.{e}");
-                [
-                    format!("{p}.linear.weight"),
-                    format!("{p}.linear_v.weight"),
-                    format!("{p}.linear_1.weight"),
-                ]
-            }
-            _ => swiglu_names(&format!("model.layers.{layer}.mlp.experts.{e}")),
-        }
+        self.naming().expert(layer, e)
     }
 
     /// Tensor names `[gate, up, down]` of the shared expert(s) of a layer, if the family has them.
     pub fn shared_names(self, layer: usize) -> Option<[String; 3]> {
-        match self {
-            Family::Qwen2Moe => Some(swiglu_names(&format!(
-                "model.layers.{layer}.mlp.shared_expert"
-            ))),
-            Family::DeepSeekMoe | Family::DeepSeekV2 | Family::DeepSeekV3 => Some(swiglu_names(
-                &format!("model.layers.{layer}.mlp.shared_experts"),
-            )),
-            _ => None,
-        }
+        self.naming().shared(layer)
     }
 
     /// Tensor names `[gate, up, down]` of a dense (non-MoE) layer's MLP.
     pub fn dense_names(self, layer: usize) -> [String; 3] {
-        swiglu_names(&format!("model.layers.{layer}.mlp"))
+        self.naming().dense(layer)
     }
 }
 
-/// The layer index of a per-layer tensor name (`model.layers.{i}.…`).
+/// Rows of families inferred from checkpoints, after [`FAMILIES`].
+fn inferred() -> &'static std::sync::Mutex<Vec<&'static FamilySpec>> {
+    static INFERRED: std::sync::OnceLock<std::sync::Mutex<Vec<&'static FamilySpec>>> =
+        std::sync::OnceLock::new();
+    INFERRED.get_or_init(Default::default)
+}
+
+/// Where decoder layers live: text checkpoints, and the text part of the
+/// multimodal releases (transformers 5, and the original Llama 4 / Qwen3.5 layout).
+pub const LAYER_PREFIXES: [&str; 3] = [
+    "model.layers.",
+    "model.language_model.layers.",
+    "language_model.model.layers.",
+];
+
+/// The tensor names of one checkpoint: its family, where its layers live,
+/// and whether its experts are stored fused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Naming {
+    /// The family.
+    pub family: Family,
+    /// Layer prefix, one of [`LAYER_PREFIXES`].
+    pub prefix: &'static str,
+    /// The experts are stacked: which of the family's fused layouts.
+    pub fused: Option<u8>,
+}
+
+/// Where a routed expert's three matrices are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpertSource {
+    /// One tensor per matrix: `[gate, up, down]`.
+    Separate([String; 3]),
+    /// Expert `index` of the stacked tensors.
+    Fused {
+        /// The stacked gate/up tensor.
+        gate_up: String,
+        /// The stacked down tensor.
+        down: String,
+        /// How the experts lie in them.
+        kind: FusedKind,
+        /// The expert.
+        index: usize,
+    },
+}
+
+impl Naming {
+    fn layer(&self, layer: usize, rest: &str) -> String {
+        format!("{}{layer}.{rest}", self.prefix)
+    }
+
+    /// Router matrix `[E, hidden]`.
+    pub fn router(&self, layer: usize) -> String {
+        let s = self.family.spec();
+        match self.fused_layout() {
+            Some(f) => self.layer(layer, f.router),
+            None => self.layer(layer, s.router),
+        }
+    }
+
+    /// Where routed expert `e` is.
+    pub fn expert_source(&self, layer: usize, e: usize) -> ExpertSource {
+        let s = self.family.spec();
+        match (self.fused_layout(), s.per_expert) {
+            (Some(f), _) => ExpertSource::Fused {
+                gate_up: self.layer(layer, f.gate_up),
+                down: self.layer(layer, f.down),
+                kind: f.kind,
+                index: e,
+            },
+            (None, Some(p)) => ExpertSource::Separate(
+                p.mats
+                    .map(|m| self.layer(layer, &format!("{}.{e}.{m}.weight", p.prefix))),
+            ),
+            (None, None) => unreachable!("a family without a per-expert layout is named fused"),
+        }
+    }
+
+    /// The fused layout in use, if the experts are stacked.
+    pub fn fused_layout(&self) -> Option<&'static Fused> {
+        self.family.spec().fused.get(usize::from(self.fused?))
+    }
+
+    /// Tensor names of expert `e` (for a fused layout, `[gate_up, gate_up, down]`).
+    pub fn expert(&self, layer: usize, e: usize) -> [String; 3] {
+        match self.expert_source(layer, e) {
+            ExpertSource::Separate(n) => n,
+            ExpertSource::Fused { gate_up, down, .. } => [gate_up.clone(), gate_up, down],
+        }
+    }
+
+    /// Every tensor of the routed experts of a layer (fused: the two stacked ones).
+    pub fn expert_tensors(&self, layer: usize, experts: usize) -> Vec<String> {
+        if self.fused.is_some() {
+            let [g, _, d] = self.expert(layer, 0);
+            vec![format!("{g}_bias"), format!("{d}_bias"), g, d]
+        } else {
+            (0..experts).flat_map(|e| self.expert(layer, e)).collect()
+        }
+    }
+
+    /// Shared expert(s) `[gate, up, down]`, if the family has them.
+    pub fn shared(&self, layer: usize) -> Option<[String; 3]> {
+        let p = self.family.spec().shared_prefix?;
+        Some(STD.map(|m| self.layer(layer, &format!("{p}.{m}.weight"))))
+    }
+
+    /// A per-layer tensor of the table (`shared_gate`, `correction_bias`) under this naming's prefix.
+    pub fn layer_tensor(&self, layer: usize, rest: &str) -> String {
+        self.layer(layer, rest)
+    }
+
+    /// Dense MLP `[gate, up, down]`.
+    pub fn dense(&self, layer: usize) -> [String; 3] {
+        let p = self.family.spec().dense_prefix;
+        STD.map(|m| self.layer(layer, &format!("{p}.{m}.weight")))
+    }
+}
+
+/// The layer index of a per-layer tensor name (`model.layers.{i}.…`, or a
+/// multimodal release's `model.language_model.layers.{i}.…`).
 pub(crate) fn layer_of(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("model.layers.")?;
+    let rest = LAYER_PREFIXES.iter().find_map(|p| name.strip_prefix(p))?;
     let (index, _) = rest.split_once('.')?;
     index.parse().ok()
 }
@@ -277,19 +955,25 @@ impl ModelInfo {
     /// Reads the geometry from a config; accepts released and transformers-5 spellings.
     /// Sizes are bounded by [`limits`], products are checked, DeepSeek's group
     /// routing settings must be consistent, and at least one layer must be MoE.
+    /// A multimodal release's `text_config` is read for the text model.
     pub fn from_config(config: &Config) -> Result<ModelInfo> {
         let family = Family::detect(config)?;
+        let text = config.text_config();
+        ModelInfo::read(text.as_ref().unwrap_or(config), family)
+    }
+
+    /// Reads the geometry of `family` from a (text) config.
+    pub fn read(config: &Config, family: Family) -> Result<ModelInfo> {
+        let spec = family.spec();
         let path = config.path();
         let num_layers = config.usize_in("num_hidden_layers", 0, limits::LAYERS)?;
         let hidden_size = config.usize_in("hidden_size", 1, limits::WIDTH)?;
-        let experts_keys: &[&str] = match family {
-            Family::Mixtral => &["num_local_experts", "num_experts"],
-            Family::DeepSeekMoe | Family::DeepSeekV2 | Family::DeepSeekV3 => {
-                &["n_routed_experts", "num_local_experts", "num_experts"]
-            }
-            _ => &["num_experts", "num_local_experts"],
+        let experts_keys = spec.experts_keys;
+        let num_experts = if experts_keys.len() == 1 {
+            config.usize(experts_keys[0])?
+        } else {
+            config.usize_any_req(experts_keys)?
         };
-        let num_experts = config.usize_any_req(experts_keys)?;
         if num_experts == 0 {
             return Err(Error::key(path, experts_keys[0], "is 0: not an MoE model"));
         }
@@ -298,89 +982,159 @@ impl ModelInfo {
             .find(|k| config.get(k).is_some())
             .unwrap_or(&experts_keys[0]);
         config.check_range(experts_key, num_experts, 1, limits::EXPERTS)?;
-        let top_k = config.usize("num_experts_per_tok")?;
+        let top_k_key = spec
+            .top_k_keys
+            .iter()
+            .find(|k| config.get(k).is_some())
+            .unwrap_or(&spec.top_k_keys[0]);
+        let top_k = config.usize_uniform(top_k_key)?;
         if top_k == 0 || top_k > num_experts {
             return Err(Error::key(
                 path,
-                "num_experts_per_tok",
+                top_k_key,
                 format!("is {top_k}, must be between 1 and the number of experts ({num_experts})"),
             ));
         }
-        let intermediate = config.usize_opt_in("intermediate_size", 1, limits::WIDTH)?;
-        let expert_intermediate = match family {
-            Family::Mixtral | Family::Grok1 | Family::Olmoe => {
-                config.usize_in("intermediate_size", 1, limits::WIDTH)?
-            }
-            _ => config.usize_in("moe_intermediate_size", 1, limits::WIDTH)?,
-        };
-        let shared_intermediate = match family {
-            Family::Qwen2Moe => config
-                .usize_opt_in("shared_expert_intermediate_size", 0, limits::WIDTH)?
-                .unwrap_or(0),
-            Family::DeepSeekMoe | Family::DeepSeekV2 | Family::DeepSeekV3 => {
-                let n = config
-                    .usize_opt_in("n_shared_experts", 0, limits::EXPERTS)?
-                    .unwrap_or(0);
+        let intermediate = config.usize_opt_in(spec.dense_width_key, 1, limits::WIDTH)?;
+        let width_key = spec
+            .width_keys
+            .iter()
+            .find(|k| config.get(k).is_some())
+            .unwrap_or(&spec.width_keys[0]);
+        let expert_intermediate = config.usize_in(width_key, 1, limits::WIDTH)?;
+        let shared_intermediate = match spec.shared {
+            Shared::None => 0,
+            Shared::One => expert_intermediate,
+            Shared::Width(key) => config.usize_opt_in(key, 0, limits::WIDTH)?.unwrap_or(0),
+            Shared::Count(key) => {
+                let n = config.usize_opt_in(key, 0, limits::EXPERTS)?.unwrap_or(0);
                 n.checked_mul(expert_intermediate)
                     .filter(|&w| w <= limits::WIDTH)
                     .ok_or_else(|| {
                         Error::key(
                             path,
-                            "n_shared_experts",
+                            key,
                             format!(
-                                "is {n}: {n} shared experts × moe_intermediate_size \
+                                "is {n}: {n} shared experts × {width_key} \
                                  {expert_intermediate} exceeds the limit of {} for one block",
                                 limits::WIDTH
                             ),
                         )
                     })?
             }
-            _ => 0,
         };
-        if matches!(family, Family::DeepSeekV2 | Family::DeepSeekV3) {
-            check_groups(config, family, num_experts, top_k)?;
+        if spec.groups != Groups::None {
+            check_groups(config, spec.groups, num_experts, top_k)?;
         }
 
         // Which layers are MoE, and which key made the others dense (for the
         // error when none is left).
-        let (moe_layers, dense_layers, dense_key): (Vec<usize>, Vec<usize>, &str) = match family {
-            Family::Mixtral | Family::Grok1 | Family::Olmoe => {
-                ((0..num_layers).collect(), Vec::new(), "num_hidden_layers")
-            }
-            Family::Qwen2Moe | Family::Qwen3Moe => {
-                let only: std::collections::BTreeSet<usize> =
-                    config.usize_list("mlp_only_layers")?.into_iter().collect();
-                let step = config.usize_opt("decoder_sparse_step")?.unwrap_or(1);
-                if step == 0 {
+        let (moe_layers, dense_layers, dense_key): (Vec<usize>, Vec<usize>, &str) =
+            match spec.layers {
+                LayerRule::All => ((0..num_layers).collect(), Vec::new(), "num_hidden_layers"),
+                LayerRule::QwenSparse => {
+                    let only: std::collections::BTreeSet<usize> =
+                        config.usize_list("mlp_only_layers")?.into_iter().collect();
+                    let step = config.usize_opt("decoder_sparse_step")?.unwrap_or(1);
+                    if step == 0 {
+                        return Err(Error::key(
+                            path,
+                            "decoder_sparse_step",
+                            "must be at least 1",
+                        ));
+                    }
+                    let (moe, dense) =
+                        (0..num_layers).partition(|l| !only.contains(l) && (l + 1) % step == 0);
+                    let key = if (0..num_layers).all(|l| only.contains(&l)) {
+                        "mlp_only_layers"
+                    } else {
+                        "decoder_sparse_step"
+                    };
+                    (moe, dense, key)
+                }
+                LayerRule::FirstKDense => {
+                    let first = config.usize_opt("first_k_dense_replace")?.unwrap_or(0);
+                    let freq = config.usize_opt("moe_layer_freq")?.unwrap_or(1);
+                    if freq == 0 {
+                        return Err(Error::key(path, "moe_layer_freq", "must be at least 1"));
+                    }
+                    let (moe, dense) = (0..num_layers).partition(|&l| l >= first && l % freq == 0);
+                    let key = if first >= num_layers {
+                        "first_k_dense_replace"
+                    } else {
+                        "moe_layer_freq"
+                    };
+                    (moe, dense, key)
+                }
+                LayerRule::Interleaved => {
+                    let listed: std::collections::BTreeSet<usize> =
+                        if config.get("moe_layers").is_some() {
+                            config.usize_list("moe_layers")?.into_iter().collect()
+                        } else {
+                            let step = config.usize_opt("interleave_moe_layer_step")?.unwrap_or(1);
+                            if step == 0 {
+                                return Err(Error::key(
+                                    path,
+                                    "interleave_moe_layer_step",
+                                    "must be at least 1",
+                                ));
+                            }
+                            (step - 1..num_layers).step_by(step).collect()
+                        };
+                    let (moe, dense) = (0..num_layers).partition(|l| listed.contains(l));
+                    (moe, dense, "moe_layers")
+                }
+                LayerRule::StartEnd => {
+                    let start = config.usize_opt("moe_layer_start_index")?.unwrap_or(0);
+                    // -1 (the default) is the last layer.
+                    let end = match config.get("moe_layer_end_index").and_then(|v| v.as_i64()) {
+                        Some(e) if e >= 0 => e as usize,
+                        _ => num_layers.saturating_sub(1),
+                    };
+                    let every = config.usize_opt("moe_layer_interval")?.unwrap_or(1);
+                    if every == 0 {
+                        return Err(Error::key(path, "moe_layer_interval", "must be at least 1"));
+                    }
+                    let (moe, dense) = (0..num_layers)
+                        .partition(|&l| (l + 1) % every == 0 && l >= start && l <= end);
+                    (moe, dense, "moe_layer_start_index")
+                }
+            };
+        // transformers 5 configs may spell the layer kinds out (`mlp_layer_types`:
+        // "dense" / "sparse" per layer, DeepSeek-V3.2 and later); that list wins.
+        let (moe_layers, dense_layers, dense_key) = match config.get("mlp_layer_types") {
+            Some(serde_json::Value::Array(kinds)) => {
+                if kinds.len() != num_layers {
                     return Err(Error::key(
                         path,
-                        "decoder_sparse_step",
-                        "must be at least 1",
+                        "mlp_layer_types",
+                        format!(
+                            "has {} entries for {num_layers} layers (num_hidden_layers)",
+                            kinds.len()
+                        ),
                     ));
                 }
-                let (moe, dense) =
-                    (0..num_layers).partition(|l| !only.contains(l) && (l + 1) % step == 0);
-                let key = if (0..num_layers).all(|l| only.contains(&l)) {
-                    "mlp_only_layers"
-                } else {
-                    "decoder_sparse_step"
-                };
-                (moe, dense, key)
-            }
-            Family::DeepSeekMoe | Family::DeepSeekV2 | Family::DeepSeekV3 => {
-                let first = config.usize_opt("first_k_dense_replace")?.unwrap_or(0);
-                let freq = config.usize_opt("moe_layer_freq")?.unwrap_or(1);
-                if freq == 0 {
-                    return Err(Error::key(path, "moe_layer_freq", "must be at least 1"));
+                let mut moe = Vec::new();
+                let mut dense = Vec::new();
+                for (l, k) in kinds.iter().enumerate() {
+                    match k.as_str() {
+                        Some("sparse" | "moe") => moe.push(l),
+                        Some("dense") => dense.push(l),
+                        _ => {
+                            return Err(Error::key(
+                                path,
+                                "mlp_layer_types",
+                                format!(
+                                    "entry {l} is {}, expected \"dense\" or \"sparse\"",
+                                    short_value(k)
+                                ),
+                            ))
+                        }
+                    }
                 }
-                let (moe, dense) = (0..num_layers).partition(|&l| l >= first && l % freq == 0);
-                let key = if first >= num_layers {
-                    "first_k_dense_replace"
-                } else {
-                    "moe_layer_freq"
-                };
-                (moe, dense, key)
+                (moe, dense, "mlp_layer_types")
             }
+            _ => (moe_layers, dense_layers, dense_key),
         };
         if moe_layers.is_empty() {
             let key = if num_layers == 0 {
@@ -406,7 +1160,7 @@ impl ModelInfo {
             Some(intermediate.ok_or_else(|| {
                 Error::key(
                     path,
-                    "intermediate_size",
+                    spec.dense_width_key,
                     "missing (needed for the dense layers)",
                 )
             })?)
@@ -430,7 +1184,7 @@ impl ModelInfo {
 /// experts, of which the best `topk_group` stay eligible; those must hold at
 /// least `top_k` experts. V3 always routes by groups; V2 only with
 /// `topk_method: group_limited_greedy` (the keys are still checked when given).
-fn check_groups(config: &Config, family: Family, experts: usize, top_k: usize) -> Result<()> {
+fn check_groups(config: &Config, groups: Groups, experts: usize, top_k: usize) -> Result<()> {
     let path = config.path();
     let n_group = config.usize_opt("n_group")?.unwrap_or(1);
     if n_group == 0 || n_group > experts || !experts.is_multiple_of(n_group) {
@@ -451,7 +1205,7 @@ fn check_groups(config: &Config, family: Family, experts: usize, top_k: usize) -
         ));
     }
     let grouped =
-        family == Family::DeepSeekV3 || config.str("topk_method")? == Some("group_limited_greedy");
+        groups == Groups::Always || config.str("topk_method")? == Some("group_limited_greedy");
     let eligible = topk_group * (experts / n_group);
     if grouped && eligible < top_k {
         return Err(Error::key(
@@ -680,6 +1434,27 @@ mod tests {
             "decoder_sparse_step",
             &["is 4", "no MoE layer"],
         );
+    }
+
+    #[test]
+    fn named_constants_are_their_table_rows() {
+        let ids = Family::ALL.map(Family::id);
+        assert_eq!(
+            ids,
+            [
+                "mixtral",
+                "deepseek",
+                "grok-1",
+                "qwen2_moe",
+                "qwen3_moe",
+                "olmoe",
+                "deepseek_v2",
+                "deepseek_v3",
+                "granitemoe"
+            ]
+        );
+        let native: Vec<Family> = Family::all().filter(|f| f.native_forward()).collect();
+        assert_eq!(native, Family::ALL.to_vec());
     }
 
     #[test]

@@ -3,13 +3,14 @@
 
 pub mod config;
 pub mod family;
+pub mod infer;
 pub mod safetensors;
 internal_mod!(writer);
 
 use std::path::{Path, PathBuf};
 
 pub use config::Config;
-pub use family::{DenseInfo, Family, ModelInfo};
+pub use family::{DenseInfo, ExpertSource, Family, FusedKind, ModelInfo, Naming};
 pub use safetensors::{Dtype, TensorView, Weights};
 
 use crate::error::{Error, Result};
@@ -83,6 +84,8 @@ pub struct Model {
     weights: Weights,
     label: String,
     dtype: Dtype,
+    naming: Naming,
+    notice: Option<String>,
 }
 
 impl Model {
@@ -105,9 +108,25 @@ impl Model {
             ));
         }
         let config = Config::read_dir(dir)?;
-        let info = ModelInfo::from_config(&config)?;
+        if Family::recognise(&config)?.is_some() {
+            let info = ModelInfo::from_config(&config)?;
+            let weights = Weights::open_dir(dir)?;
+            return Model::from_parts(info, config, weights, dir.display().to_string());
+        }
+        // A family the table does not know: its MoE structure from the tensors.
         let weights = Weights::open_dir(dir)?;
-        Model::from_parts(info, config, weights, dir.display().to_string())
+        let inferred = infer::infer(&config, &weights)?;
+        let mut model =
+            Model::from_parts(inferred.info, config, weights, dir.display().to_string())?;
+        debug_assert_eq!(model.naming, inferred.naming);
+        model.notice = Some(inferred.notice);
+        Ok(model)
+    }
+
+    /// What was inferred about a checkpoint whose family the table does not
+    /// know (for stderr), `None` for a known family.
+    pub fn notice(&self) -> Option<&str> {
+        self.notice.as_deref()
     }
 
     /// The trained demo model embedded in the binary (a 4-layer Mixtral with
@@ -138,12 +157,15 @@ impl Model {
         weights: Weights,
         label: String,
     ) -> Result<Model> {
+        let naming = detect_naming(&info, &weights);
         let mut model = Model {
             info,
             config,
             weights,
             label,
             dtype: Dtype::F32,
+            naming,
+            notice: None,
         };
         model.check_layer_count()?;
         model.dtype = model.validate()?;
@@ -156,7 +178,7 @@ impl Model {
     fn check_layer_count(&self) -> Result<()> {
         let info = &self.info;
         let last = info.moe_layers.last().copied().unwrap_or(0);
-        if self.weights.contains(&info.family.router_name(last)) {
+        if self.weights.contains(&self.naming.router(last)) {
             return Ok(());
         }
         let held = self
@@ -184,18 +206,47 @@ impl Model {
     fn validate(&self) -> Result<Dtype> {
         let info = &self.info;
         let (h, i) = (info.hidden_size, info.expert_intermediate);
+        let n = info.num_experts;
         let mut dtype = None;
         for &layer in &info.moe_layers {
-            let router = info.family.router_name(layer);
-            self.weights.expect_shape(&router, &[info.num_experts, h])?;
+            let router = self.naming.router(layer);
+            self.weights.expect_shape(&router, &[n, h])?;
             self.weights.tensor(&router)?;
-            for e in 0..info.num_experts {
-                let names = info.family.expert_names(layer, e);
-                self.check_swiglu(&names, h, i)?;
-                dtype.get_or_insert(self.weights.tensor(&names[0])?.dtype);
+            for e in 0..n {
+                match self.naming.expert_source(layer, e) {
+                    ExpertSource::Separate(names) => {
+                        self.check_swiglu(&names, h, i)?;
+                        dtype.get_or_insert(self.weights.tensor(&names[0])?.dtype);
+                    }
+                    ExpertSource::Fused {
+                        gate_up,
+                        down,
+                        kind,
+                        ..
+                    } => {
+                        // The stacked tensors hold every expert: checked once.
+                        if e > 0 {
+                            continue;
+                        }
+                        let two_i = i.checked_mul(2).ok_or_else(|| {
+                            Error::key(self.config.path(), "intermediate_size", "overflows")
+                        })?;
+                        let (gu, d): ([usize; 3], [usize; 3]) = match kind {
+                            FusedKind::GateUpRows => ([n, two_i, h], [n, h, i]),
+                            FusedKind::InterleavedColumns | FusedKind::ConcatColumns => {
+                                ([n, h, two_i], [n, i, h])
+                            }
+                        };
+                        self.weights.expect_shape(&gate_up, &gu)?;
+                        self.weights.expect_shape(&down, &d)?;
+                        let t = self.weights.tensor(&gate_up)?;
+                        self.weights.tensor(&down)?;
+                        dtype.get_or_insert(t.dtype);
+                    }
+                }
             }
             if info.shared_intermediate > 0 {
-                if let Some(names) = info.family.shared_names(layer) {
+                if let Some(names) = self.naming.shared(layer) {
                     self.check_swiglu(&names, h, info.shared_intermediate)?;
                 }
             }
@@ -250,20 +301,64 @@ impl Model {
                 crate::layers::format_list(&info.moe_layers)
             )));
         }
-        let fam = info.family;
         let experts = (0..info.num_experts)
-            .map(|e| self.swiglu(&fam.expert_names(layer, e)))
+            .map(|e| self.expert(layer, e))
             .collect::<Result<Vec<_>>>()?;
-        let shared = match fam.shared_names(layer) {
+        let shared = match self.naming.shared(layer) {
             Some(names) if info.shared_intermediate > 0 => Some(self.swiglu(&names)?),
             _ => None,
         };
         Ok(MoeLayerView {
             layer,
-            router: self.weights.tensor(&fam.router_name(layer))?,
+            router: self.weights.tensor(&self.naming.router(layer))?,
             experts,
             shared,
         })
+    }
+
+    /// How this checkpoint names its tensors (layer prefix, per-expert or fused experts).
+    pub fn naming(&self) -> Naming {
+        self.naming
+    }
+
+    /// Routed expert `e` of a layer: its own tensors, or its part of the
+    /// stacked ones (viewed in place; the same `[I, H]`, `[I, H]`, `[H, I]`
+    /// matrices either way).
+    pub fn expert(&self, layer: usize, e: usize) -> Result<ExpertView<'_>> {
+        match self.naming.expert_source(layer, e) {
+            ExpertSource::Separate(names) => self.swiglu(&names),
+            ExpertSource::Fused {
+                gate_up,
+                down,
+                kind,
+                index,
+            } => {
+                let (h, i) = (self.info.hidden_size, self.info.expert_intermediate);
+                let gu = self.weights.tensor(&gate_up)?;
+                let d = self.weights.tensor(&down)?;
+                // Shapes were validated on open: [E, 2I, H] / [E, H, 2I] and
+                // [E, H, I] / [E, I, H], so these products fit.
+                let per = 2 * i * h;
+                let first = index * per;
+                Ok(match kind {
+                    FusedKind::GateUpRows => ExpertView {
+                        gate: gu.part(first, &[i, h])?,
+                        up: gu.part(first + i * h, &[i, h])?,
+                        down: d.slab(index)?,
+                    },
+                    FusedKind::InterleavedColumns => ExpertView {
+                        gate: gu.strided(first, i, h, 2, 2 * i)?,
+                        up: gu.strided(first + 1, i, h, 2, 2 * i)?,
+                        down: d.strided(index * i * h, h, i, 1, h)?,
+                    },
+                    FusedKind::ConcatColumns => ExpertView {
+                        gate: gu.strided(first, i, h, 1, 2 * i)?,
+                        up: gu.strided(first + i, i, h, 1, 2 * i)?,
+                        down: d.strided(index * i * h, h, i, 1, h)?,
+                    },
+                })
+            }
+        }
     }
 
     fn swiglu(&self, names: &[String; 3]) -> Result<ExpertView<'_>> {
@@ -272,12 +367,9 @@ impl Model {
 
     /// Tensor names of one MoE layer: router, routed experts, shared experts.
     fn layer_tensor_names(&self, layer: usize) -> Vec<String> {
-        let fam = self.info.family;
-        let mut names = vec![fam.router_name(layer)];
-        for e in 0..self.info.num_experts {
-            names.extend(fam.expert_names(layer, e));
-        }
-        if let Some(s) = fam.shared_names(layer) {
+        let mut names = vec![self.naming.router(layer)];
+        names.extend(self.naming.expert_tensors(layer, self.info.num_experts));
+        if let Some(s) = self.naming.shared(layer) {
             names.extend(s);
         }
         names
@@ -288,6 +380,35 @@ impl Model {
         let names = self.layer_tensor_names(layer);
         self.weights.release(names.iter().map(String::as_str));
     }
+}
+
+/// The naming whose router and first expert exist at the first MoE layer:
+/// each layer prefix, per-expert layout before fused. When none fits, the
+/// family's canonical naming (validation then names the missing tensor).
+fn detect_naming(info: &ModelInfo, weights: &Weights) -> Naming {
+    let layer = info.moe_layers.first().copied().unwrap_or(0);
+    let spec = info.family.spec();
+    let layouts = spec
+        .per_expert
+        .map(|_| None)
+        .into_iter()
+        .chain((0..spec.fused.len()).map(|i| Some(i as u8)));
+    let layouts: Vec<Option<u8>> = layouts.collect();
+    for prefix in family::LAYER_PREFIXES {
+        for &fused in &layouts {
+            let naming = Naming {
+                family: info.family,
+                prefix,
+                fused,
+            };
+            if weights.contains(&naming.router(layer))
+                && weights.contains(&naming.expert(layer, 0)[0])
+            {
+                return naming;
+            }
+        }
+    }
+    info.family.naming()
 }
 
 fn swiglu_view<'a>(weights: &'a Weights, names: &[String; 3]) -> Result<ExpertView<'a>> {

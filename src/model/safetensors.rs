@@ -394,6 +394,9 @@ pub struct TensorView<'a> {
     pub shape: Shape,
     bytes: &'a [u8],
     codec: Codec<'a>,
+    /// For a strided 2-D view (one expert of an input-major fused tensor):
+    /// element `(r, c)` is element `r * strides[0] + c * strides[1]` of `bytes`.
+    strides: Option<[usize; 2]>,
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -412,9 +415,81 @@ impl<'a> TensorView<'a> {
         self.shape.iter().product()
     }
 
-    /// Raw bytes of the tensor.
+    /// Raw bytes of the tensor. For a strided view, the span from its first
+    /// to its last element (which holds other elements too).
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
+    }
+
+    /// Whether the elements lie in row-major order, one after the other.
+    pub fn is_contiguous(&self) -> bool {
+        self.strides.is_none()
+    }
+
+    /// A strided 2-D `[rows, cols]` view of elements of this (contiguous)
+    /// tensor: element `(r, c)` is element `first + r * row_stride + c *
+    /// col_stride` of the tensor. This is how one expert is read out of an
+    /// input-major fused tensor (gpt-oss's interleaved `[E, H, 2I]`, Llama 4's
+    /// `[E, H, 2I]`) as `[I, H]`, without copying. Fails (naming the tensor)
+    /// when an element lies outside the tensor or the encoding is block-scaled.
+    pub fn strided(
+        &self,
+        first: usize,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<TensorView<'a>> {
+        let bad = |reason: String| Error::Safetensors {
+            path: self.path.to_path_buf(),
+            reason: format!("tensor `{}` {:?}: {reason}", self.name, self.shape),
+        };
+        if !matches!(self.codec, Codec::Plain) || self.strides.is_some() {
+            return Err(bad(
+                "a strided view needs a contiguous tensor stored as plain values".to_string(),
+            ));
+        }
+        let shape = Shape::new(&[rows, cols]).expect("2 dimensions");
+        if rows == 0 || cols == 0 {
+            return Ok(TensorView {
+                shape,
+                bytes: &[],
+                strides: None,
+                ..*self
+            });
+        }
+        let last = (rows - 1)
+            .checked_mul(row_stride)
+            .and_then(|a| Some((a, (cols - 1).checked_mul(col_stride)?)))
+            .and_then(|(a, b)| a.checked_add(b)?.checked_add(first))
+            .filter(|&last| last < self.numel())
+            .ok_or_else(|| {
+                bad(format!(
+                    "a [{rows}, {cols}] view at element {first} with strides ({row_stride}, {col_stride}) lies outside the tensor"
+                ))
+            })?;
+        let size = self.dtype.size();
+        Ok(TensorView {
+            shape,
+            bytes: &self.bytes[first * size..(last + 1) * size],
+            strides: Some([row_stride, col_stride]),
+            ..*self
+        })
+    }
+
+    /// Element `k` of `bytes` (plain codec) as f32.
+    fn element(&self, k: usize) -> f32 {
+        let b = &self.bytes;
+        match self.dtype {
+            Dtype::F32 => f32::from_le_bytes([b[4 * k], b[4 * k + 1], b[4 * k + 2], b[4 * k + 3]]),
+            Dtype::BF16 => {
+                f32::from_bits((u16::from_le_bytes([b[2 * k], b[2 * k + 1]]) as u32) << 16)
+            }
+            Dtype::F16 => {
+                half::f16::from_bits(u16::from_le_bytes([b[2 * k], b[2 * k + 1]])).to_f32()
+            }
+            Dtype::F8E4M3 => fp8_table()[b[k] as usize],
+        }
     }
 
     /// A contiguous part of this tensor: the `shape.iter().product()`
@@ -447,6 +522,9 @@ impl<'a> TensorView<'a> {
                 "a part of a block-scaled tensor cannot be read on its own".to_string(),
             ));
         }
+        if self.strides.is_some() {
+            return Err(bad("a part of a strided view is not supported".to_string()));
+        }
         let size = self.dtype.size();
         Ok(TensorView {
             shape: shape_inline,
@@ -477,6 +555,14 @@ impl<'a> TensorView<'a> {
 
     /// Converts elements `start..start + out.len()` (row-major) to f32.
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        if let Some([rs, cs]) = self.strides {
+            let cols = self.shape[1];
+            for (k, o) in out.iter_mut().enumerate() {
+                let idx = start + k;
+                *o = self.element((idx / cols) * rs + (idx % cols) * cs);
+            }
+            return;
+        }
         let size = self.dtype.size();
         let src = &self.bytes[start * size..(start + out.len()) * size];
         match self.dtype {
@@ -534,7 +620,7 @@ impl<'a> TensorView<'a> {
     /// Elements `start..start + len` as bf16 bit patterns, without copying,
     /// when the tensor is bf16 and that part is 2-byte aligned in memory.
     pub fn bf16_words(&self, start: usize, len: usize) -> Option<&'a [u16]> {
-        if self.dtype != Dtype::BF16 || cfg!(target_endian = "big") {
+        if self.dtype != Dtype::BF16 || cfg!(target_endian = "big") || self.strides.is_some() {
             return None;
         }
         let bytes = self.bytes.get(start * 2..(start + len) * 2)?;
@@ -768,6 +854,7 @@ impl Weights {
             shape,
             bytes: &shard.storage.bytes()[entry.start..entry.end],
             codec,
+            strides: None,
         })
     }
 

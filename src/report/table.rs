@@ -527,19 +527,26 @@ fn dynamic_tables(out: &mut String, report: &Report, style: Styling) {
 /// names per MoE layer as a list below the table, all fitted to `width`.
 pub fn families(rows: &[crate::model::family::FamilyDescription], width: Option<usize>) -> String {
     let mut b = Builder::default();
-    b.push_record(["model_type", "examples", "shared", "dense layers from"]);
+    b.push_record(["model_type", "examples", "shared", "forward"]);
     for r in rows {
         b.push_record([
             r.model_type.to_string(),
             r.examples.replace(", ", "\n"),
             (if r.shared_experts { "yes" } else { "no" }).to_string(),
-            r.dense_layers.replace(", ", "\n"),
+            r.forward.to_string(),
         ]);
     }
     let mut out = format!("{}\n", fit(b.build(), width));
-    out.push_str("Static analyses run on every family. Tensors per MoE layer:\n");
+    let intro = "Static analyses run on every family; forward `native`: observer, trace and \
+                 dynamic analyses run here, `trace`: they need an engine trace. Per family: \
+                 router rule; expert activation; tensors per MoE layer; dense layers from:";
+    out.push_str(&wrap_text(intro, width.map(|w| w.max(20))));
+    out.push('\n');
     for r in rows {
-        let line = format!("{}: {}", r.model_type, r.layout);
+        let line = format!(
+            "{}: {}; {}; {}; dense layers from {}",
+            r.model_type, r.router_rule, r.activation, r.layout, r.dense_layers
+        );
         // Continuation lines indented under the text.
         let text = wrap_text(&line, width.map(|w| w.saturating_sub(2).max(20)));
         for (i, l) in text.lines().enumerate() {

@@ -20,6 +20,29 @@ pub const MOE_FIXTURES: [&str; 8] = [
     "grok-1",
 ];
 
+/// The fixtures of the families added by the family table (issue 13), made
+/// by fixtures/make_family_fixtures.py with transformers 5: static analyses only.
+pub const FAMILY_FIXTURES: [&str; 13] = [
+    "families/deepseek_v32",
+    "families/gpt_oss",
+    "families/glm4_moe",
+    "families/qwen3_next",
+    "families/qwen3_5_moe",
+    "families/minimax_m2",
+    "families/llama4",
+    "families/llama4_multimodal",
+    "families/ernie4_5_moe",
+    "families/hunyuan_v1_moe",
+    "families/phimoe",
+    "families/granitemoe",
+    "families/flex_olmo",
+];
+
+/// Every fixture with static reference values: the original families and the table's new ones.
+pub fn static_fixtures() -> impl Iterator<Item = &'static str> {
+    MOE_FIXTURES.into_iter().chain(FAMILY_FIXTURES)
+}
+
 /// The repository root (this module is shared by the library's and the CLI's tests).
 pub fn repo_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
