@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod family;
+pub mod quant;
 pub mod safetensors;
 pub mod writer;
 
@@ -106,7 +107,8 @@ impl Model {
         }
         let config = Config::read_dir(dir)?;
         let info = ModelInfo::from_config(&config)?;
-        let weights = Weights::open_dir(dir)?;
+        let mut weights = Weights::open_dir(dir)?;
+        quant::attach(&mut weights, &config)?;
         Model::from_parts(info, config, weights, dir.display().to_string())
     }
 
