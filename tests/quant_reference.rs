@@ -1,8 +1,10 @@
-//! Quantised checkpoints (compressed-tensors FP8 and packed int4) against
-//! their own tooling: the dequantised weights equal what the
+//! Quantised checkpoints (compressed-tensors FP8 and packed int4, GGUF)
+//! against their own tooling: the dequantised weights equal what the
 //! `compressed-tensors` package's `decompress` returns (bit for bit: both
-//! compute `(q − z) · s` in f32 with f32 scales), and the static analyses
-//! match numpy on those dequantised weights (fixtures/make_quant_fixtures.py).
+//! compute `(q − z) · s` in f32 with f32 scales) and what gguf-py's
+//! `dequantize` returns (bit for bit on these types), and the static
+//! analyses match numpy on those dequantised weights
+//! (fixtures/make_quant_fixtures.py, fixtures/make_gguf_fixtures.py).
 
 mod common;
 
@@ -13,12 +15,12 @@ use moe_inspect::model::{Matrix, Model, Weights};
 /// Cosine similarities and Pearson r against the float64 reference.
 const TOL: f64 = 1e-5;
 
-/// The compressed-tensors fixtures and the expert dtype each must report.
+/// The quantised fixtures and the expert dtype each must report.
 const QUANT_FIXTURES: [(&str, &str); 2] =
     [("qwen3-moe-fp8", "f8_e4m3"), ("qwen3-moe-int4", "int4")];
 
 #[test]
-fn dequantised_weights_equal_the_compressors_own_decompression() {
+fn dequantised_weights_equal_the_formats_own_dequantisation() {
     for (name, dtype) in QUANT_FIXTURES {
         let model = Model::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(model.dtype().name(), dtype, "{name}");
@@ -42,7 +44,7 @@ fn dequantised_weights_equal_the_compressors_own_decompression() {
                 assert_eq!(part, got[start..start + len], "{name} {t} {start}+{len}");
             }
         }
-        // The router is in the ignore list and stays f32.
+        // The router is in the ignore list (GGUF: stored F32) and stays f32.
         let l = model.info.moe_layers[0];
         assert_eq!(model.moe_layer(l).unwrap().router.dtype.name(), "f32");
     }

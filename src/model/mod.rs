@@ -99,6 +99,12 @@ impl Model {
     /// assert!(Model::open(&missing).is_err());
     /// ```
     pub fn open(dir: &Path) -> Result<Model> {
+        // A `.gguf` file, or a folder holding one (and no config.json).
+        if let Some(file) = quant::gguf::find(dir)? {
+            let (config, weights) = quant::gguf::open(&file)?;
+            let info = ModelInfo::from_config(&config)?;
+            return Model::from_parts(info, config, weights, file.display().to_string());
+        }
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,

@@ -743,6 +743,42 @@ impl Weights {
         })
     }
 
+    /// A file of another container format (GGUF) mapped in `mmap`, with its
+    /// tensors given as (name, type tag, row-major shape, absolute byte
+    /// range), each range already checked to lie inside the file.
+    pub(crate) fn from_mapped(
+        path: &Path,
+        mmap: memmap2::Mmap,
+        entries: Vec<(String, String, Vec<usize>, usize, usize)>,
+    ) -> Result<Weights> {
+        let tensors: HashMap<String, TensorEntry> = entries
+            .into_iter()
+            .map(|(name, tag, shape, start, end)| {
+                (
+                    name,
+                    TensorEntry {
+                        tag,
+                        shape,
+                        start,
+                        end,
+                    },
+                )
+            })
+            .collect();
+        check_disjoint(path, &tensors)?;
+        let location = tensors.keys().map(|k| (k.clone(), 0)).collect();
+        Ok(Weights {
+            dir: path.to_path_buf(),
+            shards: vec![Shard {
+                path: path.to_path_buf(),
+                storage: Storage::Mmap(mmap),
+                tensors,
+            }],
+            location,
+            virtuals: HashMap::new(),
+        })
+    }
+
     /// The model directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -10,13 +10,15 @@
 //! dequantised ahead of time.
 //!
 //! - [`compressed`]: compressed-tensors (llm-compressor / vLLM):
-//!   `float-quantized` FP8, `pack-quantized` and `naive-quantized` integers.
+//!   `float-quantized` FP8, `pack-quantized` and `naive-quantized` integers;
+//! - [`gguf`]: llama.cpp GGUF files, dequantised with candle's block types.
 //!
 //! Every decoder is validated when the virtual tensor is registered (sizes,
 //! dtypes and shapes of all its parts, with checked arithmetic), so decoding
 //! itself cannot fail or index out of bounds.
 
 pub mod compressed;
+pub mod gguf;
 
 use std::path::Path;
 
@@ -69,6 +71,12 @@ pub(crate) enum Spec {
         /// Zero points packed along dim 0: `[ceil(rows·bits/32), groups]`.
         zero: Option<(String, usize)>,
     },
+    /// GGUF blocks of one type, from byte `range.0` to `range.1` of the main
+    /// tensor (one expert's slab of a stacked tensor), or all of it.
+    Gguf {
+        ty: candle_core::quantized::GgmlDType,
+        range: Option<(usize, usize)>,
+    },
 }
 
 /// A decoder borrowing the bytes of a virtual tensor's parts.
@@ -83,6 +91,8 @@ pub(crate) enum Decoder<'a> {
         scale: Grid<'a>,
         zero: Option<(&'a [u8], usize)>,
     },
+    /// See [`Spec::Gguf`].
+    Gguf(candle_core::quantized::GgmlDType),
 }
 
 /// A validated [`GridSpec`] with its bytes.
@@ -141,6 +151,7 @@ impl Decoder<'_> {
     pub(crate) fn read(&self, bytes: &[u8], cols: usize, start: usize, out: &mut [f32]) {
         let cols = cols.max(1);
         match *self {
+            Decoder::Gguf(ty) => gguf::read(ty, bytes, start, out),
             Decoder::Scaled { int8, scale } => {
                 for (k, o) in out.iter_mut().enumerate() {
                     let idx = start + k;
@@ -205,8 +216,20 @@ pub(crate) fn decoder<'a>(w: &'a Weights, v: &'a Virtual) -> Result<(Decoder<'a>
             col_stride: g.col_stride,
         })
     };
-    let main = bytes(&v.main)?;
+    let mut main = bytes(&v.main)?;
     let d = match &v.spec {
+        Spec::Gguf { ty, range } => {
+            if let Some((a, b)) = *range {
+                main = main.get(a..b).ok_or_else(|| {
+                    bad(
+                        w.file_of(&v.main),
+                        &v.main,
+                        format!("has no bytes {a}..{b}"),
+                    )
+                })?;
+            }
+            Decoder::Gguf(*ty)
+        }
         Spec::Scaled { int8, scale } => Decoder::Scaled {
             int8: *int8,
             scale: grid(scale)?,
