@@ -214,3 +214,25 @@ fn packed_shapes_are_checked_against_weight_shape() {
     let e = open_err(dir.path());
     assert!(e.contains(bad) && e.contains("weight_packed"), "{e}");
 }
+
+#[test]
+fn gptq_group_indices_and_awq_versions_are_checked() {
+    let bad = "model.layers.1.mlp.experts.4.up_proj.g_idx";
+    let dir = common::copy_fixture("qwen3-moe-gptq");
+    rewrite(dir.path(), |name, tag, shape, bytes| {
+        let mut b = bytes.to_vec();
+        if name == bad {
+            b[12..16].copy_from_slice(&99i32.to_le_bytes());
+        }
+        Some((tag.to_string(), shape.to_vec(), b))
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains(bad) && e.contains("entry 3 is 99"), "{e}");
+
+    let dir = common::copy_fixture("qwen3-moe-awq");
+    common::edit_config(dir.path(), |c| {
+        c["quantization_config"]["version"] = "gemv".into();
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains("config.json") && e.contains("`gemv`"), "{e}");
+}

@@ -11,7 +11,8 @@
 //!
 //! - [`compressed`]: compressed-tensors (llm-compressor / vLLM):
 //!   `float-quantized` FP8, `pack-quantized` and `naive-quantized` integers;
-//! - [`gguf`]: llama.cpp GGUF files, dequantised with candle's block types.
+//! - [`gguf`]: llama.cpp GGUF files, dequantised with candle's block types;
+//! - [`gptq`]: GPTQ (incl. act-order `g_idx`, v1 zero offset) and AWQ int4.
 //!
 //! Every decoder is validated when the virtual tensor is registered (sizes,
 //! dtypes and shapes of all its parts, with checked arithmetic), so decoding
@@ -19,6 +20,7 @@
 
 pub mod compressed;
 pub mod gguf;
+pub mod gptq;
 
 use std::path::Path;
 
@@ -71,6 +73,16 @@ pub(crate) enum Spec {
         /// Zero points packed along dim 0: `[ceil(rows·bits/32), groups]`.
         zero: Option<(String, usize)>,
     },
+    /// GPTQ / AWQ: the transposed weight packed in int32 words.
+    Transposed {
+        layout: gptq::Layout,
+        bits: u32,
+        group_size: usize,
+        zero_offset: i32,
+        scales: (String, Dtype),
+        qzeros: String,
+        g_idx: Option<String>,
+    },
     /// GGUF blocks of one type, from byte `range.0` to `range.1` of the main
     /// tensor (one expert's slab of a stacked tensor), or all of it.
     Gguf {
@@ -93,6 +105,16 @@ pub(crate) enum Decoder<'a> {
     },
     /// See [`Spec::Gguf`].
     Gguf(candle_core::quantized::GgmlDType),
+    /// See [`Spec::Transposed`].
+    Transposed {
+        layout: gptq::Layout,
+        bits: u32,
+        group_size: usize,
+        zero_offset: i32,
+        scales: (&'a [u8], Dtype),
+        qzeros: &'a [u8],
+        g_idx: Option<&'a [u8]>,
+    },
 }
 
 /// A validated [`GridSpec`] with its bytes.
@@ -152,6 +174,27 @@ impl Decoder<'_> {
         let cols = cols.max(1);
         match *self {
             Decoder::Gguf(ty) => gguf::read(ty, bytes, start, out),
+            Decoder::Transposed {
+                layout,
+                bits,
+                group_size,
+                zero_offset,
+                scales,
+                qzeros,
+                g_idx,
+            } => gptq::read(
+                layout,
+                bits,
+                group_size,
+                zero_offset,
+                bytes,
+                scales,
+                qzeros,
+                g_idx,
+                cols,
+                start,
+                out,
+            ),
             Decoder::Scaled { int8, scale } => {
                 for (k, o) in out.iter_mut().enumerate() {
                     let idx = start + k;
@@ -230,6 +273,23 @@ pub(crate) fn decoder<'a>(w: &'a Weights, v: &'a Virtual) -> Result<(Decoder<'a>
             }
             Decoder::Gguf(*ty)
         }
+        Spec::Transposed {
+            layout,
+            bits,
+            group_size,
+            zero_offset,
+            scales,
+            qzeros,
+            g_idx,
+        } => Decoder::Transposed {
+            layout: *layout,
+            bits: *bits,
+            group_size: *group_size,
+            zero_offset: *zero_offset,
+            scales: (bytes(&scales.0)?, scales.1),
+            qzeros: bytes(qzeros)?,
+            g_idx: g_idx.as_deref().map(bytes).transpose()?,
+        },
         Spec::Scaled { int8, scale } => Decoder::Scaled {
             int8: *int8,
             scale: grid(scale)?,
@@ -284,6 +344,8 @@ pub fn attach(weights: &mut Weights, config: &Config) -> Result<()> {
         // DeepSeek-V3 releases: `weight_scale_inv` blocks, decoded by Weights::tensor.
         "fp8" => return Ok(()),
         "compressed-tensors" => compressed::plan(weights, config, q)?,
+        "gptq" => gptq::plan(weights, config, q, gptq::Layout::Gptq)?,
+        "awq" => gptq::plan(weights, config, q, gptq::Layout::Awq)?,
         other => {
             return Err(Error::key(
                 config.path(),
@@ -300,7 +362,7 @@ pub fn attach(weights: &mut Weights, config: &Config) -> Result<()> {
 }
 
 /// The `quant_method`s [`attach`] understands.
-pub const SUPPORTED_METHODS: &str = "compressed-tensors, fp8";
+pub const SUPPORTED_METHODS: &str = "compressed-tensors, gptq, awq, fp8";
 
 /// A safetensors error naming `path` (the file of `tensor`).
 pub(crate) fn bad(path: &Path, tensor: &str, reason: impl std::fmt::Display) -> Error {
