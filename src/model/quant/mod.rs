@@ -12,7 +12,8 @@
 //! - [`compressed`]: compressed-tensors (llm-compressor / vLLM):
 //!   `float-quantized` FP8, `pack-quantized` and `naive-quantized` integers;
 //! - [`gguf`]: llama.cpp GGUF files, dequantised with candle's block types;
-//! - [`gptq`]: GPTQ (incl. act-order `g_idx`, v1 zero offset) and AWQ int4.
+//! - [`gptq`]: GPTQ (incl. act-order `g_idx`, v1 zero offset) and AWQ int4;
+//! - [`mxfp4`]: MXFP4 expert blocks (gpt-oss), registered by the family adapter.
 //!
 //! Every decoder is validated when the virtual tensor is registered (sizes,
 //! dtypes and shapes of all its parts, with checked arithmetic), so decoding
@@ -21,6 +22,7 @@
 pub mod compressed;
 pub mod gguf;
 pub mod gptq;
+pub mod mxfp4;
 
 use std::path::Path;
 
@@ -83,6 +85,13 @@ pub(crate) enum Spec {
         qzeros: String,
         g_idx: Option<String>,
     },
+    /// MXFP4: the main tensor's `blocks_range` bytes and the `scales`
+    /// tensor's `scales_range` bytes (one expert's slab).
+    Mxfp4 {
+        scales: String,
+        blocks_range: (usize, usize),
+        scales_range: (usize, usize),
+    },
     /// GGUF blocks of one type, from byte `range.0` to `range.1` of the main
     /// tensor (one expert's slab of a stacked tensor), or all of it.
     Gguf {
@@ -105,6 +114,8 @@ pub(crate) enum Decoder<'a> {
     },
     /// See [`Spec::Gguf`].
     Gguf(candle_core::quantized::GgmlDType),
+    /// See [`Spec::Mxfp4`] (the scales of the slab).
+    Mxfp4(&'a [u8]),
     /// See [`Spec::Transposed`].
     Transposed {
         layout: gptq::Layout,
@@ -174,6 +185,7 @@ impl Decoder<'_> {
         let cols = cols.max(1);
         match *self {
             Decoder::Gguf(ty) => gguf::read(ty, bytes, start, out),
+            Decoder::Mxfp4(scales) => mxfp4::read(bytes, scales, cols, start, out),
             Decoder::Transposed {
                 layout,
                 bits,
@@ -273,6 +285,19 @@ pub(crate) fn decoder<'a>(w: &'a Weights, v: &'a Virtual) -> Result<(Decoder<'a>
             }
             Decoder::Gguf(*ty)
         }
+        Spec::Mxfp4 {
+            scales,
+            blocks_range: (a, b),
+            scales_range: (c, d),
+        } => {
+            let slab = |bytes: &'a [u8], name: &str, x: usize, y: usize| {
+                bytes
+                    .get(x..y)
+                    .ok_or_else(|| bad(w.file_of(name), name, format!("has no bytes {x}..{y}")))
+            };
+            main = slab(main, &v.main, *a, *b)?;
+            Decoder::Mxfp4(slab(bytes(scales)?, scales, *c, *d)?)
+        }
         Spec::Transposed {
             layout,
             bits,
@@ -343,6 +368,9 @@ pub fn attach(weights: &mut Weights, config: &Config) -> Result<()> {
     let virtuals = match method {
         // DeepSeek-V3 releases: `weight_scale_inv` blocks, decoded by Weights::tensor.
         "fp8" => return Ok(()),
+        // gpt-oss: its family adapter registers the expert blocks
+        // (`mxfp4::register_experts`); everything else is stored plain.
+        "mxfp4" => return Ok(()),
         "compressed-tensors" => compressed::plan(weights, config, q)?,
         "gptq" => gptq::plan(weights, config, q, gptq::Layout::Gptq)?,
         "awq" => gptq::plan(weights, config, q, gptq::Layout::Awq)?,
@@ -362,7 +390,7 @@ pub fn attach(weights: &mut Weights, config: &Config) -> Result<()> {
 }
 
 /// The `quant_method`s [`attach`] understands.
-pub const SUPPORTED_METHODS: &str = "compressed-tensors, gptq, awq, fp8";
+pub const SUPPORTED_METHODS: &str = "compressed-tensors, gptq, awq, fp8, mxfp4";
 
 /// A safetensors error naming `path` (the file of `tensor`).
 pub(crate) fn bad(path: &Path, tensor: &str, reason: impl std::fmt::Display) -> Error {
