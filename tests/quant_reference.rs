@@ -52,9 +52,20 @@ fn dequantised_weights_equal_the_formats_own_dequantisation() {
 
 #[test]
 fn static_analyses_of_quantised_checkpoints_match_numpy() {
-    for (name, _) in QUANT_FIXTURES {
+    // mixtral-gguf: arch `llama` with experts (w1 = ffn_gate_exps, w3 = ffn_up_exps).
+    let names = QUANT_FIXTURES
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(["mixtral-gguf"]);
+    for name in names {
         let model = Model::open(&fixture(name)).unwrap();
         let r = reference(name);
+        assert_eq!(model.dtype().name(), r["dtype"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            model.info.family.id(),
+            r["family"].as_str().unwrap(),
+            "{name}"
+        );
         let opts = AnalyzeOptions {
             analyses: vec![
                 AnalysisKind::ExpertSimilarity,

@@ -75,3 +75,36 @@ fn an_unknown_quant_method_exits_2_naming_config_and_value() {
     });
     assert_error(dir.path(), &["config.json", "quant_method", "`hqq`"]);
 }
+
+#[test]
+fn a_mixtral_gguf_has_no_forward_pass_and_says_which_tensor() {
+    // llama.cpp permutes Q/K rows for llama; attention is left unmapped.
+    let model = fixture("mixtral-gguf").join("model.gguf");
+    let ids = common::repo_root().join("golden/fixture-token-ids.txt");
+    let (code, _, stderr) = run(&[
+        "analyze",
+        "--model",
+        model.to_str().unwrap(),
+        "--analyses",
+        "dynamic",
+        "--token-ids",
+        ids.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("model.gguf") && stderr.contains("self_attn.q_proj.weight"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = run(&[
+        "analyze",
+        "--model",
+        model.to_str().unwrap(),
+        "--analyses",
+        "static",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("mixtral") && stdout.contains("q8_0"),
+        "{stdout}"
+    );
+}

@@ -575,7 +575,7 @@ pub(crate) fn read(ty: GgmlDType, bytes: &[u8], start: usize, out: &mut [f32]) {
     // candle's block slices need their alignment (at most 8): copy when the
     // mmap offset does not give it.
     let mut scratch: Vec<u64> = Vec::new();
-    let data: &[u8] = if (raw.as_ptr() as usize) % 8 == 0 {
+    let data: &[u8] = if (raw.as_ptr() as usize).is_multiple_of(8) {
         raw
     } else {
         scratch.resize(raw.len().div_ceil(8), 0);

@@ -5,8 +5,8 @@
 //! `quantization_config` from config.json and registers, for every quantised
 //! module, a *virtual* tensor under the name the families look up
 //! (`….weight`) with its logical shape `[out, in]`. [`Weights::tensor`]
-//! turns a virtual tensor into a [`TensorView`](super::TensorView) whose
-//! [`Decoder`] dequantises any element range on demand; nothing is
+//! turns a virtual tensor into a [`TensorView`] whose
+//! decoder dequantises any element range on demand; nothing is
 //! dequantised ahead of time.
 //!
 //! - [`compressed`]: compressed-tensors (llm-compressor / vLLM):
