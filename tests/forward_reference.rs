@@ -211,6 +211,21 @@ fn grok_1() {
     check_family("grok-1");
 }
 
+/// Quantised checkpoints, dequantised on read, against transformers running
+/// the weights their own tooling dequantises to (fixtures/quant_forward.py).
+#[test]
+fn qwen3_moe_quantised_formats() {
+    for name in [
+        "qwen3-moe-fp8",
+        "qwen3-moe-int4",
+        "qwen3-moe-gptq",
+        "qwen3-moe-awq",
+        "qwen3-moe-gguf",
+    ] {
+        check_family(name);
+    }
+}
+
 #[test]
 fn deepseek_v3_fp8_runs_close_to_the_full_precision_model() {
     let fp8 = Model::open(&fixture("deepseek-v3-fp8")).unwrap();
