@@ -209,6 +209,20 @@ fn an_fp8_weight_without_its_scale_is_an_error_not_raw_fp8() {
         e.contains("model.layers.2.mlp.experts.5.down_proj.weight_packed") && e.contains("ignore"),
         "{e}"
     );
+
+    // A scaled FP8 module named in the ignore list (a regex this time).
+    let dir = common::copy_fixture("qwen3-moe-fp8");
+    common::edit_config(dir.path(), |c| {
+        c["quantization_config"]["ignore"]
+            .as_array_mut()
+            .unwrap()
+            .push("re:.*experts\\.3\\.up_proj$".into());
+    });
+    let e = open_err(dir.path());
+    assert!(
+        e.contains("model.layers.1.mlp.experts.3.up_proj.weight") && e.contains("ignore"),
+        "{e}"
+    );
 }
 
 #[test]

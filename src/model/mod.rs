@@ -306,7 +306,8 @@ impl DenseModel {
     pub fn open(dir: &Path) -> Result<DenseModel> {
         let config = Config::read_dir(dir)?;
         let info = DenseInfo::from_config(&config)?;
-        let weights = Weights::open_dir(dir)?;
+        let mut weights = Weights::open_dir(dir)?;
+        quant::attach(&mut weights, &config)?;
         Ok(DenseModel {
             info,
             weights,

@@ -230,11 +230,13 @@ pub(crate) fn plan(
             .iter()
             .any(|t| !matches!(t, Target::Linear) && t.matches(module))
         {
-            if packed {
+            // An ignored module is stored unquantised: a packed or scaled
+            // one would otherwise be read without its scales.
+            if packed || weights.contains(&format!("{module}.weight_scale")) {
                 return Err(bad(
                     &path,
                     name,
-                    "is packed, but quantization_config.ignore lists its module",
+                    "is quantised (packed, or with a weight_scale), but quantization_config.ignore lists its module",
                 ));
             }
             continue;
