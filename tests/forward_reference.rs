@@ -219,6 +219,21 @@ fn grok_1() {
     check_family("grok-1");
 }
 
+/// Quantised checkpoints, dequantised on read, against transformers running
+/// the weights their own tooling dequantises to (fixtures/quant_forward.py).
+#[test]
+fn qwen3_moe_quantised_formats() {
+    for name in [
+        "qwen3-moe-fp8",
+        "qwen3-moe-int4",
+        "qwen3-moe-gptq",
+        "qwen3-moe-awq",
+        "qwen3-moe-gguf",
+    ] {
+        check_family(name);
+    }
+}
+
 /// The FP8 checkpoint (e4m3 weights with 128×128 block scales) against
 /// transformers running its dequantised weights in f32
 /// (`make_forward_refs.py`): the same 1e-5 as the other fixtures, so a

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod family;
 pub mod infer;
+pub mod quant;
 pub mod safetensors;
 internal_mod!(writer);
 
@@ -101,6 +102,12 @@ impl Model {
     /// assert!(Model::open(&missing).is_err());
     /// ```
     pub fn open(dir: &Path) -> Result<Model> {
+        // A `.gguf` file, or a folder holding one (and no config.json).
+        if let Some(file) = quant::gguf::find(dir)? {
+            let (config, weights) = quant::gguf::open(&file)?;
+            let info = ModelInfo::from_config(&config)?;
+            return Model::from_parts(info, config, weights, file.display().to_string());
+        }
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,
@@ -108,13 +115,14 @@ impl Model {
             ));
         }
         let config = Config::read_dir(dir)?;
+        let mut weights = Weights::open_dir(dir)?;
+        // Quantised checkpoints: their weights are decoded on read.
+        quant::attach(&mut weights, &config)?;
         if Family::recognise(&config)?.is_some() {
             let info = ModelInfo::from_config(&config)?;
-            let weights = Weights::open_dir(dir)?;
             return Model::from_parts(info, config, weights, dir.display().to_string());
         }
         // A family the table does not know: its MoE structure from the tensors.
-        let weights = Weights::open_dir(dir)?;
         let inferred = infer::infer(&config, &weights)?;
         let mut model =
             Model::from_parts(inferred.info, config, weights, dir.display().to_string())?;
@@ -432,7 +440,8 @@ impl DenseModel {
     pub fn open(dir: &Path) -> Result<DenseModel> {
         let config = Config::read_dir(dir)?;
         let info = DenseInfo::from_config(&config)?;
-        let weights = Weights::open_dir(dir)?;
+        let mut weights = Weights::open_dir(dir)?;
+        quant::attach(&mut weights, &config)?;
         Ok(DenseModel {
             info,
             weights,

@@ -22,8 +22,12 @@ pub enum Dtype {
     /// bfloat16.
     BF16,
     /// FP8 e4m3 (`float8_e4m3fn`), dequantised with its `weight_scale_inv`
-    /// block scales when the checkpoint has them (DeepSeek-V3 releases).
+    /// block scales when the checkpoint has them (DeepSeek-V3 releases),
+    /// or with compressed-tensors `weight_scale`s.
     F8E4M3,
+    /// A quantised encoding decoded by [`crate::model::quant`] (`int4`,
+    /// `q4_k`, ...): the value names it in reports; elements have no fixed byte size.
+    Quantized(&'static str),
 }
 
 impl Dtype {
@@ -32,7 +36,7 @@ impl Dtype {
         match self {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::F8E4M3 => 1,
+            Dtype::F8E4M3 | Dtype::Quantized(_) => 1,
         }
     }
 
@@ -43,6 +47,7 @@ impl Dtype {
             Dtype::F16 => "f16",
             Dtype::BF16 => "bf16",
             Dtype::F8E4M3 => "f8_e4m3",
+            Dtype::Quantized(name) => name,
         }
     }
 
@@ -378,6 +383,8 @@ pub(crate) enum Codec<'a> {
     Plain,
     /// FP8 with `weight_scale_inv` block scales.
     Fp8Block(BlockScale<'a>),
+    /// A quantised encoding (packed integers, scaled FP8, GGUF blocks, ...).
+    Quant(crate::model::quant::Decoder<'a>),
 }
 
 /// A borrowed tensor (or a contiguous part of one): dtype, shape and raw
@@ -489,6 +496,9 @@ impl<'a> TensorView<'a> {
                 half::f16::from_bits(u16::from_le_bytes([b[2 * k], b[2 * k + 1]])).to_f32()
             }
             Dtype::F8E4M3 => fp8_table()[b[k] as usize],
+            // `strided` refuses quantised views, so this is never reached;
+            // NaN would be caught by every finiteness check downstream.
+            Dtype::Quantized(_) => f32::NAN,
         }
     }
 
@@ -553,8 +563,34 @@ impl<'a> TensorView<'a> {
         self.part(first, inner)
     }
 
+    /// A view decoded by a quantisation [`Codec::Quant`] decoder.
+    pub(crate) fn decoded(
+        name: &'a str,
+        path: &'a Path,
+        dtype: Dtype,
+        shape: Shape,
+        bytes: &'a [u8],
+        decoder: crate::model::quant::Decoder<'a>,
+    ) -> TensorView<'a> {
+        TensorView {
+            name,
+            path,
+            dtype,
+            shape,
+            bytes,
+            codec: Codec::Quant(decoder),
+            strides: None,
+        }
+    }
+
     /// Converts elements `start..start + out.len()` (row-major) to f32.
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        if let Codec::Quant(d) = self.codec {
+            // Quantised views are never strided (`strided` refuses them).
+            let cols = self.shape.last().copied().unwrap_or(1);
+            d.read(self.bytes, cols, start, out);
+            return;
+        }
         if let Some([rs, cs]) = self.strides {
             let cols = self.shape[1];
             for (k, o) in out.iter_mut().enumerate() {
@@ -589,10 +625,12 @@ impl<'a> TensorView<'a> {
                     *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
                 }
             }
+            // Quantised dtypes are only built with a `Codec::Quant` (handled above).
+            Dtype::Quantized(_) => out.fill(f32::NAN),
             Dtype::F8E4M3 => {
                 let table = fp8_table();
                 match self.codec {
-                    Codec::Plain => {
+                    Codec::Plain | Codec::Quant(_) => {
                         for (o, &b) in out.iter_mut().zip(src) {
                             *o = table[b as usize];
                         }
@@ -663,6 +701,9 @@ pub struct Weights {
     shards: Vec<Shard>,
     /// Tensor name → shard index.
     location: HashMap<String, usize>,
+    /// Logical tensors of quantised modules (`….weight`), assembled from
+    /// their stored parts on read (see [`crate::model::quant`]).
+    virtuals: HashMap<String, crate::model::quant::Virtual>,
 }
 
 impl Weights {
@@ -679,6 +720,7 @@ impl Weights {
                 dir: dir.to_path_buf(),
                 shards: vec![shard],
                 location,
+                virtuals: HashMap::new(),
             })
         } else {
             Err(Error::NoWeights {
@@ -738,6 +780,7 @@ impl Weights {
             dir: dir.to_path_buf(),
             shards,
             location,
+            virtuals: HashMap::new(),
         })
     }
 
@@ -749,6 +792,7 @@ impl Weights {
             dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             shards: vec![shard],
             location,
+            virtuals: HashMap::new(),
         })
     }
 
@@ -770,6 +814,7 @@ impl Weights {
             dir: label.to_path_buf(),
             shards: vec![shard],
             location,
+            virtuals: HashMap::new(),
         })
     }
 
@@ -785,6 +830,43 @@ impl Weights {
             dir: label.to_path_buf(),
             shards: vec![shard],
             location,
+            virtuals: HashMap::new(),
+        })
+    }
+
+    /// A file of another container format (GGUF) mapped in `mmap`, with its
+    /// tensors given as (name, type tag, row-major shape, absolute byte
+    /// range), each range already checked to lie inside the file.
+    pub(crate) fn from_mapped(
+        path: &Path,
+        mmap: memmap2::Mmap,
+        entries: Vec<(String, String, Vec<usize>, usize, usize)>,
+    ) -> Result<Weights> {
+        let tensors: HashMap<String, TensorEntry> = entries
+            .into_iter()
+            .map(|(name, tag, shape, start, end)| {
+                (
+                    name,
+                    TensorEntry {
+                        tag,
+                        shape,
+                        start,
+                        end,
+                    },
+                )
+            })
+            .collect();
+        check_disjoint(path, &tensors)?;
+        let location = tensors.keys().map(|k| (k.clone(), 0)).collect();
+        Ok(Weights {
+            dir: path.to_path_buf(),
+            shards: vec![Shard {
+                path: path.to_path_buf(),
+                storage: Storage::Mmap(mmap),
+                tensors,
+            }],
+            location,
+            virtuals: HashMap::new(),
         })
     }
 
@@ -793,9 +875,23 @@ impl Weights {
         &self.dir
     }
 
-    /// Whether the checkpoint has a tensor of this name.
+    /// Whether the checkpoint has a tensor of this name (stored, or the
+    /// logical weight of a quantised module).
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        self.location.contains_key(name) || self.virtuals.contains_key(name)
+    }
+
+    /// Registers the logical tensors of quantised modules.
+    pub(crate) fn add_virtuals(&mut self, virtuals: HashMap<String, crate::model::quant::Virtual>) {
+        self.virtuals.extend(virtuals);
+    }
+
+    /// The file that holds a stored tensor (the model directory if unknown).
+    pub(crate) fn file_of(&self, name: &str) -> &Path {
+        match self.location.get(name) {
+            Some(&id) => &self.shards[id].path,
+            None => &self.dir,
+        }
     }
 
     /// Names of all tensors, sorted.
@@ -819,11 +915,17 @@ impl Weights {
 
     /// Shape of a tensor, without touching its data.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        if let Some(v) = self.virtuals.get(name) {
+            return Ok(&v.shape);
+        }
         Ok(&self.entry(name)?.1.shape)
     }
 
     /// A readable view of a tensor; fails on dtypes the analyses cannot read.
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        if let Some((key, v)) = self.virtuals.get_key_value(name) {
+            return crate::model::quant::view(self, key, v);
+        }
         let (shard, entry) = self.entry(name)?;
         let dtype = Dtype::parse(&entry.tag).ok_or_else(|| Error::UnsupportedDtype {
             path: shard.path.clone(),
@@ -887,6 +989,17 @@ impl Weights {
 
     /// Checks a tensor's shape against what the config implies.
     pub fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        if let Some(v) = self.virtuals.get(name) {
+            if v.shape != expected {
+                return Err(Error::ShapeMismatch {
+                    path: self.file_of(&v.main).to_path_buf(),
+                    tensor: name.to_string(),
+                    expected: expected.to_vec(),
+                    found: v.shape.clone(),
+                });
+            }
+            return Ok(());
+        }
         let (shard, entry) = self.entry(name)?;
         if entry.shape != expected {
             return Err(Error::ShapeMismatch {
@@ -902,7 +1015,14 @@ impl Weights {
     /// Drops the pages of these tensors (and of FP8 scales) from this process's resident set
     /// (they are re-read from disk if touched again). No-op for embedded bytes.
     pub fn release<'n>(&self, names: impl IntoIterator<Item = &'n str>) {
-        for name in names {
+        // A quantised module's logical tensor stands for its stored parts.
+        let stored = names
+            .into_iter()
+            .flat_map(|name| match self.virtuals.get(name) {
+                Some(v) => v.parts.iter().map(String::as_str).collect::<Vec<_>>(),
+                None => vec![name],
+            });
+        for name in stored {
             let Ok((shard, entry)) = self.entry(name) else {
                 continue;
             };
