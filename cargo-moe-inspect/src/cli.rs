@@ -220,12 +220,28 @@ impl PendingArgs {
 #[derive(Debug, Args)]
 pub struct DiffArgs {
     /// The reference checkpoint (e.g. the base or bf16 model).
-    #[arg(long, value_name = "DIR")]
-    pub baseline: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "trace")]
+    pub baseline: Option<PathBuf>,
 
     /// The checkpoint compared with it (fine-tune, quantized, converted).
+    #[arg(long, value_name = "DIR", required_unless_present = "trace")]
+    pub candidate: Option<PathBuf>,
+
+    /// Compare two routing traces instead (`--trace BASE --trace CANDIDATE`:
+    /// the `trace` format, or engine records converted by `import`), with
+    /// `--model DIR` for the traced model's config.json; no weights are read.
+    #[arg(
+        long,
+        value_name = "FILE",
+        num_args = 1,
+        conflicts_with_all = ["baseline", "candidate"],
+        requires = "model"
+    )]
+    pub trace: Vec<PathBuf>,
+
+    /// With `--trace`: the model directory whose config.json describes the traces.
     #[arg(long, value_name = "DIR")]
-    pub candidate: PathBuf,
+    pub model: Option<PathBuf>,
 
     #[command(flatten)]
     pub prompts: PromptArgs,

@@ -417,16 +417,35 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
     for (k, v) in tolerance_flags(&args.tolerance)? {
         tolerances.set(&k, v)?;
     }
-    let opts = DiffOptions {
-        selection,
-        tolerances,
-        prompts: args.prompts.prompts.clone(),
-        token_ids: args.prompts.token_ids.clone(),
-        device: args.device.clone(),
+    let out = match (&args.trace[..], &args.baseline, &args.candidate) {
+        ([a, b], _, _) => {
+            // clap: --trace requires --model.
+            let model = args.model.as_deref().unwrap_or(std::path::Path::new("."));
+            golden::diff_traces(model, a, b, tolerances)?
+        }
+        ([], Some(baseline), Some(candidate)) => {
+            let opts = DiffOptions {
+                selection,
+                tolerances,
+                prompts: args.prompts.prompts.clone(),
+                token_ids: args.prompts.token_ids.clone(),
+                device: args.device.clone(),
+            };
+            golden::diff(baseline, candidate, &opts, &|_| Box::new(progress_bar()))?
+        }
+        (traces, _, _) if !traces.is_empty() => {
+            return Err(Error::Usage(format!(
+                "--trace: give exactly two traces (--trace BASE --trace CANDIDATE), got {}",
+                traces.len()
+            )))
+        }
+        _ => {
+            return Err(Error::Usage(
+                "diff needs --baseline DIR --candidate DIR, or --trace A --trace B --model DIR"
+                    .into(),
+            ))
+        }
     };
-    let out = golden::diff(&args.baseline, &args.candidate, &opts, &|_| {
-        Box::new(progress_bar())
-    })?;
     let cmp = &out.comparison;
     match args.format {
         CheckFormat::Json => {
@@ -442,8 +461,10 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
         }
         CheckFormat::Junit => print!("{}", drift::junit(std::slice::from_ref(cmp))),
         CheckFormat::Table => {
-            println!("expert weights, baseline vs candidate:");
-            println!("{}", drift::expert_cosine_table(&out.expert_cosine));
+            if !out.expert_cosine.is_empty() {
+                println!("expert weights, baseline vs candidate:");
+                println!("{}", drift::expert_cosine_table(&out.expert_cosine));
+            }
             print!(
                 "{}",
                 drift::table(

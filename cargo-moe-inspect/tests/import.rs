@@ -771,3 +771,76 @@ fn vllm_whole_sequence_routing_is_split_at_the_prompt() {
         "{stderr}"
     );
 }
+
+/// `diff --trace A --trace B --model DIR`: two routing records of one model
+/// compared without reading weights; exit 0 on the same routing (the tool's
+/// own trace vs SGLang's import of the same prompts), 1 when one layer's
+/// routing was altered, and only that layer drifts.
+#[test]
+fn diff_of_two_traces_compares_their_routing() {
+    let model = fixture("qwen3-moe");
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("own.safetensors");
+    let (code, _, stderr) = run(&[
+        "trace",
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&traces().join("prompts.txt")),
+        "--output",
+        s(&own),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let sg = dir.path().join("sglang.safetensors");
+    let (code, stderr) = import("sglang", &traces().join("sglang/per_token"), &model, &sg);
+    assert_eq!(code, 0, "{stderr}");
+    let mut r = moe_inspect::trace::read(&own, None).unwrap();
+    for tok in r.selected.as_mut().unwrap().chunks_exact_mut(4) {
+        for x in &mut tok[2..] {
+            *x = (*x + 1) % 8;
+        }
+    }
+    let altered = dir.path().join("altered.safetensors");
+    moe_inspect::trace::write(&r, &altered).unwrap();
+
+    let diff = |b: &Path| -> (i32, Value) {
+        let (code, stdout, stderr) = run_env(&[
+            "diff",
+            "--trace",
+            s(&own),
+            "--trace",
+            s(b),
+            "--model",
+            s(&model),
+            "--format",
+            "json",
+        ]);
+        assert!(code == 0 || code == 1, "{stderr}");
+        (code, serde_json::from_str(&stdout).unwrap())
+    };
+    let (code, v) = diff(&sg);
+    assert_eq!(code, 0, "{v}");
+    let rows = v["comparison"]["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        8,
+        "top-1, top-k, jsd, load-shift × 2 layers: {v}"
+    );
+    assert!(rows.iter().all(|r| r["verdict"] == "ok"), "{v}");
+    assert_eq!(v["expert_cosine"].as_array().map(Vec::len), Some(0));
+
+    let (code, v) = diff(&altered);
+    assert_eq!(code, 1, "{v}");
+    let rows = v["comparison"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8);
+    let drifted: Vec<&Value> = rows.iter().filter(|r| r["verdict"] != "ok").collect();
+    assert!(!drifted.is_empty(), "{v}");
+    assert!(drifted.iter().all(|r| r["layer"] == 2), "{drifted:?}");
+
+    // One trace, or traces without --model, are usage errors.
+    let (code, _, stderr) = run_env(&["diff", "--trace", s(&own), "--model", s(&model)]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("exactly two traces"), "{stderr}");
+    let (code, _, stderr) = run_env(&["diff", "--trace", s(&own), "--trace", s(&sg)]);
+    assert_eq!(code, 2, "{stderr}");
+}

@@ -133,6 +133,41 @@ impl DiffOutcome {
     }
 }
 
+/// Compares two routing traces of one model (`model_dir`'s config.json
+/// describes it; no weights are read): their routing snapshots are compared
+/// as `check` compares a golden file. The outcome has no weight cosines.
+pub fn diff_traces(
+    model_dir: &Path,
+    baseline: &Path,
+    candidate: &Path,
+    tolerances: Tolerances,
+) -> Result<DiffOutcome> {
+    let config = crate::model::Config::read_dir(model_dir)?;
+    let info = crate::model::ModelInfo::from_config(&config)?;
+    let snap = |file: &Path, name: String| -> Result<crate::golden::Snapshot> {
+        let routing = crate::trace::read(file, Some(info.num_experts))?;
+        crate::import::check_model(&routing, &info, file)?;
+        crate::golden::from_trace(&routing, &config, &name, tolerances)
+    };
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "trace".into())
+    };
+    let sa = snap(
+        baseline,
+        format!("{} → {}", name(baseline), name(candidate)),
+    )?;
+    let sb = snap(candidate, name(candidate))?;
+    let comparison = compare(&sa, &sb, &tolerances).map_err(|e| e.at(candidate))?;
+    Ok(DiffOutcome {
+        baseline: baseline.to_path_buf(),
+        candidate: candidate.to_path_buf(),
+        comparison,
+        expert_cosine: Vec::new(),
+    })
+}
+
 /// Compares two live checkpoints: both are recorded on the same prompts
 /// (router distributions kept token by token), compared as `check` compares
 /// a golden file, and their expert weights compared expert by expert.

@@ -32,7 +32,7 @@ pub use check::{
     check, dir_name, golden_dir, plan, plan_with_config, prompt_ids, snapshot, Action,
     CheckOutcome, ModelOutcome, Plan, ProgressFor, Recorded, Request, Target,
 };
-pub use diff::{diff, DiffOptions, DiffOutcome};
+pub use diff::{diff, diff_traces, DiffOptions, DiffOutcome};
 pub use schema::*;
 
 #[cfg(test)]
