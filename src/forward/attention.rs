@@ -1,0 +1,264 @@
+//! Attention: rotary embeddings, causal masks, grouped-query and latent
+//! (MLA) attention, computed in query blocks so memory stays linear in the
+//! prompt.
+
+use candle_core::{Device, Tensor, D};
+
+use super::config::{AttentionKind, QkNorm};
+use super::weights::AttnWeights;
+use super::{rms_norm, Forward, R};
+
+/// `cos`, `sin` of `[tokens, d/2]` for positions `0..tokens`.
+pub(super) fn rope_tables(
+    tokens: usize,
+    dim: usize,
+    theta: f64,
+    device: &Device,
+) -> R<(Tensor, Tensor)> {
+    let half = dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / dim as f64)) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(tokens * half);
+    let mut sin = Vec::with_capacity(tokens * half);
+    for t in 0..tokens {
+        for &f in &inv {
+            let a = t as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (tokens, half), device)?,
+        Tensor::from_vec(sin, (tokens, half), device)?,
+    ))
+}
+
+/// Half-split (`rotate_half`) rotary embedding of `x` `[heads, tokens, d]`.
+fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let (x1, x2) = (
+        x.narrow(D::Minus1, 0, d / 2)?,
+        x.narrow(D::Minus1, d / 2, d / 2)?,
+    );
+    let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[r1, r2], D::Minus1)
+}
+
+/// Interleaved rotary embedding (pairs (2i, 2i+1)), returned de-interleaved
+/// (`[evens | odds]`): the same permutation for q and k leaves q·k unchanged.
+fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+    let dims = x.dims().to_vec();
+    let d = dims[dims.len() - 1];
+    let mut split = dims[..dims.len() - 1].to_vec();
+    split.extend([d / 2, 2]);
+    let pairs = x.reshape(split)?;
+    let last = pairs.rank() - 1;
+    let even = pairs.narrow(last, 0, 1)?.squeeze(last)?;
+    let odd = pairs.narrow(last, 1, 1)?.squeeze(last)?;
+    rope_half(&Tensor::cat(&[even, odd], D::Minus1)?, cos, sin)
+}
+
+/// The additive causal mask of query rows `rows` (absolute positions) over
+/// keys `0..keys`: 0 where the key is at or before the query, -inf after.
+fn causal_mask(rows: std::ops::Range<usize>, keys: usize, device: &Device) -> R<Tensor> {
+    let n = rows.len();
+    let m: Vec<f32> = rows
+        .flat_map(|i| (0..keys).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (n, keys), device)
+}
+
+/// Bytes of attention scores one query block may hold (`heads × rows × keys`
+/// f32, a few copies live at once): bounds attention memory on long prompts,
+/// which otherwise grows with the square of the prompt length.
+pub(super) const ATTENTION_BLOCK_BYTES: usize = 16 << 20;
+
+/// Query rows per attention block for `heads` heads over `tokens` keys.
+fn query_block(heads: usize, tokens: usize) -> usize {
+    let per_row = heads.max(1).saturating_mul(tokens.max(1)).saturating_mul(4);
+    (ATTENTION_BLOCK_BYTES / per_row).clamp(1, tokens.max(1))
+}
+
+/// `[T, heads·d]` → `[heads, T, d]`.
+fn split_heads(x: &Tensor, heads: usize) -> R<Tensor> {
+    let (t, w) = x.dims2()?;
+    x.reshape((t, heads, w / heads))?
+        .transpose(0, 1)?
+        .contiguous()
+}
+
+/// Causal scaled dot-product attention over `[heads, T, d]` (k/v already per
+/// query head). Queries are processed in blocks ([`query_block`]) over the
+/// keys they can see, so the scores never hold `heads × T × T` values at once;
+/// a prompt that fits in one block is computed exactly as a single matmul.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, softcap: Option<f64>) -> R<Tensor> {
+    let (h, t, _) = q.dims3()?;
+    let block = query_block(h, t);
+    let mut outs = Vec::with_capacity(t.div_ceil(block));
+    let mut r0 = 0;
+    while r0 < t {
+        let r1 = (r0 + block).min(t);
+        let (qb, kb, vb) = if r0 == 0 && r1 == t {
+            (q.clone(), k.clone(), v.clone())
+        } else {
+            (
+                q.narrow(1, r0, r1 - r0)?,
+                k.narrow(1, 0, r1)?,
+                v.narrow(1, 0, r1)?,
+            )
+        };
+        let mut s = (qb.matmul(&kb.transpose(1, 2)?.contiguous()?)? * scale)?;
+        if let Some(cap) = softcap {
+            s = ((s / cap)?.tanh()? * cap)?;
+        }
+        let s = s.broadcast_add(&causal_mask(r0..r1, r1, q.device())?)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        drop(s);
+        outs.push(p.matmul(&vb.contiguous()?)?); // [heads, rows, dv]
+        r0 = r1;
+    }
+    let o = if outs.len() == 1 {
+        outs.pop().expect("one block")
+    } else {
+        Tensor::cat(&outs, 1)?
+    };
+    let (h, t, dv) = o.dims3()?;
+    o.transpose(0, 1)?.contiguous()?.reshape((t, h * dv))
+}
+
+/// Repeats `[kv_heads, T, d]` to `[kv_heads·rep, T, d]` (GQA).
+fn repeat_kv(x: &Tensor, rep: usize) -> R<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (h, t, d) = x.dims3()?;
+    x.unsqueeze(1)?
+        .expand((h, rep, t, d))?
+        .reshape((h * rep, t, d))
+}
+
+impl Forward<'_> {
+    pub(super) fn attention(
+        &self,
+        x: &Tensor,
+        w: &AttnWeights,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> R<Tensor> {
+        let t = x.dim(0)?;
+        match (&self.cfg.attention, w) {
+            (
+                AttentionKind::Standard {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    qk_norm,
+                    ..
+                },
+                AttnWeights::Standard {
+                    q,
+                    k,
+                    v,
+                    o,
+                    q_bias,
+                    k_bias,
+                    v_bias,
+                    q_norm,
+                    k_norm,
+                },
+            ) => {
+                let eps = self.cfg.rms_eps;
+                let mut qx = self.lin(x, q, q_bias.as_ref())?;
+                let mut kx = self.lin(x, k, k_bias.as_ref())?;
+                let vx = self.lin(x, v, v_bias.as_ref())?;
+                if *qk_norm == QkNorm::Full {
+                    qx = rms_norm(&qx, q_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;
+                    kx = rms_norm(&kx, k_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;
+                }
+                let mut qh = split_heads(&qx, *heads)?;
+                let mut kh = split_heads(&kx, *kv_heads)?;
+                if *qk_norm == QkNorm::PerHead {
+                    qh = rms_norm(
+                        &qh,
+                        q_norm.as_ref().expect("loaded with QkNorm::PerHead"),
+                        eps,
+                    )?;
+                    kh = rms_norm(
+                        &kh,
+                        k_norm.as_ref().expect("loaded with QkNorm::PerHead"),
+                        eps,
+                    )?;
+                }
+                let qh = rope_half(&qh, cos, sin)?;
+                let kh = rope_half(&kh, cos, sin)?;
+                let rep = heads / kv_heads;
+                let kh = repeat_kv(&kh, rep)?;
+                let vh = repeat_kv(&split_heads(&vx, *kv_heads)?, rep)?;
+                let scale = self
+                    .cfg
+                    .attn_output_multiplier
+                    .unwrap_or(1.0 / (*head_dim as f64).sqrt());
+                let out = attend(&qh, &kh, &vh, scale, self.cfg.max_attn_value)?;
+                self.lin(&out, o, None)
+            }
+            (
+                AttentionKind::Mla {
+                    heads,
+                    kv_lora_rank,
+                    qk_nope_head_dim: nope,
+                    qk_rope_head_dim: rope,
+                    v_head_dim,
+                    rope_interleave,
+                    ..
+                },
+                AttnWeights::Mla {
+                    q,
+                    q_a,
+                    q_a_norm,
+                    q_b,
+                    kv_a,
+                    kv_a_norm,
+                    kv_b,
+                    o,
+                },
+            ) => {
+                // The latent norms use eps 1e-6 whatever rms_norm_eps says (as the reference does).
+                let latent_eps = 1e-6;
+                let qx = match (q, q_a, q_a_norm, q_b) {
+                    (Some(q), _, _, _) => self.lin(x, q, None)?,
+                    (None, Some(a), Some(n), Some(b)) => {
+                        self.lin(&rms_norm(&self.lin(x, a, None)?, n, latent_eps)?, b, None)?
+                    }
+                    _ => candle_core::bail!("MLA query weights incomplete"),
+                };
+                let qh = split_heads(&qx, *heads)?; // [H, T, nope+rope]
+                let q_nope = qh.narrow(D::Minus1, 0, *nope)?;
+                let q_pe = qh.narrow(D::Minus1, *nope, *rope)?;
+                let ckv = self.lin(x, kv_a, None)?;
+                let c = ckv.narrow(1, 0, *kv_lora_rank)?;
+                let k_pe = ckv.narrow(1, *kv_lora_rank, *rope)?.unsqueeze(0)?; // [1, T, rope]
+                let kv = self.lin(&rms_norm(&c, kv_a_norm, latent_eps)?, kv_b, None)?;
+                let kvh = split_heads(&kv, *heads)?; // [H, T, nope+v]
+                let k_nope = kvh.narrow(D::Minus1, 0, *nope)?;
+                let vh = kvh.narrow(D::Minus1, *nope, *v_head_dim)?.contiguous()?;
+                let rot = |x: &Tensor| {
+                    if *rope_interleave {
+                        rope_interleaved(x, cos, sin)
+                    } else {
+                        rope_half(x, cos, sin)
+                    }
+                };
+                let q_pe = rot(&q_pe.contiguous()?)?;
+                let k_pe = rot(&k_pe.contiguous()?)?.broadcast_as((*heads, t, *rope))?;
+                let query = Tensor::cat(&[q_nope, q_pe], D::Minus1)?.contiguous()?;
+                let key = Tensor::cat(&[k_nope, k_pe], D::Minus1)?.contiguous()?;
+                let scale = 1.0 / ((nope + rope) as f64).sqrt();
+                let out = attend(&query, &key, &vh, scale, None)?;
+                self.lin(&out, o, None)
+            }
+            _ => candle_core::bail!("attention weights do not match the attention kind"),
+        }
+    }
+}
