@@ -437,6 +437,11 @@ impl Progress for Bar {
             b.inc(1);
         }
     }
+    fn detail(&self, text: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(text.to_string());
+        }
+    }
     fn finish(&self) {
         let phases = self.phases.take().unwrap_or_default();
         if let Some(&(name, _)) = phases.get(self.phase.get()) {

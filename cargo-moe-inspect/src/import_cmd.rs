@@ -209,4 +209,3 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     }
     Ok(0)
 }
-
