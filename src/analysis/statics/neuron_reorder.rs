@@ -256,3 +256,68 @@ pub fn default_layers(moe_layers: &[usize]) -> Vec<usize> {
         l => vec![l[l.len() / 2]],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+    use std::cell::RefCell;
+
+    struct Record(RefCell<Vec<String>>);
+
+    impl Progress for Record {
+        fn detail(&self, text: &str) {
+            self.0.borrow_mut().push(text.to_string());
+        }
+    }
+
+    #[test]
+    fn progress_names_every_pair_once_with_the_time_left() {
+        let model = Model::demo().unwrap();
+        let l = model.info.moe_layers[0];
+        let view = model.moe_layer(l).unwrap();
+        let rec = Record(RefCell::new(Vec::new()));
+        let with = layer_with_progress(&view, &rec).unwrap();
+        let without = layer(&view).unwrap();
+        for m in Matrix::ALL {
+            assert_eq!(
+                with.matrices.get(m).optimum,
+                without.matrices.get(m).optimum
+            );
+        }
+        let lines = rec.0.into_inner();
+        let e = view.experts.len();
+        assert!(e >= 2);
+        let total = 3 * e * (e - 1) / 2;
+        let mut named = 0;
+        for m in Matrix::ALL {
+            for i in 0..e {
+                for j in 0..i {
+                    let pair = format!("{i}–{j}");
+                    let count = lines
+                        .iter()
+                        .filter(|t| {
+                            t.starts_with(&format!("neuron-reorder layer {l} {} ", m.name()))
+                        })
+                        .filter(|t| {
+                            let names = t.split(" experts ").nth(1).unwrap();
+                            let names = names.split(" (").next().unwrap();
+                            names.split(", ").any(|p| p == pair)
+                        })
+                        .count();
+                    assert_eq!(count, 1, "{} {pair}: {lines:?}", m.name());
+                    named += 1;
+                }
+            }
+        }
+        assert_eq!(named, total);
+        assert!(
+            lines[0].ends_with(&format!("(0/{total} pairs)")),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1..].iter().all(|t| t.ends_with(" s left)")),
+            "{lines:?}"
+        );
+    }
+}
