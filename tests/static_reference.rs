@@ -129,7 +129,7 @@ fn layer_selection_keeps_only_the_chosen_moe_layers() {
 fn run_all(name: &str, dense: Option<&DenseModel>) -> moe_inspect::analysis::results::Analyses {
     let model = Model::open(&fixture(name)).unwrap();
     // Every layer selected, so neuron-reorder also covers every MoE layer
-    // (by default it runs on the first, middle and last only).
+    // (by default it runs on the middle one only).
     let all = format!("0..{}", model.info.num_layers);
     let opts = AnalyzeOptions {
         analyses: AnalysisKind::parse_selection("static").unwrap(),

@@ -339,8 +339,7 @@ pub struct AnalyzeArgs {
     /// commas (static: expert-similarity, neuron-similarity, neuron-reorder,
     /// gate-embedding, projection; dynamic, from one forward pass over the
     /// prompts: output-similarity, norm-score, intermediate, chosen-experts).
-    /// neuron-reorder runs on --layers, by default on the first, middle and
-    /// last MoE layer.
+    /// neuron-reorder runs on --layers, by default on the middle MoE layer.
     #[arg(long, default_value = "static")]
     pub analyses: String,
 

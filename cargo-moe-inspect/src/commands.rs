@@ -453,6 +453,11 @@ impl Progress for Bar {
             b.inc(1);
         }
     }
+    fn detail(&self, text: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(text.to_string());
+        }
+    }
     fn finish(&self) {
         let phases = self.phases.take().unwrap_or_default();
         if let Some(&(name, _)) = phases.get(self.phase.get()) {
@@ -757,6 +762,12 @@ pub(crate) mod tests {
         bar.layer_done(0);
         let b = bar.bar.as_ref().unwrap();
         assert_eq!((b.position(), b.length()), (1, Some(3)));
+        // Within a layer, the analysis says what it is doing.
+        bar.detail("neuron-reorder layer 1 up experts 1–0 (0/84 pairs)");
+        assert_eq!(
+            b.message(),
+            "neuron-reorder layer 1 up experts 1–0 (0/84 pairs)"
+        );
         let frames = screen.0.lock().unwrap().clone();
         assert!(!frames.is_empty());
         assert!(frames.iter().all(|f| !f.contains("0/0")), "{frames:?}");

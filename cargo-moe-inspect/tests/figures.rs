@@ -323,7 +323,12 @@ fn demo_report_figures_read_well_and_stale_ones_are_removed() {
             cosines += 1;
         }
     }
-    assert!(heatmaps >= 15 && scatters >= 12 && cosines >= 15);
+    // Heatmaps with a cosine scale: expert-, neuron- and gate-similarity of
+    // the 4 layers, and neuron-reorder of the middle MoE layer (its default).
+    assert!(
+        heatmaps >= 13 && scatters >= 12 && cosines >= 13,
+        "{heatmaps} heatmaps, {scatters} scatters, {cosines} cosine scales"
+    );
     assert!(md.contains("centred on 0"), "the scale is stated");
 
     // A second run (dynamic analyses) into the same folder: the static

@@ -151,6 +151,9 @@ pub trait Progress {
     fn start(&self, _total: usize) {}
     /// Called when `layer` is finished.
     fn layer_done(&self, _layer: usize) {}
+    /// What is being computed within the current layer (the expert pairs
+    /// neuron-reorder is aligning, with the time left), for the bar's message.
+    fn detail(&self, _text: &str) {}
     /// Called after the last layer.
     fn finish(&self) {}
     /// Something the user should know about the run (what was inferred
@@ -190,8 +193,8 @@ pub fn selected_layers(
 
 /// Runs the selected analyses layer by layer; each layer's pages are released
 /// before the next is read, so memory stays near one layer whatever the depth.
-/// `neuron-reorder` runs on the selected layers, or by default on the first,
-/// middle and last MoE layer only (it costs one n×n assignment per expert pair).
+/// `neuron-reorder` runs on the selected layers, or by default on the middle
+/// MoE layer only (it costs one n×n assignment per expert pair and matrix).
 ///
 /// ```rust
 /// use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions};
@@ -300,7 +303,9 @@ pub fn run(model: &Model, opts: &AnalyzeOptions<'_>, progress: &dyn Progress) ->
             proj.push(statics::projection::layer(&view, &stats)?);
         }
         if want(AnalysisKind::NeuronReorder) && reorder_layers.contains(&layer) {
-            reorder.push(statics::neuron_reorder::layer(&view)?);
+            reorder.push(statics::neuron_reorder::layer_with_progress(
+                &view, progress,
+            )?);
         }
         drop(view);
         model.release_layer(layer);
