@@ -256,7 +256,7 @@ fn checkpoint_files(model: &Path) -> Vec<PathBuf> {
 
 /// Refuses a report directory whose `report.json`, `report.md` or figures
 /// would replace one of `inputs`.
-fn refuse_report_over_inputs(dir: &Path, inputs: &[PathBuf]) -> Result<()> {
+pub(crate) fn refuse_report_over_inputs(dir: &Path, inputs: &[PathBuf]) -> Result<()> {
     for name in ["report.json", "report.md"] {
         atomic_write::refuse_overwriting_input("--out", &dir.join(name), inputs)?;
     }
@@ -607,11 +607,21 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             report.token_labels = tok.token_strings(&report.maps.token_ids);
         }
     }
+    emit_report(&report, &args, style)
+}
+
+/// Prints an analysis report in the format asked for, or writes it to
+/// `--out` (json: also `report.json`; markdown: `report.md` and figures).
+pub(crate) fn emit_report(
+    report: &moe_inspect::analysis::results::Report,
+    args: &AnalyzeArgs,
+    style: Styling,
+) -> Result<u8> {
     match args.format {
         OutputFormat::Table => print!(
             "{}",
             report::table::render(
-                &report,
+                report,
                 Styling {
                     full: args.full,
                     ..style
@@ -619,7 +629,7 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             )
         ),
         OutputFormat::Json => {
-            let json = report::to_json(&report);
+            let json = report::to_json(report);
             if let Some(dir) = &args.out {
                 std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
                 let path = dir.join("report.json");
@@ -631,13 +641,14 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         OutputFormat::Markdown => {
             let dir = args
                 .out
+                .clone()
                 .unwrap_or_else(|| PathBuf::from("moe-inspect-report"));
             let md = report::markdown::MarkdownOptions {
                 shared_scale: args.shared_scale,
                 command_line: std::env::args().collect::<Vec<_>>().join(" "),
             };
             let path = timed("report and figures", || {
-                report::markdown::write(&report, &dir, &md)
+                report::markdown::write(report, &dir, &md)
             })?;
             notice!("wrote {} (with SVG figures)", path.display());
         }

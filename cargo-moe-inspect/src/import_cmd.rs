@@ -10,10 +10,10 @@ use moe_inspect::import::{self, Engine};
 use moe_inspect::layers::LayerSelection;
 use moe_inspect::model::config::Config;
 use moe_inspect::model::family::ModelInfo;
-use moe_inspect::report::{self, table::Styling};
+use moe_inspect::report::table::Styling;
 use moe_inspect::{atomic_write, trace, Error, Result};
 
-use crate::cli::{AnalyzeArgs, EngineChoice, ImportArgs, OutputFormat};
+use crate::cli::{AnalyzeArgs, EngineChoice, ImportArgs};
 
 fn engine(e: EngineChoice) -> Engine {
     match e {
@@ -169,43 +169,8 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         maps: Default::default(),
         token_labels: Vec::new(),
     };
-    match args.format {
-        OutputFormat::Table => print!(
-            "{}",
-            report::table::render(
-                &report,
-                Styling {
-                    full: args.full,
-                    ..style
-                }
-            )
-        ),
-        OutputFormat::Json => {
-            let json = report::to_json(&report);
-            if let Some(dir) = &args.out {
-                atomic_write::refuse_overwriting_input(
-                    "--out",
-                    &dir.join("report.json"),
-                    std::slice::from_ref(&path),
-                )?;
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                let p = dir.join("report.json");
-                atomic_write::write_atomic(&p, json.as_bytes())?;
-                eprintln!("wrote {}", p.display());
-            }
-            println!("{json}");
-        }
-        OutputFormat::Markdown => {
-            let dir = args
-                .out
-                .unwrap_or_else(|| PathBuf::from("moe-inspect-report"));
-            let md = report::markdown::MarkdownOptions {
-                shared_scale: args.shared_scale,
-                command_line: std::env::args().collect::<Vec<_>>().join(" "),
-            };
-            let p = report::markdown::write(&report, &dir, &md)?;
-            eprintln!("wrote {} (with SVG figures)", p.display());
-        }
+    if let Some(dir) = &args.out {
+        crate::commands::refuse_report_over_inputs(dir, std::slice::from_ref(&path))?;
     }
-    Ok(0)
+    crate::commands::emit_report(&report, &args, style)
 }
