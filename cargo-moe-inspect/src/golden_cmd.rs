@@ -127,7 +127,12 @@ pub fn check(args: CheckArgs, color: bool) -> Result<u8> {
         println!("{}", totals(&outcome));
     }
     emit(&outcome, &comparisons, args.format)?;
-    if let Some(path) = &args.junit {
+    // --junit FILE, else the configuration's `junit`.
+    let junit = args
+        .junit
+        .clone()
+        .or_else(|| plan.settings.as_ref().and_then(|s| s.junit.clone()));
+    if let Some(path) = &junit {
         moe_inspect::atomic_write::write_atomic(path, drift::junit(&comparisons).as_bytes())?;
     }
     Ok(u8::from(outcome.failed()))

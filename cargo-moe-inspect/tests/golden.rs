@@ -851,6 +851,7 @@ edition = "2021"
 
 [package.metadata.moe-inspect]
 golden-dir = "snapshots"
+junit = "reports/junit.xml"
 token-ids = "{ids}"
 analyses = ["static", "chosen-experts"]
 
@@ -881,9 +882,17 @@ similarity = 0.002
         ])
     );
     assert!(v["layers"][0].get("norm_score").is_none());
+    let junit = s.path().join("reports/junit.xml");
+    std::fs::create_dir_all(junit.parent().unwrap()).unwrap();
     let r = run_in(s.path(), &["check"], &[], None);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("mix: ok"), "{}", r.stdout);
+    // The configured `junit` path gets the JUnit report, as --junit would.
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.starts_with("<?xml") && xml.contains("classname=\"moe-inspect.mix\""),
+        "{xml}"
+    );
     // --manifest-path from elsewhere, and a flag overriding the configuration.
     let elsewhere = tempfile::tempdir().unwrap();
     let r = run_in(

@@ -578,6 +578,7 @@ mod tests {
         Settings {
             manifest: PathBuf::from("/w/Cargo.toml"),
             golden_dir: Some(PathBuf::from("/w/golden")),
+            junit: None,
             prompts: Some(PathBuf::from("/w/all.txt")),
             token_ids: None,
             analyses: Some(vec!["static".into()]),

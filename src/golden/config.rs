@@ -29,6 +29,7 @@ use crate::golden::{Selection, Tolerances};
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct Raw {
     golden_dir: Option<PathBuf>,
+    junit: Option<PathBuf>,
     prompts: Option<PathBuf>,
     token_ids: Option<PathBuf>,
     analyses: Option<Vec<String>>,
@@ -65,6 +66,7 @@ pub fn init_block(workspace: bool) -> String {
     );
     b.push_str(&format!("[{t}.metadata.moe-inspect]\n"));
     b.push_str("# golden-dir = \"golden\"             # where <name>.json snapshots live (default: golden)\n");
+    b.push_str("# junit = \"target/moe-inspect.xml\"  # `check` also writes its JUnit report here (as --junit)\n");
     b.push_str(
         "# prompts = \"prompts.txt\"           # one prompt per line, or JSONL {\"text\": ...}\n",
     );
@@ -115,6 +117,8 @@ pub struct Settings {
     pub manifest: PathBuf,
     /// Directory of the golden files.
     pub golden_dir: Option<PathBuf>,
+    /// Where `check` also writes its JUnit report (as `--junit FILE`).
+    pub junit: Option<PathBuf>,
     /// Default prompt text file.
     pub prompts: Option<PathBuf>,
     /// Default token-id file.
@@ -369,6 +373,7 @@ pub fn parse(
     Ok(Settings {
         manifest: manifest.to_path_buf(),
         golden_dir: abs(raw.golden_dir),
+        junit: abs(raw.junit),
         prompts: abs(raw.prompts),
         token_ids: abs(raw.token_ids),
         analyses: raw.analyses,
@@ -394,11 +399,13 @@ mod tests {
     fn reads_models_and_resolves_paths() {
         let s = parse_toml_like(serde_json::json!({
             "golden-dir": "golden",
+            "junit": "target/junit.xml",
             "models": [{"name": "m", "path": "fixtures/m", "token-ids": "ids.txt"}, {"name": "d", "demo": true}],
             "tolerance": {"similarity": 0.01}
         }))
         .unwrap();
         assert_eq!(s.golden_dir, Some(PathBuf::from("/p/golden")));
+        assert_eq!(s.junit, Some(PathBuf::from("/p/target/junit.xml")));
         assert_eq!(s.models[0].path, Some(PathBuf::from("/p/fixtures/m")));
         assert_eq!(s.models[0].token_ids, Some(PathBuf::from("/p/ids.txt")));
         assert_eq!(s.models[1].path, None);
