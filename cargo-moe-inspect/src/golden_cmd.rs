@@ -341,7 +341,18 @@ pub fn review(args: PendingArgs, color: bool) -> Result<u8> {
     let (_, list) = pending_list(&args.golden())?;
     let stdin = std::io::stdin();
     let terminal = std::io::IsTerminal::is_terminal(&stdin);
-    let mut lines = stdin.lock().lines();
+    // On a terminal one key answers (as cargo-insta's review); otherwise
+    // answers are read a line at a time.
+    let mut lines = (!terminal).then(|| stdin.lock().lines());
+    let mut answer = || -> Option<String> {
+        match &mut lines {
+            Some(lines) => lines.next().and_then(|l| l.ok()),
+            None => read_key().map(|c| {
+                eprintln!("{c}");
+                c.to_string()
+            }),
+        }
+    };
     let (mut accepted, mut rejected, mut skipped) = (0usize, 0usize, 0usize);
     for p in &list {
         let new = Snapshot::read(&p.new)?;
@@ -367,7 +378,7 @@ pub fn review(args: PendingArgs, color: bool) -> Result<u8> {
         loop {
             eprint!("accept (a), reject (r) or skip (s)? ");
             let _ = std::io::stderr().flush();
-            let Some(Ok(answer)) = lines.next() else {
+            let Some(answer) = answer() else {
                 // No answer can come (stdin closed, or not a terminal and
                 // exhausted): nothing was decided for this snapshot.
                 eprintln!();
@@ -404,6 +415,56 @@ pub fn review(args: PendingArgs, color: bool) -> Result<u8> {
         eprintln!("reviewed {}: {s}", list.len());
     }
     Ok(0)
+}
+
+/// One key from the terminal on stdin, without waiting for Enter: the
+/// terminal is put in non-canonical mode without echo for that one read and
+/// restored afterwards. Ctrl-C and Ctrl-D (read as keys, not signals, so the
+/// terminal is always restored) end the review: `None`.
+#[cfg(unix)]
+fn read_key() -> Option<char> {
+    use std::io::Read;
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: a zeroed termios is a valid value to be overwritten by tcgetattr.
+    let mut old: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is stdin, `old` is a valid termios to write into.
+    if unsafe { libc::tcgetattr(fd, &mut old) } != 0 {
+        return None;
+    }
+    let mut raw = old;
+    raw.c_lflag &= !(libc::ICANON | libc::ECHO | libc::ISIG);
+    raw.c_cc[libc::VMIN] = 1;
+    raw.c_cc[libc::VTIME] = 0;
+    struct Restore(libc::termios);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores the settings read above on the same fd.
+            unsafe {
+                libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0);
+            }
+        }
+    }
+    // SAFETY: fd is stdin, `raw` is a valid termios.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+        return None;
+    }
+    let _restore = Restore(old);
+    let mut b = [0u8; 1];
+    match std::io::stdin().lock().read(&mut b) {
+        Ok(1) if b[0] != 3 && b[0] != 4 => Some(if b[0] == b'\n' || b[0] == b'\r' {
+            ' '
+        } else {
+            b[0] as char
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(not(unix))]
+fn read_key() -> Option<char> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).ok()?;
+    line.trim().chars().next().or(Some(' '))
 }
 
 /// `1 accepted, 0 rejected, 2 skipped`, or `None` before any decision.

@@ -487,6 +487,69 @@ fn review_accept_and_reject_pending_snapshots() {
     assert_eq!(code, 0, "{v}");
 }
 
+/// On a terminal, `review` takes one key per pending snapshot, without
+/// Enter (as cargo-insta's review), and leaves the terminal as it was. The
+/// terminal is a pseudo-terminal from util-linux's `script`.
+#[test]
+fn review_on_a_terminal_takes_single_keys() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` (util-linux) to give review a terminal");
+        return;
+    }
+    let s = Scratch::new();
+    s.snapshot(&fixture("mixtral"));
+    let model = perturbed(|name, v| {
+        if name == router(0) {
+            for x in &mut v[3 * 32..4 * 32] {
+                *x *= 4.0;
+            }
+        }
+    });
+    assert_eq!(s.cmd("check", model.path(), &[], &[]).code, 1);
+    let pending = s.golden().join("fixture.json.new");
+    assert!(pending.exists());
+    let cmdline = format!(
+        "{} review --golden-dir golden",
+        env!("CARGO_BIN_EXE_cargo-moe-inspect")
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .current_dir(s.path())
+        .env("NO_COLOR", "1")
+        .env_remove("CI")
+        .env_remove("GITHUB_ACTIONS")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // One key, no newline, and the input kept open: a review that reads
+    // lines would wait for Enter until the guard below gives up; a
+    // single-key review accepts and exits. (The guard is a hang limit, not
+    // a speed measurement.)
+    let mut input = child.stdin.take().unwrap();
+    {
+        use std::io::Write;
+        input.write_all(b"a").unwrap();
+        input.flush().unwrap();
+    }
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("review waited for more than one key");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("accepted"), "{text}");
+    assert!(text.contains("1 accepted, 0 rejected, 0 skipped"), "{text}");
+    assert!(!pending.exists(), "{text}");
+}
+
 /// A stale pending snapshot (from a check that failed before the model was
 /// fixed) is removed when the check passes, so `accept` cannot make the
 /// broken model golden; a pending file older than its golden is refused.
