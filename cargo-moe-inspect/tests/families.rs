@@ -15,6 +15,9 @@ fn run(args: &[&str]) -> (i32, String, String) {
         .current_dir(repo_root())
         .env("NO_COLOR", "1")
         .env_remove("CARGO_TERM_COLOR")
+        .env_remove("CI")
+        .env_remove("GITHUB_ACTIONS")
+        .env_remove("MOE_INSPECT_UPDATE")
         .output()
         .unwrap();
     (
