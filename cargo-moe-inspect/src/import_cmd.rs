@@ -45,7 +45,7 @@ pub fn import(args: ImportArgs) -> Result<u8> {
     let imported = import::import(engine(args.from), &args.paths, &info)?;
     trace::write(&imported.routing, &args.output)?;
     for note in &imported.notes {
-        eprintln!("note: {note}");
+        notice!("note: {note}");
     }
     let r = &imported.routing;
     let mut fields = Vec::new();
@@ -61,7 +61,7 @@ pub fn import(args: ImportArgs) -> Result<u8> {
         }
     }
     if r.selected.is_some() {
-        eprintln!(
+        notice!(
             "wrote {}: {} prompts, {} tokens, {} MoE layers ({})",
             args.output.display(),
             r.prompt_lengths.len(),
@@ -70,7 +70,7 @@ pub fn import(args: ImportArgs) -> Result<u8> {
             fields.join(", ")
         );
     } else {
-        eprintln!(
+        notice!(
             "wrote {}: counts only, {} MoE layers ({})",
             args.output.display(),
             r.moe_layers.len(),
@@ -114,7 +114,7 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             let (sel, skipped) =
                 LayerSelection::parse(spec)?.resolve(num_layers, &routing.moe_layers)?;
             if !skipped.is_empty() {
-                eprintln!(
+                notice!(
                     "note: skipping dense (non-MoE) layers {}",
                     moe_inspect::layers::format_list(&skipped)
                 );
@@ -123,7 +123,7 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         }
     };
     if routing.selected.is_none() {
-        eprintln!(
+        notice!(
             "note: {} is counts only ({}): load statistics without co-activation",
             path.display(),
             routing.source
@@ -140,12 +140,7 @@ pub fn analyze_trace(args: AnalyzeArgs, style: Styling) -> Result<u8> {
             top_k: info.top_k,
             hidden_size: info.hidden_size,
             intermediate_size: info.expert_intermediate,
-            dtype: config
-                .get("torch_dtype")
-                .or_else(|| config.get("dtype"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("unknown")
-                .to_string(),
+            dtype: config.declared_dtype().to_string(),
         },
         None => ModelSummary {
             family: "unknown".into(),

@@ -499,12 +499,7 @@ pub fn from_trace(
         top_k: info.top_k,
         hidden_size: info.hidden_size,
         intermediate_size: info.expert_intermediate,
-        dtype: config
-            .get("torch_dtype")
-            .or_else(|| config.get("dtype"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("unknown")
-            .to_string(),
+        dtype: config.declared_dtype().to_string(),
         config_hash: short_hash(cfg.as_bytes()),
         tensor_index_hash: "trace".into(),
     };

@@ -239,6 +239,16 @@ impl Config {
         }
     }
 
+    /// The weights' dtype as the config declares it (`torch_dtype`, or
+    /// transformers 5's `dtype`), `unknown` when it says nothing: for reports
+    /// made without reading the weights (traces).
+    pub fn declared_dtype(&self) -> &str {
+        self.get("torch_dtype")
+            .or_else(|| self.get("dtype"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown")
+    }
+
     /// The first entry of `architectures`, if any.
     pub fn architecture(&self) -> Option<&str> {
         self.get("architectures")?.as_array()?.first()?.as_str()
