@@ -229,6 +229,7 @@ fn qwen3_moe_quantised_formats() {
         "qwen3-moe-gptq",
         "qwen3-moe-awq",
         "qwen3-moe-gguf",
+        "qwen3-moe-fp4",
     ] {
         check_family(name);
     }

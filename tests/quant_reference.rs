@@ -16,8 +16,13 @@ use moe_inspect::model::{Matrix, Model, Weights};
 const TOL: f64 = 1e-5;
 
 /// The quantised fixtures and the expert dtype each must report.
-const QUANT_FIXTURES: [(&str, &str); 2] =
-    [("qwen3-moe-fp8", "f8_e4m3"), ("qwen3-moe-int4", "int4")];
+/// qwen3-moe-fp4 mixes MXFP4 (experts' gate/up, attention), NVFP4 (down
+/// projections) and act-order int4 (`weight_g_idx`, layer 0's dense MLP).
+const QUANT_FIXTURES: [(&str, &str); 3] = [
+    ("qwen3-moe-fp8", "f8_e4m3"),
+    ("qwen3-moe-int4", "int4"),
+    ("qwen3-moe-fp4", "mxfp4"),
+];
 
 #[test]
 fn dequantised_weights_equal_the_formats_own_dequantisation() {
@@ -26,7 +31,8 @@ fn dequantised_weights_equal_the_formats_own_dequantisation() {
         assert_eq!(model.dtype().name(), dtype, "{name}");
         let want = Weights::open_file(&fixture(name).join("dequantised.safetensors")).unwrap();
         let names = want.names();
-        assert_eq!(names.len(), 5, "{name}: samples");
+        let samples = if name == "qwen3-moe-fp4" { 7 } else { 5 };
+        assert_eq!(names.len(), samples, "{name}: samples");
         for t in names {
             let w = want.tensor(t).unwrap().to_f32_vec();
             let view = model.weights().tensor(t).unwrap();
@@ -260,4 +266,81 @@ fn gptq_group_indices_and_awq_versions_are_checked() {
     });
     let e = open_err(dir.path());
     assert!(e.contains("config.json") && e.contains("`gemv`"), "{e}");
+}
+
+/// FP4 and act-order parts are validated when the checkpoint opens: a
+/// g_idx naming a group that does not exist, a missing g_idx, an NVFP4
+/// scale of the wrong shape, a missing global scale, and FP4 bytes under a
+/// group whose format is not an FP4 packing.
+#[test]
+fn fp4_scales_and_act_order_indices_are_checked() {
+    let g_idx = "model.layers.0.mlp.up_proj.weight_g_idx";
+    let dir = common::copy_fixture("qwen3-moe-fp4");
+    rewrite(dir.path(), |name, tag, shape, bytes| {
+        let mut b = bytes.to_vec();
+        if name == g_idx {
+            b[20..24].copy_from_slice(&7i32.to_le_bytes());
+        }
+        Some((tag.to_string(), shape.to_vec(), b))
+    });
+    let e = open_err(dir.path());
+    assert!(
+        e.contains(g_idx) && e.contains("column 5 names group 7"),
+        "{e}"
+    );
+
+    let dir = common::copy_fixture("qwen3-moe-fp4");
+    rewrite(dir.path(), |name, tag, shape, bytes| {
+        (name != g_idx).then(|| (tag.to_string(), shape.to_vec(), bytes.to_vec()))
+    });
+    assert!(open_err(dir.path()).contains(g_idx));
+
+    let scale = "model.layers.2.mlp.experts.6.down_proj.weight_scale";
+    let dir = common::copy_fixture("qwen3-moe-fp4");
+    rewrite(dir.path(), |name, tag, shape, bytes| {
+        Some(if name == scale {
+            (
+                tag.to_string(),
+                vec![shape[0] - 1, shape[1]],
+                bytes[shape[1]..].to_vec(),
+            )
+        } else {
+            (tag.to_string(), shape.to_vec(), bytes.to_vec())
+        })
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains(scale) && e.contains("F8_E4M3 [32, 3]"), "{e}");
+
+    let global = "model.layers.1.mlp.experts.0.down_proj.weight_global_scale";
+    let dir = common::copy_fixture("qwen3-moe-fp4");
+    rewrite(dir.path(), |name, tag, shape, bytes| {
+        (name != global).then(|| (tag.to_string(), shape.to_vec(), bytes.to_vec()))
+    });
+    assert!(open_err(dir.path()).contains(global));
+
+    let dir = common::copy_fixture("qwen3-moe-fp4");
+    common::edit_config(dir.path(), |c| {
+        c["quantization_config"]["config_groups"]["group_1"]["format"] = "pack-quantized".into();
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains("weight_packed") && e.contains("group_1"), "{e}");
+}
+
+/// The formats of qwen3-moe-fp4 each reach the modules they target: an
+/// MXFP4 expert, an NVFP4 down projection and the act-order dense MLP all
+/// decode to the package's values (checked bit for bit above), and report
+/// their own storage type.
+#[test]
+fn mixed_precision_groups_give_each_module_its_format() {
+    let model = Model::open(&fixture("qwen3-moe-fp4")).unwrap();
+    let w = model.weights();
+    for (t, dtype) in [
+        ("model.layers.1.mlp.experts.0.gate_proj.weight", "mxfp4"),
+        ("model.layers.2.self_attn.q_proj.weight", "mxfp4"),
+        ("model.layers.1.mlp.experts.2.down_proj.weight", "nvfp4"),
+        ("model.layers.0.mlp.up_proj.weight", "int4"),
+        ("model.layers.1.mlp.gate.weight", "f32"),
+    ] {
+        assert_eq!(w.tensor(t).unwrap().dtype.name(), dtype, "{t}");
+    }
 }

@@ -10,7 +10,18 @@
 //!   `weight_scale`, and for asymmetric group/channel schemes
 //!   `weight_zero_point` packed along dim 0; value = `(q − z) · s`;
 //! - `naive-quantized` / `int-quantized`: `weight` int8 with `weight_scale`
-//!   (and `weight_zero_point` int8, same shape as the scale).
+//!   (and `weight_zero_point` int8, same shape as the scale);
+//! - `nvfp4-pack-quantized`: `weight_packed` uint8 `[N, K/2]` (two FP4 e2m1
+//!   values per byte, the even column in the low nibble), `weight_scale`
+//!   FP8 e4m3 `[N, K/16]`, `weight_global_scale` f32 `[1]`;
+//!   value = `fp4 · (s / global)`;
+//! - `mxfp4-pack-quantized`: `weight_packed` as NVFP4, `weight_scale` uint8
+//!   e8m0 exponents `[N, K/32]`; value = `fp4 · 2^(s − 127)`.
+//!
+//! Activation ordering (`actorder: "group"`, as GPTQ's `desc_act`) stores
+//! `weight_g_idx` int32 `[K]`: column `k` takes the scale and zero point of
+//! group `g_idx[k]` (vLLM's reading). `actorder: "weight"` only reorders the
+//! calibration and stores nothing.
 //!
 //! Values are computed in f32: `(q − z)` is exact, then one rounding of the
 //! product, as compressed-tensors' `dequantize` does with f32 scales.
@@ -37,6 +48,8 @@ struct Group {
     group_size: Option<usize>,
     block: Option<[usize; 2]>,
     symmetric: bool,
+    /// `actorder: "group"` (or `true`, `"dynamic"`): `weight_g_idx` is stored.
+    g_idx: bool,
 }
 
 /// A `targets`/`ignore` entry: a module name, `re:<regex>` (matched from the
@@ -76,8 +89,8 @@ impl Target {
     }
 }
 
-const FORMATS: &str =
-    "pack-quantized, float-quantized, naive-quantized, int-quantized, dense, mixed-precision";
+const FORMATS: &str = "pack-quantized, float-quantized, naive-quantized, int-quantized, \
+     nvfp4-pack-quantized, mxfp4-pack-quantized, dense, mixed-precision";
 
 fn targets(config: &Config, key: &str, v: Option<&Value>) -> Result<Vec<Target>> {
     match v {
@@ -153,15 +166,19 @@ fn parse_groups(config: &Config, q: &Value) -> Result<Vec<Group>> {
             }
             _ => None,
         };
-        if w.get("actorder")
-            .is_some_and(|a| !a.is_null() && a != false)
-        {
-            return Err(Error::key(
-                path,
-                &key("weights.actorder"),
-                "activation ordering (`weight_g_idx`) is not supported for compressed-tensors checkpoints",
-            ));
-        }
+        let g_idx = match w.get("actorder") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(Value::String(a)) if a == "group" || a == "dynamic" => true,
+            Some(Value::String(a)) if a == "weight" || a == "static" => false,
+            Some(other) => {
+                return Err(Error::key(
+                    path,
+                    &key("weights.actorder"),
+                    format!("is {other}; expected `group`, `weight` or null"),
+                ))
+            }
+        };
         out.push(Group {
             name: name.clone(),
             targets: targets(config, &key("targets"), g.get("targets"))?,
@@ -176,6 +193,7 @@ fn parse_groups(config: &Config, q: &Value) -> Result<Vec<Group>> {
             group_size,
             block,
             symmetric: w.get("symmetric").and_then(Value::as_bool).unwrap_or(true),
+            g_idx,
         });
     }
     for g in &out {
@@ -186,6 +204,8 @@ fn parse_groups(config: &Config, q: &Value) -> Result<Vec<Group>> {
                 | "float-quantized"
                 | "naive-quantized"
                 | "int-quantized"
+                | "nvfp4-pack-quantized"
+                | "mxfp4-pack-quantized"
                 | "dense"
                 | "mixed-precision"
         ) {
@@ -252,7 +272,9 @@ pub(crate) fn plan(
                 )
             })?;
         let logical = format!("{module}.weight");
-        let v = if packed {
+        let v = if packed && weights.raw(name)?.0 == "U8" {
+            fp4_virtual(weights, &path, module, group)?
+        } else if packed {
             packed_virtual(weights, &path, module, group)?
         } else {
             scaled_virtual(weights, &path, module, group)?
@@ -296,7 +318,7 @@ fn scale_grid(
     let (rb, cb, want): (usize, usize, Vec<usize>) = match group.strategy.as_str() {
         "tensor" => (rows.max(1), cols.max(1), vec![1]),
         "channel" => (1, cols.max(1), vec![rows, 1]),
-        "group" => {
+        "group" | "tensor_group" => {
             let g = group
                 .group_size
                 .filter(|&g| g > 0)
@@ -393,6 +415,145 @@ fn scaled_virtual(
     })
 }
 
+/// `nvfp4-pack-quantized` / `mxfp4-pack-quantized`: FP4 e2m1 nibbles with
+/// FP8 scales of 16 columns and a global scale, or e8m0 scales of 32 columns.
+fn fp4_virtual(
+    weights: &Weights,
+    path: &std::path::Path,
+    module: &str,
+    group: &Group,
+) -> Result<Virtual> {
+    let name = format!("{module}.weight_packed");
+    let (_, pshape, _) = weights.raw(&name)?;
+    let fmt = group.format.as_deref().unwrap_or("dense");
+    let nv = match fmt {
+        "nvfp4-pack-quantized" => true,
+        "mxfp4-pack-quantized" => false,
+        other => {
+            return Err(bad(
+                path,
+                &name,
+                format!(
+                    "is U8 (packed FP4), but config group `{}` has format `{other}` \
+                     (FP4 needs nvfp4-pack-quantized or mxfp4-pack-quantized)",
+                    group.name
+                ),
+            ))
+        }
+    };
+    if !group.float || group.num_bits != 4 || !group.symmetric {
+        return Err(bad(
+            path,
+            &name,
+            format!(
+                "is packed FP4, but config group `{}` quantises weights to {}{} bits{}",
+                group.name,
+                if group.float { "float " } else { "int " },
+                group.num_bits,
+                if group.symmetric { "" } else { ", asymmetric" }
+            ),
+        ));
+    }
+    let (rows, half) = shape2(path, &name, pshape)?;
+    let cols = half
+        .checked_mul(2)
+        .ok_or_else(|| bad(path, &name, "is too large"))?;
+    let g = if nv { 16 } else { 32 };
+    if group.group_size != Some(g) || cols % g != 0 {
+        return Err(bad(
+            path,
+            &name,
+            format!(
+                "holds [{rows}, {cols}] FP4 values; {fmt} needs group_size {g} (config group `{}` has {:?}) dividing the columns",
+                group.name, group.group_size
+            ),
+        ));
+    }
+    let mut parts = vec![name.clone()];
+    let sname = format!("{module}.weight_shape");
+    if weights.contains(&sname) {
+        let (stag, sshape, sbytes) = weights.raw(&sname)?;
+        let dims: Vec<u64> = match stag {
+            "I64" => sbytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            "I32" => sbytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as u64)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if sshape != [2] || dims != [rows as u64, cols as u64] {
+            return Err(bad(
+                weights.file_of(&sname),
+                &sname,
+                format!(
+                    "is {stag} {sshape:?} {dims:?}, but `{name}` holds [{rows}, {cols}] FP4 values"
+                ),
+            ));
+        }
+        parts.push(sname);
+    }
+    let scale = format!("{module}.weight_scale");
+    if !weights.contains(&scale) {
+        return Err(Error::TensorMissing {
+            dir: weights.dir().to_path_buf(),
+            tensor: scale,
+        });
+    }
+    let (stag, sshape, _) = weights.raw(&scale)?;
+    let want_tag = if nv { "F8_E4M3" } else { "U8" };
+    if stag != want_tag || sshape != [rows, cols / g] {
+        return Err(bad(
+            weights.file_of(&scale),
+            &scale,
+            format!(
+                "should be {want_tag} [{rows}, {}] (one scale per {g} values of `{name}`), found {stag} {sshape:?}",
+                cols / g
+            ),
+        ));
+    }
+    parts.push(scale.clone());
+    let spec = if nv {
+        let global = format!("{module}.weight_global_scale");
+        if !weights.contains(&global) {
+            return Err(Error::TensorMissing {
+                dir: weights.dir().to_path_buf(),
+                tensor: global,
+            });
+        }
+        let gpath = weights.file_of(&global).to_path_buf();
+        let (gtag, gshape, _) = weights.raw(&global)?;
+        let gdtype = float_dtype(&gpath, &global, gtag)?;
+        if gshape.iter().product::<usize>() != 1 {
+            return Err(bad(
+                &gpath,
+                &global,
+                format!("has shape {gshape:?}; a global scale holds one value"),
+            ));
+        }
+        parts.push(global.clone());
+        Spec::Nvfp4 {
+            scales: scale,
+            global: (global, gdtype),
+        }
+    } else {
+        Spec::Mxfp4 {
+            scales: scale,
+            blocks_range: (0, rows * half),
+            scales_range: (0, rows * (cols / g)),
+        }
+    };
+    Ok(Virtual {
+        shape: vec![rows, cols],
+        dtype: Dtype::Quantized(if nv { "nvfp4" } else { "mxfp4" }),
+        main: name,
+        parts,
+        spec,
+    })
+}
+
 fn packed_virtual(
     weights: &Weights,
     path: &std::path::Path,
@@ -455,6 +616,53 @@ fn packed_virtual(
     let rows = prows;
     let (scale, groups) = scale_grid(weights, module, group, rows, cols)?;
     let mut parts = vec![name.clone(), sname, scale.name.clone()];
+    let g_idx = if group.g_idx {
+        let gname = format!("{module}.weight_g_idx");
+        if group.strategy != "group" {
+            return Err(bad(
+                path,
+                &name,
+                format!(
+                    "config group `{}` orders activations (actorder) with strategy `{}`; only `group` has a g_idx",
+                    group.name, group.strategy
+                ),
+            ));
+        }
+        if !weights.contains(&gname) {
+            return Err(Error::TensorMissing {
+                dir: weights.dir().to_path_buf(),
+                tensor: gname,
+            });
+        }
+        let (gtag, gshape, gbytes) = weights.raw(&gname)?;
+        let gpath = weights.file_of(&gname);
+        if gtag != "I32" || gshape != [cols] {
+            return Err(bad(
+                gpath,
+                &gname,
+                format!("should be I32 [{cols}] (the group of each input column), found {gtag} {gshape:?}"),
+            ));
+        }
+        if let Some((k, v)) = gbytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .enumerate()
+            .find(|(_, v)| usize::try_from(*v).map_or(true, |v| v >= groups))
+        {
+            return Err(bad(
+                gpath,
+                &gname,
+                format!(
+                    "column {k} names group {v}; `{}` has {groups} groups",
+                    scale.name
+                ),
+            ));
+        }
+        parts.push(gname.clone());
+        Some(gname)
+    } else {
+        None
+    };
     let zero = if group.symmetric {
         None
     } else {
@@ -498,6 +706,7 @@ fn packed_virtual(
             words_per_row: pcols,
             scale,
             zero,
+            g_idx,
         },
     })
 }

@@ -10,7 +10,8 @@
 //! dequantised ahead of time.
 //!
 //! - [`compressed`]: compressed-tensors (llm-compressor / vLLM):
-//!   `float-quantized` FP8, `pack-quantized` and `naive-quantized` integers;
+//!   `float-quantized` FP8, `pack-quantized` and `naive-quantized` integers
+//!   (with act-order `weight_g_idx`), NVFP4 and MXFP4 packing;
 //! - [`gguf`]: llama.cpp GGUF files, dequantised with candle's block types;
 //! - [`gptq`]: GPTQ (incl. act-order `g_idx`, v1 zero offset) and AWQ int4;
 //! - [`mxfp4`]: MXFP4 expert blocks (gpt-oss), registered by the family adapter.
@@ -74,6 +75,14 @@ pub(crate) enum Spec {
         scale: GridSpec,
         /// Zero points packed along dim 0: `[ceil(rows·bits/32), groups]`.
         zero: Option<(String, usize)>,
+        /// Activation order: int32 `[cols]`, the scale group of each column.
+        g_idx: Option<String>,
+    },
+    /// compressed-tensors NVFP4: FP4 nibbles `[R, K/2]`, FP8 e4m3 scales
+    /// `[R, K/16]` and one global scale: `fp4 · (s / global)`.
+    Nvfp4 {
+        scales: String,
+        global: (String, Dtype),
     },
     /// GPTQ / AWQ: the transposed weight packed in int32 words.
     Transposed {
@@ -111,7 +120,10 @@ pub(crate) enum Decoder<'a> {
         words_per_row: usize,
         scale: Grid<'a>,
         zero: Option<(&'a [u8], usize)>,
+        g_idx: Option<&'a [u8]>,
     },
+    /// See [`Spec::Nvfp4`]: the scales and the global scale.
+    Nvfp4 { scales: &'a [u8], global: f32 },
     /// See [`Spec::Gguf`].
     Gguf(candle_core::quantized::GgmlDType),
     /// See [`Spec::Mxfp4`] (the scales of the slab).
@@ -142,7 +154,13 @@ pub(crate) struct Grid<'a> {
 impl Grid<'_> {
     #[inline]
     fn at(&self, r: usize, c: usize) -> f32 {
-        let i = (r / self.row_block) * self.row_stride + (c / self.col_block) * self.col_stride;
+        self.at_group(r, c / self.col_block)
+    }
+
+    /// The value of row `r` in column group `g`.
+    #[inline]
+    fn at_group(&self, r: usize, g: usize) -> f32 {
+        let i = (r / self.row_block) * self.row_stride + g * self.col_stride;
         scalar(self.bytes, self.dtype, i)
     }
 }
@@ -186,6 +204,9 @@ impl Decoder<'_> {
         match *self {
             Decoder::Gguf(ty) => gguf::read(ty, bytes, start, out),
             Decoder::Mxfp4(scales) => mxfp4::read(bytes, scales, cols, start, out),
+            Decoder::Nvfp4 { scales, global } => {
+                mxfp4::read_nvfp4(bytes, scales, global, cols, start, out)
+            }
             Decoder::Transposed {
                 layout,
                 bits,
@@ -225,6 +246,7 @@ impl Decoder<'_> {
                 words_per_row,
                 scale,
                 zero,
+                g_idx,
             } => {
                 let offset = 1i32 << (bits - 1);
                 let row_bytes = words_per_row * 4;
@@ -233,12 +255,22 @@ impl Decoder<'_> {
                     let (r, c) = (idx / cols, idx % cols);
                     let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
                     let q = bits_at(row, c * bits as usize, bits) as i32 - offset;
+                    // The scale group of column `c` (validated < groups at registration).
+                    let group = match g_idx {
+                        Some(gi) => i32::from_le_bytes([
+                            gi[c * 4],
+                            gi[c * 4 + 1],
+                            gi[c * 4 + 2],
+                            gi[c * 4 + 3],
+                        ]) as usize,
+                        None => c / scale.col_block,
+                    };
                     let z = match zero {
                         None => 0,
                         Some((zb, groups)) => {
                             // Packed along dim 0: row `r` of column `g` is bit r·bits of
                             // the column's word stream [w0·groups + g, w1·groups + g, ...].
-                            let g = (c / scale.col_block) * scale.col_stride;
+                            let g = group * scale.col_stride;
                             let bit = r * bits as usize;
                             let w = bit / 32;
                             let word = |w: usize| -> u64 {
@@ -251,7 +283,7 @@ impl Decoder<'_> {
                             ((pair >> (bit % 32)) & ((1u64 << bits) - 1)) as i32 - offset
                         }
                     };
-                    *o = (q - z) as f32 * scale.at(r, c);
+                    *o = (q - z) as f32 * scale.at_group(r, group);
                 }
             }
         }
@@ -324,6 +356,7 @@ pub(crate) fn decoder<'a>(w: &'a Weights, v: &'a Virtual) -> Result<(Decoder<'a>
             words_per_row,
             scale,
             zero,
+            g_idx,
         } => Decoder::Packed {
             bits: *bits,
             words_per_row: *words_per_row,
@@ -332,6 +365,14 @@ pub(crate) fn decoder<'a>(w: &'a Weights, v: &'a Virtual) -> Result<(Decoder<'a>
                 Some((name, groups)) => Some((bytes(name)?, *groups)),
                 None => None,
             },
+            g_idx: g_idx.as_deref().map(bytes).transpose()?,
+        },
+        Spec::Nvfp4 {
+            scales,
+            global: (global, dtype),
+        } => Decoder::Nvfp4 {
+            scales: bytes(scales)?,
+            global: scalar(bytes(global)?, *dtype, 0),
         },
     };
     Ok((d, main))

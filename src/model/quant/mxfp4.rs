@@ -42,6 +42,27 @@ pub(crate) fn read(blocks: &[u8], scales: &[u8], k: usize, start: usize, out: &m
     }
 }
 
+/// Decodes elements `start..start + out.len()` of a compressed-tensors
+/// NVFP4 `[R, K]` weight: `packed` holds its `R·K/2` bytes (low nibble
+/// first), `scales` its `R·K/16` FP8 e4m3 scales; `value = fp4 · (s / global)`
+/// in f32, as compressed-tensors' `dequantize` computes it with f32 scales.
+pub(crate) fn read_nvfp4(
+    packed: &[u8],
+    scales: &[u8],
+    global: f32,
+    k: usize,
+    start: usize,
+    out: &mut [f32],
+) {
+    for (o, idx) in out.iter_mut().zip(start..) {
+        let (r, j) = (idx / k, idx % k);
+        let b = packed[r * (k / 2) + j / 2];
+        let nib = if j % 2 == 0 { b & 0x0f } else { b >> 4 };
+        let s = crate::model::safetensors::fp8_e4m3_to_f32(scales[r * (k / 16) + j / 16]);
+        *o = FP4_VALUES[nib as usize] * (s / global);
+    }
+}
+
 /// Registers expert `e`'s `[R, K]` slab of `X_blocks`/`X_scales` under
 /// `name(e)`, for every expert, after checking both tensors' dtypes and shapes.
 pub fn register_experts(
