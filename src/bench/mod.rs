@@ -7,6 +7,7 @@
 //! [`crate::report::bench`] renders.
 
 pub mod harness;
+pub mod llama_cpp;
 pub mod moe_layer;
 pub mod probe;
 pub mod routing;
