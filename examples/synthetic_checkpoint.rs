@@ -1,18 +1,21 @@
-//! Writes a synthetic Mixtral-layout checkpoint (MoE layers only), e.g. to
-//! measure memory on a deep model:
+//! Writes a synthetic Mixtral-layout checkpoint (MoE layers only, or with
+//! `VOCAB HEADS KV_HEADS` a whole model: embeddings, attention, norms and
+//! head, which the forward pass runs), e.g. to measure memory on a deep model:
 //!
 //! ```sh
 //! cargo run --release --example synthetic_checkpoint -- /tmp/synth 32 8 1024 3584 BF16
 //! /usr/bin/time -v cargo-moe-inspect analyze --model /tmp/synth
+//! cargo run --release --example synthetic_checkpoint -- /tmp/deep 32 8 1024 3584 BF16 32000 16 8
+//! /usr/bin/time -v cargo-moe-inspect trace --model /tmp/deep --prompt "..." -o /tmp/t.safetensors
 //! ```
 
-use moe_inspect::bench::synthetic::{write_checkpoint, Geometry};
+use moe_inspect::bench::synthetic::{write_model, FullModel, Geometry};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() != 6 {
+    if args.len() != 6 && args.len() != 9 {
         eprintln!(
-            "usage: synthetic_checkpoint DIR LAYERS EXPERTS HIDDEN INTERMEDIATE F32|F16|BF16"
+            "usage: synthetic_checkpoint DIR LAYERS EXPERTS HIDDEN INTERMEDIATE F32|F16|BF16 [VOCAB HEADS KV_HEADS]"
         );
         std::process::exit(2);
     }
@@ -39,7 +42,12 @@ fn main() {
         intermediate: num(4),
         dtype,
     };
-    if let Err(e) = write_checkpoint(std::path::Path::new(&args[0]), &g, 7) {
+    let full = (args.len() == 9).then(|| FullModel {
+        vocab: num(6),
+        heads: num(7),
+        kv_heads: num(8),
+    });
+    if let Err(e) = write_model(std::path::Path::new(&args[0]), &g, full, 7) {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
