@@ -136,7 +136,7 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
         vec![
             "analyze",
             "--model",
-            "fixtures/families/glm4_moe",
+            "fixtures/families/phimoe",
             "--analyses",
             "dynamic",
             "--token-ids",
@@ -150,6 +150,22 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
             "{stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn glm_and_minimax_run_the_dynamic_analyses_natively() {
+    // Their forward pass matches transformers (tests/forward_reference.rs);
+    // here the commands that need it run end to end.
+    for name in ["glm4_moe", "minimax_m2"] {
+        let dir = format!("fixtures/families/{name}");
+        let json: serde_json::Value = serde_json::from_str(&analysis_json(&dir, "all")).unwrap();
+        let text = json.to_string();
+        assert!(
+            text.contains("\"output-similarity\"") && text.contains("\"expert-similarity\""),
+            "{name}: {text}"
+        );
+        assert!(!text.contains("NaN"), "{name}");
     }
 }
 
@@ -170,8 +186,10 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 9);
-    assert!(native.contains(&"granitemoe"));
+    assert_eq!(native.len(), 11);
+    for f in ["granitemoe", "glm4_moe", "minimax_m2"] {
+        assert!(native.contains(&f), "{f}");
+    }
 }
 
 /// The `analyses` part of `analyze --format json` (the rest names the model and family).
@@ -240,7 +258,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, _, stderr) = run(&[
         "snapshot",
         "--model",
-        "fixtures/families/glm4_moe",
+        "fixtures/families/deepseek_v32",
         "--golden-dir",
         g,
         "--name",
@@ -251,7 +269,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, stdout, stderr) = run(&[
         "check",
         "--model",
-        "fixtures/families/glm4_moe",
+        "fixtures/families/deepseek_v32",
         "--golden-dir",
         g,
         "--name",
@@ -262,7 +280,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, _, stderr) = run(&[
         "snapshot",
         "--model",
-        "fixtures/families/glm4_moe",
+        "fixtures/families/deepseek_v32",
         "--golden-dir",
         g,
         "--name",

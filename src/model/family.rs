@@ -392,6 +392,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         correction_bias: Some("mlp.gate.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
         groups: Groups::Always,
+        native_forward: true,
         dense_from: "first_k_dense_replace",
         ..BASE
     },
@@ -452,6 +453,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         per_expert: Some(BSM_EXPERTS),
         correction_bias: Some("block_sparse_moe.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, top-k, renormalised",
+        native_forward: true,
         ..BASE
     },
     FamilySpec {
@@ -660,6 +662,10 @@ impl Family {
     pub const DeepSeekV2: Family = Family(6);
     /// DeepSeek-V3 (`deepseek_v3`, and Kimi-K2).
     pub const DeepSeekV3: Family = Family(7);
+    /// GLM-4.5 / GLM-4.6 (`glm4_moe`).
+    pub const Glm4Moe: Family = Family(9);
+    /// MiniMax-M2 (`minimax_m2`).
+    pub const MiniMaxM2: Family = Family(13);
     /// IBM Granite MoE (`granitemoe`).
     pub const GraniteMoe: Family = Family(18);
 
@@ -669,7 +675,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 11] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -678,6 +684,8 @@ impl Family {
         Family::Olmoe,
         Family::DeepSeekV2,
         Family::DeepSeekV3,
+        Family::Glm4Moe,
+        Family::MiniMaxM2,
         Family::GraniteMoe,
     ];
 
@@ -1528,6 +1536,8 @@ mod tests {
                 "olmoe",
                 "deepseek_v2",
                 "deepseek_v3",
+                "glm4_moe",
+                "minimax_m2",
                 "granitemoe"
             ]
         );
