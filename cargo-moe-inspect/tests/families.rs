@@ -78,6 +78,16 @@ fn granite_hub_and_transformers_5_layouts_give_the_same_analyses() {
 }
 
 #[test]
+fn longcat_hub_and_transformers_5_layouts_give_the_same_analyses() {
+    // Hub: per-expert, with unused gate/up slots of the 3 zero experts;
+    // transformers 5: gate_up_proj [8 + 3, 2I, H], down_proj [8, H, I].
+    let a = analysis_json("fixtures/families/longcat_flash", "static");
+    let b = analysis_json("fixtures/fused/longcat_flash", "static");
+    assert!(a.contains("\"gate-embedding\""));
+    assert_eq!(a, b);
+}
+
+#[test]
 fn the_fused_twin_traces_the_same_routing() {
     let dir = tempfile::tempdir().unwrap();
     let mut traces = Vec::new();
