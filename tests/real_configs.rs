@@ -120,3 +120,60 @@ fn qwen_decoder_sparse_step_and_deepseek_moe_layer_freq_select_layers() {
     assert_eq!(info.moe_layers, vec![2, 4, 6]);
     assert_eq!(info.shared_intermediate, 0);
 }
+
+// ---- families of the table (issue 13); provenance in tests/data/real-configs/README.md ----
+
+/// The family of a real config, by its id, with the geometry the analyses use.
+fn family_info(name: &str) -> ModelInfo {
+    ModelInfo::from_config(&config(name)).unwrap()
+}
+
+#[test]
+fn gpt_oss_20b_reads_num_local_experts_and_four_per_token() {
+    let info = family_info("gpt-oss-20b.json");
+    assert_eq!(info.family.id(), "gpt_oss");
+    assert_eq!(info.num_layers, 24);
+    // Every layer is MoE (gpt-oss has no dense layers; sliding/full alternate in attention only).
+    assert_eq!(info.moe_layers, (0..24).collect::<Vec<_>>());
+    assert!(info.dense_layers.is_empty());
+    assert_eq!((info.num_experts, info.top_k), (32, 4));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (2880, 2880));
+    assert_eq!(info.shared_intermediate, 0);
+    assert_eq!(info.dense_intermediate, None);
+}
+
+#[test]
+fn gpt_oss_120b_has_128_experts_over_36_layers() {
+    let info = family_info("gpt-oss-120b.json");
+    assert_eq!(info.family.id(), "gpt_oss");
+    assert_eq!(info.num_layers, 36);
+    assert_eq!(info.moe_layers, (0..36).collect::<Vec<_>>());
+    assert_eq!((info.num_experts, info.top_k), (128, 4));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (2880, 2880));
+}
+
+#[test]
+fn glm_4_5_air_has_a_dense_first_layer_and_one_shared_expert() {
+    let info = family_info("glm-4.5-air.json");
+    assert_eq!(info.family.id(), "glm4_moe");
+    assert_eq!(info.num_layers, 46);
+    assert_eq!(info.dense_layers, vec![0]);
+    assert_eq!(info.moe_layers, (1..46).collect::<Vec<_>>());
+    assert_eq!((info.num_experts, info.top_k), (128, 8));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (4096, 1408));
+    assert_eq!(info.shared_intermediate, 1408);
+    assert_eq!(info.dense_intermediate, Some(10944));
+}
+
+#[test]
+fn a_released_config_with_an_unknown_model_type_is_its_architectures_class() {
+    // Kimi-K2 ships `model_type: kimi_k2` with `DeepseekV3ForCausalLM`; the
+    // same rule reads GLM-4.5-Air renamed as its architectures class.
+    let path = Path::new("tests/data/real-configs/glm-4.5-air.json");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
+    let renamed = text.replace("\"glm4_moe\"", "\"glm4_moe_renamed\"");
+    assert_ne!(renamed, text);
+    let info = ModelInfo::from_config(&Config::parse(path, renamed.as_bytes()).unwrap()).unwrap();
+    assert_eq!(info.family.id(), "glm4_moe");
+    assert_eq!(info.moe_layers.len(), 45);
+}

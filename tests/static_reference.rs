@@ -344,7 +344,7 @@ fn fp8_block_scaled_weights_are_dequantised_for_the_static_analyses() {
 #[test]
 fn the_new_families_are_read_as_their_own_family_and_layout() {
     // Families whose hub layout stacks the experts.
-    let fused = ["gpt_oss", "llama4", "granitemoe"];
+    let fused = ["gpt_oss", "llama4", "granitemoe", "dbrx"];
     for name in FAMILY_FIXTURES {
         let model = Model::open(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let id = reference(name)["family"].as_str().unwrap().to_string();
@@ -356,7 +356,7 @@ fn the_new_families_are_read_as_their_own_family_and_layout() {
         );
         assert_eq!(
             model.info.family.native_forward(),
-            id == "granitemoe",
+            ["granitemoe", "glm4_moe", "minimax_m2"].contains(&id.as_str()),
             "{name}: native forward"
         );
     }
@@ -364,4 +364,29 @@ fn the_new_families_are_read_as_their_own_family_and_layout() {
     let mm = Model::open(&fixture("families/llama4_multimodal")).unwrap();
     assert_eq!(mm.naming().prefix, "language_model.model.layers.");
     assert!(mm.config.get("text_config").is_some() && mm.config.get("num_hidden_layers").is_none());
+    // DBRX: `transformer.blocks.`, d_model / n_layers / ffn_config.*, the
+    // three [E·I, H] stacks viewed per expert (down transposed, strided).
+    let dbrx = Model::open(&fixture("families/dbrx")).unwrap();
+    assert_eq!(dbrx.naming().prefix, "transformer.blocks.");
+    let l = dbrx.moe_layer(0).unwrap();
+    assert_eq!(l.experts.len(), 8);
+    assert_eq!(l.experts[3].gate.shape.to_vec(), vec![16, 32]);
+    assert_eq!(l.experts[3].down.shape.to_vec(), vec![32, 16]);
+    assert!(!l.experts[3].down.is_contiguous());
+    // LongCat-Flash: a router of 8 + 3 rows (3 zero experts), viewed as the
+    // 8 routed experts' rows; E = n_routed_experts, the unused gate/up slots
+    // of experts 8..10 in the file are not experts.
+    let lc = Model::open(&fixture("families/longcat_flash")).unwrap();
+    assert_eq!(
+        lc.weights()
+            .shape("model.layers.0.mlp.router.classifier.weight")
+            .unwrap(),
+        &[11, 32]
+    );
+    assert!(lc
+        .weights()
+        .contains("model.layers.0.mlp.experts.10.gate_proj.weight"));
+    let l = lc.moe_layer(1).unwrap();
+    assert_eq!(l.router.shape.to_vec(), vec![8, 32]);
+    assert_eq!(l.experts.len(), 8);
 }

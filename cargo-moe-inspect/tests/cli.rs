@@ -79,7 +79,9 @@ fn models_lists_every_family() {
             "ernie4_5_moe",
             "hunyuan_v1_moe",
             "granitemoe",
-            "flex_olmo"
+            "flex_olmo",
+            "dbrx",
+            "longcat_flash"
         ]
     );
     // A format `models` cannot write is refused, not answered with the table.

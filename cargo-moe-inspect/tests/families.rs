@@ -78,6 +78,16 @@ fn granite_hub_and_transformers_5_layouts_give_the_same_analyses() {
 }
 
 #[test]
+fn longcat_hub_and_transformers_5_layouts_give_the_same_analyses() {
+    // Hub: per-expert, with unused gate/up slots of the 3 zero experts;
+    // transformers 5: gate_up_proj [8 + 3, 2I, H], down_proj [8, H, I].
+    let a = analysis_json("fixtures/families/longcat_flash", "static");
+    let b = analysis_json("fixtures/fused/longcat_flash", "static");
+    assert!(a.contains("\"gate-embedding\""));
+    assert_eq!(a, b);
+}
+
+#[test]
 fn the_fused_twin_traces_the_same_routing() {
     let dir = tempfile::tempdir().unwrap();
     let mut traces = Vec::new();
@@ -136,7 +146,7 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
         vec![
             "analyze",
             "--model",
-            "fixtures/families/glm4_moe",
+            "fixtures/families/phimoe",
             "--analyses",
             "dynamic",
             "--token-ids",
@@ -150,6 +160,22 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
             "{stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn glm_and_minimax_run_the_dynamic_analyses_natively() {
+    // Their forward pass matches transformers (tests/forward_reference.rs);
+    // here the commands that need it run end to end.
+    for name in ["glm4_moe", "minimax_m2"] {
+        let dir = format!("fixtures/families/{name}");
+        let json: serde_json::Value = serde_json::from_str(&analysis_json(&dir, "all")).unwrap();
+        let text = json.to_string();
+        assert!(
+            text.contains("\"output-similarity\"") && text.contains("\"expert-similarity\""),
+            "{name}: {text}"
+        );
+        assert!(!text.contains("NaN"), "{name}");
     }
 }
 
@@ -170,8 +196,10 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 9);
-    assert!(native.contains(&"granitemoe"));
+    assert_eq!(native.len(), 11);
+    for f in ["granitemoe", "glm4_moe", "minimax_m2"] {
+        assert!(native.contains(&f), "{f}");
+    }
 }
 
 /// The `analyses` part of `analyze --format json` (the rest names the model and family).
@@ -240,7 +268,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, _, stderr) = run(&[
         "snapshot",
         "--model",
-        "fixtures/families/glm4_moe",
+        "fixtures/families/deepseek_v32",
         "--golden-dir",
         g,
         "--name",
@@ -251,7 +279,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, stdout, stderr) = run(&[
         "check",
         "--model",
-        "fixtures/families/glm4_moe",
+        "fixtures/families/deepseek_v32",
         "--golden-dir",
         g,
         "--name",
@@ -262,7 +290,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, _, stderr) = run(&[
         "snapshot",
         "--model",
-        "fixtures/families/glm4_moe",
+        "fixtures/families/deepseek_v32",
         "--golden-dir",
         g,
         "--name",

@@ -35,7 +35,7 @@ pub(super) fn rope_tables(
 }
 
 /// Half-split (`rotate_half`) rotary embedding of `x` `[heads, tokens, d]`.
-fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+pub(super) fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
     let d = x.dim(D::Minus1)?;
     let (x1, x2) = (
         x.narrow(D::Minus1, 0, d / 2)?,
@@ -191,8 +191,9 @@ impl Forward<'_> {
                         eps,
                     )?;
                 }
-                let qh = rope_half(&qh, cos, sin)?;
-                let kh = rope_half(&kh, cos, sin)?;
+                // The whole head, or its first dims (GLM-4.5's partial rotary).
+                let qh = super::glm::rope_leading(&qh, cos, sin)?;
+                let kh = super::glm::rope_leading(&kh, cos, sin)?;
                 let rep = heads / kv_heads;
                 let kh = repeat_kv(&kh, rep)?;
                 let vh = repeat_kv(&split_heads(&vx, *kv_heads)?, rep)?;

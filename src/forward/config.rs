@@ -81,6 +81,9 @@ pub struct ForwardConfig {
     pub shared_expert_gate: bool,
     /// Granite: attention and MLP outputs × this before the residual add.
     pub residual_multiplier: f64,
+    /// GLM-4.5: rotary embeddings on the first this many dims of each head
+    /// only (`partial_rotary_factor`); `None`: the whole head.
+    pub rotary_dim: Option<usize>,
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
@@ -215,7 +218,16 @@ impl ForwardConfig {
                     scale,
                 }
             }
-            // DeepSeek-V3 (Kimi-K2): the last native family (checked above).
+            // MiniMax-M2: sigmoid + correction bias, top-k, renormalised: V3's
+            // rule with one group and no scaling.
+            Family::MiniMaxM2 => Routing::DeepSeekV3 {
+                n_group: 1,
+                topk_group: 1,
+                renormalize: true,
+                scale: 1.0,
+            },
+            // DeepSeek-V3 (Kimi-K2) and GLM-4.5 (the remaining native
+            // families, checked above): sigmoid + correction bias, groups.
             _ => Routing::DeepSeekV3 {
                 n_group,
                 topk_group,
@@ -248,6 +260,9 @@ impl ForwardConfig {
                 qk_norm: match fam {
                     Family::Qwen3Moe => QkNorm::PerHead,
                     Family::Olmoe => QkNorm::Full,
+                    Family::Glm4Moe => super::glm::qk_norm(c)?,
+                    // MiniMax-M2 always norms q and k over the whole projection.
+                    Family::MiniMaxM2 => QkNorm::Full,
                     _ => QkNorm::None,
                 },
             },
@@ -299,6 +314,11 @@ impl ForwardConfig {
                 finite("residual_multiplier")?.unwrap_or(1.0)
             } else {
                 1.0
+            },
+            rotary_dim: if fam == Family::Glm4Moe || fam == Family::MiniMaxM2 {
+                super::glm::rotary_dim(c, head_dim)?
+            } else {
+                None
             },
         })
     }
@@ -369,6 +389,9 @@ mod tests {
             let Ok(info) = ModelInfo::from_config(&config) else {
                 continue; // the dense reference
             };
+            if !info.family.native_forward() {
+                continue; // static analyses only (gpt-oss)
+            }
             ForwardConfig::from_config(&config, &info)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }

@@ -6,6 +6,7 @@
 
 mod attention;
 pub mod config;
+mod glm;
 internal_mod!(expert_gemm);
 mod moe;
 pub mod observer;
@@ -332,7 +333,7 @@ impl<'m> Forward<'m> {
         }
         let max_t = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let rope_dim = match &self.cfg.attention {
-            AttentionKind::Standard { head_dim, .. } => *head_dim,
+            AttentionKind::Standard { head_dim, .. } => self.cfg.rotary_dim.unwrap_or(*head_dim),
             AttentionKind::Mla {
                 qk_rope_head_dim, ..
             } => *qk_rope_head_dim,

@@ -74,9 +74,22 @@ impl Config {
         &self.path
     }
 
-    /// The raw value of a key, treating JSON `null` as absent.
+    /// The raw value of a key, treating JSON `null` as absent. A dotted key
+    /// that is not itself a key (`ffn_config.moe_num_experts`, DBRX) names a
+    /// key of a nested object.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.map.get(key).filter(|v| !v.is_null())
+        match self.map.get(key) {
+            Some(v) => Some(v).filter(|v| !v.is_null()),
+            None if key.contains('.') => {
+                let mut parts = key.split('.');
+                let mut v = self.map.get(parts.next()?)?;
+                for p in parts {
+                    v = v.as_object()?.get(p)?;
+                }
+                Some(v).filter(|v| !v.is_null())
+            }
+            None => None,
+        }
     }
 
     /// A string value, if present.

@@ -39,6 +39,13 @@ pub enum FusedKind {
     /// Llama 4: `gate_up [E, H, 2I]` input-major, gate in columns `0..I`,
     /// up in `I..2I`; `down [E, I, H]`.
     ConcatColumns,
+    /// DBRX: gate (`w1`), up (`v1`, this tensor under the layer) and down
+    /// (`w2`) each `[E·I, H]`, expert `e` in rows `e·I..(e+1)·I`; the down
+    /// rows are the down matrix transposed (`x · w2[e]`, not `x · w2[e]ᵀ`).
+    RowStacks {
+        /// The stacked up tensor under the layer.
+        up: &'static str,
+    },
 }
 
 /// A fused-expert layout: the router and the two stacked expert tensors.
@@ -143,6 +150,14 @@ pub struct FamilySpec {
     pub width_keys: &'static [&'static str],
     /// Key of the dense MLP width of non-MoE layers.
     pub dense_width_key: &'static str,
+    /// Key of the number of decoder layers (`num_hidden_layers`; DBRX `n_layers`).
+    pub layers_key: &'static str,
+    /// Key of the hidden size (`hidden_size`; DBRX `d_model`).
+    pub hidden_key: &'static str,
+    /// Key of the number of zero-computation (identity) experts routed beside
+    /// the FFN experts (LongCat-Flash `zero_expert_num`): the router has that
+    /// many extra rows, after the routed experts'.
+    pub zero_experts_key: Option<&'static str>,
     /// Shared experts.
     pub shared: Shared,
     /// Which layers are MoE.
@@ -201,6 +216,9 @@ const BASE: FamilySpec = FamilySpec {
     top_k_keys: TOPK,
     width_keys: W_MOE,
     dense_width_key: "intermediate_size",
+    layers_key: "num_hidden_layers",
+    hidden_key: "hidden_size",
+    zero_experts_key: None,
     shared: Shared::None,
     layers: LayerRule::All,
     router: "mlp.gate.weight",
@@ -374,6 +392,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         correction_bias: Some("mlp.gate.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
         groups: Groups::Always,
+        native_forward: true,
         dense_from: "first_k_dense_replace",
         ..BASE
     },
@@ -434,6 +453,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         per_expert: Some(BSM_EXPERTS),
         correction_bias: Some("block_sparse_moe.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, top-k, renormalised",
+        native_forward: true,
         ..BASE
     },
     FamilySpec {
@@ -551,6 +571,51 @@ pub static FAMILIES: &[FamilySpec] = &[
         router_rule: "softmax, top-k (norm_topk_prob)",
         ..BASE
     },
+    FamilySpec {
+        id: "dbrx",
+        name: "Dbrx",
+        model_types: &["dbrx"],
+        architectures: &["DbrxForCausalLM"],
+        examples: "dbrx-base, dbrx-instruct",
+        experts_keys: &["ffn_config.moe_num_experts"],
+        top_k_keys: &["ffn_config.moe_top_k"],
+        width_keys: &["ffn_config.ffn_hidden_size"],
+        layers_key: "n_layers",
+        hidden_key: "d_model",
+        router: "ffn.router.layer.weight",
+        per_expert: None,
+        fused: &[Fused {
+            router: "ffn.router.layer.weight",
+            gate_up: "ffn.experts.mlp.w1",
+            down: "ffn.experts.mlp.w2",
+            kind: FusedKind::RowStacks {
+                up: "ffn.experts.mlp.v1",
+            },
+        }],
+        router_rule: "softmax, top-k, divided by their p-norm (moe_normalize_expert_weights)",
+        ..BASE
+    },
+    FamilySpec {
+        id: "longcat_flash",
+        name: "LongcatFlash",
+        model_types: &["longcat_flash"],
+        architectures: &["LongcatFlashForCausalLM"],
+        examples: "LongCat-Flash-Chat, LongCat-Flash-Thinking",
+        experts_keys: &["n_routed_experts"],
+        top_k_keys: &["moe_topk"],
+        width_keys: &["expert_ffn_hidden_size"],
+        layers_key: "num_layers",
+        zero_experts_key: Some("zero_expert_num"),
+        router: "mlp.router.classifier.weight",
+        fused: &[Fused {
+            router: "mlp.router.classifier.weight",
+            ..FUSED_MLP
+        }],
+        correction_bias: Some("mlp.router.e_score_correction_bias"),
+        router_rule: "softmax over routed + zero (identity) experts, top-k by softmax + \
+                      e_score_correction_bias, × routed_scaling_factor; a zero expert returns its input",
+        ..BASE
+    },
 ];
 
 /// One row of `cargo moe-inspect models`.
@@ -597,6 +662,10 @@ impl Family {
     pub const DeepSeekV2: Family = Family(6);
     /// DeepSeek-V3 (`deepseek_v3`, and Kimi-K2).
     pub const DeepSeekV3: Family = Family(7);
+    /// GLM-4.5 / GLM-4.6 (`glm4_moe`).
+    pub const Glm4Moe: Family = Family(9);
+    /// MiniMax-M2 (`minimax_m2`).
+    pub const MiniMaxM2: Family = Family(13);
     /// IBM Granite MoE (`granitemoe`).
     pub const GraniteMoe: Family = Family(18);
 
@@ -606,7 +675,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 11] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -615,6 +684,8 @@ impl Family {
         Family::Olmoe,
         Family::DeepSeekV2,
         Family::DeepSeekV3,
+        Family::Glm4Moe,
+        Family::MiniMaxM2,
         Family::GraniteMoe,
     ];
 
@@ -683,6 +754,15 @@ impl Family {
                 FusedKind::GateUpRows => "[E,2I,H] gate|up rows, [E,H,I]",
                 FusedKind::InterleavedColumns => "[E,H,2I] gate/up interleaved, [E,I,H], biases",
                 FusedKind::ConcatColumns => "[E,H,2I] gate|up columns, [E,I,H]",
+                FusedKind::RowStacks { up } => {
+                    layouts.push(format!(
+                        "fused: {}, {} (gate) + {up} (up) + {} (down, transposed) each [E·I,H]",
+                        f.router.trim_end_matches(".weight"),
+                        f.gate_up,
+                        f.down
+                    ));
+                    continue;
+                }
             };
             let mut t = format!(
                 "fused: {}, {} + {} {shape}",
@@ -800,10 +880,11 @@ fn inferred() -> &'static std::sync::Mutex<Vec<&'static FamilySpec>> {
 
 /// Where decoder layers live: text checkpoints, and the text part of the
 /// multimodal releases (transformers 5, and the original Llama 4 / Qwen3.5 layout).
-pub const LAYER_PREFIXES: [&str; 3] = [
+pub const LAYER_PREFIXES: [&str; 4] = [
     "model.layers.",
     "model.language_model.layers.",
     "language_model.model.layers.",
+    "transformer.blocks.",
 ];
 
 /// The tensor names of one checkpoint: its family, where its layers live,
@@ -883,9 +964,13 @@ impl Naming {
 
     /// Every tensor of the routed experts of a layer (fused: the two stacked ones).
     pub fn expert_tensors(&self, layer: usize, experts: usize) -> Vec<String> {
-        if self.fused.is_some() {
+        if let Some(f) = self.fused_layout() {
             let [g, _, d] = self.expert(layer, 0);
-            vec![format!("{g}_bias"), format!("{d}_bias"), g, d]
+            let mut names = vec![format!("{g}_bias"), format!("{d}_bias"), g, d];
+            if let FusedKind::RowStacks { up } = f.kind {
+                names.push(self.layer(layer, up));
+            }
+            names
         } else {
             (0..experts).flat_map(|e| self.expert(layer, e)).collect()
         }
@@ -966,8 +1051,8 @@ impl ModelInfo {
     pub fn read(config: &Config, family: Family) -> Result<ModelInfo> {
         let spec = family.spec();
         let path = config.path();
-        let num_layers = config.usize_in("num_hidden_layers", 0, limits::LAYERS)?;
-        let hidden_size = config.usize_in("hidden_size", 1, limits::WIDTH)?;
+        let num_layers = config.usize_in(spec.layers_key, 0, limits::LAYERS)?;
+        let hidden_size = config.usize_in(spec.hidden_key, 1, limits::WIDTH)?;
         let experts_keys = spec.experts_keys;
         let num_experts = if experts_keys.len() == 1 {
             config.usize(experts_keys[0])?
@@ -1031,7 +1116,7 @@ impl ModelInfo {
         // error when none is left).
         let (moe_layers, dense_layers, dense_key): (Vec<usize>, Vec<usize>, &str) =
             match spec.layers {
-                LayerRule::All => ((0..num_layers).collect(), Vec::new(), "num_hidden_layers"),
+                LayerRule::All => ((0..num_layers).collect(), Vec::new(), spec.layers_key),
                 LayerRule::QwenSparse => {
                     let only: std::collections::BTreeSet<usize> =
                         config.usize_list("mlp_only_layers")?.into_iter().collect();
@@ -1138,7 +1223,7 @@ impl ModelInfo {
         };
         if moe_layers.is_empty() {
             let key = if num_layers == 0 {
-                "num_hidden_layers"
+                spec.layers_key
             } else {
                 dense_key
             };
@@ -1149,8 +1234,9 @@ impl ModelInfo {
                 path,
                 key,
                 format!(
-                    "is {value}: no MoE layer among the {num_layers} layers (num_hidden_layers); \
-                     there is nothing to analyse"
+                    "is {value}: no MoE layer among the {num_layers} layers ({}); \
+                     there is nothing to analyse",
+                    spec.layers_key
                 ),
             ));
         }
@@ -1450,6 +1536,8 @@ mod tests {
                 "olmoe",
                 "deepseek_v2",
                 "deepseek_v3",
+                "glm4_moe",
+                "minimax_m2",
                 "granitemoe"
             ]
         );

@@ -275,6 +275,9 @@ pub fn infer(config: &Config, weights: &Weights) -> Result<Inferred> {
         top_k_keys: &[],
         width_keys: &[],
         dense_width_key: "intermediate_size",
+        layers_key: "num_hidden_layers",
+        hidden_key: "hidden_size",
+        zero_experts_key: None,
         shared: if shared_width > 0 {
             Shared::One
         } else {

@@ -87,6 +87,9 @@ pub struct Model {
     dtype: Dtype,
     naming: Naming,
     notice: Option<String>,
+    /// Rows of the router: the routed experts, then any zero-computation
+    /// (identity) experts (LongCat-Flash), whose rows the analyses skip.
+    router_rows: usize,
 }
 
 impl Model {
@@ -166,6 +169,18 @@ impl Model {
         label: String,
     ) -> Result<Model> {
         let naming = detect_naming(&info, &weights);
+        let zero = match info.family.spec().zero_experts_key {
+            Some(key) => {
+                let text = config.text_config();
+                text.as_ref()
+                    .unwrap_or(&config)
+                    .usize_opt_in(key, 0, crate::model::config::limits::EXPERTS)?
+                    .unwrap_or(0)
+            }
+            None => 0,
+        };
+        // Both are at most limits::EXPERTS.
+        let router_rows = info.num_experts + zero;
         let mut model = Model {
             info,
             config,
@@ -174,6 +189,7 @@ impl Model {
             dtype: Dtype::F32,
             naming,
             notice: None,
+            router_rows,
         };
         model.check_layer_count()?;
         model.dtype = model.validate()?;
@@ -199,7 +215,7 @@ impl Model {
         if info.num_layers > held {
             return Err(Error::key(
                 self.config.path(),
-                "num_hidden_layers",
+                info.family.spec().layers_key,
                 format!(
                     "is {}, but the checkpoint holds tensors of {held} layers only",
                     info.num_layers
@@ -218,7 +234,7 @@ impl Model {
         let mut dtype = None;
         for &layer in &info.moe_layers {
             let router = self.naming.router(layer);
-            self.weights.expect_shape(&router, &[n, h])?;
+            self.weights.expect_shape(&router, &[self.router_rows, h])?;
             self.weights.tensor(&router)?;
             for e in 0..n {
                 match self.naming.expert_source(layer, e) {
@@ -239,10 +255,22 @@ impl Model {
                         let two_i = i.checked_mul(2).ok_or_else(|| {
                             Error::key(self.config.path(), "intermediate_size", "overflows")
                         })?;
-                        let (gu, d): ([usize; 3], [usize; 3]) = match kind {
-                            FusedKind::GateUpRows => ([n, two_i, h], [n, h, i]),
+                        let (gu, d): (Vec<usize>, Vec<usize>) = match kind {
+                            // Zero experts (LongCat) have gate/up slots too, no down.
+                            FusedKind::GateUpRows => {
+                                (vec![self.router_rows, two_i, h], vec![n, h, i])
+                            }
                             FusedKind::InterleavedColumns | FusedKind::ConcatColumns => {
-                                ([n, h, two_i], [n, i, h])
+                                (vec![n, h, two_i], vec![n, i, h])
+                            }
+                            FusedKind::RowStacks { up } => {
+                                let ni = n.checked_mul(i).ok_or_else(|| {
+                                    Error::key(self.config.path(), "intermediate_size", "overflows")
+                                })?;
+                                let up = self.naming.layer_tensor(layer, up);
+                                self.weights.expect_shape(&up, &[ni, h])?;
+                                self.weights.tensor(&up)?;
+                                (vec![ni, h], vec![ni, h])
                             }
                         };
                         self.weights.expect_shape(&gate_up, &gu)?;
@@ -316,9 +344,14 @@ impl Model {
             Some(names) if info.shared_intermediate > 0 => Some(self.swiglu(&names)?),
             _ => None,
         };
+        let mut router = self.weights.tensor(&self.naming.router(layer))?;
+        if self.router_rows > info.num_experts {
+            // The zero experts' rows come after the routed experts'.
+            router = router.part(0, &[info.num_experts, info.hidden_size])?;
+        }
         Ok(MoeLayerView {
             layer,
-            router: self.weights.tensor(&self.naming.router(layer))?,
+            router,
             experts,
             shared,
         })
@@ -364,6 +397,16 @@ impl Model {
                         up: gu.strided(first + i, i, h, 1, 2 * i)?,
                         down: d.strided(index * i * h, h, i, 1, h)?,
                     },
+                    FusedKind::RowStacks { up } => {
+                        let v = self.weights.tensor(&self.naming.layer_tensor(layer, up))?;
+                        let first = index * i * h;
+                        ExpertView {
+                            gate: gu.part(first, &[i, h])?,
+                            up: v.part(first, &[i, h])?,
+                            // down[r][c] = w2[e·I + c][r].
+                            down: d.strided(first, h, i, 1, h)?,
+                        }
+                    }
                 })
             }
         }

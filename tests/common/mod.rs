@@ -22,7 +22,7 @@ pub const MOE_FIXTURES: [&str; 8] = [
 
 /// The fixtures of the families added by the family table (issue 13), made
 /// by fixtures/make_family_fixtures.py with transformers 5: static analyses only.
-pub const FAMILY_FIXTURES: [&str; 13] = [
+pub const FAMILY_FIXTURES: [&str; 15] = [
     "families/deepseek_v32",
     "families/gpt_oss",
     "families/glm4_moe",
@@ -36,6 +36,8 @@ pub const FAMILY_FIXTURES: [&str; 13] = [
     "families/phimoe",
     "families/granitemoe",
     "families/flex_olmo",
+    "families/dbrx",
+    "families/longcat_flash",
 ];
 
 /// Every fixture with static reference values: the original families and the table's new ones.
