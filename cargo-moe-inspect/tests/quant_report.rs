@@ -322,8 +322,12 @@ fn quantised_routers_cause_the_flips() {
         }
     }
     check_weight_errors(&q, &base, cand.path(), &[1, 2], 8, |_| (0..8).collect());
+    let errors: Vec<f64> = ls
+        .iter()
+        .map(|l| num(&l["router_error"], "router_error"))
+        .collect();
     eprintln!(
-        "routers at 2 bits: flips {flips}, router {router}, upstream {upstream}; first layer {f} flips, share {share}"
+        "routers at 2 bits: router errors {errors:?}; flips {flips}, router {router}, upstream {upstream}; first layer {f} flips, share {share}"
     );
 }
 
