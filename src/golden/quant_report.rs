@@ -192,15 +192,17 @@ fn same_shape(a: &TensorView<'_>, b: &TensorView<'_>) -> Result<()> {
     Ok(())
 }
 
-fn finite(v: f64, a: &TensorView<'_>, b: &TensorView<'_>, a2: f64) -> Result<f64> {
-    if v.is_nan() || !a2.is_finite() {
+/// The relative error of sums `(Σ (b − a)², Σ a²)`, or the non-finite
+/// tensor named (the baseline's when its own sum is not finite).
+fn checked(d2: f64, a2: f64, a: &TensorView<'_>, b: &TensorView<'_>) -> Result<f64> {
+    if !(a2.is_finite() && d2.is_finite()) {
         let bad = if a2.is_finite() { b } else { a };
         return Err(Error::NonFinite {
             path: bad.path.to_path_buf(),
             tensor: bad.name.to_string(),
         });
     }
-    Ok(v)
+    Ok(relative(d2, a2))
 }
 
 /// `‖b − a‖ / ‖a‖`; 0 when both are zero, ∞ (JSON `null`) when only `a` is.
@@ -233,7 +235,7 @@ pub fn relative_error(a: &TensorView<'_>, b: &TensorView<'_>) -> Result<f64> {
             })
         })
         .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
-    finite(relative(d2, a2), a, b, a2)
+    checked(d2, a2, a, b)
 }
 
 /// The matching `check` uses: `perm[i]` of the candidate is expert `i` of
@@ -296,11 +298,11 @@ fn layer_errors(
     let mut rows = Vec::with_capacity(perm.len());
     for (i, &p) in perm.iter().enumerate() {
         let (d, a) = sq_sums(ra, rb, width, &[(i, p)])?;
-        rows.push(finite(relative(d, a), ra, rb, a)?);
+        rows.push(checked(d, a, ra, rb)?);
         d2 += d;
         a2 += a;
     }
-    let router = finite(relative(d2, a2), ra, rb, a2)?;
+    let router = checked(d2, a2, ra, rb)?;
     drop((va, vb));
     baseline.release_layer(layer);
     candidate.release_layer(layer);
@@ -680,4 +682,25 @@ pub fn quant_report(
         layers,
         attribution: Some(Attribution::new(flips_total, router_total)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_error_of_zero_matrices_and_attribution_shares() {
+        assert_eq!(relative(0.0, 0.0), 0.0);
+        assert_eq!(relative(1.0, 0.0), f64::INFINITY);
+        assert!((relative(1.0, 4.0) - 0.5).abs() < 1e-15);
+        let a = Attribution::new(8, 6);
+        assert_eq!((a.upstream_flips, a.router_share), (2, 0.75));
+        assert_eq!(Attribution::new(0, 0).router_share, 0.0);
+    }
+
+    #[test]
+    fn f64_logits_are_the_dot_products_of_the_router_rows() {
+        let w = [1.0f32, 2.0, -1.0, 0.5, 0.0, 3.0];
+        assert_eq!(logits(&w, &[2.0, 1.0, 1.0]), vec![3.0, 4.0]);
+    }
 }
