@@ -551,3 +551,35 @@ fn an_expert_without_tokens_is_flagged_by_calibration_coverage() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("--out"), "{}", r.stderr);
 }
+
+/// DeepSeek-V3: the candidate's correction bias of layer 1 (the first MoE
+/// layer) lifts expert 3. The baseline's rule is applied with the
+/// baseline's bias, so every flip of layer 1 is the router's.
+#[test]
+fn a_changed_correction_bias_is_attributed_to_the_router() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = token_ids(tmp.path());
+    let base = fixture("deepseek-v3");
+    let cand = edited("deepseek-v3", |name, _, v| {
+        (name == "model.layers.1.mlp.gate.e_score_correction_bias").then(|| {
+            let mut v = v.to_vec();
+            v[3] += 0.5;
+            v
+        })
+    });
+    let q = diff_json(&base, cand.path(), &ids, &[]);
+    let ls = layers(&q);
+    assert_eq!(count(&ls[0]["layer"], "layer"), 1);
+    let (f, r, _, share) = attribution(&ls[0], "layer 1");
+    assert!(f > 0, "a bias of +0.5 moves some token to expert 3");
+    assert_eq!((r, share), (f, 1.0));
+    assert_eq!(
+        num(&ls[0]["router_error"], "router_error"),
+        0.0,
+        "the router matrix is unchanged"
+    );
+    eprintln!(
+        "correction bias +0.5: layer 1 flips {f}, total {:?}",
+        attribution(&q, "total")
+    );
+}
