@@ -4,7 +4,8 @@
 //! per-row scale; every other byte identical), experts alone quantised,
 //! experts relabelled, and an expert that no token reaches. The relative
 //! weight errors are checked against an independent computation: the
-//! safetensors files parsed here and the norms summed in plain f64.
+//! safetensors files parsed here and the norms summed in plain f64. Every
+//! JSON output is validated against `docs/schemas/diff.v1.schema.json`.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -82,6 +83,14 @@ fn diff_json(base: &Path, cand: &Path, ids: &Path, extra: &[&str]) -> Value {
         r.stderr
     );
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("docs/schemas/diff.v1.schema.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::draft202012::new(&schema).unwrap();
+    let errors: Vec<String> = validator.iter_errors(&v).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "diff/v1 schema: {errors:?}");
     v["quantisation"].clone()
 }
 
@@ -270,6 +279,18 @@ fn check_weight_errors(
                 );
                 compared += 1;
             }
+            let shared = format!("model.layers.{layer}.mlp.shared_experts.{m}_proj.weight");
+            match ta.get(&shared) {
+                Some(a) => {
+                    let want = rel(a, &tb[&shared]);
+                    let got = num(&l["shared_error"][m], "shared_error");
+                    assert!(
+                        (got - want).abs() <= 1e-12 * want.max(1e-300),
+                        "layer {layer} shared {m}: {got} vs {want}"
+                    );
+                }
+                None => assert!(l.get("shared_error").is_none(), "no shared expert"),
+            }
         }
     }
     assert_eq!(compared, moe_layers.len() * experts * 3);
@@ -450,7 +471,7 @@ fn an_expert_without_tokens_is_flagged_by_calibration_coverage() {
             v[5] = -1000.0;
             return Some(v);
         }
-        is_expert(name).then(|| {
+        (is_expert(name) || name.contains(".mlp.shared_experts.")).then(|| {
             let mut v = v.to_vec();
             rtn_rows(&mut v, shape[1], 4);
             v
@@ -458,6 +479,12 @@ fn an_expert_without_tokens_is_flagged_by_calibration_coverage() {
     });
     let q = diff_json(base.path(), cand.path(), &ids, &[]);
     assert_eq!(count(&q["coverage_threshold"], "threshold"), 1);
+    check_weight_errors(&q, base.path(), cand.path(), &[1, 2], 8, |_| {
+        (0..8).collect()
+    });
+    for l in layers(&q) {
+        assert!(num(&l["shared_error"]["down"], "shared") > 0.0);
+    }
     let ls = layers(&q);
     assert_eq!(ls.len(), 2, "MoE layers 1 and 2");
     let flagged = |l: &Value| -> Vec<u64> {

@@ -4,7 +4,7 @@
 //!
 //! - **Relative weight error** `‖W′ − W‖ / ‖W‖` (Frobenius, f64 accumulation,
 //!   streamed from both checkpoints) of each expert matrix and of the router
-//!   (whole matrix and row by row), after the experts are matched as `check`
+//!   (whole matrix and row by row) and of the shared expert, after the experts are matched as `check`
 //!   matches them ([`match_experts`]): when the candidate's experts were
 //!   relabelled consistently, baseline expert `i` is compared with the
 //!   candidate's expert `matching[i]`.
@@ -115,6 +115,9 @@ pub struct QuantLayer {
     pub router_row_error: Vec<f64>,
     /// Relative error of each expert's matrices (per matrix, per baseline expert).
     pub weight_error: PerMatrix<Vec<f64>>,
+    /// Relative error of the shared expert's matrices, if the family has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_error: Option<PerMatrix<f64>>,
     /// Routing agreement on the prompts (absent without prompts).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingAgreement>,
@@ -250,13 +253,16 @@ fn matching(sa: &Snapshot, sb: &Snapshot, li: usize, e: usize) -> (Vec<usize>, b
     }
 }
 
+/// Router (whole, per row), expert and shared-expert errors of one layer.
+type LayerErrors = (f64, Vec<f64>, PerMatrix<Vec<f64>>, Option<PerMatrix<f64>>);
+
 /// Weight errors of one MoE layer under `perm`.
 fn layer_errors(
     baseline: &Model,
     candidate: &Model,
     layer: usize,
     perm: &[usize],
-) -> Result<(f64, Vec<f64>, PerMatrix<Vec<f64>>)> {
+) -> Result<LayerErrors> {
     let va = baseline.moe_layer(layer)?;
     let vb = candidate.moe_layer(layer)?;
     if va.experts.len() != perm.len() || vb.experts.len() != perm.len() {
@@ -303,10 +309,25 @@ fn layer_errors(
         a2 += a;
     }
     let router = checked(d2, a2, ra, rb)?;
+    let shared = match (&va.shared, &vb.shared) {
+        (Some(sa), Some(sb)) => {
+            let mut out = PerMatrix::from_fn(|_| 0.0);
+            for m in Matrix::ALL {
+                let v = relative_error(&sa.matrix(m), &sb.matrix(m))?;
+                match m {
+                    Matrix::Up => out.up = v,
+                    Matrix::Gate => out.gate = v,
+                    Matrix::Down => out.down = v,
+                }
+            }
+            Some(out)
+        }
+        _ => None,
+    };
     drop((va, vb));
     baseline.release_layer(layer);
     candidate.release_layer(layer);
-    Ok((router, rows, weight))
+    Ok((router, rows, weight, shared))
 }
 
 /// What one model's forward pass recorded per MoE layer.
@@ -531,7 +552,7 @@ pub fn quant_report(
     let mut perms = BTreeMap::new();
     for (li, &layer) in info.moe_layers.iter().enumerate() {
         let (perm, relabelled) = matching(sa, sb, li, e);
-        let (router_error, router_row_error, weight_error) =
+        let (router_error, router_row_error, weight_error, shared_error) =
             layer_errors(baseline, candidate, layer, &perm)?;
         layers.push(QuantLayer {
             layer,
@@ -539,6 +560,7 @@ pub fn quant_report(
             router_error,
             router_row_error,
             weight_error,
+            shared_error,
             routing: None,
             attribution: None,
             coverage: None,

@@ -49,29 +49,58 @@ fn flagged_text(l: &QuantLayer) -> String {
     }
 }
 
+const WEIGHT_HEADER: [&str; 8] = [
+    "layer",
+    "router",
+    "gate max (expert)",
+    "gate mean",
+    "up max (expert)",
+    "up mean",
+    "down max (expert)",
+    "down mean",
+];
+
+/// Whether any layer has a shared expert (its errors get a column).
+fn has_shared(q: &QuantReport) -> bool {
+    q.layers.iter().any(|l| l.shared_error.is_some())
+}
+
+/// The cells of one weight-error row (see [`WEIGHT_HEADER`], then the
+/// shared expert's gate/up/down errors when `shared`).
+fn weight_cells(l: &QuantLayer, shared: bool) -> Vec<String> {
+    let mut row = vec![l.layer.to_string(), num(l.router_error)];
+    for m in [Matrix::Gate, Matrix::Up, Matrix::Down] {
+        let v = l.weight_error.get(m);
+        let (max, at) = max_of(v);
+        row.push(format!("{} ({at})", num(max)));
+        row.push(num(mean(v)));
+    }
+    if shared {
+        row.push(match &l.shared_error {
+            Some(s) => format!("{} / {} / {}", num(s.gate), num(s.up), num(s.down)),
+            None => "-".into(),
+        });
+    }
+    row
+}
+
+fn weight_header(shared: bool) -> Vec<String> {
+    let mut h: Vec<String> = WEIGHT_HEADER.iter().map(|s| s.to_string()).collect();
+    if shared {
+        h.push("shared gate / up / down".into());
+    }
+    h
+}
+
 /// The weight-error table: per MoE layer the router's relative error and,
-/// per matrix, the largest (with its expert) and mean relative error.
+/// per matrix, the largest (with its expert) and mean relative error; the
+/// shared expert's errors when the family has one.
 pub fn weight_table(q: &QuantReport) -> String {
+    let shared = has_shared(q);
     let mut b = Builder::default();
-    b.push_record([
-        "layer",
-        "router",
-        "gate max (expert)",
-        "gate mean",
-        "up max (expert)",
-        "up mean",
-        "down max (expert)",
-        "down mean",
-    ]);
+    b.push_record(weight_header(shared));
     for l in &q.layers {
-        let mut row = vec![l.layer.to_string(), num(l.router_error)];
-        for m in [Matrix::Gate, Matrix::Up, Matrix::Down] {
-            let v = l.weight_error.get(m);
-            let (max, at) = max_of(v);
-            row.push(format!("{} ({at})", num(max)));
-            row.push(num(mean(v)));
-        }
-        b.push_record(row);
+        b.push_record(weight_cells(l, shared));
     }
     b.build().with(Style::rounded()).to_string()
 }
@@ -174,20 +203,12 @@ pub fn write_markdown(out: &DiffOutcome, dir: &Path, command_line: &str) -> Resu
         md,
         "`‖W′−W‖/‖W‖` of each expert matrix and of the router, experts matched as `check` matches them.\n"
     );
-    let _ = writeln!(
-        md,
-        "| layer | router | gate max (expert) | gate mean | up max (expert) | up mean | down max (expert) | down mean |"
-    );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let shared = has_shared(q);
+    let header = weight_header(shared);
+    let _ = writeln!(md, "| {} |", header.join(" | "));
+    let _ = writeln!(md, "|{}", "---:|".repeat(header.len()));
     for l in &q.layers {
-        let mut cells = vec![l.layer.to_string(), num(l.router_error)];
-        for m in [Matrix::Gate, Matrix::Up, Matrix::Down] {
-            let v = l.weight_error.get(m);
-            let (max, at) = max_of(v);
-            cells.push(format!("{} ({at})", num(max)));
-            cells.push(num(mean(v)));
-        }
-        let _ = writeln!(md, "| {} |", cells.join(" | "));
+        let _ = writeln!(md, "| {} |", weight_cells(l, shared).join(" | "));
     }
     md.push('\n');
     if let Some(total) = &q.attribution {
