@@ -14,7 +14,7 @@ use crate::analysis::results::PerMatrix;
 use crate::analysis::Progress;
 use crate::error::{Error, Result};
 use crate::golden::compare::{compare, Comparison};
-use crate::golden::quant_report::{quant_report, QuantReport};
+use crate::golden::quant_report::{quant_report, QuantOptions, QuantReport};
 use crate::golden::{build, dir_name, prompt_ids, BuildOptions, Selection, Tolerances};
 use crate::model::{Matrix, Model, TensorView};
 
@@ -223,9 +223,12 @@ pub fn diff(
         &b,
         &sa,
         &sb,
-        prompts.as_deref(),
-        &device,
-        opts.coverage_threshold,
+        &QuantOptions {
+            prompts: prompts.as_deref(),
+            device,
+            coverage_threshold: opts.coverage_threshold,
+        },
+        [progress(baseline).as_ref(), progress(candidate).as_ref()],
     )?;
     Ok(DiffOutcome {
         baseline: baseline.to_path_buf(),

@@ -36,6 +36,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::analysis::results::PerMatrix;
+use crate::analysis::Progress;
 use crate::error::{Error, Result};
 use crate::forward::config::ForwardConfig;
 use crate::forward::observer::{MoeObservation, Observer, Wants};
@@ -386,6 +387,7 @@ fn load_router(model: &Model, cfg: &ForwardConfig, layer: usize) -> Result<Route
 /// MoE layer's input.
 struct Pass<'a> {
     layers: BTreeMap<usize, Recorded>,
+    progress: &'a dyn Progress,
     /// With the candidate: the baseline (model, rule) and the candidate's rule.
     attribution: Option<Attributor<'a>>,
     error: Option<Error>,
@@ -469,6 +471,10 @@ impl Attributor<'_> {
 }
 
 impl Observer for Pass<'_> {
+    fn layer_done(&mut self, layer: usize) {
+        self.progress.layer_done(layer);
+    }
+
     fn wants(&self) -> Wants {
         Wants {
             input: self.attribution.is_some(),
@@ -523,19 +529,29 @@ fn sorted(v: &[u32]) -> Vec<u32> {
     s
 }
 
+/// What [`quant_report`] runs on.
+#[derive(Debug, Clone)]
+pub struct QuantOptions<'a> {
+    /// Token ids of the prompts (without them only the weight errors are computed).
+    pub prompts: Option<&'a [Vec<u32>]>,
+    /// Device of the forward passes.
+    pub device: candle_core::Device,
+    /// Experts with fewer tokens than this are flagged.
+    pub coverage_threshold: u64,
+}
+
 /// Computes the quantisation report of `candidate` against `baseline`.
-/// `sa` and `sb` are their snapshots (for the expert matching); `prompts`
-/// the token ids of `diff` (without them only the weight errors are
-/// computed); experts with fewer than `threshold` tokens are flagged.
+/// `sa` and `sb` are their snapshots (for the expert matching); `progress`
+/// reports the forward pass of each model (baseline, candidate).
 pub fn quant_report(
     baseline: &Model,
     candidate: &Model,
     sa: &Snapshot,
     sb: &Snapshot,
-    prompts: Option<&[Vec<u32>]>,
-    device: &candle_core::Device,
-    threshold: u64,
+    opts: &QuantOptions<'_>,
+    progress: [&dyn Progress; 2],
 ) -> Result<QuantReport> {
+    let (prompts, device, threshold) = (opts.prompts, &opts.device, opts.coverage_threshold);
     let info = &baseline.info;
     let e = info.num_experts;
     let k = info.top_k;
@@ -576,20 +592,26 @@ pub fn quant_report(
         });
     };
     let tokens: usize = prompts.iter().map(Vec::len).sum();
-    let run = |model: &Model, attribution: Option<Attributor<'_>>| -> Result<_> {
+    let run = |model: &Model,
+               attribution: Option<Attributor<'_>>,
+               progress: &dyn Progress|
+     -> Result<_> {
         let fwd = Forward::new(model, device.clone())?;
         let mut pass = Pass {
             layers: BTreeMap::new(),
+            progress,
             attribution,
             error: None,
         };
+        progress.start(model.info.num_layers);
         fwd.run(prompts, &mut pass, false)?;
+        progress.finish();
         match pass.error {
             Some(err) => Err(err),
             None => Ok(pass.layers),
         }
     };
-    let base = run(baseline, None)?;
+    let base = run(baseline, None, progress[0])?;
     let inv = perms
         .iter()
         .map(|(&l, p)| {
@@ -610,6 +632,7 @@ pub fn quant_report(
             inv,
             current: None,
         }),
+        progress[1],
     )?;
     let (mut flips_total, mut router_total) = (0u64, 0u64);
     for slot in &mut layers {
