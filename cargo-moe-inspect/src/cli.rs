@@ -160,6 +160,15 @@ pub enum CheckFormat {
     Junit,
 }
 
+/// Output format of `diff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    Table,
+    Json,
+    Junit,
+    Markdown,
+}
+
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     #[command(flatten)]
@@ -262,10 +271,20 @@ pub struct DiffArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
 
-    /// Output format: table, json (schema `moe-inspect/diff/v1`) or junit
-    /// (one test case per metric).
+    /// Output format: table, json (schema `moe-inspect/diff/v1`), junit
+    /// (one test case per metric) or markdown (`report.md` with SVG figures
+    /// in `--out DIR`, default `moe-inspect-diff`).
     #[arg(long, value_enum, default_value = "table")]
-    pub format: CheckFormat,
+    pub format: DiffFormat,
+
+    /// With `--format markdown`: the directory of `report.md` and its figures.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+
+    /// Calibration coverage: flag experts that received fewer than N tokens
+    /// on the prompts in either model (default 1: experts that received none).
+    #[arg(long, value_name = "N", default_value_t = moe_inspect::golden::quant_report::DEFAULT_COVERAGE_THRESHOLD)]
+    pub coverage_threshold: u64,
 
     /// Show every metric in the table, not only those beyond tolerance
     /// (table only; json and junit always hold every metric).

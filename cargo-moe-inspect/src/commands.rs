@@ -16,8 +16,8 @@ use moe_inspect::{forward, input};
 use moe_inspect::{Error, Result};
 
 use crate::cli::{
-    AnalyzeArgs, CheckFormat, Cli, ColorChoice, Command, ListFormat, ModelArgs, ModelsArgs,
-    OutputFormat, TraceArgs,
+    AnalyzeArgs, CheckFormat, Cli, ColorChoice, Command, DiffFormat, ListFormat, ModelArgs,
+    ModelsArgs, OutputFormat, TraceArgs,
 };
 
 /// How much goes to stderr besides errors: 0 `--quiet`, 1 default, 2 `--verbose`.
@@ -101,8 +101,13 @@ pub fn run(cli: Cli) -> Result<u8> {
             table_only(
                 "--all",
                 args.all,
-                args.format == CheckFormat::Table,
-                check_format_name(args.format),
+                args.format == DiffFormat::Table,
+                match args.format {
+                    DiffFormat::Table => "table",
+                    DiffFormat::Json => "json",
+                    DiffFormat::Junit => "junit",
+                    DiffFormat::Markdown => "markdown",
+                },
             )?;
             crate::golden_cmd::diff(args, style.color)
         }

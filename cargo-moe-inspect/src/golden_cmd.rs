@@ -15,7 +15,9 @@ use moe_inspect::golden::{
 use moe_inspect::report::drift;
 use moe_inspect::{Error, Result};
 
-use crate::cli::{CheckArgs, CheckFormat, DiffArgs, GoldenDirArgs, PendingArgs, SnapshotArgs};
+use crate::cli::{
+    CheckArgs, CheckFormat, DiffArgs, DiffFormat, GoldenDirArgs, PendingArgs, SnapshotArgs,
+};
 use crate::commands::progress_bar;
 
 /// Checks `--name` like a Cargo.toml package `name` (exit 2 otherwise).
@@ -496,6 +498,7 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
                 prompts: args.prompts.prompts.clone(),
                 token_ids: args.prompts.token_ids.clone(),
                 device: args.device.clone(),
+                coverage_threshold: args.coverage_threshold,
             };
             golden::diff(baseline, candidate, &opts, &|_| Box::new(progress_bar()))?
         }
@@ -513,8 +516,14 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
         }
     };
     let cmp = &out.comparison;
+    if args.out.is_some() && args.format != DiffFormat::Markdown {
+        return Err(Error::Usage(
+            "--out names the directory of the Markdown report: use it with --format markdown"
+                .into(),
+        ));
+    }
     match args.format {
-        CheckFormat::Json => {
+        DiffFormat::Json => {
             let v = serde_json::json!({
                 "schema": "moe-inspect/diff/v1",
                 "baseline": out.baseline.display().to_string(),
@@ -522,14 +531,34 @@ pub fn diff(args: DiffArgs, color: bool) -> Result<u8> {
                 "drift": out.drift(),
                 "comparison": cmp,
                 "expert_cosine": out.expert_cosine,
+                "quantisation": out.quant,
             });
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
-        CheckFormat::Junit => print!("{}", drift::junit(std::slice::from_ref(cmp))),
-        CheckFormat::Table => {
+        DiffFormat::Junit => print!("{}", drift::junit(std::slice::from_ref(cmp))),
+        DiffFormat::Markdown => {
+            let dir = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("moe-inspect-diff"));
+            let mut inputs = vec![out.baseline.clone(), out.candidate.clone()];
+            inputs.extend(args.prompts.prompts.clone());
+            inputs.extend(args.prompts.token_ids.clone());
+            crate::commands::refuse_report_over_inputs(&dir, &inputs)?;
+            let path = moe_inspect::report::quant::write_markdown(
+                &out,
+                &dir,
+                &std::env::args().collect::<Vec<_>>().join(" "),
+            )?;
+            notice!("wrote {} (with SVG figures)", path.display());
+        }
+        DiffFormat::Table => {
             if !out.expert_cosine.is_empty() {
                 println!("expert weights, baseline vs candidate:");
                 println!("{}", drift::expert_cosine_table(&out.expert_cosine));
+            }
+            if let Some(q) = &out.quant {
+                print!("{}", moe_inspect::report::quant::table(q));
             }
             print!(
                 "{}",

@@ -662,7 +662,11 @@ fn diff_formats_are_honoured() {
     assert_eq!(v["schema"], "moe-inspect/diff/v1");
     let table = run("table");
     assert!(table.stdout.contains("expert weights"), "{}", table.stdout);
-    let bad = run("markdown");
+    let md = run("markdown");
+    assert_eq!(md.code, 0, "{}", md.stderr);
+    let report = std::fs::read_to_string(s.path().join("moe-inspect-diff/report.md")).unwrap();
+    assert!(report.contains("# Quantisation report"), "{report}");
+    let bad = run("html");
     assert_eq!(bad.code, 2, "{}", bad.stderr);
     assert!(bad.stderr.contains("invalid value"), "{}", bad.stderr);
 }

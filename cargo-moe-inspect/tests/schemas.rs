@@ -90,6 +90,16 @@ fn check_and_diff_json_follow_their_schemas() {
         &root,
     );
     assert_valid("diff", &diff, "diff mixtral mixtral");
+    assert!(diff["quantisation"]["attribution"].is_object());
+    let mut broken = diff.clone();
+    broken["quantisation"]["attribution"]["router_share"] = "all".into();
+    assert!(!schema("diff").is_valid(&broken));
+    let mut broken = diff;
+    broken["quantisation"]["layers"][0]["coverage"]
+        .as_object_mut()
+        .unwrap()
+        .remove("flagged");
+    assert!(!schema("diff").is_valid(&broken));
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! bf16 vs quantized). Besides the drift metrics of [`super::compare`] (with
 //! the router divergence taken token by token, since both models run live),
 //! the cosine between corresponding experts' weight matrices, read from both
-//! checkpoints one layer at a time.
+//! checkpoints one layer at a time; and the quantisation report
+//! ([`super::quant_report`]).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ use crate::analysis::results::PerMatrix;
 use crate::analysis::Progress;
 use crate::error::{Error, Result};
 use crate::golden::compare::{compare, Comparison};
+use crate::golden::quant_report::{quant_report, QuantOptions, QuantReport};
 use crate::golden::{build, dir_name, prompt_ids, BuildOptions, Selection, Tolerances};
 use crate::model::{Matrix, Model, TensorView};
 
@@ -111,6 +113,9 @@ pub struct DiffOptions {
     pub token_ids: Option<PathBuf>,
     /// Device of the forward passes (`cpu`, `cuda`, `cuda:N`).
     pub device: String,
+    /// Calibration coverage: experts with fewer tokens are flagged
+    /// (default [`super::quant_report::DEFAULT_COVERAGE_THRESHOLD`]).
+    pub coverage_threshold: u64,
 }
 
 /// The outcome of [`diff`]: the drift comparison and the weight cosines.
@@ -124,6 +129,8 @@ pub struct DiffOutcome {
     pub comparison: Comparison,
     /// Expert-by-expert weight cosines.
     pub expert_cosine: Vec<ExpertCosines>,
+    /// The quantisation report (two live checkpoints only; `None` for traces).
+    pub quant: Option<QuantReport>,
 }
 
 impl DiffOutcome {
@@ -165,6 +172,7 @@ pub fn diff_traces(
         candidate: candidate.to_path_buf(),
         comparison,
         expert_cosine: Vec::new(),
+        quant: None,
     })
 }
 
@@ -210,10 +218,23 @@ pub fn diff(
     let sb = record(&b, dir_name(candidate), candidate)?;
     let comparison = compare(&sa, &sb, &opts.tolerances).map_err(|e| e.at(candidate))?;
     let expert_cosine = expert_cosines(&a, &b)?;
+    let quant = quant_report(
+        &a,
+        &b,
+        &sa,
+        &sb,
+        &QuantOptions {
+            prompts: prompts.as_deref(),
+            device,
+            coverage_threshold: opts.coverage_threshold,
+        },
+        [progress(baseline).as_ref(), progress(candidate).as_ref()],
+    )?;
     Ok(DiffOutcome {
         baseline: baseline.to_path_buf(),
         candidate: candidate.to_path_buf(),
         comparison,
         expert_cosine,
+        quant: Some(quant),
     })
 }

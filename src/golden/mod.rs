@@ -12,6 +12,8 @@
 //!   module [`mod@diff`]);
 //! - [`plan`], [`snapshot`] and [`check()`](fn@check) are the drift gate as a
 //!   library: which models, which settings, what is written, as typed outcomes;
+//! - [`quant_report`] is `diff`'s quantisation report: weight errors,
+//!   routing agreement, attribution of flips, calibration coverage;
 //! - [`pending`] handles `*.json.new` files (`review`, `accept`, `reject`).
 //!
 //! Files are written with [`Snapshot::to_json`]: stable key order, numbers
@@ -25,6 +27,7 @@ pub mod config;
 pub mod diff;
 mod io;
 pub mod pending;
+pub mod quant_report;
 mod schema;
 
 pub use build::*;

@@ -1,11 +1,12 @@
 //! Output, formatting only: terminal tables, the JSON report, Markdown with
-//! SVG figures, drift tables and benchmark reports. It renders the results of
+//! SVG figures, drift tables, the quantisation report and benchmark reports. It renders the results of
 //! [`crate::analysis`], [`crate::golden`] and [`crate::bench`]; nothing in the
 //! library below it imports it.
 
 pub mod bench;
 pub mod drift;
 pub mod markdown;
+pub mod quant;
 pub mod svg;
 pub mod table;
 
