@@ -334,6 +334,29 @@ mod tests {
         assert_eq!(f.machine.threads, 2);
     }
 
+    /// The real output of llama-bench (llama.cpp from llama-cpp-python
+    /// 0.3.36, `-p 16 -n 4 -r 2 -o json` on a tiny synthetic GGUF).
+    #[test]
+    fn real_llama_bench_output_parses() {
+        let json = include_str!("../../tests/data/llama-bench-output.json");
+        let mut o = ours();
+        o.benchmarks[0].tokens = 16;
+        let f = parse(json, Path::new("llama-bench"), &o).unwrap();
+        assert_eq!(f.benchmarks.len(), 2);
+        assert_eq!(f.benchmarks[0].samples_s, [0.851965379, 0.792009190]);
+        // tg4: the time of 4 tokens, per token.
+        assert_eq!(f.benchmarks[1].samples_s.len(), 2);
+        let per_token = f.benchmarks[1].samples_s[0] * 4.0 * 1e9;
+        let first = json
+            .split("\"samples_ns\": [ ")
+            .nth(2)
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .unwrap();
+        assert!((per_token - first).abs() < 1.0, "{per_token} vs {first}");
+        assert!(f.tool.starts_with("llama.cpp build 1 (0c1e570)"));
+    }
+
     #[test]
     fn arguments_ask_for_exactly_our_token_counts() {
         let lb = LlamaBench {
