@@ -339,7 +339,6 @@ pub static FAMILIES: &[FamilySpec] = &[
         dense_from: "first_k_dense_replace, moe_layer_freq",
         ..BASE
     },
-    // ---- static analyses only (an engine trace for the dynamic ones) ----
     FamilySpec {
         id: "gpt_oss",
         name: "GptOss",
@@ -359,8 +358,10 @@ pub static FAMILIES: &[FamilySpec] = &[
         }],
         activation: Activation::ClampedSwiglu,
         router_rule: "linear with bias, top-k on logits, softmax over the k",
+        native_forward: true,
         ..BASE
     },
+    // ---- static analyses only (an engine trace for the dynamic ones) ----
     FamilySpec {
         id: "glm4_moe",
         name: "Glm4Moe",
@@ -597,6 +598,8 @@ impl Family {
     pub const DeepSeekV2: Family = Family(6);
     /// DeepSeek-V3 (`deepseek_v3`, and Kimi-K2).
     pub const DeepSeekV3: Family = Family(7);
+    /// gpt-oss (`gpt_oss`).
+    pub const GptOss: Family = Family(8);
     /// IBM Granite MoE (`granitemoe`).
     pub const GraniteMoe: Family = Family(18);
 
@@ -606,7 +609,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 9] = [
+    pub const ALL: [Family; 10] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -615,6 +618,7 @@ impl Family {
         Family::Olmoe,
         Family::DeepSeekV2,
         Family::DeepSeekV3,
+        Family::GptOss,
         Family::GraniteMoe,
     ];
 
@@ -1450,6 +1454,7 @@ mod tests {
                 "olmoe",
                 "deepseek_v2",
                 "deepseek_v3",
+                "gpt_oss",
                 "granitemoe"
             ]
         );
