@@ -208,6 +208,14 @@ fn gpt_oss_bf16() {
     check_family("families/gpt_oss");
 }
 
+/// gpt-oss with MXFP4 experts (`_blocks`/`_scales`, as released): the forward
+/// pass on the experts as this tool dequantises them, against transformers'
+/// GptOssForCausalLM on its own dequantisation of the same blocks.
+#[test]
+fn gpt_oss_mxfp4() {
+    check_family("families/gpt_oss_mxfp4");
+}
+
 #[test]
 fn mixtral() {
     check_family("mixtral");
