@@ -136,7 +136,7 @@ fn check_family(name: &str) {
         let got: Vec<f32> = to_host(&out.logits[p]).unwrap().concat();
         let d = max_abs(&got, &want_logits);
         assert!(d <= tol, "{name} prompt {p}: logits differ by {d:e}");
-            worst[0] = worst[0].max(d);
+        worst[0] = worst[0].max(d);
         let (rl_shape, rl) = r.f32(&format!("prompt{p}.router_logits"));
         let sel = r.i64(&format!("prompt{p}.selected_experts"));
         let (rw_shape, rw) = r.f32(&format!("prompt{p}.routing_weights"));

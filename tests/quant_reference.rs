@@ -151,7 +151,10 @@ fn gpt_oss_mxfp4_experts_are_transformers_dequantisation() {
         let dn_name = format!("{p}down_proj");
         let gu = want.tensor(&gu_name).unwrap();
         let dn = want.tensor(&dn_name).unwrap();
-        assert_eq!((&gu.shape[..], &dn.shape[..]), (&[n, h, 2 * i][..], &[n, i, h][..]));
+        assert_eq!(
+            (&gu.shape[..], &dn.shape[..]),
+            (&[n, h, 2 * i][..], &[n, i, h][..])
+        );
         let (gu, dn) = (gu.to_f32_vec(), dn.to_f32_vec());
         for (t, exp) in [(&gu_name, &gu), (&dn_name, &dn)] {
             let view = model.weights().tensor(t).unwrap();
@@ -163,7 +166,10 @@ fn gpt_oss_mxfp4_experts_are_transformers_dequantisation() {
         }
         for e in 0..n {
             let v = model.expert(layer, e).unwrap();
-            assert_eq!((&v.gate.shape[..], &v.down.shape[..]), (&[i, h][..], &[h, i][..]));
+            assert_eq!(
+                (&v.gate.shape[..], &v.down.shape[..]),
+                (&[i, h][..], &[h, i][..])
+            );
             let col = |r: usize, c: usize, off: usize| gu[(e * h + c) * 2 * i + 2 * r + off];
             let gate: Vec<f32> = (0..i * h).map(|k| col(k / h, k % h, 0)).collect();
             let up: Vec<f32> = (0..i * h).map(|k| col(k / h, k % h, 1)).collect();
@@ -179,6 +185,26 @@ fn gpt_oss_mxfp4_experts_are_transformers_dequantisation() {
     let layers = model.info.moe_layers.len();
     assert_eq!(layers, 2);
     assert_eq!(compared, layers * 2 * (3 * n * i * h));
+}
+
+/// MXFP4 blocks that disagree with config.json are named, not misread.
+#[test]
+fn gpt_oss_mxfp4_blocks_are_checked_against_the_config() {
+    let dir = common::copy_fixture("families/gpt_oss_mxfp4");
+    common::edit_config(dir.path(), |c| {
+        c.insert("intermediate_size".into(), 64.into());
+    });
+    let e = match Model::open(dir.path()) {
+        Ok(_) => panic!("a config wider than the blocks was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("gate_up_proj_blocks")
+            && e.contains("[6, 64, 32]")
+            && e.contains("[6, 128, 32]"),
+        "{e}"
+    );
 }
 
 /// Rewrites `dir/model.safetensors` through `edit(name, tag, shape, bytes)`;

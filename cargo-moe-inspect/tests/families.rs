@@ -127,7 +127,7 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
         vec![
             "trace",
             "--model",
-            "fixtures/families/gpt_oss",
+            "fixtures/families/hunyuan_v1_moe",
             "--token-ids",
             "golden/fixture-token-ids.txt",
             "--output",

@@ -131,5 +131,5 @@ fn every_golden_file_follows_the_golden_schema() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 11, "golden files checked");
+    assert_eq!(checked, 12, "golden files checked");
 }

@@ -61,7 +61,8 @@ impl GptOssConfig {
         theta: f64,
         num_layers: usize,
     ) -> Result<GptOssConfig> {
-        let window = match c.get("sliding_window") {
+        // `null`: every layer attends to the whole prefix (as transformers does).
+        let window = match c.map().get("sliding_window") {
             Some(Value::Null) => None,
             _ => Some(
                 c.usize_opt_in("sliding_window", 1, usize::MAX)?
@@ -69,7 +70,7 @@ impl GptOssConfig {
             ),
         };
         let types: Vec<bool> = match c.get("layer_types") {
-            None | Some(Value::Null) => (0..num_layers).map(|i| (i + 1) % 2 == 1).collect(),
+            None => (0..num_layers).map(|i| (i + 1) % 2 == 1).collect(),
             Some(Value::Array(a)) if a.len() == num_layers => a
                 .iter()
                 .map(|v| match v.as_str() {
@@ -97,12 +98,17 @@ impl GptOssConfig {
             }
         };
         let positive = |key: &str, default: f64| -> Result<f32> {
-            Ok(c.f64_opt_where(key, "a positive finite number", |v| v > 0.0)?
-                .unwrap_or(default) as f32)
+            Ok(
+                c.f64_opt_where(key, "a positive finite number", |v| v > 0.0)?
+                    .unwrap_or(default) as f32,
+            )
         };
         let (inv_freq, attention_scaling) = rope(c, head_dim, theta)?;
         Ok(GptOssConfig {
-            window: types.iter().map(|&s| if s { window } else { None }).collect(),
+            window: types
+                .iter()
+                .map(|&s| if s { window } else { None })
+                .collect(),
             inv_freq,
             attention_scaling,
             alpha: positive("swiglu_alpha", 1.702)?,
@@ -162,8 +168,12 @@ fn rope(c: &Config, head_dim: usize, theta: f64) -> Result<(Vec<f32>, f32)> {
             ))
         }
     }
-    let empty = Value::Object(Default::default());
-    let p = p.unwrap_or(&empty);
+    // transformers' GptOssConfig default when the config has no rope parameters.
+    let default = serde_json::json!({
+        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": false, "original_max_position_embeddings": 4096,
+    });
+    let p = p.unwrap_or(&default);
     let num = |k: &str| rope_num(c, prefix, p, k);
     if let Some(f) = num("partial_rotary_factor")? {
         if f != 1.0 {
@@ -174,10 +184,8 @@ fn rope(c: &Config, head_dim: usize, theta: f64) -> Result<(Vec<f32>, f32)> {
             ));
         }
     }
-    let defaults = p.as_object().is_some_and(|o| o.is_empty());
     let original = match num("original_max_position_embeddings")? {
         Some(o) if o >= 1.0 => o,
-        None if defaults => 4096.0,
         v => {
             return Err(Error::key(
                 c.path(),
@@ -188,7 +196,6 @@ fn rope(c: &Config, head_dim: usize, theta: f64) -> Result<(Vec<f32>, f32)> {
     };
     let factor = match num("factor")? {
         Some(f) => f,
-        None if defaults => 32.0,
         None => {
             let max = c.usize_in("max_position_embeddings", 1, usize::MAX)?;
             max as f64 / original
@@ -231,9 +238,8 @@ fn rope(c: &Config, head_dim: usize, theta: f64) -> Result<(Vec<f32>, f32)> {
         }
     };
     let d = head_dim as f64;
-    let correction_dim = |rot: f64| {
-        (d * (original / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * theta.ln())
-    };
+    let correction_dim =
+        |rot: f64| (d * (original / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * theta.ln());
     let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
     if truncate {
         low = low.floor();
@@ -290,11 +296,7 @@ impl GptOssLayer {
     pub fn load(model: &Model, layer: usize, heads: usize, device: &Device) -> Result<GptOssLayer> {
         let info = &model.info;
         let naming = model.naming();
-        let (e, h, i) = (
-            info.num_experts,
-            info.hidden_size,
-            info.expert_intermediate,
-        );
+        let (e, h, i) = (info.num_experts, info.hidden_size, info.expert_intermediate);
         let t = |v: Vec<f32>, shape: &[usize], name: &str| {
             Tensor::from_vec(v, shape, device).map_err(ce(name))
         };
@@ -569,9 +571,7 @@ impl Forward<'_> {
         let mut all_out: Vec<f32> = Vec::new();
         let mut all_act: Vec<f32> = Vec::new();
         let host = |t: &Tensor| -> Result<Vec<f32>> {
-            t.flatten_all()
-                .and_then(|t| t.to_vec1())
-                .map_err(ce(&what))
+            t.flatten_all().and_then(|t| t.to_vec1()).map_err(ce(&what))
         };
         for (e, f) in experts.iter().enumerate() {
             let pairs = &by_expert[e];
@@ -629,5 +629,137 @@ impl Forward<'_> {
             shared_output: None,
         });
         Tensor::from_vec(out, (t, hdim), x.device()).map_err(ce(&what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Map;
+    use std::path::Path;
+
+    fn cfg(edit: impl FnOnce(&mut Map<String, Value>)) -> Result<GptOssConfig> {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/families/gpt_oss/config.json");
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        edit(v.as_object_mut().unwrap());
+        let c = Config::parse(Path::new("m/config.json"), v.to_string().as_bytes())?;
+        GptOssConfig::from_config(&c, 8, 150000.0, 2)
+    }
+
+    fn close(got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                ((*g as f64) - w).abs() <= 1e-6 * w.abs(),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+
+    /// Inverse frequencies and attention factor as transformers'
+    /// `ROPE_INIT_FUNCTIONS["yarn"]` gives them for the fixture's config (and
+    /// with `truncate: true`).
+    #[test]
+    fn yarn_matches_transformers() {
+        let g = cfg(|_| {}).unwrap();
+        close(
+            &g.inv_freq,
+            &[
+                1.0,
+                0.05081327259540558,
+                0.0004564839182421565,
+                4.099978468730114e-06,
+            ],
+        );
+        assert!((g.attention_scaling as f64 - 1.3465735902799727).abs() < 1e-7);
+        assert_eq!(g.window, vec![Some(4), None]);
+        assert_eq!((g.alpha, g.limit), (1.702, 0.2));
+        let t = cfg(|c| {
+            c["rope_parameters"]["truncate"] = Value::Bool(true);
+        })
+        .unwrap();
+        close(
+            &t.inv_freq,
+            &[
+                1.0,
+                0.05081327259540558,
+                0.001331338076852262,
+                4.099978468730114e-06,
+            ],
+        );
+        // No rope parameters: transformers' GptOssConfig default (the same YaRN).
+        let d = cfg(|c| {
+            c.remove("rope_parameters");
+        })
+        .unwrap();
+        assert_eq!(d.inv_freq, g.inv_freq);
+        // No layer_types: sliding on even layers; no swiglu keys: 1.702 / 7.
+        let d = cfg(|c| {
+            c.remove("layer_types");
+            c.remove("swiglu_limit");
+            c.insert("sliding_window".into(), Value::Null);
+        })
+        .unwrap();
+        assert_eq!((d.window, d.limit), (vec![None, None], 7.0));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = |edit: fn(&mut Map<String, Value>), needles: &[&str]| {
+            let e = cfg(edit).unwrap_err().to_string();
+            assert!(e.contains("m/config.json"), "{e}");
+            for n in needles {
+                assert!(e.contains(n), "`{n}` not in {e}");
+            }
+        };
+        err(
+            |c| {
+                c["layer_types"] = serde_json::json!(["full_attention"]);
+            },
+            &["`layer_types`", "2 layer types", "1 entries"],
+        );
+        err(
+            |c| {
+                c["layer_types"] = serde_json::json!(["full_attention", "chunked"]);
+            },
+            &["`layer_types`", "chunked"],
+        );
+        err(
+            |c| {
+                c["rope_parameters"]["rope_type"] = Value::from("longrope");
+            },
+            &["`rope_parameters.rope_type`", "longrope"],
+        );
+        err(
+            |c| {
+                c["rope_parameters"]["factor"] = Value::from("x");
+            },
+            &["`rope_parameters.factor`"],
+        );
+        err(
+            |c| {
+                c["swiglu_limit"] = Value::from(-1.0);
+            },
+            &["`swiglu_limit`"],
+        );
+        err(
+            |c| {
+                c["sliding_window"] = Value::from(0);
+            },
+            &["`sliding_window`", "is 0"],
+        );
+    }
+
+    #[test]
+    fn sliding_mask_keeps_the_last_window_keys() {
+        let m = mask(0..6, 6, Some(3), &Device::Cpu).unwrap();
+        let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
+        for (i, row) in m.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let seen = j <= i && i - j < 3;
+                assert_eq!(v == 0.0, seen, "({i}, {j})");
+            }
+        }
     }
 }

@@ -98,7 +98,14 @@ fn geometry(weights: &Weights, blocks: &str, scales: &str) -> Result<[usize; 3]>
     Ok([e, r, g])
 }
 
-fn virtual_of(blocks: &str, scales: &str, shape: Vec<usize>, b: usize, s: usize, layout: Layout) -> Virtual {
+fn virtual_of(
+    blocks: &str,
+    scales: &str,
+    shape: Vec<usize>,
+    b: usize,
+    s: usize,
+    layout: Layout,
+) -> Virtual {
     Virtual {
         shape,
         dtype: Dtype::Quantized("mxfp4"),
@@ -222,7 +229,14 @@ pub fn register_family(weights: &mut Weights, info: &ModelInfo, naming: &Naming)
         };
         out.insert(
             gate_up.clone(),
-            virtual_of(&gb, &gs, vec![n, h, two_i], gu_b, gu_s, lay(h, 0, 1, Some(two_i))),
+            virtual_of(
+                &gb,
+                &gs,
+                vec![n, h, two_i],
+                gu_b,
+                gu_s,
+                lay(h, 0, 1, Some(two_i)),
+            ),
         );
         out.insert(
             down.clone(),
@@ -231,9 +245,18 @@ pub fn register_family(weights: &mut Weights, info: &ModelInfo, naming: &Naming)
         for e in 0..n {
             let [gate, up, dn] = expert_names(&gate_up, &down, e);
             let at = e * two_i;
-            out.insert(gate, virtual_of(&gb, &gs, vec![i, h], gu_b, gu_s, lay(h, at, 2, None)));
-            out.insert(up, virtual_of(&gb, &gs, vec![i, h], gu_b, gu_s, lay(h, at + 1, 2, None)));
-            out.insert(dn, virtual_of(&db, &ds, vec![h, i], d_b, d_s, lay(i, e * h, 1, None)));
+            out.insert(
+                gate,
+                virtual_of(&gb, &gs, vec![i, h], gu_b, gu_s, lay(h, at, 2, None)),
+            );
+            out.insert(
+                up,
+                virtual_of(&gb, &gs, vec![i, h], gu_b, gu_s, lay(h, at + 1, 2, None)),
+            );
+            out.insert(
+                dn,
+                virtual_of(&db, &ds, vec![h, i], d_b, d_s, lay(i, e * h, 1, None)),
+            );
         }
     }
     weights.add_virtuals(out);
