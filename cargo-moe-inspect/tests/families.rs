@@ -170,8 +170,8 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 9);
-    assert!(native.contains(&"granitemoe"));
+    assert_eq!(native.len(), 10);
+    assert!(native.contains(&"granitemoe") && native.contains(&"gpt_oss"));
 }
 
 /// The `analyses` part of `analyze --format json` (the rest names the model and family).
