@@ -62,7 +62,7 @@ fn static_analyses_of_quantised_checkpoints_match_numpy() {
     let names = QUANT_FIXTURES
         .iter()
         .map(|(n, _)| *n)
-        .chain(["mixtral-gguf"]);
+        .chain(["mixtral-gguf", "families/gpt_oss_mxfp4"]);
     for name in names {
         let model = Model::open(&fixture(name)).unwrap();
         let r = reference(name);
@@ -121,6 +121,96 @@ fn static_analyses_of_quantised_checkpoints_match_numpy() {
             }
         }
     }
+}
+
+/// gpt-oss with MXFP4 experts packed as the official checkpoints
+/// (`gate_up_proj_blocks` [E, 2I, H/32, 16], rows alternating gate and up,
+/// `down_proj_blocks` [E, H, I/32, 16], e8m0 `_scales`): the stacked tensors
+/// equal, bit for bit, what transformers' GptOssExperts holds after its own
+/// MXFP4 dequantisation (`[E, H, 2I]`, `[E, I, H]`), and each expert's
+/// gate / up / down views are its even / odd columns and its transpose
+/// (fixtures/make_gpt_oss_forward_ref.py).
+#[test]
+fn gpt_oss_mxfp4_experts_are_transformers_dequantisation() {
+    let name = "families/gpt_oss_mxfp4";
+    let model = Model::open(&fixture(name)).unwrap();
+    assert_eq!(model.dtype().name(), "mxfp4");
+    assert_eq!(model.info.family.id(), "gpt_oss");
+    let want = Weights::open_file(&fixture(name).join("mxfp4_reference.safetensors")).unwrap();
+    let (n, h, i) = (
+        model.info.num_experts,
+        model.info.hidden_size,
+        model.info.expert_intermediate,
+    );
+    let bits = |what: &str, got: &[f32], exp: &[f32]| {
+        assert_eq!(got.len(), exp.len(), "{what}");
+        for (k, (g, e)) in got.iter().zip(exp).enumerate() {
+            assert!(g.is_finite(), "{what}[{k}]");
+            assert_eq!(g.to_bits(), e.to_bits(), "{what}[{k}]: {g} vs {e}");
+        }
+        got.len()
+    };
+    let mut compared = 0;
+    for &layer in &model.info.moe_layers {
+        let p = format!("model.layers.{layer}.mlp.experts.");
+        let gu_name = format!("{p}gate_up_proj");
+        let dn_name = format!("{p}down_proj");
+        let gu = want.tensor(&gu_name).unwrap();
+        let dn = want.tensor(&dn_name).unwrap();
+        assert_eq!(
+            (&gu.shape[..], &dn.shape[..]),
+            (&[n, h, 2 * i][..], &[n, i, h][..])
+        );
+        let (gu, dn) = (gu.to_f32_vec(), dn.to_f32_vec());
+        for (t, exp) in [(&gu_name, &gu), (&dn_name, &dn)] {
+            let view = model.weights().tensor(t).unwrap();
+            assert_eq!(view.dtype.name(), "mxfp4");
+            compared += bits(t, &view.to_f32_vec(), exp);
+            let mut part = vec![0f32; 77];
+            view.read_f32(130, &mut part);
+            assert_eq!(part, exp[130..207], "{t}: a range");
+        }
+        for e in 0..n {
+            let v = model.expert(layer, e).unwrap();
+            assert_eq!(
+                (&v.gate.shape[..], &v.down.shape[..]),
+                (&[i, h][..], &[h, i][..])
+            );
+            let col = |r: usize, c: usize, off: usize| gu[(e * h + c) * 2 * i + 2 * r + off];
+            let gate: Vec<f32> = (0..i * h).map(|k| col(k / h, k % h, 0)).collect();
+            let up: Vec<f32> = (0..i * h).map(|k| col(k / h, k % h, 1)).collect();
+            let down: Vec<f32> = (0..h * i)
+                .map(|k| dn[(e * i + k % i) * h + k / i])
+                .collect();
+            let what = format!("layer {layer} expert {e}");
+            compared += bits(&format!("{what} gate"), &v.gate.to_f32_vec(), &gate);
+            compared += bits(&format!("{what} up"), &v.up.to_f32_vec(), &up);
+            compared += bits(&format!("{what} down"), &v.down.to_f32_vec(), &down);
+        }
+    }
+    let layers = model.info.moe_layers.len();
+    assert_eq!(layers, 2);
+    assert_eq!(compared, layers * 2 * (3 * n * i * h));
+}
+
+/// MXFP4 blocks that disagree with config.json are named, not misread.
+#[test]
+fn gpt_oss_mxfp4_blocks_are_checked_against_the_config() {
+    let dir = common::copy_fixture("families/gpt_oss_mxfp4");
+    common::edit_config(dir.path(), |c| {
+        c.insert("intermediate_size".into(), 64.into());
+    });
+    let e = match Model::open(dir.path()) {
+        Ok(_) => panic!("a config wider than the blocks was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("gate_up_proj_blocks")
+            && e.contains("[6, 64, 32]")
+            && e.contains("[6, 128, 32]"),
+        "{e}"
+    );
 }
 
 /// Rewrites `dir/model.safetensors` through `edit(name, tag, shape, bytes)`;

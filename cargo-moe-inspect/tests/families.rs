@@ -137,7 +137,7 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
         vec![
             "trace",
             "--model",
-            "fixtures/families/gpt_oss",
+            "fixtures/families/hunyuan_v1_moe",
             "--token-ids",
             "golden/fixture-token-ids.txt",
             "--output",
@@ -196,8 +196,8 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 11);
-    for f in ["granitemoe", "glm4_moe", "minimax_m2"] {
+    assert_eq!(native.len(), 12);
+    for f in ["granitemoe", "glm4_moe", "minimax_m2", "gpt_oss"] {
         assert!(native.contains(&f), "{f}");
     }
 }

@@ -141,5 +141,5 @@ fn every_golden_file_follows_the_golden_schema() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 13, "golden files checked");
+    assert_eq!(checked, 14, "golden files checked");
 }

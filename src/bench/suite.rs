@@ -491,6 +491,12 @@ fn run_layer(
         .first()
         .ok_or_else(|| Error::Usage(format!("{}: the model has no MoE layer", l)))?;
     let fwd = Forward::new(&model, opts.device.clone())?.keep_weights();
+    if fwd.cfg.gpt_oss.is_some() {
+        // The layer variants are checked against a plain SwiGLU loop.
+        return Err(Error::Usage(format!(
+            "{l}: the MoE-layer benchmarks cover SwiGLU experts, not gpt-oss's biased, clamped ones; benchmark its whole forward pass (the `forward` cases)"
+        )));
+    }
     let lw: LayerWeights = fwd.load_layer(layer)?;
     let naive_experts = if cases.iter().any(|c| c.variant == "naive") {
         Some(moe_layer::NaiveExperts::new(&lw)?)

@@ -76,13 +76,13 @@ fn causal_mask(rows: std::ops::Range<usize>, keys: usize, device: &Device) -> R<
 pub(super) const ATTENTION_BLOCK_BYTES: usize = 16 << 20;
 
 /// Query rows per attention block for `heads` heads over `tokens` keys.
-fn query_block(heads: usize, tokens: usize) -> usize {
+pub(super) fn query_block(heads: usize, tokens: usize) -> usize {
     let per_row = heads.max(1).saturating_mul(tokens.max(1)).saturating_mul(4);
     (ATTENTION_BLOCK_BYTES / per_row).clamp(1, tokens.max(1))
 }
 
 /// `[T, heads·d]` → `[heads, T, d]`.
-fn split_heads(x: &Tensor, heads: usize) -> R<Tensor> {
+pub(super) fn split_heads(x: &Tensor, heads: usize) -> R<Tensor> {
     let (t, w) = x.dims2()?;
     x.reshape((t, heads, w / heads))?
         .transpose(0, 1)?
@@ -129,7 +129,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, softcap: Option<f64>) 
 }
 
 /// Repeats `[kv_heads, T, d]` to `[kv_heads·rep, T, d]` (GQA).
-fn repeat_kv(x: &Tensor, rep: usize) -> R<Tensor> {
+pub(super) fn repeat_kv(x: &Tensor, rep: usize) -> R<Tensor> {
     if rep == 1 {
         return Ok(x.clone());
     }

@@ -84,6 +84,8 @@ pub struct ForwardConfig {
     /// GLM-4.5: rotary embeddings on the first this many dims of each head
     /// only (`partial_rotary_factor`); `None`: the whole head.
     pub rotary_dim: Option<usize>,
+    /// gpt-oss: sinks, sliding windows, YaRN, biased router, clamped SwiGLU.
+    pub gpt_oss: Option<crate::forward::gpt_oss::GptOssConfig>,
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
@@ -193,8 +195,8 @@ impl ForwardConfig {
         let n_group = c.usize_opt_in("n_group", 1, info.num_experts)?.unwrap_or(1);
         let topk_group = c.usize_opt_in("topk_group", 1, n_group)?.unwrap_or(n_group);
         let routing = match fam {
-            // Granite: softmax over the top-k logits, the same weights.
-            Family::Mixtral | Family::GraniteMoe => Routing::SoftmaxTopK {
+            // Granite, gpt-oss: softmax over the top-k logits, the same weights.
+            Family::Mixtral | Family::GraniteMoe | Family::GptOss => Routing::SoftmaxTopK {
                 renormalize: true,
                 scale: 1.0,
             },
@@ -256,7 +258,9 @@ impl ForwardConfig {
                 heads,
                 kv_heads,
                 head_dim,
-                bias: fam == Family::Qwen2Moe || c.bool_opt("attention_bias")?.unwrap_or(false),
+                bias: fam == Family::Qwen2Moe
+                    || c.bool_opt("attention_bias")?
+                        .unwrap_or(fam == Family::GptOss),
                 qk_norm: match fam {
                     Family::Qwen3Moe => QkNorm::PerHead,
                     Family::Olmoe => QkNorm::Full,
@@ -269,13 +273,24 @@ impl ForwardConfig {
         };
         let grok = fam == Family::Grok1;
         let granite = fam == Family::GraniteMoe;
+        let rope_theta = rope_theta(c)?;
+        let gpt_oss = if fam == Family::GptOss {
+            Some(crate::forward::gpt_oss::GptOssConfig::from_config(
+                c,
+                head_dim,
+                rope_theta,
+                info.num_layers,
+            )?)
+        } else {
+            None
+        };
         let finite = |key: &str| c.f64_opt_where(key, "a finite number", |_| true);
         let positive = |key: &str| c.f64_opt_where(key, "a positive finite number", |v| v > 0.0);
         Ok(ForwardConfig {
             family: fam,
             vocab_size: c.usize_in("vocab_size", 1, limits::VOCAB)?,
             attention,
-            rope_theta: rope_theta(c)?,
+            rope_theta,
             rms_eps: c
                 .f64_opt_where("rms_norm_eps", "a finite number from 0 to 1", |v| {
                     (0.0..=1.0).contains(&v)
@@ -320,6 +335,7 @@ impl ForwardConfig {
             } else {
                 None
             },
+            gpt_oss,
         })
     }
 }

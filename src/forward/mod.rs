@@ -8,6 +8,7 @@ mod attention;
 pub mod config;
 mod glm;
 internal_mod!(expert_gemm);
+pub mod gpt_oss;
 mod moe;
 pub mod observer;
 pub mod routing;
@@ -265,6 +266,9 @@ impl<'m> Forward<'m> {
             return Err(Error::Usage(format!("layer {layer} is not an MoE layer")));
         }
         let wants = observer.wants();
+        if self.cfg.gpt_oss.is_some() {
+            return self.gpt_oss_moe(layer, 0, x, lw, wants, observer);
+        }
         self.moe(layer, 0, x, &lw.mlp, wants, observer)
     }
 
@@ -338,8 +342,11 @@ impl<'m> Forward<'m> {
                 qk_rope_head_dim, ..
             } => *qk_rope_head_dim,
         };
-        let (cos, sin) =
-            rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev).map_err(ce("rotary tables"))?;
+        let (cos, sin) = match &self.cfg.gpt_oss {
+            Some(g) => g.rope_tables(max_t, dev),
+            None => rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev),
+        }
+        .map_err(ce("rotary tables"))?;
         let wants = observer.wants();
         for layer in 0..model.info.num_layers {
             let lw = self.layer_weights(layer)?;
@@ -407,6 +414,9 @@ impl<'m> Forward<'m> {
         wants: Wants,
         observer: &mut dyn Observer,
     ) -> Result<Tensor> {
+        if self.cfg.gpt_oss.is_some() {
+            return self.gpt_oss_layer(layer, prompt, h, lw, cos, sin, wants, observer);
+        }
         let eps = self.cfg.rms_eps;
         let what = format!("layer {layer}");
         let a = rms_norm(h, &lw.attn_norm, eps).map_err(ce(&what))?;

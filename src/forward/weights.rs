@@ -261,6 +261,8 @@ pub struct LayerWeights {
     pub attn: AttnWeights,
     /// MLP weights.
     pub mlp: MlpWeights,
+    /// gpt-oss: attention sinks, `o_proj`, router and expert biases.
+    pub gpt_oss: Option<crate::forward::gpt_oss::GptOssLayer>,
 }
 
 /// Names of every tensor of a layer (for releasing its pages afterwards).
@@ -418,6 +420,12 @@ impl LayerWeights {
         } else {
             MlpWeights::Dense(Ffn::load(w, &model.naming().dense(layer), device, t)?)
         };
+        let gpt_oss = match (&cfg.gpt_oss, &cfg.attention) {
+            (Some(_), AttentionKind::Standard { heads, .. }) => Some(
+                crate::forward::gpt_oss::GptOssLayer::load(model, layer, *heads, device)?,
+            ),
+            _ => None,
+        };
         Ok(LayerWeights {
             attn_norm,
             post_attn_norm,
@@ -425,6 +433,7 @@ impl LayerWeights {
             post_mlp_norm,
             attn,
             mlp,
+            gpt_oss,
         })
     }
 }

@@ -357,7 +357,6 @@ pub static FAMILIES: &[FamilySpec] = &[
         dense_from: "first_k_dense_replace, moe_layer_freq",
         ..BASE
     },
-    // ---- static analyses only (an engine trace for the dynamic ones) ----
     FamilySpec {
         id: "gpt_oss",
         name: "GptOss",
@@ -377,8 +376,10 @@ pub static FAMILIES: &[FamilySpec] = &[
         }],
         activation: Activation::ClampedSwiglu,
         router_rule: "linear with bias, top-k on logits, softmax over the k",
+        native_forward: true,
         ..BASE
     },
+    // ---- static analyses only (an engine trace for the dynamic ones) ----
     FamilySpec {
         id: "glm4_moe",
         name: "Glm4Moe",
@@ -662,6 +663,8 @@ impl Family {
     pub const DeepSeekV2: Family = Family(6);
     /// DeepSeek-V3 (`deepseek_v3`, and Kimi-K2).
     pub const DeepSeekV3: Family = Family(7);
+    /// gpt-oss (`gpt_oss`).
+    pub const GptOss: Family = Family(8);
     /// GLM-4.5 / GLM-4.6 (`glm4_moe`).
     pub const Glm4Moe: Family = Family(9);
     /// MiniMax-M2 (`minimax_m2`).
@@ -675,7 +678,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 12] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -684,6 +687,7 @@ impl Family {
         Family::Olmoe,
         Family::DeepSeekV2,
         Family::DeepSeekV3,
+        Family::GptOss,
         Family::Glm4Moe,
         Family::MiniMaxM2,
         Family::GraniteMoe,
@@ -1536,6 +1540,7 @@ mod tests {
                 "olmoe",
                 "deepseek_v2",
                 "deepseek_v3",
+                "gpt_oss",
                 "glm4_moe",
                 "minimax_m2",
                 "granitemoe"

@@ -165,10 +165,19 @@ impl Model {
     fn from_parts(
         info: ModelInfo,
         config: Config,
-        weights: Weights,
+        mut weights: Weights,
         label: String,
     ) -> Result<Model> {
-        let naming = detect_naming(&info, &weights);
+        let mut naming = detect_naming(&info, &weights);
+        let method = config
+            .get("quantization_config")
+            .and_then(|q| q.get("quant_method"))
+            .and_then(|m| m.as_str());
+        if method == Some("mxfp4") {
+            // gpt-oss: the fused experts' `_blocks`/`_scales`, under the table's names.
+            quant::mxfp4::register_family(&mut weights, &info, &naming)?;
+            naming = detect_naming(&info, &weights);
+        }
         let zero = match info.family.spec().zero_experts_key {
             Some(key) => {
                 let text = config.text_config();
@@ -374,6 +383,11 @@ impl Model {
                 kind,
                 index,
             } => {
+                // MXFP4 experts: each expert's matrices are registered on open.
+                let mx = quant::mxfp4::expert_names(&gate_up, &down, index);
+                if self.weights.contains(&mx[0]) {
+                    return self.swiglu(&mx);
+                }
                 let (h, i) = (self.info.hidden_size, self.info.expert_intermediate);
                 let gu = self.weights.tensor(&gate_up)?;
                 let d = self.weights.tensor(&down)?;

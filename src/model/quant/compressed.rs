@@ -543,6 +543,12 @@ fn fp4_virtual(
             scales: scale,
             blocks_range: (0, rows * half),
             scales_range: (0, rows * (cols / g)),
+            layout: super::mxfp4::Layout {
+                k: cols,
+                first_row: 0,
+                row_step: 1,
+                transposed: None,
+            },
         }
     };
     Ok(Virtual {

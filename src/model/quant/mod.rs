@@ -95,11 +95,13 @@ pub(crate) enum Spec {
         g_idx: Option<String>,
     },
     /// MXFP4: the main tensor's `blocks_range` bytes and the `scales`
-    /// tensor's `scales_range` bytes (one expert's slab).
+    /// tensor's `scales_range` bytes (one expert's slab, or all of them),
+    /// whose logical elements lie in the stored rows as `layout` says.
     Mxfp4 {
         scales: String,
         blocks_range: (usize, usize),
         scales_range: (usize, usize),
+        layout: mxfp4::Layout,
     },
     /// GGUF blocks of one type, from byte `range.0` to `range.1` of the main
     /// tensor (one expert's slab of a stacked tensor), or all of it.
@@ -126,8 +128,8 @@ pub(crate) enum Decoder<'a> {
     Nvfp4 { scales: &'a [u8], global: f32 },
     /// See [`Spec::Gguf`].
     Gguf(candle_core::quantized::GgmlDType),
-    /// See [`Spec::Mxfp4`] (the scales of the slab).
-    Mxfp4(&'a [u8]),
+    /// See [`Spec::Mxfp4`] (the scales of the slab, and where elements lie).
+    Mxfp4(&'a [u8], mxfp4::Layout),
     /// See [`Spec::Transposed`].
     Transposed {
         layout: gptq::Layout,
@@ -203,7 +205,7 @@ impl Decoder<'_> {
         let cols = cols.max(1);
         match *self {
             Decoder::Gguf(ty) => gguf::read(ty, bytes, start, out),
-            Decoder::Mxfp4(scales) => mxfp4::read(bytes, scales, cols, start, out),
+            Decoder::Mxfp4(scales, layout) => mxfp4::read(bytes, scales, &layout, start, out),
             Decoder::Nvfp4 { scales, global } => {
                 mxfp4::read_nvfp4(bytes, scales, global, cols, start, out)
             }
@@ -321,6 +323,7 @@ pub(crate) fn decoder<'a>(w: &'a Weights, v: &'a Virtual) -> Result<(Decoder<'a>
             scales,
             blocks_range: (a, b),
             scales_range: (c, d),
+            layout,
         } => {
             let slab = |bytes: &'a [u8], name: &str, x: usize, y: usize| {
                 bytes
@@ -328,7 +331,7 @@ pub(crate) fn decoder<'a>(w: &'a Weights, v: &'a Virtual) -> Result<(Decoder<'a>
                     .ok_or_else(|| bad(w.file_of(name), name, format!("has no bytes {x}..{y}")))
             };
             main = slab(main, &v.main, *a, *b)?;
-            Decoder::Mxfp4(slab(bytes(scales)?, scales, *c, *d)?)
+            Decoder::Mxfp4(slab(bytes(scales)?, scales, *c, *d)?, *layout)
         }
         Spec::Transposed {
             layout,
@@ -409,8 +412,8 @@ pub fn attach(weights: &mut Weights, config: &Config) -> Result<()> {
     let virtuals = match method {
         // DeepSeek-V3 releases: `weight_scale_inv` blocks, decoded by Weights::tensor.
         "fp8" => return Ok(()),
-        // gpt-oss: its family adapter registers the expert blocks
-        // (`mxfp4::register_experts`); everything else is stored plain.
+        // gpt-oss: `Model` registers the fused expert blocks under the family
+        // table's names (`mxfp4::register_family`); everything else is stored plain.
         "mxfp4" => return Ok(()),
         "compressed-tensors" => compressed::plan(weights, config, q)?,
         "gptq" => gptq::plan(weights, config, q, gptq::Layout::Gptq)?,
