@@ -546,7 +546,6 @@ fn run_layer(
             progress.done();
         }
     }
-    drop(under_test);
     drop(lw);
     model.release_layer(layer);
     Ok(())

@@ -536,8 +536,8 @@ fn intermediate_section(
         let svg = heatmap_rect(
             &format!("Mean |act(gate·x)| per token and expert, layer {layer} (first prompt)"),
             map,
-            &token_labels,
-            &expert_labels,
+            token_labels,
+            expert_labels,
             ColourScale::Sequential { lo: 0.0, hi },
             Axes {
                 x: "expert",
@@ -591,8 +591,8 @@ fn chosen_experts_section(
         let svg = heatmap_rect(
             &format!("Routing weights per token, layer {layer} (first prompt)"),
             map,
-            &token_labels,
-            &expert_labels,
+            token_labels,
+            expert_labels,
             ColourScale::Sequential {
                 lo: 0.0,
                 hi: map.iter().flatten().copied().fold(0.0, f64::max),
