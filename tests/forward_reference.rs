@@ -3,7 +3,7 @@
 //! Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3) and with the separate PyTorch reference
 //! fixtures/torch_reference.py (DeepSeekMoE, Grok-1). See fixtures/FORWARD.md.
 
-mod common;
+use moe_inspect_testkit as common;
 
 use candle_core::Device;
 use common::fixture;

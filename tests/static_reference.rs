@@ -1,7 +1,7 @@
 //! Static analyses on every fixture family against the numpy references that
 //! fixtures/make_fixtures.py computed in float64 from the same files.
 
-mod common;
+use moe_inspect_testkit as common;
 
 use common::{fixture, matrix, max_abs_diff, reference, static_fixtures, FAMILY_FIXTURES};
 use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions};
