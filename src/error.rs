@@ -181,6 +181,24 @@ pub enum Error {
         reason: String,
     },
 
+    /// A benchmark baseline asked for by name is not saved.
+    #[error(
+        "{}: no such baseline `{name}` (saved in {}: {})",
+        path.display(),
+        dir.display(),
+        if saved.is_empty() { "none".to_string() } else { saved.join(", ") }
+    )]
+    NoBaseline {
+        /// The file the name resolved to.
+        path: PathBuf,
+        /// The name as given.
+        name: String,
+        /// Where baselines are kept.
+        dir: PathBuf,
+        /// The baselines saved there.
+        saved: Vec<String>,
+    },
+
     /// A command-line or configuration value is invalid.
     #[error("{0}")]
     Usage(String),

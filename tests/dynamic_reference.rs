@@ -3,7 +3,7 @@
 //! transformers / PyTorch forward references (every expert evaluated on each
 //! MoE block's hooked input). The Rust side runs its own forward pass.
 
-mod common;
+use moe_inspect_testkit as common;
 
 use candle_core::Device;
 use common::{fixture, reference_file};

@@ -3,7 +3,7 @@
 //! Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3) and with the separate PyTorch reference
 //! fixtures/torch_reference.py (DeepSeekMoE, Grok-1). See fixtures/FORWARD.md.
 
-mod common;
+use moe_inspect_testkit as common;
 
 use candle_core::Device;
 use common::fixture;
@@ -24,7 +24,20 @@ struct Reference(Weights);
 
 impl Reference {
     fn open(name: &str) -> Reference {
-        Reference(Weights::open_file(&fixture(name).join("forward_reference.safetensors")).unwrap())
+        Reference::open_file(name, "forward_reference.safetensors")
+    }
+    fn open_file(name: &str, file: &str) -> Reference {
+        Reference(Weights::open_file(&fixture(name).join(file)).unwrap())
+    }
+    /// The token ids of `prompt0`, `prompt1`, ... (at least one).
+    fn prompts(&self) -> Vec<Vec<u32>> {
+        let mut prompts = Vec::new();
+        while self.has(&format!("prompt{}.token_ids", prompts.len())) {
+            let ids = self.i64(&format!("prompt{}.token_ids", prompts.len()));
+            prompts.push(ids.iter().map(|&i| i as u32).collect::<Vec<u32>>());
+        }
+        assert!(!prompts.is_empty(), "no prompts in the reference");
+        prompts
     }
     fn has(&self, name: &str) -> bool {
         self.0.contains(name)
@@ -114,12 +127,7 @@ fn check_family(name: &str) {
     let r = Reference::open(name);
     let moe_layers: Vec<usize> = r.i64("moe_layers").iter().map(|&l| l as usize).collect();
     assert_eq!(moe_layers, model.info.moe_layers, "{name}");
-    let mut prompts = Vec::new();
-    while r.has(&format!("prompt{}.token_ids", prompts.len())) {
-        let ids = r.i64(&format!("prompt{}.token_ids", prompts.len()));
-        prompts.push(ids.iter().map(|&i| i as u32).collect::<Vec<u32>>());
-    }
-    assert!(!prompts.is_empty());
+    let prompts = r.prompts();
     let fwd = Forward::new(&model, Device::Cpu).unwrap();
     let mut rec = Recorder::default();
     let out = fwd.run(&prompts, &mut rec, true).unwrap();
@@ -190,12 +198,87 @@ fn check_family(name: &str) {
     );
 }
 
+/// The query/key projections are multiplied by this in the rope references
+/// (fixtures/make_rope_refs.py); a power of two, so the scaled weights are
+/// exact in f32 and bf16 and both sides run bit-identical weights.
+const QK_FACTOR: f32 = 16.0;
+
+/// The tensors scaled by [`QK_FACTOR`] (every layer), as in make_rope_refs.py.
+const QK_SCALED: [&str; 4] = [
+    "self_attn.q_proj.weight",
+    "self_attn.q_b_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight",
+];
+
+/// Multiplies every element of an F32 or BF16 tensor by a power of two (exact).
+fn scale_exact(dtype: &str, bytes: &mut [u8], factor: f32) {
+    match dtype {
+        "F32" => {
+            for c in bytes.chunks_exact_mut(4) {
+                let v = f32::from_le_bytes(c.try_into().unwrap()) * factor;
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        "BF16" => {
+            for c in bytes.chunks_exact_mut(2) {
+                let v = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) * factor;
+                assert_eq!(v.to_bits() & 0xffff, 0, "bf16 scaling is exact");
+                c.copy_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
+            }
+        }
+        other => panic!("unexpected dtype {other}"),
+    }
+}
+
+/// The fixture with sharp attention (query/key projections × [`QK_FACTOR`])
+/// against `rope_reference.safetensors`, transformers' logits of the same
+/// edited model. The shipped fixtures' attention is nearly uniform, so the
+/// rotary embedding hardly moves their logits (a 1% change of the rope base:
+/// 6e-7 for DeepSeek-V2/V3, below any honest f32 tolerance); here it moves
+/// them by 1e-4 to 3e-3 (fixtures/FORWARD.md), at the same 1e-5.
+fn check_rope(name: &str) {
+    let r = Reference::open_file(name, "rope_reference.safetensors");
+    assert_eq!(r.f32("qk_factor").1, [QK_FACTOR], "{name}: qk_factor");
+    let dir = common::copy_fixture(name);
+    let mut scaled = 0;
+    common::rewrite_safetensors(dir.path(), "model.safetensors", |spec, bytes| {
+        if QK_SCALED.iter().any(|s| spec.name.ends_with(s)) {
+            scale_exact(&spec.dtype, bytes, QK_FACTOR);
+            scaled += 1;
+        }
+    });
+    let model = Model::open(dir.path()).unwrap();
+    // Two attention projections per layer (query, key), every layer.
+    assert_eq!(scaled, 2 * model.info.num_layers, "{name}: scaled tensors");
+    let prompts = r.prompts();
+    assert!(
+        prompts.iter().any(|p| p.len() >= 64),
+        "{name}: a long prompt"
+    );
+    let tol = tolerance(&model);
+    let fwd = Forward::new(&model, Device::Cpu).unwrap();
+    let out = fwd.run(&prompts, &mut (), true).unwrap();
+    assert_eq!(out.logits.len(), prompts.len(), "{name}: logits per prompt");
+    for (p, ids) in prompts.iter().enumerate() {
+        let (shape, want) = r.f32(&format!("prompt{p}.logits"));
+        assert_eq!(shape[0], ids.len(), "{name} prompt {p}: positions");
+        let got: Vec<f32> = to_host(&out.logits[p]).unwrap().concat();
+        let d = max_abs(&got, &want);
+        assert!(
+            d <= tol,
+            "{name} prompt {p} (sharp attention): logits differ by {d:e}"
+        );
+    }
+}
+
 /// Granite MoE (bf16, fused `input_linear`/`output_linear` hub layout, embedding /
 /// attention / residual multipliers and logits scaling set away from 1):
 /// reference from transformers' GraniteMoeForCausalLM (fixtures/make_granite_forward_ref.py).
 #[test]
 fn granitemoe_bf16() {
     check_family("families/granitemoe");
+    check_rope("families/granitemoe");
 }
 
 /// GLM-4.5 (`glm4_moe`, sharded: q/k/v biases, per-head q/k norms, partial
@@ -238,10 +321,12 @@ fn gpt_oss_mxfp4() {
 #[test]
 fn mixtral() {
     check_family("mixtral");
+    check_rope("mixtral");
 }
 #[test]
 fn qwen2_moe() {
     check_family("qwen2-moe");
+    check_rope("qwen2-moe");
 }
 #[test]
 fn qwen3_moe() {
@@ -254,10 +339,12 @@ fn olmoe_bf16() {
 #[test]
 fn deepseek_v2() {
     check_family("deepseek-v2");
+    check_rope("deepseek-v2");
 }
 #[test]
 fn deepseek_v3() {
     check_family("deepseek-v3");
+    check_rope("deepseek-v3");
 }
 #[test]
 fn deepseek_moe() {

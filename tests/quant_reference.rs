@@ -6,7 +6,7 @@
 //! analyses match numpy on those dequantised weights
 //! (fixtures/make_quant_fixtures.py, fixtures/make_gguf_fixtures.py).
 
-mod common;
+use moe_inspect_testkit as common;
 
 use common::{fixture, matrix, max_abs_diff, reference};
 use moe_inspect::analysis::{self, AnalysisKind, AnalyzeOptions};

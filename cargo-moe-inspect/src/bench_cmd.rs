@@ -5,16 +5,15 @@
 //! Files are written only when asked (`--out DIR`, `--save-baseline NAME`),
 //! also on CI, and always atomically (`moe_inspect::atomic_write`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use std::cell::Cell;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_inspect::bench::harness::Budget;
-use moe_inspect::bench::schema::{BaselineComparison, BenchFile};
 use moe_inspect::bench::suite::{self, SuiteOptions};
-use moe_inspect::bench::verdict;
+use moe_inspect::bench::{Outcome, Peer, Request};
 use moe_inspect::report::bench as report;
 use moe_inspect::{forward, Error, Result};
 
@@ -116,49 +115,6 @@ fn parse_tokens(spec: &str) -> Result<Vec<usize>> {
         })
 }
 
-/// A baseline NAME in `dir`, or a path when NAME looks like one.
-fn baseline_path(name: &str, dir: &Path) -> PathBuf {
-    if name.ends_with(".json") || name.contains('/') || name.contains('\\') {
-        PathBuf::from(name)
-    } else {
-        dir.join(format!("{name}.json"))
-    }
-}
-
-/// Reads a saved baseline; a missing one is named with the saved ones.
-fn read_baseline(name: &str, dir: &Path) -> Result<BenchFile> {
-    let path = baseline_path(name, dir);
-    if !path.exists() {
-        let mut saved: Vec<String> = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| {
-                        let n = e.file_name().to_string_lossy().into_owned();
-                        n.strip_suffix(".json")
-                            .filter(|s| !s.starts_with('.'))
-                            .map(String::from)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        saved.sort();
-        return Err(Error::Input {
-            path,
-            reason: format!(
-                "no such baseline `{name}` (saved in {}: {}); save one with `--save-baseline {name}`",
-                dir.display(),
-                if saved.is_empty() {
-                    "none".to_string()
-                } else {
-                    saved.join(", ")
-                }
-            ),
-        });
-    }
-    BenchFile::read(&path)
-}
-
 fn check_baseline_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name.starts_with('.')
@@ -173,90 +129,6 @@ fn check_baseline_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The built-in `compare_torch.py`, written to a file of its own for one run
-/// (removed when dropped).
-struct TorchScript(PathBuf);
-
-impl TorchScript {
-    fn write() -> std::result::Result<TorchScript, String> {
-        let path = std::env::temp_dir().join(format!(
-            "moe-inspect-compare_torch-{}.py",
-            std::process::id()
-        ));
-        moe_inspect::atomic_write::write_atomic(
-            &path,
-            moe_inspect::bench::COMPARE_TORCH_PY.as_bytes(),
-        )
-        .map_err(|e| e.to_string())?;
-        detail!("wrote: {} (the built-in compare_torch.py)", path.display());
-        Ok(TorchScript(path))
-    }
-}
-
-impl Drop for TorchScript {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Runs `compare_torch.py` on the same checkpoint and token counts; `Err` is a note.
-fn run_torch(
-    args: &BenchArgs,
-    tokens: &[usize],
-    device: &str,
-    out: &Path,
-) -> std::result::Result<BenchFile, String> {
-    let python = std::env::var("MOE_INSPECT_PYTHON").unwrap_or_else(|_| "python3".into());
-    // Check for Python and PyTorch before writing any checkpoint for them.
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import torch, transformers"])
-        .output()
-        .map_err(|e| format!("could not run {python}: {e}"))?;
-    if !probe.status.success() {
-        return Err(format!(
-            "{python} cannot import torch and transformers (pip install torch transformers)"
-        ));
-    }
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => suite::scaled_mixtral_dir(dtype(args.dtype)).map_err(|e| e.to_string())?,
-    };
-    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    let script = TorchScript::write()?;
-    let mut cmd = std::process::Command::new(&python);
-    cmd.arg(&script.0)
-        .arg(&model)
-        .arg("--out")
-        .arg(out)
-        .arg("--tokens")
-        .arg(toks.join(","))
-        .arg("--device")
-        .arg(device)
-        .arg("--time")
-        .arg(args.time.to_string());
-    if let Some(f) = &args.filter {
-        cmd.arg("--filter").arg(f);
-    }
-    if args.model.is_some() {
-        cmd.arg("--label").arg(
-            model
-                .canonicalize()
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_lowercase()))
-                .unwrap_or_else(|| "model".into()),
-        );
-    }
-    let output = cmd
-        .output()
-        .map_err(|e| format!("could not run {python}: {e}"))?;
-    if !output.status.success() {
-        let err = String::from_utf8_lossy(&output.stderr);
-        let last = err.lines().last().unwrap_or("").trim().to_string();
-        return Err(format!("{python} compare_torch.py failed: {last}"));
-    }
-    BenchFile::read(out).map_err(|e| e.to_string())
-}
-
 fn dtype(d: BenchDtype) -> &'static str {
     match d {
         BenchDtype::Bf16 => "BF16",
@@ -265,8 +137,8 @@ fn dtype(d: BenchDtype) -> &'static str {
     }
 }
 
-/// Runs `bench`; returns the exit code (1 when a benchmark regressed).
-pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
+/// The benchmark run `args` ask for (argument checks are usage errors).
+fn request(args: &BenchArgs) -> Result<Request> {
     if let Some(name) = &args.baseline {
         return Err(Error::Usage(format!(
             "bench --baseline was renamed: use `--compare-baseline {name}` (`--baseline` is diff's reference checkpoint)"
@@ -289,28 +161,6 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             args.time
         )));
     }
-    let baseline_dir = args
-        .baseline_dir
-        .clone()
-        .unwrap_or_else(moe_inspect::bench::baselines_dir);
-    // Read the baseline and peer file first: a typo should not cost a whole run.
-    let baseline = args
-        .compare_baseline
-        .as_deref()
-        .map(|name| {
-            let f = read_baseline(name, &baseline_dir)?;
-            notice!(
-                "comparing with baseline `{name}` ({})",
-                baseline_path(name, &baseline_dir).display()
-            );
-            Ok::<_, Error>((name, f))
-        })
-        .transpose()?;
-    let mut notes = Vec::new();
-    let peer_file = match args.peer.as_deref() {
-        None | Some("torch") => None,
-        Some(path) => Some(BenchFile::read(Path::new(path))?),
-    };
     let mut budget = if args.quick {
         Budget::quick()
     } else {
@@ -325,9 +175,9 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
     if let Some(w) = args.warm_up {
         budget.warm_up = Duration::from_secs_f64(w);
     }
-    let opts = SuiteOptions {
+    let suite = SuiteOptions {
         device,
-        tokens: tokens.clone(),
+        tokens,
         filter: args
             .filter
             .as_deref()
@@ -346,84 +196,91 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         probes: true,
         quick_probes: args.quick,
     };
+    let peer = match args.peer.as_deref() {
+        None => None,
+        Some("torch") => Some(Peer::Torch {
+            python: std::env::var("MOE_INSPECT_PYTHON").unwrap_or_else(|_| "python3".into()),
+            dir: args
+                .out
+                .clone()
+                .unwrap_or_else(moe_inspect::bench::data_dir),
+            time: args.time,
+        }),
+        Some(path) => Some(Peer::File(PathBuf::from(path))),
+    };
+    Ok(Request {
+        suite,
+        baseline_dir: args
+            .baseline_dir
+            .clone()
+            .unwrap_or_else(moe_inspect::bench::baselines_dir),
+        compare: args.compare_baseline.clone(),
+        load: args.load_baseline.clone(),
+        save: args.save_baseline.clone(),
+        peer,
+        threshold: args.threshold / 100.0,
+    })
+}
+
+/// A missing baseline, with how to save one.
+fn hint(e: Error) -> Error {
+    match e {
+        Error::NoBaseline { ref name, .. } => {
+            Error::Usage(format!("{e}; save one with `--save-baseline {name}`"))
+        }
+        e => e,
+    }
+}
+
+/// Runs `bench`; returns the exit code (1 when a benchmark regressed).
+pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
+    let req = request(&args)?;
     if args.list {
-        for name in suite::planned(&opts) {
+        for name in suite::planned(&req.suite) {
             println!("{name}");
         }
         return Ok(0);
     }
-    let mut file = match &args.load_baseline {
-        Some(name) => {
-            let mut f = read_baseline(name, &baseline_dir)?;
-            notice!(
-                "loaded baseline `{name}` ({}) as this run",
-                baseline_path(name, &baseline_dir).display()
-            );
-            f.baseline = None;
-            f
-        }
-        None => {
-            let progress = bar(interactive);
-            crate::commands::timed("benchmarks", || suite::run(&opts, &progress))?
-        }
+    let outcome = {
+        let progress = bar(interactive);
+        crate::commands::timed("benchmarks", || moe_inspect::bench::run(&req, &progress))
+            .map_err(hint)?
     };
-    let peer = match (args.peer.as_deref(), peer_file) {
-        (Some("torch"), _) => {
-            let dir = args
-                .out
-                .clone()
-                .unwrap_or_else(moe_inspect::bench::data_dir);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
-            if interactive {
-                eprintln!("running compare_torch.py (PyTorch on the same checkpoint)...");
-            }
-            let run = crate::commands::timed("PyTorch peer", || {
-                run_torch(&args, &tokens, &file.device, &dir.join("torch.json"))
-            });
-            match run {
-                Ok(f) => {
-                    detail!("read: {}", dir.join("torch.json").display());
-                    Some(f)
-                }
-                Err(why) => {
-                    let note = format!("skipped the PyTorch comparison: {why}");
-                    notice!("note: {note}");
-                    notes.push(note);
-                    None
-                }
-            }
-        }
-        (_, f) => f,
-    };
-    let mut regressed = Vec::new();
-    let threshold = args.threshold / 100.0;
-    let mut noise = verdict::noisy(&file, None, threshold);
-    if let Some((name, base)) = &baseline {
-        let verdicts = verdict::compare(&file, base, threshold);
-        noise = verdict::noisy(&file, Some(&verdicts), threshold);
-        regressed = verdicts
-            .iter()
-            .filter(|v| v.status == verdict::Status::Regressed)
-            .map(|v| v.name.clone())
-            .collect();
-        file.baseline = Some(BaselineComparison {
-            name: name.to_string(),
-            threshold,
-            verdicts,
-        });
+    render(&args, &outcome)
+}
+
+/// Prints the outcome: notices, the table, noise warnings; writes the report.
+fn render(args: &BenchArgs, outcome: &Outcome) -> Result<u8> {
+    if let Some(b) = &outcome.compared_with {
+        notice!(
+            "comparing with baseline `{}` ({})",
+            b.name,
+            b.path.display()
+        );
     }
+    if let Some(b) = &outcome.loaded_from {
+        notice!(
+            "loaded baseline `{}` ({}) as this run",
+            b.name,
+            b.path.display()
+        );
+    }
+    if let (Some("torch"), Some(path)) = (args.peer.as_deref(), &outcome.peer_file) {
+        detail!("read: {}", path.display());
+    }
+    for note in &outcome.notes {
+        notice!("note: {note}");
+    }
+    let file = &outcome.results;
     let width = crate::commands::terminal_width();
-    print!("{}", report::table(&file, peer.as_ref(), width));
-    if let Some(c) = report::checks_line(&file) {
+    print!("{}", report::table(file, outcome.peer.as_ref(), width));
+    if let Some(c) = report::checks_line(file) {
         let line = format!("moe-layer {c}");
         println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
     // `--quick` (tests, smoke runs) takes a handful of tiny samples: noise
     // is expected there and not worth a warning.
-    for n in noise.iter().filter(|_| !args.quick) {
+    for n in outcome.noisy.iter().filter(|_| !args.quick) {
         notice!(
             "warning: {} is noisy: the 95% interval of its {} ({:+.1}% to {:+.1}%) is wider than the {}% threshold, so a change of that size cannot be told from noise; measure longer (--time, --sample-size) or on a quieter machine",
             n.name,
@@ -434,15 +291,11 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         );
     }
     if let Some(dir) = &args.out {
-        let path = report::write(dir, &file, peer.as_ref(), &notes)?;
+        let path = report::write(dir, file, outcome.peer.as_ref(), &outcome.notes)?;
         notice!("wrote {} (with bench.json and SVG figures)", path.display());
     }
-    if let Some(name) = &args.save_baseline {
-        let path = baseline_path(name, &baseline_dir);
-        let mut saved = file.clone();
-        saved.baseline = None;
-        saved.write(&path)?;
-        notice!("saved baseline `{name}` to {}", path.display());
+    if let Some(b) = &outcome.saved_as {
+        notice!("saved baseline `{}` to {}", b.name, b.path.display());
     }
     let data = moe_inspect::bench::data_dir();
     if args.load_baseline.is_none() && args.model.is_none() && data.is_dir() {
@@ -451,12 +304,12 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
             data.display()
         );
     }
-    if !regressed.is_empty() {
+    if !outcome.passed() {
         eprintln!(
             "error: {} benchmark(s) regressed beyond {}%: {}",
-            regressed.len(),
+            outcome.regressed.len(),
             args.threshold,
-            regressed.join(", ")
+            outcome.regressed.join(", ")
         );
         return Ok(1);
     }
@@ -466,6 +319,7 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn the_bar_is_a_spinner_until_the_count_is_known() {
@@ -516,6 +370,7 @@ mod tests {
     #[test]
     fn baseline_names_and_paths() {
         let dir = Path::new("b");
+        use moe_inspect::bench::outcome::baseline_path;
         assert_eq!(baseline_path("main", dir), Path::new("b/main.json"));
         assert_eq!(baseline_path("x/y.json", dir), Path::new("x/y.json"));
         assert!(check_baseline_name("main-2").is_ok());

@@ -6,8 +6,7 @@
 //! name containing `..`, JSONL with a BOM) are accepted. No run's peak
 //! resident memory exceeds [`PEAK_RSS_BOUND_MB`].
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::Path;
 use std::process::Command;

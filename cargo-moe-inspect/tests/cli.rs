@@ -1,8 +1,7 @@
 //! The command line end to end: text output pinned with insta, JSON and
 //! Markdown reports checked for content.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::process::Command;
 

@@ -1,8 +1,7 @@
 //! Bad inputs: each gets one clear error on stderr that names the file (and
 //! tensor or key) and the problem, exit code 2, and never a panic.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::Path;
 use std::process::Command;

@@ -2,8 +2,7 @@
 //! and forward as their per-expert originals, the new families run the static
 //! analyses and refuse forward-needing commands with a clear exit-2 error.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::process::Command;
 

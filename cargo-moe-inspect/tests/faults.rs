@@ -6,8 +6,7 @@
 //! Bad config values and corrupt safetensors headers are in `bad_inputs.rs`;
 //! writes (concurrent snapshots, full disks, closed pipes) in `writes.rs`.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -4,8 +4,7 @@
 //! warning; the benchmark data directory and the built-in PyTorch script,
 //! from a working directory outside any cargo workspace.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::Path;
 use std::process::{Command, Output};

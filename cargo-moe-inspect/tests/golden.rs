@@ -3,8 +3,7 @@
 //! the layer and the metric (and must not fail for a consistent relabelling
 //! of experts, which computes the same function).
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

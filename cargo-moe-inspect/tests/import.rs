@@ -4,8 +4,7 @@
 //! whose chosen-experts load equals the transformers reference and this
 //! tool's own `trace` of the same token ids; mismatches with the model exit 2.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,8 +3,7 @@
 //! tensor type candle cannot dequantise and an unknown `quant_method` each
 //! exit 2 with one `error:` line naming the file and the tensor or key.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::process::Command;
 

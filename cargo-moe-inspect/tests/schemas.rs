@@ -5,8 +5,7 @@
 //! (golden/v1). Each schema also rejects a broken document, so a schema that
 //! accepts anything fails here.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::Path;
 use std::process::Command;

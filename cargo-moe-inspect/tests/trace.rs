@@ -1,8 +1,7 @@
 //! `trace`: the safetensors dump of routing per token, checked against the
 //! HF transformers reference of the Mixtral fixture, and its input errors.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::process::Command;
 

@@ -3,8 +3,7 @@
 //! (chars; the box-drawing chars are one column each); a 64-expert model is
 //! summarised by default and printed in full with `--full`.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::path::Path;
 use std::process::Command;

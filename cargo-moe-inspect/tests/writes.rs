@@ -4,8 +4,7 @@
 //! closed stdout. Each case exits 0 or 2 with one clear line, never panics,
 //! and never leaves a partial or foreign file behind.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

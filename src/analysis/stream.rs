@@ -83,196 +83,266 @@ impl Acc {
 
 /// Runs one pass over `vs` (matrices of identical shape `[R, C]`).
 pub fn stream(vs: &[TensorView<'_>], axis: NeuronAxis, needs: Needs) -> Result<MatrixStats> {
-    let e = vs.len();
-    let Some(first) = vs.first() else {
+    let Some(pass) = Pass::new(vs, axis, needs)? else {
         return Ok(MatrixStats::default());
     };
-    if let Some(v) = vs.iter().find(|v| v.shape != first.shape) {
-        return Err(Error::Incompatible {
-            path: v.path.to_path_buf(),
-            reason: format!(
-                "tensor `{}` has shape {:?}, expected {:?} like `{}`",
-                v.name, v.shape, first.shape, first.name
-            ),
-        });
-    }
-    let n = first.numel();
-    let cols = *first.shape.last().unwrap_or(&1);
-    let hidden = match axis {
-        NeuronAxis::Rows => cols,
-        NeuronAxis::Columns => first.shape.first().copied().unwrap_or(1),
-    };
-    let chunks = n.div_ceil(CHUNK);
-    // bf16 on a CPU with AVX-512 BF16: straight from the mmapped words.
-    let direct = !needs.standardized_gram
-        && vs.iter().all(|v| v.dtype == Dtype::BF16)
-        && bf16_kernels::available();
-    let new_acc = || Acc {
-        gram: vec![0.0; e * e],
-        std_gram: if needs.standardized_gram {
-            vec![0.0; e * e]
-        } else {
-            Vec::new()
-        },
-        sums: if needs.neuron_sum {
-            vec![0.0; e * hidden]
-        } else {
-            Vec::new()
-        },
-        sums32: if direct && needs.neuron_sum && axis == NeuronAxis::Rows {
-            vec![0.0; e * hidden]
-        } else {
-            Vec::new()
-        },
-        pending: 0,
-        // The f32 chunk buffer, padded with zero rows for the tiled Gram
-        // kernel, allocated on the first chunk that needs it: the bf16
-        // kernels read the mmapped words and need none (512 KiB at E = 8,
-        // zeroed for every rayon fold, a page fault per 4 KiB, when each
-        // fold allocated it).
-        buf: Vec::new(),
-        z: if needs.standardized_gram {
-            vec![0.0; e]
-        } else {
-            Vec::new()
-        },
-    };
-    let zeros = if direct {
+    let zeros = if pass.direct {
         vec![0u16; CHUNK]
     } else {
         Vec::new()
     };
-    let acc = (0..chunks)
+    let acc = (0..pass.n.div_ceil(CHUNK))
         .into_par_iter()
-        .fold(new_acc, |mut acc, c| {
-            let start = c * CHUNK;
-            let len = CHUNK.min(n - start);
-            if direct {
-                let words: Option<Vec<&[u16]>> =
-                    vs.iter().map(|v| v.bf16_words(start, len)).collect();
-                if let Some(words) = words {
-                    if bf16_kernels::gram_lower_add(&words, &zeros, len, &mut acc.gram) {
-                        if needs.neuron_sum {
-                            for (k, w) in words.iter().enumerate() {
-                                let sums = &mut acc.sums[k * hidden..(k + 1) * hidden];
-                                match axis {
-                                    // Summed in f32 (`sums32`), moved to f64 by `Acc::flush`.
-                                    NeuronAxis::Rows => {
-                                        let s32 = &mut acc.sums32[k * hidden..(k + 1) * hidden];
-                                        // Whole rows are added four at a time.
-                                        let mut whole: [&[u16]; 4] = [&[]; 4];
-                                        let mut held = 0;
-                                        for_segments(start, len, cols, |_, col, range| {
-                                            if col == 0 && range.len() == cols {
-                                                whole[held] = &w[range];
-                                                held += 1;
-                                                if held == whole.len() {
-                                                    bf16_kernels::add_rows_to_f32(s32, &whole);
-                                                    held = 0;
-                                                }
-                                            } else {
-                                                bf16_kernels::add_to_f32(
-                                                    &mut s32[col..col + range.len()],
-                                                    &w[range],
-                                                );
-                                            }
-                                        });
-                                        if held > 0 {
-                                            bf16_kernels::add_rows_to_f32(s32, &whole[..held]);
-                                        }
-                                    }
-                                    NeuronAxis::Columns => {
-                                        for_segments(start, len, cols, |row, _, range| {
-                                            sums[row] +=
-                                                bf16_kernels::sum(&w[range]).unwrap_or(0.0);
-                                        });
-                                    }
-                                }
-                            }
-                        }
-                        if needs.neuron_sum && axis == NeuronAxis::Rows {
-                            acc.pending += len;
-                            if acc.pending >= FLUSH_ROWS * cols {
-                                acc.flush();
-                            }
-                        }
-                        return acc;
-                    }
+        .fold(
+            || pass.new_acc(),
+            |mut acc, c| {
+                let start = c * CHUNK;
+                let len = CHUNK.min(pass.n - start);
+                if !(pass.direct && pass.fold_bf16(&mut acc, start, len, &zeros)) {
+                    pass.fold_f32(&mut acc, start, len);
                 }
-            }
-            if acc.buf.is_empty() {
-                acc.buf = vec![0.0; e.next_multiple_of(GRAM_ROW_PAD) * CHUNK];
-            }
-            for (k, v) in vs.iter().enumerate() {
-                v.read_f32(start, &mut acc.buf[k * CHUNK..k * CHUNK + len]);
-            }
-            let buf = &acc.buf;
-            gram_lower_add(buf, CHUNK, len, e, &mut acc.gram);
-            if needs.neuron_sum {
-                for k in 0..e {
-                    let a = &buf[k * CHUNK..k * CHUNK + len];
-                    let sums = &mut acc.sums[k * hidden..(k + 1) * hidden];
-                    accumulate_neurons(a, start, cols, axis, sums);
-                }
-            }
-            if needs.standardized_gram && e > 1 {
-                for t in 0..len {
-                    let mean = (0..e).map(|k| buf[k * CHUNK + t] as f64).sum::<f64>() / e as f64;
-                    let mut ss = 0.0;
-                    for k in 0..e {
-                        let d = buf[k * CHUNK + t] as f64 - mean;
-                        acc.z[k] = d;
-                        ss += d * d;
-                    }
-                    let std = (ss / (e - 1) as f64).sqrt();
-                    if std == 0.0 {
-                        continue; // a constant coordinate contributes nothing
-                    }
-                    let inv = 1.0 / std;
-                    for k in 0..e {
-                        acc.z[k] *= inv;
-                    }
-                    for i in 0..e {
-                        let zi = acc.z[i];
-                        for j in 0..=i {
-                            acc.std_gram[i * e + j] += zi * acc.z[j];
-                        }
-                    }
-                }
-            }
-            acc
-        })
+                acc
+            },
+        )
         .map(|mut acc| {
             acc.flush();
             acc
         })
-        .reduce(new_acc, |mut a, b| {
-            add(&mut a.gram, &b.gram);
-            add(&mut a.std_gram, &b.std_gram);
-            add(&mut a.sums, &b.sums);
-            a
-        });
-    for (i, v) in vs.iter().enumerate() {
-        if !acc.gram[i * e + i].is_finite() {
-            return Err(Error::NonFinite {
+        .reduce(
+            || pass.new_acc(),
+            |mut a, b| {
+                add(&mut a.gram, &b.gram);
+                add(&mut a.std_gram, &b.std_gram);
+                add(&mut a.sums, &b.sums);
+                a
+            },
+        );
+    pass.finish(acc)
+}
+
+/// The layout of one pass: the matrices, where their neurons are, what to
+/// accumulate, and whether the bf16 kernels read the mmapped words directly.
+struct Pass<'v, 'a> {
+    vs: &'v [TensorView<'a>],
+    axis: NeuronAxis,
+    needs: Needs,
+    /// Number of matrices.
+    e: usize,
+    /// Elements per matrix.
+    n: usize,
+    /// Columns of the stored matrix.
+    cols: usize,
+    /// Length of a neuron.
+    hidden: usize,
+    /// bf16 on a CPU with AVX-512 BF16: straight from the mmapped words.
+    direct: bool,
+}
+
+impl<'v, 'a> Pass<'v, 'a> {
+    /// `None` for no matrices; an error when their shapes differ.
+    fn new(vs: &'v [TensorView<'a>], axis: NeuronAxis, needs: Needs) -> Result<Option<Self>> {
+        let Some(first) = vs.first() else {
+            return Ok(None);
+        };
+        if let Some(v) = vs.iter().find(|v| v.shape != first.shape) {
+            return Err(Error::Incompatible {
                 path: v.path.to_path_buf(),
-                tensor: v.name.to_string(),
+                reason: format!(
+                    "tensor `{}` has shape {:?}, expected {:?} like `{}`",
+                    v.name, v.shape, first.shape, first.name
+                ),
             });
         }
+        let cols = *first.shape.last().unwrap_or(&1);
+        Ok(Some(Pass {
+            vs,
+            axis,
+            needs,
+            e: vs.len(),
+            n: first.numel(),
+            cols,
+            hidden: match axis {
+                NeuronAxis::Rows => cols,
+                NeuronAxis::Columns => first.shape.first().copied().unwrap_or(1),
+            },
+            direct: !needs.standardized_gram
+                && vs.iter().all(|v| v.dtype == Dtype::BF16)
+                && bf16_kernels::available(),
+        }))
     }
-    Ok(MatrixStats {
-        gram: symmetric(&acc.gram, e),
-        neuron_sum: if needs.neuron_sum {
-            acc.sums.chunks(hidden).map(<[f64]>::to_vec).collect()
-        } else {
-            Vec::new()
-        },
-        standardized_gram: if needs.standardized_gram {
-            symmetric(&acc.std_gram, e)
-        } else {
-            Vec::new()
-        },
-    })
+
+    fn new_acc(&self) -> Acc {
+        let (e, hidden, needs) = (self.e, self.hidden, self.needs);
+        Acc {
+            gram: vec![0.0; e * e],
+            std_gram: if needs.standardized_gram {
+                vec![0.0; e * e]
+            } else {
+                Vec::new()
+            },
+            sums: if needs.neuron_sum {
+                vec![0.0; e * hidden]
+            } else {
+                Vec::new()
+            },
+            sums32: if self.direct && needs.neuron_sum && self.axis == NeuronAxis::Rows {
+                vec![0.0; e * hidden]
+            } else {
+                Vec::new()
+            },
+            pending: 0,
+            // The f32 chunk buffer, padded with zero rows for the tiled Gram
+            // kernel, allocated on the first chunk that needs it: the bf16
+            // kernels read the mmapped words and need none (512 KiB at E = 8,
+            // zeroed for every rayon fold, a page fault per 4 KiB, when each
+            // fold allocated it).
+            buf: Vec::new(),
+            z: if needs.standardized_gram {
+                vec![0.0; e]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// One chunk through the AVX-512 BF16 kernels, from the mmapped words;
+    /// `false` when the words are not directly readable (the f32 path then
+    /// takes the chunk).
+    fn fold_bf16(&self, acc: &mut Acc, start: usize, len: usize, zeros: &[u16]) -> bool {
+        let words: Option<Vec<&[u16]>> =
+            self.vs.iter().map(|v| v.bf16_words(start, len)).collect();
+        let Some(words) = words else {
+            return false;
+        };
+        if !bf16_kernels::gram_lower_add(&words, zeros, len, &mut acc.gram) {
+            return false;
+        }
+        if self.needs.neuron_sum {
+            for (k, w) in words.iter().enumerate() {
+                self.bf16_neuron_sums(acc, k, w, start, len);
+            }
+            if self.axis == NeuronAxis::Rows {
+                acc.pending += len;
+                if acc.pending >= FLUSH_ROWS * self.cols {
+                    acc.flush();
+                }
+            }
+        }
+        true
+    }
+
+    /// Neuron sums of matrix `k`'s chunk `w` (bf16 words).
+    fn bf16_neuron_sums(&self, acc: &mut Acc, k: usize, w: &[u16], start: usize, len: usize) {
+        let (hidden, cols) = (self.hidden, self.cols);
+        match self.axis {
+            // Summed in f32 (`sums32`), moved to f64 by `Acc::flush`.
+            NeuronAxis::Rows => {
+                let s32 = &mut acc.sums32[k * hidden..(k + 1) * hidden];
+                // Whole rows are added four at a time.
+                let mut whole: [&[u16]; 4] = [&[]; 4];
+                let mut held = 0;
+                for_segments(start, len, cols, |_, col, range| {
+                    if col == 0 && range.len() == cols {
+                        whole[held] = &w[range];
+                        held += 1;
+                        if held == whole.len() {
+                            bf16_kernels::add_rows_to_f32(s32, &whole);
+                            held = 0;
+                        }
+                    } else {
+                        bf16_kernels::add_to_f32(&mut s32[col..col + range.len()], &w[range]);
+                    }
+                });
+                if held > 0 {
+                    bf16_kernels::add_rows_to_f32(s32, &whole[..held]);
+                }
+            }
+            NeuronAxis::Columns => {
+                let sums = &mut acc.sums[k * hidden..(k + 1) * hidden];
+                for_segments(start, len, cols, |row, _, range| {
+                    sums[row] += bf16_kernels::sum(&w[range]).unwrap_or(0.0);
+                });
+            }
+        }
+    }
+
+    /// One chunk converted to f32: Gram matrix, neuron sums, standardized Gram.
+    fn fold_f32(&self, acc: &mut Acc, start: usize, len: usize) {
+        let e = self.e;
+        if acc.buf.is_empty() {
+            acc.buf = vec![0.0; e.next_multiple_of(GRAM_ROW_PAD) * CHUNK];
+        }
+        for (k, v) in self.vs.iter().enumerate() {
+            v.read_f32(start, &mut acc.buf[k * CHUNK..k * CHUNK + len]);
+        }
+        let buf = &acc.buf;
+        gram_lower_add(buf, CHUNK, len, e, &mut acc.gram);
+        if self.needs.neuron_sum {
+            for k in 0..e {
+                let a = &buf[k * CHUNK..k * CHUNK + len];
+                let sums = &mut acc.sums[k * self.hidden..(k + 1) * self.hidden];
+                accumulate_neurons(a, start, self.cols, self.axis, sums);
+            }
+        }
+        if self.needs.standardized_gram && e > 1 {
+            standardized_gram_add(buf, len, e, &mut acc.z, &mut acc.std_gram);
+        }
+    }
+
+    /// Rejects NaN/inf (a non-finite Gram diagonal) and fills the symmetric matrices.
+    fn finish(&self, acc: Acc) -> Result<MatrixStats> {
+        let e = self.e;
+        for (i, v) in self.vs.iter().enumerate() {
+            if !acc.gram[i * e + i].is_finite() {
+                return Err(Error::NonFinite {
+                    path: v.path.to_path_buf(),
+                    tensor: v.name.to_string(),
+                });
+            }
+        }
+        Ok(MatrixStats {
+            gram: symmetric(&acc.gram, e),
+            neuron_sum: if self.needs.neuron_sum {
+                acc.sums.chunks(self.hidden).map(<[f64]>::to_vec).collect()
+            } else {
+                Vec::new()
+            },
+            standardized_gram: if self.needs.standardized_gram {
+                symmetric(&acc.std_gram, e)
+            } else {
+                Vec::new()
+            },
+        })
+    }
+}
+
+/// Adds the chunk's coordinates, centred across the `e` experts and divided
+/// by their sample standard deviation, to the lower triangle of `std_gram`
+/// (`z` is scratch of length `e`).
+fn standardized_gram_add(buf: &[f32], len: usize, e: usize, z: &mut [f64], std_gram: &mut [f64]) {
+    for t in 0..len {
+        let mean = (0..e).map(|k| buf[k * CHUNK + t] as f64).sum::<f64>() / e as f64;
+        let mut ss = 0.0;
+        for k in 0..e {
+            let d = buf[k * CHUNK + t] as f64 - mean;
+            z[k] = d;
+            ss += d * d;
+        }
+        let std = (ss / (e - 1) as f64).sqrt();
+        if std == 0.0 {
+            continue; // a constant coordinate contributes nothing
+        }
+        let inv = 1.0 / std;
+        for zk in z.iter_mut().take(e) {
+            *zk *= inv;
+        }
+        for i in 0..e {
+            let zi = z[i];
+            for j in 0..=i {
+                std_gram[i * e + j] += zi * z[j];
+            }
+        }
+    }
 }
 
 /// Splits the elements `start..start + len` of a row-major `[R, cols]`

@@ -9,6 +9,7 @@
 pub mod harness;
 pub mod llama_cpp;
 pub mod moe_layer;
+pub mod outcome;
 pub mod probe;
 pub mod routing;
 pub mod schema;
@@ -18,6 +19,8 @@ pub mod synthetic;
 pub mod verdict;
 
 use std::path::PathBuf;
+
+pub use outcome::{run, Outcome, Peer, Request};
 
 /// `benches/compare_torch.py`, the PyTorch peer of the benchmarks, built
 /// into the library so that an installed binary can run it (`bench --peer

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 use crate::bench::harness::{measure, measure_interleaved, Budget, Measurement};
 use crate::bench::moe_layer::{self, AllExpertOutputs, LayerGeometry};
@@ -509,100 +509,22 @@ fn run_layer(
     } else {
         None
     };
-    let hidden = model.info.hidden_size;
-    let info = &model.info;
+    let under_test = LayerUnderTest {
+        fwd: &fwd,
+        lw: &lw,
+        layer,
+        naive: naive_experts.as_ref(),
+        #[cfg(feature = "cuda")]
+        fused: fused.as_ref(),
+    };
     // The variants at one token count are measured interleaved (fair ratios).
     let mut token_counts: Vec<usize> = cases.iter().map(|c| c.tokens).collect();
     token_counts.dedup();
     for n in token_counts {
         let here: Vec<&Case> = cases.iter().filter(|c| c.tokens == n).collect();
-        let x = moe_layer::random_input(n, hidden, &opts.device)?;
-        let routed = moe_layer::route(&fwd, &lw, &x)?;
-        let mut checked: Vec<(&str, f64)> = Vec::new();
-        if let Some(ne) = &naive_experts {
-            // Every variant computes the same layer: checked against the
-            // naive loop on this input before anything is timed.
-            let reference = moe_layer::naive(&fwd, &lw, ne, &x)?;
-            checked.push(("naive", 0.0));
-            for case in &here {
-                let (y, tol) = match case.variant {
-                    "topk" => (fwd.moe_block(layer, &lw, &x, &mut ())?, 1e-4),
-                    "all-experts" => (fwd.moe_block(layer, &lw, &x, &mut AllExpertOutputs)?, 1e-4),
-                    #[cfg(feature = "cuda")]
-                    "fused" if !moe_layer::has_shared_experts(&lw) => match &fused {
-                        // bf16 weights and activations.
-                        Some(f) => (f.forward(&fwd, &lw, &x)?, 3e-2),
-                        None => continue,
-                    },
-                    _ => continue,
-                };
-                let err = moe_layer::relative_error(&y, &reference)?;
-                if err.is_nan() || err > tol {
-                    return Err(Error::Compute {
-                        what: case.name.clone(),
-                        reason: format!(
-                            "output differs from the naive loop's: relative error {err:.2e} > {tol:.0e}"
-                        ),
-                    });
-                }
-                checked.push((case.variant, err));
-            }
-        }
-        let mut work = Vec::new();
-        let mut fs: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
-        for case in &here {
-            progress.begin(&case.name);
-            let (t, h, e) = (n as f64, info.hidden_size as f64, info.num_experts as f64);
-            let (fwd, lw, x) = (&fwd, &lw, &x);
-            match case.variant {
-                "routing" => {
-                    work.push(moe_layer::LayerWork {
-                        flops: 2.0 * t * h * e + 8.0 * t * e,
-                        bytes: 4.0 * (t * h + h * e + t * e),
-                    });
-                    fs.push(Box::new(move || moe_layer::route(fwd, lw, x).map(drop)));
-                }
-                "topk" => {
-                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 4.0));
-                    fs.push(Box::new(move || {
-                        fwd.moe_block(layer, lw, x, &mut ()).map(drop)
-                    }));
-                }
-                "naive" => {
-                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 4.0));
-                    let ne = naive_experts
-                        .as_ref()
-                        .ok_or_else(|| Error::Usage("naive experts were not prepared".into()))?;
-                    fs.push(Box::new(move || moe_layer::naive(fwd, lw, ne, x).map(drop)));
-                }
-                "all-experts" => {
-                    work.push(moe_layer::layer_work(fwd, n, &routed, true, 4.0));
-                    fs.push(Box::new(move || {
-                        fwd.moe_block(layer, lw, x, &mut AllExpertOutputs).map(drop)
-                    }));
-                }
-                #[cfg(feature = "cuda")]
-                "fused" => {
-                    let f = fused
-                        .as_ref()
-                        .ok_or_else(|| Error::Usage("fused experts were not prepared".into()))?;
-                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 2.0));
-                    fs.push(Box::new(move || f.forward(fwd, lw, x).map(drop)));
-                }
-                other => {
-                    return Err(Error::Usage(format!(
-                        "benchmark variant `{other}` is not available in this build"
-                    )))
-                }
-            }
-        }
-        let mut refs: Vec<&mut dyn FnMut() -> Result<()>> = fs
-            .iter_mut()
-            .map(|f| &mut **f as &mut dyn FnMut() -> Result<()>)
-            .collect();
-        let ms = measure_interleaved(&opts.device, &opts.budget, &mut refs)?;
-        drop(refs);
-        drop(fs);
+        let x = moe_layer::random_input(n, model.info.hidden_size, &opts.device)?;
+        let checked = under_test.check_against_naive(&here, &x)?;
+        let (ms, work) = under_test.measure(opts, &model, &here, n, &x, progress)?;
         for ((case, m), w) in here.iter().zip(&ms).zip(&work) {
             let group = if case.variant == "routing" {
                 "routing"
@@ -633,6 +555,124 @@ fn run_layer(
     drop(lw);
     model.release_layer(layer);
     Ok(())
+}
+
+/// One MoE layer, loaded, with the variants prepared that the cases need.
+struct LayerUnderTest<'a, 'm> {
+    fwd: &'a Forward<'m>,
+    lw: &'a LayerWeights,
+    layer: usize,
+    naive: Option<&'a moe_layer::NaiveExperts>,
+    #[cfg(feature = "cuda")]
+    fused: Option<&'a moe_layer::FusedExperts>,
+}
+
+impl LayerUnderTest<'_, '_> {
+    /// Every variant computes the same layer: checked against the naive loop
+    /// on this input before anything is timed. Returns each checked variant's
+    /// relative error (none without the naive variant).
+    fn check_against_naive(&self, here: &[&Case], x: &Tensor) -> Result<Vec<(&'static str, f64)>> {
+        let (fwd, lw, layer) = (self.fwd, self.lw, self.layer);
+        let mut checked: Vec<(&str, f64)> = Vec::new();
+        let Some(ne) = self.naive else {
+            return Ok(checked);
+        };
+        let reference = moe_layer::naive(fwd, lw, ne, x)?;
+        checked.push(("naive", 0.0));
+        for case in here {
+            let (y, tol) = match case.variant {
+                "topk" => (fwd.moe_block(layer, lw, x, &mut ())?, 1e-4),
+                "all-experts" => (fwd.moe_block(layer, lw, x, &mut AllExpertOutputs)?, 1e-4),
+                #[cfg(feature = "cuda")]
+                "fused" if !moe_layer::has_shared_experts(lw) => match self.fused {
+                    // bf16 weights and activations.
+                    Some(f) => (f.forward(fwd, lw, x)?, 3e-2),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            let err = moe_layer::relative_error(&y, &reference)?;
+            if err.is_nan() || err > tol {
+                return Err(Error::Compute {
+                    what: case.name.clone(),
+                    reason: format!(
+                        "output differs from the naive loop's: relative error {err:.2e} > {tol:.0e}"
+                    ),
+                });
+            }
+            checked.push((case.variant, err));
+        }
+        Ok(checked)
+    }
+
+    /// Measures the cases (interleaved) on input `x` of `n` tokens; returns each case's
+    /// measurement and its work (flops, bytes), in case order.
+    fn measure(
+        &self,
+        opts: &SuiteOptions,
+        model: &Model,
+        here: &[&Case],
+        n: usize,
+        x: &Tensor,
+        progress: &dyn Progress,
+    ) -> Result<(Vec<Measurement>, Vec<moe_layer::LayerWork>)> {
+        let (fwd, lw, layer) = (self.fwd, self.lw, self.layer);
+        let info = &model.info;
+        let routed = moe_layer::route(fwd, lw, x)?;
+        let mut work = Vec::new();
+        let mut fs: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
+        for case in here {
+            progress.begin(&case.name);
+            let (t, h, e) = (n as f64, info.hidden_size as f64, info.num_experts as f64);
+            match case.variant {
+                "routing" => {
+                    work.push(moe_layer::LayerWork {
+                        flops: 2.0 * t * h * e + 8.0 * t * e,
+                        bytes: 4.0 * (t * h + h * e + t * e),
+                    });
+                    fs.push(Box::new(move || moe_layer::route(fwd, lw, x).map(drop)));
+                }
+                "topk" => {
+                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 4.0));
+                    fs.push(Box::new(move || {
+                        fwd.moe_block(layer, lw, x, &mut ()).map(drop)
+                    }));
+                }
+                "naive" => {
+                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 4.0));
+                    let ne = self
+                        .naive
+                        .ok_or_else(|| Error::Usage("naive experts were not prepared".into()))?;
+                    fs.push(Box::new(move || moe_layer::naive(fwd, lw, ne, x).map(drop)));
+                }
+                "all-experts" => {
+                    work.push(moe_layer::layer_work(fwd, n, &routed, true, 4.0));
+                    fs.push(Box::new(move || {
+                        fwd.moe_block(layer, lw, x, &mut AllExpertOutputs).map(drop)
+                    }));
+                }
+                #[cfg(feature = "cuda")]
+                "fused" => {
+                    let f = self
+                        .fused
+                        .ok_or_else(|| Error::Usage("fused experts were not prepared".into()))?;
+                    work.push(moe_layer::layer_work(fwd, n, &routed, false, 2.0));
+                    fs.push(Box::new(move || f.forward(fwd, lw, x).map(drop)));
+                }
+                other => {
+                    return Err(Error::Usage(format!(
+                        "benchmark variant `{other}` is not available in this build"
+                    )))
+                }
+            }
+        }
+        let mut refs: Vec<&mut dyn FnMut() -> Result<()>> = fs
+            .iter_mut()
+            .map(|f| &mut **f as &mut dyn FnMut() -> Result<()>)
+            .collect();
+        let ms = measure_interleaved(&opts.device, &opts.budget, &mut refs)?;
+        Ok((ms, work))
+    }
 }
 
 fn run_forward(

@@ -261,12 +261,61 @@ pub fn compare(gold: &Snapshot, now: &Snapshot, tol: &Tolerances) -> Result<Comp
     compare_snapshots(gold, now, tol).map_err(Error::NotComparable)
 }
 
+/// Top-k ids of both snapshots, decoded: `(golden, now, [tokens, layers, k])`.
+type TopKIds = (Vec<i16>, Vec<i16>, [usize; 3]);
+
 fn compare_snapshots(
     gold: &Snapshot,
     now: &Snapshot,
     tol: &Tolerances,
 ) -> std::result::Result<Comparison, String> {
-    let (g, n) = (&gold.model, &now.model);
+    check_same_shape(&gold.model, &now.model)?;
+    let mut notices = identity_notices(gold, now);
+    check_same_prompts(gold, now)?;
+    let ids = decode_top_k_ids(gold, now)?;
+    if gold.layers.len() != now.layers.len() {
+        return Err(format!(
+            "{} MoE layers recorded, {} now",
+            gold.layers.len(),
+            now.layers.len()
+        ));
+    }
+    let mut rows = Vec::new();
+    for (li, (gl, nl)) in gold.layers.iter().zip(&now.layers).enumerate() {
+        let layer = LayerPair {
+            index: li,
+            gold: gl,
+            now: nl,
+        };
+        compare_layer(
+            gold,
+            now,
+            &layer,
+            ids.as_ref(),
+            tol,
+            &mut rows,
+            &mut notices,
+        );
+    }
+    if rows.is_empty() {
+        return Err(format!(
+            "nothing to compare: the golden snapshot records {} and this run computed {}; no metric was checked",
+            list_or_nothing(&gold.analyses),
+            list_or_nothing(&now.analyses)
+        ));
+    }
+    Ok(Comparison {
+        name: gold.name.clone(),
+        rows,
+        notices,
+    })
+}
+
+/// Both snapshots describe the same model shape (family, layers, experts, sizes).
+fn check_same_shape(
+    g: &crate::golden::Identity,
+    n: &crate::golden::Identity,
+) -> std::result::Result<(), String> {
     let shape = |m: &crate::golden::Identity| {
         (
             m.family.clone(),
@@ -284,35 +333,41 @@ fn compare_snapshots(
             n.family, n.num_experts, n.top_k, n.hidden_size, n.intermediate_size, n.moe_layers
         ));
     }
+    Ok(())
+}
+
+fn notice(layer: Option<usize>, message: String) -> Notice {
+    Notice { layer, message }
+}
+
+/// What changed about the checkpoint without being drift: dtype, config,
+/// tensor index, and analyses the golden has that were not recomputed.
+fn identity_notices(gold: &Snapshot, now: &Snapshot) -> Vec<Notice> {
+    let (g, n) = (&gold.model, &now.model);
     let mut notices = Vec::new();
-    let note =
-        |notices: &mut Vec<Notice>, layer, message: String| notices.push(Notice { layer, message });
     if g.dtype != n.dtype {
-        note(
-            &mut notices,
+        notices.push(notice(
             None,
             format!("expert dtype changed: {} → {}", g.dtype, n.dtype),
-        );
+        ));
     }
     if g.config_hash != n.config_hash {
-        note(
-            &mut notices,
+        notices.push(notice(
             None,
             format!(
                 "config.json changed (hash {} → {})",
                 g.config_hash, n.config_hash
             ),
-        );
+        ));
     }
     if g.tensor_index_hash != n.tensor_index_hash {
-        note(
-            &mut notices,
+        notices.push(notice(
             None,
             format!(
                 "tensor index changed: names, dtypes or shapes (hash {} → {})",
                 g.tensor_index_hash, n.tensor_index_hash
             ),
-        );
+        ));
     }
     let missing: Vec<&String> = gold
         .analyses
@@ -320,8 +375,7 @@ fn compare_snapshots(
         .filter(|a| !now.analyses.contains(a))
         .collect();
     if !missing.is_empty() {
-        note(
-            &mut notices,
+        notices.push(notice(
             None,
             format!(
                 "not recomputed, so not compared: {}",
@@ -331,8 +385,13 @@ fn compare_snapshots(
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-        );
+        ));
     }
+    notices
+}
+
+/// Dynamic metrics of both snapshots must come from the same prompts.
+fn check_same_prompts(gold: &Snapshot, now: &Snapshot) -> std::result::Result<(), String> {
     let routing_both = gold.top_k_ids.is_some() && now.top_k_ids.is_some();
     let dynamic_both = routing_both
         || gold.layers.iter().any(|l| l.norm_score.is_some())
@@ -350,225 +409,295 @@ fn compare_snapshots(
             now.prompts.as_ref().map_or("-", |p| p.hash.as_str()),
         ));
     }
-    let ids = match (&gold.top_k_ids, &now.top_k_ids) {
-        (Some(a), Some(b)) if a.shape != b.shape => {
-            return Err(format!(
-                "top-k ids of shape {:?} (tokens, layers, k) recorded, but {:?} now: the snapshot was recorded on other prompts or edited",
-                a.shape, b.shape
-            ))
-        }
-        (Some(a), Some(b)) => Some((a.decode_str()?, b.decode_str()?, a.shape)),
-        _ => None,
-    };
-    if gold.layers.len() != now.layers.len() {
-        return Err(format!(
-            "{} MoE layers recorded, {} now",
-            gold.layers.len(),
-            now.layers.len()
+    Ok(())
+}
+
+/// The top-k ids of both snapshots when both have them, of the same shape.
+fn decode_top_k_ids(
+    gold: &Snapshot,
+    now: &Snapshot,
+) -> std::result::Result<Option<TopKIds>, String> {
+    match (&gold.top_k_ids, &now.top_k_ids) {
+        (Some(a), Some(b)) if a.shape != b.shape => Err(format!(
+            "top-k ids of shape {:?} (tokens, layers, k) recorded, but {:?} now: the snapshot was recorded on other prompts or edited",
+            a.shape, b.shape
+        )),
+        (Some(a), Some(b)) => Ok(Some((a.decode_str()?, b.decode_str()?, a.shape))),
+        _ => Ok(None),
+    }
+}
+
+/// One MoE layer of both snapshots; `index` is its position among the MoE layers.
+struct LayerPair<'a> {
+    index: usize,
+    gold: &'a LayerSnapshot,
+    now: &'a LayerSnapshot,
+}
+
+/// Every metric of one layer, in table order: expert matching, similarities,
+/// gate R², the router-precision notice, routing agreement, routing
+/// distributions, norm score.
+fn compare_layer(
+    gold: &Snapshot,
+    now: &Snapshot,
+    pair: &LayerPair<'_>,
+    ids: Option<&TopKIds>,
+    tol: &Tolerances,
+    rows: &mut Vec<DriftRow>,
+    notices: &mut Vec<Notice>,
+) {
+    let (gl, nl, layer) = (pair.gold, pair.now, pair.gold.layer);
+    let e = gold.model.num_experts;
+    let perm = layer_matching(gl, nl, e, rows, notices);
+    similarity_rows(gl, nl, &perm, tol, rows);
+    gate_r2_rows(gl, nl, tol, rows);
+    if let Some(n) = router_bits_notice(gl, nl) {
+        notices.push(n);
+    }
+    if let Some(ids) = ids {
+        rows.extend(routing_agreement_rows(pair, ids, e, &perm, tol));
+    }
+    rows.extend(routing_distribution_rows(gold, now, pair, e, &perm, tol));
+    if let (Some(a), Some(b)) = (&gl.norm_score, &nl.norm_score) {
+        rows.push(DriftRow::new(
+            "norm-score-top1",
+            layer,
+            a.top1_match_rate as f64,
+            b.top1_match_rate as f64,
+            tol.norm_score_top1,
+            Limit::AbsDelta,
         ));
     }
-    let e = g.num_experts;
-    let identity: Vec<usize> = (0..e).collect();
-    let mut rows = Vec::new();
-    for (li, (gl, nl)) in gold.layers.iter().zip(&now.layers).enumerate() {
-        let layer = gl.layer;
-        let perm = match match_experts(gl, nl) {
-            Matching::Same => identity.clone(),
-            Matching::Relabelled(p) => {
-                note(
-                    &mut notices,
-                    Some(layer),
-                    format!("experts relabelled consistently (golden→now: {}); their weights and router rows moved together, so the layer computes the same function; compared under this matching", describe(&p)),
-                );
-                p
-            }
-            Matching::WeightsMoved(p) => {
-                let moved = p.iter().enumerate().filter(|(i, x)| i != *x).count();
-                let mut row = DriftRow::new(
-                    "expert-assignment",
-                    layer,
-                    0.0,
-                    moved as f64,
-                    0.0,
-                    Limit::Max,
-                );
-                row.detail = format!(
-                    "expert weights moved without their router rows (golden→now: {})",
-                    describe(&p)
-                );
-                rows.push(row);
-                identity.clone()
-            }
-        };
-        for (name, a, b) in [
-            (
-                "expert-similarity",
-                &gl.expert_similarity,
-                &nl.expert_similarity,
-            ),
-            (
-                "neuron-similarity",
-                &gl.neuron_similarity,
-                &nl.neuron_similarity,
-            ),
-        ] {
-            if let (Some(a), Some(b)) = (a, b) {
-                for m in Matrix::ALL {
-                    let metric = format!("{name}.{}", m.name());
-                    rows.push(matrix_row(
-                        &metric,
-                        layer,
-                        a.get(m),
-                        b.get(m),
-                        &perm,
-                        tol.similarity,
-                    ));
-                }
-            }
-        }
-        if let (Some(a), Some(b)) = (&gl.gate_similarity, &nl.gate_similarity) {
-            rows.push(matrix_row(
-                "gate-similarity",
-                layer,
-                a,
-                b,
-                &perm,
-                tol.similarity,
+}
+
+/// How the layer's experts correspond (now's `perm[i]` is golden's `i`): a
+/// consistent relabelling is a notice; weights moved without their router
+/// rows are an `expert-assignment` drift row, and the layer is compared as stored.
+fn layer_matching(
+    gl: &LayerSnapshot,
+    nl: &LayerSnapshot,
+    experts: usize,
+    rows: &mut Vec<DriftRow>,
+    notices: &mut Vec<Notice>,
+) -> Vec<usize> {
+    let layer = gl.layer;
+    let identity: Vec<usize> = (0..experts).collect();
+    match match_experts(gl, nl) {
+        Matching::Same => identity,
+        Matching::Relabelled(p) => {
+            notices.push(notice(
+                Some(layer),
+                format!("experts relabelled consistently (golden→now: {}); their weights and router rows moved together, so the layer computes the same function; compared under this matching", describe(&p)),
             ));
+            p
         }
-        if let (Some(a), Some(b)) = (&gl.gate_r2, &nl.gate_r2) {
-            for m in Matrix::ALL {
-                if let (Some(x), Some(y)) = (a.get(m), b.get(m)) {
-                    let metric = format!("gate-r2.{}", m.name());
-                    rows.push(DriftRow::new(
-                        &metric,
-                        layer,
-                        *x as f64,
-                        *y as f64,
-                        tol.gate_r2,
-                        Limit::AbsDelta,
-                    ));
-                }
-            }
-        }
-        if let Some(f) = &nl.fingerprint {
-            if f.router_bits < 8 {
-                let was = gl.fingerprint.as_ref().map(|x| x.router_bits);
-                note(
-                    &mut notices,
-                    Some(layer),
-                    format!(
-                        "router stored below 8 bits: its rows hold at most {} distinct values (effectively {}-bit{}); a quantized router is a known cause of expert flips",
-                        1u64 << f.router_bits,
-                        f.router_bits,
-                        was.map(|b| format!(", golden {b}-bit")).unwrap_or_default()
-                    ),
-                );
-            }
-        }
-        // Routing: now's expert `perm[i]` is golden's expert `i`.
-        let mut inv = vec![0usize; e];
-        for (i, &p) in perm.iter().enumerate() {
-            inv[p] = i;
-        }
-        if let Some((a, b, [tokens, nlay, k])) = &ids {
-            let (mut top1, mut overlap) = (0usize, 0usize);
-            for t in 0..*tokens {
-                let base = (t * nlay + li) * k;
-                let gs = &a[base..base + k];
-                let ns: Vec<usize> = b[base..base + k].iter().map(|&x| inv[x as usize]).collect();
-                if gs[0] as usize == ns[0] {
-                    top1 += 1;
-                }
-                overlap += gs.iter().filter(|&&x| ns.contains(&(x as usize))).count();
-            }
-            let tk = (*tokens).max(1) as f64;
-            rows.push(DriftRow::new(
-                "routing-top1-agreement",
-                layer,
-                1.0,
-                top1 as f64 / tk,
-                tol.routing_top1_agreement,
-                Limit::Min,
-            ));
-            rows.push(DriftRow::new(
-                "routing-topk-agreement",
-                layer,
-                1.0,
-                overlap as f64 / (tk * *k as f64),
-                tol.routing_topk_agreement,
-                Limit::Min,
-            ));
-        }
-        if let (Some(ra), Some(rb)) = (&gl.routing, &nl.routing) {
-            let load_a = normalised(&ra.load.iter().map(|&x| x as f64).collect::<Vec<_>>());
-            let load_b: Vec<f64> =
-                normalised(&(0..e).map(|i| rb.load[perm[i]] as f64).collect::<Vec<_>>());
-            let tv = total_variation(&load_a, &load_b);
-            let (pa, pb) = (gold.router_probs.get(&layer), now.router_probs.get(&layer));
-            let (div, detail) = match (pa, pb) {
-                (Some(pa), Some(pb)) if !pa.is_empty() && pa.len() == pb.len() => {
-                    // Both live: mean per-token divergence.
-                    let n_tok = pa.len() / e;
-                    let mut sum = 0.0;
-                    for t in 0..n_tok {
-                        let p: Vec<f64> =
-                            pa[t * e..(t + 1) * e].iter().map(|&x| x as f64).collect();
-                        let q: Vec<f64> = (0..e).map(|i| pb[t * e + perm[i]] as f64).collect();
-                        sum += jsd(&p, &q);
-                    }
-                    (sum / n_tok.max(1) as f64, "mean over tokens")
-                }
-                // A trace without router logits records no mean distribution
-                // (issue 15): compare the load distributions instead.
-                _ if ra.mean_probs.len() != e || rb.mean_probs.len() != e => (
-                    jsd(&load_a, &load_b),
-                    "of the load distributions (no router logits recorded)",
-                ),
-                _ => {
-                    let p: Vec<f64> = ra.mean_probs.iter().map(|&x| x as f64).collect();
-                    let q: Vec<f64> = (0..e).map(|i| rb.mean_probs[perm[i]] as f64).collect();
-                    (
-                        jsd(&normalised(&p), &normalised(&q)),
-                        "of the mean router distribution",
-                    )
-                }
-            };
-            let mut row = DriftRow::new("router-jsd", layer, 0.0, div, tol.router_jsd, Limit::Max);
-            row.detail = detail.to_string();
-            rows.push(row);
-            rows.push(DriftRow::new(
-                "load-shift",
+        Matching::WeightsMoved(p) => {
+            let moved = p.iter().enumerate().filter(|(i, x)| i != *x).count();
+            let mut row = DriftRow::new(
+                "expert-assignment",
                 layer,
                 0.0,
-                tv,
-                tol.load_shift,
+                moved as f64,
+                0.0,
                 Limit::Max,
-            ));
-        }
-        if let (Some(a), Some(b)) = (&gl.norm_score, &nl.norm_score) {
-            rows.push(DriftRow::new(
-                "norm-score-top1",
-                layer,
-                a.top1_match_rate as f64,
-                b.top1_match_rate as f64,
-                tol.norm_score_top1,
-                Limit::AbsDelta,
-            ));
+            );
+            row.detail = format!(
+                "expert weights moved without their router rows (golden→now: {})",
+                describe(&p)
+            );
+            rows.push(row);
+            identity
         }
     }
-    if rows.is_empty() {
-        return Err(format!(
-            "nothing to compare: the golden snapshot records {} and this run computed {}; no metric was checked",
-            list_or_nothing(&gold.analyses),
-            list_or_nothing(&now.analyses)
+}
+
+/// Expert, neuron and gate similarity matrices: the largest change of each.
+fn similarity_rows(
+    gl: &LayerSnapshot,
+    nl: &LayerSnapshot,
+    perm: &[usize],
+    tol: &Tolerances,
+    rows: &mut Vec<DriftRow>,
+) {
+    let layer = gl.layer;
+    for (name, a, b) in [
+        (
+            "expert-similarity",
+            &gl.expert_similarity,
+            &nl.expert_similarity,
+        ),
+        (
+            "neuron-similarity",
+            &gl.neuron_similarity,
+            &nl.neuron_similarity,
+        ),
+    ] {
+        if let (Some(a), Some(b)) = (a, b) {
+            for m in Matrix::ALL {
+                let metric = format!("{name}.{}", m.name());
+                rows.push(matrix_row(
+                    &metric,
+                    layer,
+                    a.get(m),
+                    b.get(m),
+                    perm,
+                    tol.similarity,
+                ));
+            }
+        }
+    }
+    if let (Some(a), Some(b)) = (&gl.gate_similarity, &nl.gate_similarity) {
+        rows.push(matrix_row(
+            "gate-similarity",
+            layer,
+            a,
+            b,
+            perm,
+            tol.similarity,
         ));
     }
-    Ok(Comparison {
-        name: gold.name.clone(),
-        rows,
-        notices,
-    })
+}
+
+/// The gate-embedding R² of each matrix.
+fn gate_r2_rows(
+    gl: &LayerSnapshot,
+    nl: &LayerSnapshot,
+    tol: &Tolerances,
+    rows: &mut Vec<DriftRow>,
+) {
+    if let (Some(a), Some(b)) = (&gl.gate_r2, &nl.gate_r2) {
+        for m in Matrix::ALL {
+            if let (Some(x), Some(y)) = (a.get(m), b.get(m)) {
+                let metric = format!("gate-r2.{}", m.name());
+                rows.push(DriftRow::new(
+                    &metric,
+                    gl.layer,
+                    *x as f64,
+                    *y as f64,
+                    tol.gate_r2,
+                    Limit::AbsDelta,
+                ));
+            }
+        }
+    }
+}
+
+/// A router stored below 8 bits (a known cause of expert flips).
+fn router_bits_notice(gl: &LayerSnapshot, nl: &LayerSnapshot) -> Option<Notice> {
+    let f = nl.fingerprint.as_ref().filter(|f| f.router_bits < 8)?;
+    let was = gl.fingerprint.as_ref().map(|x| x.router_bits);
+    Some(notice(
+        Some(gl.layer),
+        format!(
+            "router stored below 8 bits: its rows hold at most {} distinct values (effectively {}-bit{}); a quantized router is a known cause of expert flips",
+            1u64 << f.router_bits,
+            f.router_bits,
+            was.map(|b| format!(", golden {b}-bit")).unwrap_or_default()
+        ),
+    ))
+}
+
+/// Top-1 and top-k agreement of the routed experts, token by token, under `perm`.
+fn routing_agreement_rows(
+    pair: &LayerPair<'_>,
+    (a, b, [tokens, nlay, k]): &TopKIds,
+    e: usize,
+    perm: &[usize],
+    tol: &Tolerances,
+) -> [DriftRow; 2] {
+    // Now's expert `perm[i]` is golden's expert `i`.
+    let mut inv = vec![0usize; e];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    let (mut top1, mut overlap) = (0usize, 0usize);
+    for t in 0..*tokens {
+        let base = (t * nlay + pair.index) * k;
+        let gs = &a[base..base + k];
+        let ns: Vec<usize> = b[base..base + k].iter().map(|&x| inv[x as usize]).collect();
+        if gs[0] as usize == ns[0] {
+            top1 += 1;
+        }
+        overlap += gs.iter().filter(|&&x| ns.contains(&(x as usize))).count();
+    }
+    let tk = (*tokens).max(1) as f64;
+    let layer = pair.gold.layer;
+    [
+        DriftRow::new(
+            "routing-top1-agreement",
+            layer,
+            1.0,
+            top1 as f64 / tk,
+            tol.routing_top1_agreement,
+            Limit::Min,
+        ),
+        DriftRow::new(
+            "routing-topk-agreement",
+            layer,
+            1.0,
+            overlap as f64 / (tk * *k as f64),
+            tol.routing_topk_agreement,
+            Limit::Min,
+        ),
+    ]
+}
+
+/// Router divergence (`router-jsd`) and load shift (total variation of the
+/// load), under `perm`; nothing when either snapshot has no routing.
+fn routing_distribution_rows(
+    gold: &Snapshot,
+    now: &Snapshot,
+    pair: &LayerPair<'_>,
+    e: usize,
+    perm: &[usize],
+    tol: &Tolerances,
+) -> Vec<DriftRow> {
+    let (Some(ra), Some(rb)) = (&pair.gold.routing, &pair.now.routing) else {
+        return Vec::new();
+    };
+    let layer = pair.gold.layer;
+    let load_a = normalised(&ra.load.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    let load_b: Vec<f64> = normalised(&(0..e).map(|i| rb.load[perm[i]] as f64).collect::<Vec<_>>());
+    let tv = total_variation(&load_a, &load_b);
+    let (pa, pb) = (gold.router_probs.get(&layer), now.router_probs.get(&layer));
+    let (div, detail) = match (pa, pb) {
+        (Some(pa), Some(pb)) if !pa.is_empty() && pa.len() == pb.len() => {
+            (mean_token_jsd(pa, pb, e, perm), "mean over tokens")
+        }
+        // A trace without router logits records no mean distribution
+        // (issue 15): compare the load distributions instead.
+        _ if ra.mean_probs.len() != e || rb.mean_probs.len() != e => (
+            jsd(&load_a, &load_b),
+            "of the load distributions (no router logits recorded)",
+        ),
+        _ => {
+            let p: Vec<f64> = ra.mean_probs.iter().map(|&x| x as f64).collect();
+            let q: Vec<f64> = (0..e).map(|i| rb.mean_probs[perm[i]] as f64).collect();
+            (
+                jsd(&normalised(&p), &normalised(&q)),
+                "of the mean router distribution",
+            )
+        }
+    };
+    let mut row = DriftRow::new("router-jsd", layer, 0.0, div, tol.router_jsd, Limit::Max);
+    row.detail = detail.to_string();
+    vec![
+        row,
+        DriftRow::new("load-shift", layer, 0.0, tv, tol.load_shift, Limit::Max),
+    ]
+}
+
+/// Mean per-token Jensen–Shannon divergence of two `[tokens, E]` router
+/// distributions, now's expert `perm[i]` read as golden's `i`.
+fn mean_token_jsd(pa: &[f32], pb: &[f32], e: usize, perm: &[usize]) -> f64 {
+    let n_tok = pa.len() / e;
+    let mut sum = 0.0;
+    for t in 0..n_tok {
+        let p: Vec<f64> = pa[t * e..(t + 1) * e].iter().map(|&x| x as f64).collect();
+        let q: Vec<f64> = (0..e).map(|i| pb[t * e + perm[i]] as f64).collect();
+        sum += jsd(&p, &q);
+    }
+    sum / n_tok.max(1) as f64
 }
 
 fn list_or_nothing(names: &[String]) -> String {

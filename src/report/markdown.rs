@@ -7,7 +7,10 @@ use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use crate::analysis::linalg::strict_lower;
-use crate::analysis::results::{LayerMatrices, MatrixSimilarity, Report};
+use crate::analysis::results::{
+    ChosenExperts, Intermediate, LayerMatrices, MatrixSimilarity, NeuronReorder, NormScore,
+    OutputSimilarity, Projection, Report,
+};
 use crate::atomic_write::write_atomic;
 use crate::error::{Error, Result};
 use crate::model::Matrix;
@@ -135,6 +138,66 @@ pub fn write(report: &Report, dir: &Path, opts: &MarkdownOptions) -> Result<Path
         md: String::new(),
         written: Vec::new(),
     };
+    header(&mut w, report, opts);
+    let m = &report.model;
+    let a = &report.analyses;
+    if let Some(sim) = &a.expert_similarity {
+        similarity_section(
+            &mut w,
+            sim,
+            opts,
+            "expert-similarity",
+            "Expert similarity",
+            "Cosine similarity of the flattened expert matrices (Lo et al. 2024, §3.1, Fig. 1)",
+        )?;
+    }
+    if let Some(sim) = &a.neuron_similarity {
+        similarity_section(
+            &mut w,
+            sim,
+            opts,
+            "neuron-similarity",
+            "Neuron similarity",
+            "Cosine similarity of each expert's mean neuron (rows of up/gate, columns of down; §3.1)",
+        )?;
+    }
+    if let Some(g) = &a.gate_embedding {
+        gate_section(&mut w, g, a.neuron_similarity.as_ref(), &m.path, opts)?;
+    }
+    if let Some(r) = &a.neuron_reorder {
+        reorder_section(&mut w, r, m.num_experts, opts)?;
+    }
+    if let Some(p) = &a.projection {
+        projection_section(&mut w, p, m.num_experts)?;
+    }
+    dynamic_sections(&mut w, report, opts)?;
+    let path = dir.join("report.md");
+    write_atomic(&path, w.md.as_bytes())?;
+    remove_stale_figures(dir, &w.written)?;
+    Ok(path)
+}
+
+/// The sections of the dynamic analyses, in report order.
+fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: &MarkdownOptions) -> Result<()> {
+    let a = &report.analyses;
+    let labels = MapLabels::of(report);
+    if let Some(o) = &a.output_similarity {
+        output_similarity_section(w, o, opts)?;
+    }
+    if let Some(n) = &a.norm_score {
+        norm_score_section(w, n)?;
+    }
+    if let Some(it) = &a.intermediate {
+        intermediate_section(w, it, report, &labels)?;
+    }
+    if let Some(c) = &a.chosen_experts {
+        chosen_experts_section(w, c, report, &labels)?;
+    }
+    Ok(())
+}
+
+/// Title, generator line, command line and the model table.
+fn header(w: &mut Writer<'_>, report: &Report, opts: &MarkdownOptions) {
     let m = &report.model;
     let _ = writeln!(w.md, "# MoE inspection report\n");
     let _ = writeln!(
@@ -165,366 +228,386 @@ pub fn write(report: &Report, dir: &Path, opts: &MarkdownOptions) -> Result<Path
         m.intermediate_size,
         m.dtype
     );
-    let a = &report.analyses;
-    if let Some(sim) = &a.expert_similarity {
-        similarity_section(
-            &mut w,
-            sim,
-            opts,
-            "expert-similarity",
-            "Expert similarity",
-            "Cosine similarity of the flattened expert matrices (Lo et al. 2024, §3.1, Fig. 1)",
-        )?;
-    }
-    if let Some(sim) = &a.neuron_similarity {
-        similarity_section(
-            &mut w,
-            sim,
-            opts,
-            "neuron-similarity",
-            "Neuron similarity",
-            "Cosine similarity of each expert's mean neuron (rows of up/gate, columns of down; §3.1)",
-        )?;
-    }
-    if let Some(g) = &a.gate_embedding {
-        gate_section(&mut w, g, a.neuron_similarity.as_ref(), &m.path, opts)?;
-    }
-    if let Some(r) = &a.neuron_reorder {
-        let _ = writeln!(w.md, "## Neuron reorder\n");
-        let _ = writeln!(
-            w.md,
-            "Each pair's neurons aligned by an exact linear sum assignment on the neuron cosine matrix (§3.1, Table 2): \
-             similarity of the flattened matrices after reordering, and Kendall's τ of the permutation (1 = no reordering needed).\n"
-        );
-        let _ = writeln!(
-            w.md,
-            "| layer | matrix | mean similarity after reorder | mean Kendall τ |"
-        );
-        let _ = writeln!(w.md, "|---|---|---|---|");
-        for l in &r.layers {
-            for mat in Matrix::ALL {
-                let x = l.matrices.get(mat);
-                let mean = |m: &Vec<Vec<f64>>| off_diagonal_stats(m).map_or(f64::NAN, |s| s.0);
-                let _ = writeln!(
-                    w.md,
-                    "| {} | {} | {:.3} | {:.3} |",
-                    l.layer,
-                    mat.name(),
-                    mean(&x.similarity),
-                    mean(&x.kendall_tau)
-                );
-            }
-        }
-        let _ = writeln!(w.md, "\n{COSINE_SCALE_NOTE}\n");
-        let labels: Vec<String> = (0..m.num_experts).map(|e| e.to_string()).collect();
-        let all: Vec<&Vec<Vec<f64>>> = r
-            .layers
-            .iter()
-            .flat_map(|l| Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity))
-            .collect();
-        for l in &r.layers {
-            let panels: Vec<Panel<'_>> = Matrix::ALL
-                .iter()
-                .map(|&mat| Panel {
-                    title: mat.name(),
-                    matrix: &l.matrices.get(mat).similarity,
-                })
-                .collect();
-            let own = Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity);
-            let svg = heatmaps(
-                &format!("Similarity after neuron reorder, layer {}", l.layer),
-                &panels,
-                &labels,
-                cosine_scale(&own, &all, opts),
-                Axes {
-                    x: "expert",
-                    y: "expert",
-                    value: "cosine after reorder",
-                },
-            );
-            w.figure(
-                &format!("neuron-reorder-layer{}.svg", l.layer),
-                &format!("neuron reorder, layer {}", l.layer),
-                &svg,
-            )?;
-        }
-    }
-    if let Some(p) = &a.projection {
-        let _ = writeln!(w.md, "## Projection\n");
-        let _ = writeln!(
-            w.md,
-            "PCA of the experts (flattened, standardised per coordinate) and of all experts' neurons (§3.2, Fig. 3).\n"
-        );
-        let _ = writeln!(w.md, "| layer | matrix | experts PC1 | experts PC2 | neurons PC1 | neurons PC2 | neuron method |");
-        let _ = writeln!(w.md, "|---|---|---|---|---|---|---|");
-        for l in &p.layers {
-            for mat in Matrix::ALL {
-                let x = l.matrices.get(mat);
-                let _ = writeln!(
-                    w.md,
-                    "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
-                    l.layer,
-                    mat.name(),
-                    x.explained_variance[0],
-                    x.explained_variance[1],
-                    x.neurons.explained_variance[0],
-                    x.neurons.explained_variance[1],
-                    x.neurons.method
-                );
-            }
-        }
-        w.md.push('\n');
-        let legend: Vec<String> = (0..m.num_experts).map(|e| format!("expert {e}")).collect();
-        for l in &p.layers {
-            let experts: Vec<Vec<(f64, f64, usize)>> = Matrix::ALL
-                .iter()
-                .map(|&mat| {
-                    l.matrices
-                        .get(mat)
-                        .points
-                        .iter()
-                        .enumerate()
-                        .map(|(e, q)| (q[0], q[1], e))
-                        .collect()
-                })
-                .collect();
-            let neurons: Vec<Vec<(f64, f64, usize)>> = Matrix::ALL
-                .iter()
-                .map(|&mat| {
-                    let pts = &l.matrices.get(mat).neurons.points;
-                    let per_expert = (pts.len() / m.num_experts.max(1)).max(1);
-                    let step = pts.len().div_ceil(MAX_SCATTER_POINTS).max(1);
-                    pts.iter()
-                        .enumerate()
-                        .step_by(step)
-                        .map(|(i, q)| (q[0], q[1], i / per_expert))
-                        .collect()
-                })
-                .collect();
-            for (kind, pts) in [("experts", &experts), ("neurons", &neurons)] {
-                let panels: Vec<ScatterPanel<'_>> = Matrix::ALL
-                    .iter()
-                    .zip(pts.iter())
-                    .map(|(&mat, p)| ScatterPanel {
-                        title: mat.name(),
-                        points: p,
-                        line: None,
-                    })
-                    .collect();
-                let svg = scatter(
-                    &format!("PCA of {kind}, layer {}", l.layer),
-                    &panels,
-                    &legend,
-                    "PC1",
-                    "PC2",
-                );
-                w.figure(
-                    &format!("projection-{kind}-layer{}.svg", l.layer),
-                    &format!("PCA of {kind}, layer {}", l.layer),
-                    &svg,
-                )?;
-            }
-        }
-    }
-    dynamic_sections(&mut w, report, opts)?;
-    let path = dir.join("report.md");
-    write_atomic(&path, w.md.as_bytes())?;
-    remove_stale_figures(dir, &w.written)?;
-    Ok(path)
 }
 
-fn dynamic_sections(w: &mut Writer<'_>, report: &Report, opts: &MarkdownOptions) -> Result<()> {
-    let a = &report.analyses;
-    let experts = report.model.num_experts;
-    let expert_labels: Vec<String> = (0..experts).map(|e| e.to_string()).collect();
-    let token_labels: Vec<String> = if report.token_labels.is_empty() {
-        report
-            .maps
-            .token_ids
-            .iter()
-            .map(|t| t.to_string())
-            .collect()
-    } else {
-        report.token_labels.clone()
-    };
-    if let Some(o) = &a.output_similarity {
-        let _ = writeln!(w.md, "## Expert output similarity\n");
-        let _ = writeln!(
-            w.md,
-            "Mean angular similarity `1 - acos(cos)/π` of all experts' outputs on each layer's real input, over {} tokens \
-             (§4.1, Fig. 5){}.\n",
-            o.tokens,
-            if o.layers.first().is_some_and(|l| l.labels.iter().any(|x| x == "SE")) {
-                "; `SE` is the shared expert"
-            } else {
-                ""
-            }
-        );
-        let _ = writeln!(
-            w.md,
-            "| layer | mean off-diagonal | most similar pair |\n|---|---|---|"
-        );
-        for l in &o.layers {
-            if let Some((mean, _, max)) = off_diagonal_stats(&l.mean_angular) {
-                let _ = writeln!(
-                    w.md,
-                    "| {} | {mean:.3} | {:.3} ({}, {}) |",
-                    l.layer, max.0, l.labels[max.2], l.labels[max.1]
-                );
-            }
-        }
-        let _ = writeln!(
-            w.md,
-            "\nColours: blue–white–red centred on 0.5 (orthogonal outputs), as wide as the largest off-diagonal \
-             deviation (rounded up; the diagonal is grey when it falls outside).\n"
-        );
-        let all: Vec<&Vec<Vec<f64>>> = o.layers.iter().map(|l| &l.mean_angular).collect();
-        for l in &o.layers {
-            let own = [&l.mean_angular];
-            let dev = max_dev(if opts.shared_scale { &all } else { &own }, 0.5);
-            let svg = heatmaps(
-                &format!("Expert output similarity, layer {}", l.layer),
-                &[Panel {
-                    title: "mean angular similarity",
-                    matrix: &l.mean_angular,
-                }],
-                &l.labels,
-                ColourScale::centred(0.5, dev, 0.5),
-                Axes {
-                    x: "expert",
-                    y: "expert",
-                    value: "angular similarity",
-                },
-            );
-            w.figure(
-                &format!("output-similarity-layer{}.svg", l.layer),
-                &format!("output similarity, layer {}", l.layer),
-                &svg,
-            )?;
-        }
-    }
-    if let Some(n) = &a.norm_score {
-        let _ = writeln!(w.md, "## Output norm vs gate score\n");
-        let _ = writeln!(
-            w.md,
-            "For {:.1}% of tokens the expert with the highest gate score also has the largest output norm \
-             (chance {:.1}%; the paper reports about 69% for Mixtral, §4.2, Fig. 6); mean Spearman correlation \
-             between scores and norms {:.3}.\n",
-            100.0 * n.top1_match_rate,
-            100.0 * n.chance,
-            n.spearman_mean
-        );
-        let _ = writeln!(w.md, "| layer | top-1 match rate |\n|---|---|");
-        for l in &n.layers {
-            let _ = writeln!(w.md, "| {} | {:.3} |", l.layer, l.top1_match_rate);
-        }
-        w.md.push('\n');
-        if let Some(top) = n.total.first() {
-            let values: Vec<f64> = top.iter().map(|&c| c as f64).collect();
-            let labels: Vec<String> = (1..=values.len()).map(|r| r.to_string()).collect();
-            let svg = bars(
-                "Norm rank of the highest-score expert (all layers)",
-                &values,
-                &labels,
-                "tokens",
-            );
-            w.figure(
-                "norm-score-ranks.svg",
-                "norm rank of the top-scored expert",
-                &svg,
-            )?;
-        }
-    }
-    if let Some(it) = &a.intermediate {
-        let _ = writeln!(w.md, "## Intermediate activations\n");
-        let _ = writeln!(
-            w.md,
-            "`act(gate·x)` per expert (§4.3, Fig. 7): mean |a| and the share of entries above {} × the layer's max |a|.\n",
-            it.threshold_fraction
-        );
-        let _ = writeln!(
-            w.md,
-            "| layer | expert | mean \\|a\\| | share above | top neurons |\n|---|---|---|---|---|"
-        );
-        for l in &it.layers {
-            for (x, e) in l.experts.iter().enumerate() {
-                let _ = writeln!(
-                    w.md,
-                    "| {} | {x} | {:.4} | {:.4} | {:?} |",
-                    l.layer, e.mean_abs, e.share_above, e.top_neurons
-                );
-            }
-        }
-        w.md.push('\n');
-        for (layer, map) in &report.maps.activation {
-            let hi = map.iter().flatten().copied().fold(0.0, f64::max);
-            let svg = heatmap_rect(
-                &format!("Mean |act(gate·x)| per token and expert, layer {layer} (first prompt)"),
-                map,
-                &token_labels,
-                &expert_labels,
-                ColourScale::Sequential { lo: 0.0, hi },
-                Axes {
-                    x: "expert",
-                    y: "token",
-                    value: "mean |act(gate·x)|",
-                },
-            );
-            w.figure(
-                &format!("intermediate-layer{layer}.svg"),
-                &format!("activation map, layer {layer}"),
-                &svg,
-            )?;
-        }
-    }
-    if let Some(c) = &a.chosen_experts {
-        let _ = writeln!(w.md, "## Chosen experts\n");
-        let _ = writeln!(
-            w.md,
-            "Routing over {} tokens (§4.4, Fig. 8): expert load, balancedness (mean/max load), coefficient of variation, \
-             share of experts never chosen, and exp(H)/E of the load distribution.\n",
-            c.tokens
-        );
-        let _ = writeln!(
-            w.md,
-            "| layer | balancedness | cv | dead share | exp(H)/E |\n|---|---|---|---|---|"
-        );
-        for l in &c.layers {
+/// Neuron reorder: the table of mean similarity and Kendall τ, one heatmap per layer.
+fn reorder_section(
+    w: &mut Writer<'_>,
+    r: &NeuronReorder,
+    num_experts: usize,
+    opts: &MarkdownOptions,
+) -> Result<()> {
+    let _ = writeln!(w.md, "## Neuron reorder\n");
+    let _ = writeln!(
+        w.md,
+        "Each pair's neurons aligned by an exact linear sum assignment on the neuron cosine matrix (§3.1, Table 2): \
+         similarity of the flattened matrices after reordering, and Kendall's τ of the permutation (1 = no reordering needed).\n"
+    );
+    let _ = writeln!(
+        w.md,
+        "| layer | matrix | mean similarity after reorder | mean Kendall τ |"
+    );
+    let _ = writeln!(w.md, "|---|---|---|---|");
+    for l in &r.layers {
+        for mat in Matrix::ALL {
+            let x = l.matrices.get(mat);
+            let mean = |m: &Vec<Vec<f64>>| off_diagonal_stats(m).map_or(f64::NAN, |s| s.0);
             let _ = writeln!(
                 w.md,
-                "| {} | {:.3} | {:.3} | {:.3} | {:.3} |",
-                l.layer, l.balancedness, l.cv, l.dead_share, l.entropy_ratio
+                "| {} | {} | {:.3} | {:.3} |",
+                l.layer,
+                mat.name(),
+                mean(&x.similarity),
+                mean(&x.kendall_tau)
             );
         }
-        let q = &c.summary;
-        let _ = writeln!(
-            w.md,
-            "\nAcross layers (min / p50 / p90 / max): balancedness {:.3} / {:.3} / {:.3} / {:.3}; exp(H)/E {:.3} / {:.3} / {:.3} / {:.3}.\n",
-            q.balancedness.min, q.balancedness.p50, q.balancedness.p90, q.balancedness.max,
-            q.entropy_ratio.min, q.entropy_ratio.p50, q.entropy_ratio.p90, q.entropy_ratio.max
+    }
+    let _ = writeln!(w.md, "\n{COSINE_SCALE_NOTE}\n");
+    let labels: Vec<String> = (0..num_experts).map(|e| e.to_string()).collect();
+    let all: Vec<&Vec<Vec<f64>>> = r
+        .layers
+        .iter()
+        .flat_map(|l| Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity))
+        .collect();
+    for l in &r.layers {
+        let panels: Vec<Panel<'_>> = Matrix::ALL
+            .iter()
+            .map(|&mat| Panel {
+                title: mat.name(),
+                matrix: &l.matrices.get(mat).similarity,
+            })
+            .collect();
+        let own = Matrix::ALL.map(|mat| &l.matrices.get(mat).similarity);
+        let svg = heatmaps(
+            &format!("Similarity after neuron reorder, layer {}", l.layer),
+            &panels,
+            &labels,
+            cosine_scale(&own, &all, opts),
+            Axes {
+                x: "expert",
+                y: "expert",
+                value: "cosine after reorder",
+            },
         );
-        for (layer, map) in &report.maps.routing {
-            let svg = heatmap_rect(
-                &format!("Routing weights per token, layer {layer} (first prompt)"),
-                map,
-                &token_labels,
-                &expert_labels,
-                ColourScale::Sequential {
-                    lo: 0.0,
-                    hi: map.iter().flatten().copied().fold(0.0, f64::max),
-                },
-                Axes {
-                    x: "expert",
-                    y: "token",
-                    value: "routing weight",
-                },
+        w.figure(
+            &format!("neuron-reorder-layer{}.svg", l.layer),
+            &format!("neuron reorder, layer {}", l.layer),
+            &svg,
+        )?;
+    }
+    Ok(())
+}
+
+/// Projection: the explained-variance table, PCA scatters of experts and neurons per layer.
+fn projection_section(w: &mut Writer<'_>, p: &Projection, num_experts: usize) -> Result<()> {
+    let _ = writeln!(w.md, "## Projection\n");
+    let _ = writeln!(
+        w.md,
+        "PCA of the experts (flattened, standardised per coordinate) and of all experts' neurons (§3.2, Fig. 3).\n"
+    );
+    let _ = writeln!(w.md, "| layer | matrix | experts PC1 | experts PC2 | neurons PC1 | neurons PC2 | neuron method |");
+    let _ = writeln!(w.md, "|---|---|---|---|---|---|---|");
+    for l in &p.layers {
+        for mat in Matrix::ALL {
+            let x = l.matrices.get(mat);
+            let _ = writeln!(
+                w.md,
+                "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {} |",
+                l.layer,
+                mat.name(),
+                x.explained_variance[0],
+                x.explained_variance[1],
+                x.neurons.explained_variance[0],
+                x.neurons.explained_variance[1],
+                x.neurons.method
+            );
+        }
+    }
+    w.md.push('\n');
+    let legend: Vec<String> = (0..num_experts).map(|e| format!("expert {e}")).collect();
+    for l in &p.layers {
+        let experts: Vec<Vec<(f64, f64, usize)>> = Matrix::ALL
+            .iter()
+            .map(|&mat| {
+                l.matrices
+                    .get(mat)
+                    .points
+                    .iter()
+                    .enumerate()
+                    .map(|(e, q)| (q[0], q[1], e))
+                    .collect()
+            })
+            .collect();
+        let neurons: Vec<Vec<(f64, f64, usize)>> = Matrix::ALL
+            .iter()
+            .map(|&mat| {
+                let pts = &l.matrices.get(mat).neurons.points;
+                let per_expert = (pts.len() / num_experts.max(1)).max(1);
+                let step = pts.len().div_ceil(MAX_SCATTER_POINTS).max(1);
+                pts.iter()
+                    .enumerate()
+                    .step_by(step)
+                    .map(|(i, q)| (q[0], q[1], i / per_expert))
+                    .collect()
+            })
+            .collect();
+        for (kind, pts) in [("experts", &experts), ("neurons", &neurons)] {
+            let panels: Vec<ScatterPanel<'_>> = Matrix::ALL
+                .iter()
+                .zip(pts.iter())
+                .map(|(&mat, p)| ScatterPanel {
+                    title: mat.name(),
+                    points: p,
+                    line: None,
+                })
+                .collect();
+            let svg = scatter(
+                &format!("PCA of {kind}, layer {}", l.layer),
+                &panels,
+                &legend,
+                "PC1",
+                "PC2",
             );
             w.figure(
-                &format!("chosen-experts-layer{layer}.svg"),
-                &format!("chosen experts, layer {layer}"),
+                &format!("projection-{kind}-layer{}.svg", l.layer),
+                &format!("PCA of {kind}, layer {}", l.layer),
                 &svg,
             )?;
         }
+    }
+    Ok(())
+}
+
+/// Axis labels of the per-token maps: tokens (their text, else their ids) and experts.
+struct MapLabels {
+    tokens: Vec<String>,
+    experts: Vec<String>,
+}
+
+impl MapLabels {
+    fn of(report: &Report) -> MapLabels {
+        let tokens = if report.token_labels.is_empty() {
+            report
+                .maps
+                .token_ids
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        } else {
+            report.token_labels.clone()
+        };
+        MapLabels {
+            tokens,
+            experts: (0..report.model.num_experts)
+                .map(|e| e.to_string())
+                .collect(),
+        }
+    }
+}
+
+/// Expert output similarity: the table and one heatmap per layer.
+fn output_similarity_section(
+    w: &mut Writer<'_>,
+    o: &OutputSimilarity,
+    opts: &MarkdownOptions,
+) -> Result<()> {
+    let _ = writeln!(w.md, "## Expert output similarity\n");
+    let _ = writeln!(
+        w.md,
+        "Mean angular similarity `1 - acos(cos)/π` of all experts' outputs on each layer's real input, over {} tokens \
+         (§4.1, Fig. 5){}.\n",
+        o.tokens,
+        if o.layers.first().is_some_and(|l| l.labels.iter().any(|x| x == "SE")) {
+            "; `SE` is the shared expert"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        w.md,
+        "| layer | mean off-diagonal | most similar pair |\n|---|---|---|"
+    );
+    for l in &o.layers {
+        if let Some((mean, _, max)) = off_diagonal_stats(&l.mean_angular) {
+            let _ = writeln!(
+                w.md,
+                "| {} | {mean:.3} | {:.3} ({}, {}) |",
+                l.layer, max.0, l.labels[max.2], l.labels[max.1]
+            );
+        }
+    }
+    let _ = writeln!(
+        w.md,
+        "\nColours: blue–white–red centred on 0.5 (orthogonal outputs), as wide as the largest off-diagonal \
+         deviation (rounded up; the diagonal is grey when it falls outside).\n"
+    );
+    let all: Vec<&Vec<Vec<f64>>> = o.layers.iter().map(|l| &l.mean_angular).collect();
+    for l in &o.layers {
+        let own = [&l.mean_angular];
+        let dev = max_dev(if opts.shared_scale { &all } else { &own }, 0.5);
+        let svg = heatmaps(
+            &format!("Expert output similarity, layer {}", l.layer),
+            &[Panel {
+                title: "mean angular similarity",
+                matrix: &l.mean_angular,
+            }],
+            &l.labels,
+            ColourScale::centred(0.5, dev, 0.5),
+            Axes {
+                x: "expert",
+                y: "expert",
+                value: "angular similarity",
+            },
+        );
+        w.figure(
+            &format!("output-similarity-layer{}.svg", l.layer),
+            &format!("output similarity, layer {}", l.layer),
+            &svg,
+        )?;
+    }
+    Ok(())
+}
+
+/// Output norm vs gate score: the summary, the per-layer table, the rank histogram.
+fn norm_score_section(w: &mut Writer<'_>, n: &NormScore) -> Result<()> {
+    let _ = writeln!(w.md, "## Output norm vs gate score\n");
+    let _ = writeln!(
+        w.md,
+        "For {:.1}% of tokens the expert with the highest gate score also has the largest output norm \
+         (chance {:.1}%; the paper reports about 69% for Mixtral, §4.2, Fig. 6); mean Spearman correlation \
+         between scores and norms {:.3}.\n",
+        100.0 * n.top1_match_rate,
+        100.0 * n.chance,
+        n.spearman_mean
+    );
+    let _ = writeln!(w.md, "| layer | top-1 match rate |\n|---|---|");
+    for l in &n.layers {
+        let _ = writeln!(w.md, "| {} | {:.3} |", l.layer, l.top1_match_rate);
+    }
+    w.md.push('\n');
+    if let Some(top) = n.total.first() {
+        let values: Vec<f64> = top.iter().map(|&c| c as f64).collect();
+        let labels: Vec<String> = (1..=values.len()).map(|r| r.to_string()).collect();
+        let svg = bars(
+            "Norm rank of the highest-score expert (all layers)",
+            &values,
+            &labels,
+            "tokens",
+        );
+        w.figure(
+            "norm-score-ranks.svg",
+            "norm rank of the top-scored expert",
+            &svg,
+        )?;
+    }
+    Ok(())
+}
+
+/// Intermediate activations: the per-expert table and one activation map per layer.
+fn intermediate_section(
+    w: &mut Writer<'_>,
+    it: &Intermediate,
+    report: &Report,
+    labels: &MapLabels,
+) -> Result<()> {
+    let (token_labels, expert_labels) = (&labels.tokens, &labels.experts);
+    let _ = writeln!(w.md, "## Intermediate activations\n");
+    let _ = writeln!(
+        w.md,
+        "`act(gate·x)` per expert (§4.3, Fig. 7): mean |a| and the share of entries above {} × the layer's max |a|.\n",
+        it.threshold_fraction
+    );
+    let _ = writeln!(
+        w.md,
+        "| layer | expert | mean \\|a\\| | share above | top neurons |\n|---|---|---|---|---|"
+    );
+    for l in &it.layers {
+        for (x, e) in l.experts.iter().enumerate() {
+            let _ = writeln!(
+                w.md,
+                "| {} | {x} | {:.4} | {:.4} | {:?} |",
+                l.layer, e.mean_abs, e.share_above, e.top_neurons
+            );
+        }
+    }
+    w.md.push('\n');
+    for (layer, map) in &report.maps.activation {
+        let hi = map.iter().flatten().copied().fold(0.0, f64::max);
+        let svg = heatmap_rect(
+            &format!("Mean |act(gate·x)| per token and expert, layer {layer} (first prompt)"),
+            map,
+            token_labels,
+            expert_labels,
+            ColourScale::Sequential { lo: 0.0, hi },
+            Axes {
+                x: "expert",
+                y: "token",
+                value: "mean |act(gate·x)|",
+            },
+        );
+        w.figure(
+            &format!("intermediate-layer{layer}.svg"),
+            &format!("activation map, layer {layer}"),
+            &svg,
+        )?;
+    }
+    Ok(())
+}
+
+/// Chosen experts: the balance table and summary, one routing map per layer.
+fn chosen_experts_section(
+    w: &mut Writer<'_>,
+    c: &ChosenExperts,
+    report: &Report,
+    labels: &MapLabels,
+) -> Result<()> {
+    let (token_labels, expert_labels) = (&labels.tokens, &labels.experts);
+    let _ = writeln!(w.md, "## Chosen experts\n");
+    let _ = writeln!(
+        w.md,
+        "Routing over {} tokens (§4.4, Fig. 8): expert load, balancedness (mean/max load), coefficient of variation, \
+         share of experts never chosen, and exp(H)/E of the load distribution.\n",
+        c.tokens
+    );
+    let _ = writeln!(
+        w.md,
+        "| layer | balancedness | cv | dead share | exp(H)/E |\n|---|---|---|---|---|"
+    );
+    for l in &c.layers {
+        let _ = writeln!(
+            w.md,
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            l.layer, l.balancedness, l.cv, l.dead_share, l.entropy_ratio
+        );
+    }
+    let q = &c.summary;
+    let _ = writeln!(
+        w.md,
+        "\nAcross layers (min / p50 / p90 / max): balancedness {:.3} / {:.3} / {:.3} / {:.3}; exp(H)/E {:.3} / {:.3} / {:.3} / {:.3}.\n",
+        q.balancedness.min, q.balancedness.p50, q.balancedness.p90, q.balancedness.max,
+        q.entropy_ratio.min, q.entropy_ratio.p50, q.entropy_ratio.p90, q.entropy_ratio.max
+    );
+    for (layer, map) in &report.maps.routing {
+        let svg = heatmap_rect(
+            &format!("Routing weights per token, layer {layer} (first prompt)"),
+            map,
+            token_labels,
+            expert_labels,
+            ColourScale::Sequential {
+                lo: 0.0,
+                hi: map.iter().flatten().copied().fold(0.0, f64::max),
+            },
+            Axes {
+                x: "expert",
+                y: "token",
+                value: "routing weight",
+            },
+        );
+        w.figure(
+            &format!("chosen-experts-layer{layer}.svg"),
+            &format!("chosen experts, layer {layer}"),
+            &svg,
+        )?;
     }
     Ok(())
 }

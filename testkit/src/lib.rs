@@ -1,7 +1,7 @@
-//! Helpers shared by the integration tests: fixture paths, reference values,
-//! and copies of fixtures that tests may break.
-
-#![allow(dead_code)]
+//! Helpers shared by the integration tests of `moe-inspect` and
+//! `cargo-moe-inspect`: fixture paths, reference values, and copies of
+//! fixtures that tests may break. A crate of its own (not published), so
+//! both crates' tests use it without `#[path]` module tricks.
 
 use std::path::{Path, PathBuf};
 
