@@ -62,6 +62,7 @@ fn check_format_name(f: CheckFormat) -> &'static str {
 
 /// Runs a command; the returned code is the process exit code.
 pub fn run(cli: Cli) -> Result<u8> {
+    moe_inspect::memory::set_max_memory(cli.max_memory);
     VERBOSITY.store(
         if cli.quiet {
             0
@@ -315,7 +316,10 @@ fn trace(args: TraceArgs) -> Result<u8> {
         },
     )?;
     detail_prompts(&args.prompts);
-    let fwd = forward::Forward::new(&model, device)?;
+    let fwd = forward::Forward::new(&model, device)?.resident_if_fits();
+    if let Some(r) = fwd.residency() {
+        notice!("{r}");
+    }
     let summary = timed("forward pass and trace", || {
         moe_inspect::trace::trace(&fwd, &model.info.moe_layers, &prompts, args.logits, &output)
     })?;
@@ -580,10 +584,12 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         None
     };
     let fwd = if needs_forward {
-        Some(forward::Forward::new(
-            &model,
-            forward::parse_device(&args.model.device)?,
-        )?)
+        let f = forward::Forward::new(&model, forward::parse_device(&args.model.device)?)?
+            .resident_if_fits();
+        if let Some(r) = f.residency() {
+            notice!("{r}");
+        }
+        Some(f)
     } else {
         None
     };

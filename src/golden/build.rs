@@ -247,7 +247,10 @@ pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) ->
         }
     }
     if let Some(prompts) = prompts {
-        let fwd = Forward::new(model, opts.device.clone())?;
+        let fwd = Forward::new(model, opts.device.clone())?.resident_if_fits();
+        if let Some(r) = fwd.residency() {
+            progress.notice(&r.to_string());
+        }
         let mut rec = Recorder::new(
             info,
             prompts,
