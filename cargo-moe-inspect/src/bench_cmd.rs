@@ -421,6 +421,9 @@ pub fn bench(args: BenchArgs, interactive: bool) -> Result<u8> {
         let line = format!("moe-layer {c}");
         println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
+    if let Some(w) = report::weights_line(&file) {
+        println!("{w}");
+    }
     // `--quick` (tests, smoke runs) takes a handful of tiny samples: noise
     // is expected there and not worth a warning.
     for n in noise.iter().filter(|_| !args.quick) {
