@@ -298,7 +298,10 @@ fn bf16_matrices_are_used_as_stored_on_the_cpu() {
     let model = Model::open(&fixture("olmoe")).unwrap();
     let fwd = Forward::new(&model, Device::Cpu).unwrap();
     let layer = model.info.moe_layers[0];
-    for fwd in [fwd, Forward::new(&model, Device::Cpu).unwrap().keep_weights()] {
+    for fwd in [
+        fwd,
+        Forward::new(&model, Device::Cpu).unwrap().keep_weights(),
+    ] {
         let lw = fwd.load_layer(layer).unwrap();
         let AttnWeights::Standard { q, k, v, o, .. } = &lw.attn else {
             panic!("olmoe has standard attention")
@@ -319,10 +322,13 @@ fn bf16_matrices_are_used_as_stored_on_the_cpu() {
             for w in [&f.gate, &f.up, &f.down] {
                 assert_eq!(w.dtype(), DType::BF16);
             }
-            assert!(f.host_hub().is_some(), "the grouped kernels read the experts");
+            assert!(
+                f.host_hub().is_some(),
+                "the grouped kernels read the experts"
+            );
         }
-        let head = HeadWeights::load(&model, &fwd.cfg, &Device::Cpu, fwd.weights_resident())
-            .unwrap();
+        let head =
+            HeadWeights::load(&model, &fwd.cfg, &Device::Cpu, fwd.weights_resident()).unwrap();
         assert_eq!(head.lm_head.dtype(), DType::BF16);
     }
 }

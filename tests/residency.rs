@@ -29,7 +29,10 @@ fn weights_are_resident_when_they_fit_and_streamed_otherwise_with_the_same_logit
                 .unwrap()
                 .resident_if_fits();
             let r = fwd.residency().expect("decided").clone();
-            assert_eq!(r.resident, resident, "{name}: cap {cap}, weights {bytes}: {r}");
+            assert_eq!(
+                r.resident, resident,
+                "{name}: cap {cap}, weights {bytes}: {r}"
+            );
             assert_eq!(fwd.weights_resident(), resident);
             assert_eq!(r.weight_bytes, bytes);
             assert_eq!(r.available.map(|a| a <= cap), Some(true));
@@ -61,7 +64,10 @@ fn weights_are_resident_when_they_fit_and_streamed_otherwise_with_the_same_logit
                 .zip(&logits[0])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(d <= 1e-5, "{name}: streamed and resident logits differ by {d:e}");
+            assert!(
+                d <= 1e-5,
+                "{name}: streamed and resident logits differ by {d:e}"
+            );
         }
     }
 }

@@ -317,12 +317,13 @@ fn trace(args: TraceArgs) -> Result<u8> {
     )?;
     detail_prompts(&args.prompts);
     let fwd = forward::Forward::new(&model, device)?.resident_if_fits();
-    if let Some(r) = fwd.residency() {
-        notice!("{r}");
-    }
     let summary = timed("forward pass and trace", || {
         moe_inspect::trace::trace(&fwd, &model.info.moe_layers, &prompts, args.logits, &output)
     })?;
+    // After the run: a failing run's error stays the only line.
+    if let Some(r) = fwd.residency() {
+        notice!("{r}");
+    }
     notice!(
         "wrote {}: {} prompts, {} tokens, {} MoE layers",
         output.display(),
@@ -586,9 +587,6 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     let fwd = if needs_forward {
         let f = forward::Forward::new(&model, forward::parse_device(&args.model.device)?)?
             .resident_if_fits();
-        if let Some(r) = f.residency() {
-            notice!("{r}");
-        }
         Some(f)
     } else {
         None
@@ -607,6 +605,10 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         },
     };
     let mut report = timed("analyses", || analysis::run(&model, &opts, &progress_bar()))?;
+    // After the run: a failing run's error stays the only line.
+    if let Some(r) = fwd.as_ref().and_then(|f| f.residency()) {
+        notice!("{r}");
+    }
     if let Some(p) = &prompts {
         if let Ok(tok) = input::tokenizer(args.model.model.as_deref()) {
             report.maps.token_ids = p.ids.first().cloned().unwrap_or_default();

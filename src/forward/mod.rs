@@ -1,8 +1,11 @@
 //! The candle forward pass with an observer for router and expert values
-//! (SPEC §9). Layers are loaded one at a time from the mmap (f32 conversion
-//! once per layer), every prompt goes through a layer before the next layer is
-//! loaded, and the layer's pages are released afterwards: memory holds one
-//! layer of weights plus the prompts' hidden states, whatever the depth.
+//! (SPEC §9). Layers are loaded one at a time from the mmap (on the CPU
+//! bf16/f16 matrices as stored, read by the kernels of `expert_gemm`;
+//! everything else converted to f32 once per layer), every prompt goes
+//! through a layer before the next layer is loaded, and the layer's pages are
+//! released afterwards: memory holds one layer of weights plus the prompts'
+//! hidden states, whatever the depth. [`Forward::resident_if_fits`] keeps
+//! every layer loaded instead when the weights fit in memory.
 
 mod attention;
 pub mod config;
@@ -59,9 +62,7 @@ pub struct Residency {
 impl std::fmt::Display for Residency {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use crate::memory::human;
-        let avail = self
-            .available
-            .map_or("unknown".to_string(), |a| human(a));
+        let avail = self.available.map_or("unknown".to_string(), human);
         if self.resident {
             write!(
                 f,

@@ -1,5 +1,7 @@
 //! Loading one decoder layer's weights (attention, norms, MLP or MoE) from the
-//! mmap into f32 candle tensors, once per layer and forward run. Hub names of
+//! mmap into candle tensors (on the CPU bf16/f16 matrices in their stored
+//! dtype, everything else f32), once per layer and forward run, or once when
+//! kept resident. Hub names of
 //! the attention and norm tensors per family live here; router and expert
 //! names come from the family adapter.
 
@@ -55,7 +57,7 @@ pub fn load_view(view: &TensorView<'_>, device: &Device, transposed: bool) -> Re
 /// tensors.
 fn load_half(view: &TensorView<'_>, device: &Device) -> Result<Option<Tensor>> {
     use crate::model::Dtype;
-    use rayon::prelude::*;
+    use half::vec::HalfBitsVecExt;
     let (&[rows, cols], true) = (&view.shape[..], view.is_contiguous()) else {
         return Ok(None);
     };
@@ -63,33 +65,57 @@ fn load_half(view: &TensorView<'_>, device: &Device) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let bytes = view.bytes();
-    if bytes.len() != rows * cols * 2 {
+    let Some(n) = rows
+        .checked_mul(cols)
+        .filter(|n| n.checked_mul(2) == Some(bytes.len()))
+    else {
         return Ok(None);
-    }
-    let bits: Vec<u16> = bytes
-        .par_chunks(1 << 16)
-        .flat_map_iter(|c| {
-            c.chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        })
-        .collect();
-    // All-ones exponent: an infinity or a NaN.
-    let exp = if view.dtype == Dtype::BF16 { 0x7f80 } else { 0x7c00 };
-    if bits.par_iter().any(|&b| b & exp == exp) {
+    };
+    // One pass on all cores: the stored words copied, NaN/infinity (an
+    // all-ones exponent) checked on the way.
+    let (t, finite) = if view.dtype == Dtype::BF16 {
+        let (v, ok) = copy_words(bytes, n, 0x7f80);
+        let v: Vec<half::bf16> = v.reinterpret_into();
+        (Tensor::from_vec(v, (rows, cols), device), ok)
+    } else {
+        let (v, ok) = copy_words(bytes, n, 0x7c00);
+        let v: Vec<half::f16> = v.reinterpret_into();
+        (Tensor::from_vec(v, (rows, cols), device), ok)
+    };
+    if !finite {
         return Err(Error::NonFinite {
             path: view.path.to_path_buf(),
             tensor: view.name.to_string(),
         });
     }
-    let shape = (rows, cols);
-    let t = if view.dtype == Dtype::BF16 {
-        let v: Vec<half::bf16> = bits.into_iter().map(half::bf16::from_bits).collect();
-        Tensor::from_vec(v, shape, device)
-    } else {
-        let v: Vec<half::f16> = bits.into_iter().map(half::f16::from_bits).collect();
-        Tensor::from_vec(v, shape, device)
-    };
     t.map(Some).map_err(ce(view.name))
+}
+
+/// `n` little-endian 16-bit words of `bytes`, and whether
+/// none has the exponent bits `exp` all set (infinity or NaN). One pass on
+/// all cores into zeroed (lazily mapped) memory: a plain copy where the
+/// bytes are aligned on a little-endian machine, a word-by-word read
+/// elsewhere; the check reads the copy.
+fn copy_words(bytes: &[u8], n: usize, exp: u16) -> (Vec<u16>, bool) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    let mut bits = vec![0u16; n];
+    let finite = bits
+        .par_chunks_mut(CHUNK)
+        .zip(bytes[..2 * n].par_chunks(2 * CHUNK))
+        .map(|(dst, src)| {
+            match bytemuck::try_cast_slice::<u8, u16>(src) {
+                Ok(words) if cfg!(target_endian = "little") => dst.copy_from_slice(words),
+                _ => {
+                    for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *o = u16::from_le_bytes([b[0], b[1]]);
+                    }
+                }
+            }
+            !dst.iter().fold(false, |bad, &w| bad | (w & exp == exp))
+        })
+        .reduce(|| true, |a, b| a && b);
+    (bits, finite)
 }
 
 /// `x · Wᵀ` on the CPU for a weight kept in its stored bf16 or f16 dtype
@@ -106,9 +132,15 @@ pub fn host_linear(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>
         let k = wm.cols;
         let dims = x.dims().to_vec();
         if dims.last() != Some(&k) {
-            candle_core::bail!("input {dims:?} does not match the weight [{}, {k}]", wm.rows);
+            candle_core::bail!(
+                "input {dims:?} does not match the weight [{}, {k}]",
+                wm.rows
+            );
         }
-        let xs: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let xs: Vec<f32> = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         let m = xs.len() / k.max(1);
         let n = wm.rows;
         let mut y = vec![0f32; m * n];
