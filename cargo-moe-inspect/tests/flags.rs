@@ -517,7 +517,14 @@ fn max_memory_decides_resident_or_streamed_weights() {
     let ids = tmp.path().join("ids.txt");
     std::fs::write(&ids, "1 2 3 4 5 6 7 8\n").unwrap();
     let model = fixture("mixtral");
-    let base = ["--model", s(&model), "--token-ids", s(&ids), "--output", s(&trace)];
+    let base = [
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&ids),
+        "--output",
+        s(&trace),
+    ];
     let r = run(&[&["trace", "--max-memory", "8G"][..], &base[..]].concat());
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("weights resident:"), "{}", r.stderr);
