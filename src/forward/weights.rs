@@ -120,7 +120,7 @@ fn copy_words(bytes: &[u8], n: usize, exp: u16) -> (Vec<u16>, bool) {
 
 /// `x · Wᵀ` on the CPU for a weight kept in its stored bf16 or f16 dtype
 /// (hub layout `[out, in]`, see [`load`]): the f32 activations against the
-/// stored weights, f32 accumulation ([`super::expert_gemm::matmul_xwt`]:
+/// stored weights, f32 accumulation (the grouped kernels' `matmul_xwt`:
 /// AVX-512 or AVX2 widening in registers, a portable loop elsewhere), on
 /// all cores split by output rows. `None` when `w` is not such a weight.
 pub fn host_linear(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
