@@ -463,7 +463,8 @@ pub enum ListFormat {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Benchmark this HF checkpoint instead of the synthetic geometries
-    /// (routing and MoE layer on its first MoE layer; forward streamed).
+    /// (routing and MoE layer on its first MoE layer; forward resident when it fits,
+    /// else streamed: see --max-memory).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 
