@@ -9,14 +9,32 @@ use crate::error::{Error, Result};
 /// (`MOE_INSPECT_MAX_MEMORY=8G`; suffixes K, M, G, T are powers of 1024).
 pub const MAX_MEMORY_VAR: &str = "MOE_INSPECT_MAX_MEMORY";
 
+/// The `--max-memory` cap of this process, 0 when none (see [`set_max_memory`]).
+static MAX_MEMORY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Caps the memory this process plans with (the CLI's `--max-memory`): it
+/// takes precedence over [`MAX_MEMORY_VAR`]; `None` removes the cap.
+pub fn set_max_memory(bytes: Option<u64>) {
+    MAX_MEMORY.store(
+        bytes.unwrap_or(0).max(u64::from(bytes.is_some())),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
 /// Bytes of memory available to this process now: `MemAvailable` of
 /// `/proc/meminfo` on Linux, capped by the cgroup limit when one is set and
-/// by [`MAX_MEMORY_VAR`]; `None` where none can be read (the check is then
-/// skipped, except for sizes no allocation can have).
+/// by `--max-memory` ([`set_max_memory`]) or else [`MAX_MEMORY_VAR`]; `None`
+/// where none can be read (the check is then skipped, except for sizes no
+/// allocation can have).
 pub fn available() -> Option<u64> {
-    let cap = std::env::var(MAX_MEMORY_VAR)
-        .ok()
-        .and_then(|v| parse_size(&v));
+    let set = MAX_MEMORY.load(std::sync::atomic::Ordering::Relaxed);
+    let cap = if set > 0 {
+        Some(set)
+    } else {
+        std::env::var(MAX_MEMORY_VAR)
+            .ok()
+            .and_then(|v| parse_size(&v))
+    };
     match (system_available(), cap) {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),

@@ -390,7 +390,8 @@ fn deepseek_v3_fp8() {
 
 #[test]
 fn resident_weights_give_the_same_results_as_streaming() {
-    for name in ["mixtral", "deepseek-v2", "grok-1"] {
+    // olmoe is bf16: its matrices stay bf16 in both modes.
+    for name in ["mixtral", "deepseek-v2", "grok-1", "olmoe"] {
         let model = Model::open(&fixture(name)).unwrap();
         let r = Reference::open(name);
         let ids: Vec<u32> = r
@@ -420,5 +421,51 @@ fn resident_weights_give_the_same_results_as_streaming() {
             let d = max_abs(&a, &b);
             assert!(d <= 1e-5, "{name}: resident run differs by {d:e}");
         }
+    }
+}
+
+/// On the CPU a bf16 checkpoint's matrices are kept as stored (attention
+/// projections, router, experts, lm_head), not converted to f32; norms are
+/// f32. (`olmoe_bf16` and `granitemoe_bf16` check the numbers against the
+/// f32 references of the same weights at 1e-5.)
+#[test]
+fn bf16_matrices_are_used_as_stored_on_the_cpu() {
+    use candle_core::DType;
+    use moe_inspect::forward::weights::{AttnWeights, HeadWeights, MlpWeights};
+    let model = Model::open(&fixture("olmoe")).unwrap();
+    let fwd = Forward::new(&model, Device::Cpu).unwrap();
+    let layer = model.info.moe_layers[0];
+    for fwd in [
+        fwd,
+        Forward::new(&model, Device::Cpu).unwrap().keep_weights(),
+    ] {
+        let lw = fwd.load_layer(layer).unwrap();
+        let AttnWeights::Standard { q, k, v, o, .. } = &lw.attn else {
+            panic!("olmoe has standard attention")
+        };
+        for w in [q, k, v, o] {
+            assert_eq!(w.dtype(), DType::BF16);
+        }
+        assert_eq!(lw.attn_norm.dtype(), DType::F32);
+        let MlpWeights::Moe {
+            router, experts, ..
+        } = &lw.mlp
+        else {
+            panic!("layer {layer} is an MoE layer")
+        };
+        assert_eq!(router.dtype(), DType::BF16);
+        assert_eq!(experts.len(), model.info.num_experts);
+        for f in experts {
+            for w in [&f.gate, &f.up, &f.down] {
+                assert_eq!(w.dtype(), DType::BF16);
+            }
+            assert!(
+                f.host_hub().is_some(),
+                "the grouped kernels read the experts"
+            );
+        }
+        let head =
+            HeadWeights::load(&model, &fwd.cfg, &Device::Cpu, fwd.weights_resident()).unwrap();
+        assert_eq!(head.lm_head.dtype(), DType::BF16);
     }
 }

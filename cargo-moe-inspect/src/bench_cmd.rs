@@ -278,6 +278,9 @@ fn render(args: &BenchArgs, outcome: &Outcome) -> Result<u8> {
         let line = format!("moe-layer {c}");
         println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
+    if let Some(w) = report::weights_line(&file) {
+        println!("{w}");
+    }
     // `--quick` (tests, smoke runs) takes a handful of tiny samples: noise
     // is expected there and not worth a warning.
     for n in outcome.noisy.iter().filter(|_| !args.quick) {

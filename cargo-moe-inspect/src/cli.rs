@@ -42,8 +42,31 @@ pub struct Cli {
     #[arg(short, long, global = true, display_order = 901)]
     pub verbose: bool,
 
+    /// Memory this run may plan with (bytes, or 512M, 8G, ...; binary
+    /// units): caps the available memory read from the system. The forward
+    /// pass (trace, check, diff, dynamic analyses, bench --model) keeps the
+    /// weights resident when they fit in 3/4 of it, else streams them layer
+    /// by layer. Overrides MOE_INSPECT_MAX_MEMORY.
+    #[arg(
+        long,
+        global = true,
+        value_name = "BYTES",
+        value_parser = parse_max_memory,
+        display_order = 902
+    )]
+    pub max_memory: Option<u64>,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+fn parse_max_memory(text: &str) -> Result<u64, String> {
+    match moe_inspect::memory::parse_size(text) {
+        Some(0) | None => Err(format!(
+            "`{text}` is not a memory size (expected bytes or e.g. 512M, 8G)"
+        )),
+        Some(b) => Ok(b),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -459,7 +482,8 @@ pub enum ListFormat {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Benchmark this HF checkpoint instead of the synthetic geometries
-    /// (routing and MoE layer on its first MoE layer; forward streamed).
+    /// (routing and MoE layer on its first MoE layer; forward resident when it fits,
+    /// else streamed: see --max-memory).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 

@@ -62,6 +62,7 @@ fn check_format_name(f: CheckFormat) -> &'static str {
 
 /// Runs a command; the returned code is the process exit code.
 pub fn run(cli: Cli) -> Result<u8> {
+    moe_inspect::memory::set_max_memory(cli.max_memory);
     VERBOSITY.store(
         if cli.quiet {
             0
@@ -320,10 +321,14 @@ fn trace(args: TraceArgs) -> Result<u8> {
         },
     )?;
     detail_prompts(&args.prompts);
-    let fwd = forward::Forward::new(&model, device)?;
+    let fwd = forward::Forward::new(&model, device)?.resident_if_fits();
     let summary = timed("forward pass and trace", || {
         moe_inspect::trace::trace(&fwd, &model.info.moe_layers, &prompts, args.logits, &output)
     })?;
+    // After the run: a failing run's error stays the only line.
+    if let Some(r) = fwd.residency() {
+        notice!("{r}");
+    }
     notice!(
         "wrote {}: {} prompts, {} tokens, {} MoE layers",
         output.display(),
@@ -585,10 +590,9 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         None
     };
     let fwd = if needs_forward {
-        Some(forward::Forward::new(
-            &model,
-            forward::parse_device(&args.model.device)?,
-        )?)
+        let f = forward::Forward::new(&model, forward::parse_device(&args.model.device)?)?
+            .resident_if_fits();
+        Some(f)
     } else {
         None
     };
@@ -606,6 +610,10 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
         },
     };
     let mut report = timed("analyses", || analysis::run(&model, &opts, &progress_bar()))?;
+    // After the run: a failing run's error stays the only line.
+    if let Some(r) = fwd.as_ref().and_then(|f| f.residency()) {
+        notice!("{r}");
+    }
     if let Some(p) = &prompts {
         if let Ok(tok) = input::tokenizer(args.model.model.as_deref()) {
             report.maps.token_ids = p.ids.first().cloned().unwrap_or_default();

@@ -505,3 +505,36 @@ fn bench_works_from_another_directory() {
     assert!(r.stdout.contains("torch"), "{}", r.stdout);
     assert!(r.stdout.contains("2.00"), "{}", r.stdout);
 }
+
+/// `--max-memory` (global): the forward pass's decision between resident and
+/// streamed weights follows it and is a notice after the run; a value that
+/// is not a size is a usage error.
+#[test]
+fn max_memory_decides_resident_or_streamed_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("t.safetensors");
+    let ids = tmp.path().join("ids.txt");
+    std::fs::write(&ids, "1 2 3 4 5 6 7 8\n").unwrap();
+    let model = fixture("mixtral");
+    let base = [
+        "--model",
+        s(&model),
+        "--token-ids",
+        s(&ids),
+        "--output",
+        s(&trace),
+    ];
+    let r = run(&[&["trace", "--max-memory", "8G"][..], &base[..]].concat());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("weights resident:"), "{}", r.stderr);
+    // A cap below the run's working set refuses the run before it starts:
+    // one error line, no residency notice before it.
+    let r = run(&[&["--max-memory", "1K", "trace"][..], &base[..]].concat());
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.starts_with("error: "), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    for bad in ["lots", "0", "5X"] {
+        let r = run(&["trace", "--max-memory", bad]);
+        assert_usage(&r, &["--max-memory"]);
+    }
+}

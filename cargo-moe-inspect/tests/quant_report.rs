@@ -7,8 +7,7 @@
 //! safetensors files parsed here and the norms summed in plain f64. Every
 //! JSON output is validated against `docs/schemas/diff.v1.schema.json`.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use moe_inspect_testkit as common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -223,6 +223,7 @@ pub fn parse(json: &str, source: &Path, ours: &BenchFile) -> Result<BenchFile> {
             flops_share: None,
             bw_share: None,
             rel_error: None,
+            weights: Some("llama.cpp (mmap)".into()),
         });
     }
     let first = tests.first();
@@ -270,6 +271,7 @@ mod tests {
             flops_share: None,
             bw_share: None,
             rel_error: None,
+            weights: None,
         };
         BenchFile {
             schema: SCHEMA.into(),

@@ -99,11 +99,7 @@ fn act(family: Family, x: &Tensor) -> R<Tensor> {
 
 /// `x · W` for a weight in the forward pass's layout (transposed or hub).
 fn lin(transposed: bool, x: &Tensor, w: &Tensor) -> R<Tensor> {
-    if transposed {
-        x.matmul(w)
-    } else {
-        x.matmul(&w.t()?)
-    }
+    crate::forward::weights::linear_any(x, w, transposed)
 }
 
 fn ffn(family: Family, f: &Ffn, x: &Tensor) -> R<Tensor> {
@@ -123,8 +119,12 @@ impl NaiveExperts {
         let MlpWeights::Moe { experts, .. } = &lw.mlp else {
             return Err(Error::Usage("not an MoE layer".into()));
         };
+        // bf16/f16 matrices kept as stored on the CPU are in the hub layout
+        // (whatever `transposed` says): the naive loop gets f32 `[in, out]`.
         let tr = |w: &Tensor, t: bool| {
-            if t {
+            if w.dtype() != candle_core::DType::F32 {
+                w.to_dtype(candle_core::DType::F32)?.t()?.contiguous()
+            } else if t {
                 Ok(w.clone())
             } else {
                 w.t()?.contiguous()

@@ -138,8 +138,8 @@ impl Router {
             // the host (as in the benchmark), a copy otherwise.
             let borrowed = crate::forward::weights::HostMatrix::of(x);
             let copied: Vec<f32>;
-            let xh: &[f32] = match &borrowed {
-                Some(m) => m.data(),
+            let xh: &[f32] = match borrowed.as_ref().and_then(|m| m.f32_data()) {
+                Some(v) => v,
                 None => {
                     copied = x
                         .flatten_all()

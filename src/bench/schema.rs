@@ -136,6 +136,11 @@ pub struct BenchResult {
     /// output against the naive loop's on the same input, checked before timing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rel_error: Option<f64>,
+    /// Whole-model forward benchmarks: how the weights were held
+    /// (`resident` or `streamed`, the forward pass's decision from the
+    /// model's size and the available memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
 }
 
 fn one() -> usize {

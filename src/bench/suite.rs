@@ -269,6 +269,7 @@ pub fn result(
         flops_share: peaks.map(|p| gflops / p.gflops),
         bw_share: peaks.map(|p| gbs / p.gbs),
         rel_error: None,
+        weights: None,
     }
 }
 
@@ -686,12 +687,22 @@ fn run_forward(
     let model = open_source(opts, source, progress)?;
     let l = label(source);
     let fwd = Forward::new(&model, opts.device.clone())?;
-    // Synthetic models keep their f32 weights resident (as PyTorch holds
-    // them); a real checkpoint is streamed layer by layer (bounded memory).
+    // Synthetic models keep their weights resident (as PyTorch holds
+    // them); a real checkpoint is resident when it fits in the available
+    // memory (`--max-memory`), else streamed layer by layer.
     let fwd = if matches!(source, Source::Real(_)) {
-        fwd
+        let f = fwd.resident_if_fits();
+        if let Some(r) = f.residency() {
+            progress.note(&r.to_string());
+        }
+        f
     } else {
         fwd.keep_weights()
+    };
+    let held = if fwd.weights_resident() {
+        "resident"
+    } else {
+        "streamed"
     };
     let vocab = fwd.cfg.vocab_size;
     for case in cases {
@@ -714,6 +725,9 @@ fn run_forward(
             bytes,
             peaks,
         ));
+        if let Some(r) = out.last_mut() {
+            r.weights = Some(held.to_string());
+        }
         progress.done();
     }
     Ok(())

@@ -214,6 +214,7 @@ mod tests {
             flops_share: None,
             bw_share: None,
             rel_error: None,
+            weights: None,
         }
     }
 

@@ -23,7 +23,105 @@
 //! Each weight element is loaded from memory once per call: the product is
 //! memory-bound for a single token and compute-bound from a few tokens on.
 
+use half::{bf16, f16};
 use rayon::prelude::*;
+
+/// A weight element the kernels read as stored: f32, or bf16/f16 widened
+/// to f32 in registers (exactly: every bf16 and f16 value is an f32 value),
+/// so the products and their summation order are those of the f32 kernel
+/// on the converted weights, at half the bytes read per weight.
+pub trait WeightElem: Copy + Send + Sync + 'static {
+    /// Whether the AVX2 kernel needs F16C to widen this type.
+    const NEEDS_F16C: bool;
+    /// The value as f32 (exact).
+    fn to_f32(self) -> f32;
+    /// 16 values from `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable values; the CPU must have AVX-512F
+    /// (the caller is compiled with it, so this is inlined there).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// 8 values from `p` widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable values; the CPU must have AVX2 (and F16C
+    /// when [`WeightElem::NEEDS_F16C`]).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    const NEEDS_F16C: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract (16 values, AVX-512F).
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's contract (8 values, AVX).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl WeightElem for bf16 {
+    const NEEDS_F16C: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 values = 32 bytes, AVX-512F):
+        // zero-extend each 16-bit word and move it to the f32's high half.
+        unsafe {
+            let w = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(w)))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (8 values = 16 bytes, AVX2).
+        unsafe {
+            let w = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(w)))
+        }
+    }
+}
+
+impl WeightElem for f16 {
+    const NEEDS_F16C: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 values = 32 bytes, AVX-512F,
+        // whose `vcvtph2ps` converts every f16 exactly).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (8 values = 16 bytes, AVX2 and F16C).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
 
 /// Weight rows per register tile.
 const C: usize = 4;
@@ -55,7 +153,7 @@ impl Activation {
 
 /// `y = x · Wᵀ`: `x` is `[m, k]`, `w` is `[n, k]`, `y` is `[m, n]`, all
 /// row-major and contiguous.
-pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
+pub fn matmul_xwt<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, y: &mut [f32]) {
     assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert_eq!(w.len(), n * k, "w is not [n, k]");
     assert_eq!(y.len(), m * n, "y is not [m, n]");
@@ -77,11 +175,11 @@ pub fn matmul_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f
 
 /// An expert's gate and up projections, `[inter, k]` each, and its activation.
 #[derive(Clone, Copy)]
-pub struct GateUp<'a> {
+pub struct GateUp<'a, W: WeightElem = f32> {
     /// Gate projection, row-major.
-    pub gate: &'a [f32],
+    pub gate: &'a [W],
     /// Up projection, row-major.
-    pub up: &'a [f32],
+    pub up: &'a [W],
     /// Intermediate size.
     pub inter: usize,
     /// The activation function.
@@ -91,7 +189,7 @@ pub struct GateUp<'a> {
 /// The expert's hidden activations for the tokens `rows` of `x`
 /// (`[tokens, k]`): `h[i] = act(x[rows[i]]·Gᵀ) ⊙ (x[rows[i]]·Uᵀ)`, `h` is
 /// `[rows.len(), inter]`.
-pub fn gate_up(x: &[f32], k: usize, rows: &[u32], w: GateUp<'_>, h: &mut [f32]) {
+pub fn gate_up<W: WeightElem>(x: &[f32], k: usize, rows: &[u32], w: GateUp<'_, W>, h: &mut [f32]) {
     let GateUp {
         gate,
         up,
@@ -126,10 +224,10 @@ pub fn gate_up(x: &[f32], k: usize, rows: &[u32], w: GateUp<'_>, h: &mut [f32]) 
 /// Adds the expert's output for its tokens into the layer output:
 /// `out[rows[i]] += scale[i] · (h[i]·Dᵀ)`; `h` is `[rows.len(), inter]`,
 /// `down` is `[hidden, inter]`, `out` is `[tokens, hidden]`.
-pub fn down_scatter_add(
+pub fn down_scatter_add<W: WeightElem>(
     h: &[f32],
     inter: usize,
-    down: &[f32],
+    down: &[W],
     hidden: usize,
     rows: &[u32],
     scale: &[f32],
@@ -215,11 +313,11 @@ type Sink<'a> = dyn Fn(usize, usize, usize, usize, &[[f32; C]; R]) + Sync + 'a;
 /// # Safety
 /// Every `xr[i]` and `w_row(j)`, `j < n`, must point to `k` readable f32.
 /// `sink` may only write outputs of the columns it is given.
-unsafe fn product(
+unsafe fn product<W: WeightElem>(
     xr: &[Ptr],
     k: usize,
     n: usize,
-    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    w_row: &(dyn Fn(usize) -> *const W + Sync),
     sink: &Sink<'_>,
 ) {
     if xr.is_empty() || n == 0 {
@@ -256,11 +354,11 @@ unsafe fn product(
 ///
 /// # Safety
 /// As [`product`].
-unsafe fn columns(
+unsafe fn columns<W: WeightElem>(
     xr: &[Ptr],
     k: usize,
     cols: std::ops::Range<usize>,
-    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    w_row: &(dyn Fn(usize) -> *const W + Sync),
     sink: &Sink<'_>,
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -270,18 +368,21 @@ unsafe fn columns(
             unsafe { columns_avx512(xr, k, cols, w_row, sink) };
             return;
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked); the caller's contract.
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked); the caller's contract.
             unsafe { columns_avx2(xr, k, cols, w_row, sink) };
             return;
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { columns_with(xr, k, cols, w_row, sink, tile_portable::<R>) };
+    unsafe { columns_with(xr, k, cols, w_row, sink, tile_portable::<W, R>) };
 }
 
 /// A register-tile kernel: `R` token rows × [`C`] weight rows, `k` long.
-type Tile = unsafe fn(&[*const f32; R], usize, &[*const f32; C], usize) -> [[f32; C]; R];
+type Tile<W> = unsafe fn(&[*const f32; R], usize, &[*const W; C], usize) -> [[f32; C]; R];
 
 /// The tile loop: blocks of 4 weight rows outside (they stay in L1), token
 /// tiles inside; a short last block (1–3 rows) repeats its last row and
@@ -290,19 +391,19 @@ type Tile = unsafe fn(&[*const f32; R], usize, &[*const f32; C], usize) -> [[f32
 /// # Safety
 /// As [`product`]; `tile` must be safe to call on this CPU.
 #[inline(always)]
-unsafe fn columns_with(
+unsafe fn columns_with<W: WeightElem>(
     xr: &[Ptr],
     k: usize,
     cols: std::ops::Range<usize>,
-    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    w_row: &(dyn Fn(usize) -> *const W + Sync),
     sink: &Sink<'_>,
-    tile: Tile,
+    tile: Tile<W>,
 ) {
     let m = xr.len();
     let mut j0 = cols.start;
     while j0 < cols.end {
         let c = (cols.end - j0).min(C);
-        let wp: [*const f32; C] = std::array::from_fn(|b| w_row(j0 + b.min(c - 1)));
+        let wp: [*const W; C] = std::array::from_fn(|b| w_row(j0 + b.min(c - 1)));
         let mut i0 = 0;
         while i0 < m {
             let r = (m - i0).min(R);
@@ -319,28 +420,28 @@ unsafe fn columns_with(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn columns_avx512(
+unsafe fn columns_avx512<W: WeightElem>(
     xr: &[Ptr],
     k: usize,
     cols: std::ops::Range<usize>,
-    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    w_row: &(dyn Fn(usize) -> *const W + Sync),
     sink: &Sink<'_>,
 ) {
     // SAFETY: the caller's contract; this CPU has AVX-512F.
-    unsafe { columns_with(xr, k, cols, w_row, sink, tile_avx512) };
+    unsafe { columns_with(xr, k, cols, w_row, sink, tile_avx512::<W>) };
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn columns_avx2(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn columns_avx2<W: WeightElem>(
     xr: &[Ptr],
     k: usize,
     cols: std::ops::Range<usize>,
-    w_row: &(dyn Fn(usize) -> *const f32 + Sync),
+    w_row: &(dyn Fn(usize) -> *const W + Sync),
     sink: &Sink<'_>,
 ) {
-    // SAFETY: the caller's contract; this CPU has AVX2 and FMA.
-    unsafe { columns_with(xr, k, cols, w_row, sink, tile_avx2) };
+    // SAFETY: the caller's contract; this CPU has AVX2, FMA and F16C.
+    unsafe { columns_with(xr, k, cols, w_row, sink, tile_avx2::<W>) };
 }
 
 /// The scalar tail of a tile (`q` from `from` to `k`) added to its sums.
@@ -348,10 +449,10 @@ unsafe fn columns_avx2(
 /// # Safety
 /// The pointers must hold `k` f32.
 #[inline(always)]
-unsafe fn tail(
+unsafe fn tail<W: WeightElem>(
     xp: &[*const f32; R],
     r: usize,
-    wp: &[*const f32; C],
+    wp: &[*const W; C],
     from: usize,
     k: usize,
     out: &mut [[f32; C]; R],
@@ -360,7 +461,7 @@ unsafe fn tail(
         for (b, s) in row.iter_mut().enumerate() {
             for q in from..k {
                 // SAFETY: q < k.
-                *s = unsafe { (*xp[a].add(q)).mul_add(*wp[b].add(q), *s) };
+                *s = unsafe { (*xp[a].add(q)).mul_add((*wp[b].add(q)).to_f32(), *s) };
             }
         }
     }
@@ -374,18 +475,18 @@ unsafe fn tail(
 /// The CPU must have AVX-512F; the pointers must hold `k` f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512(
+unsafe fn tile_avx512<W: WeightElem>(
     xp: &[*const f32; R],
     r: usize,
-    wp: &[*const f32; C],
+    wp: &[*const W; C],
     k: usize,
 ) -> [[f32; C]; R] {
     // SAFETY: the caller's contract.
     unsafe {
         match r {
-            1 => tile_avx512_rows::<1>(xp, r, wp, k),
-            2 => tile_avx512_rows::<2>(xp, r, wp, k),
-            3 => tile_avx512_rows::<3>(xp, r, wp, k),
+            1 => tile_avx512_rows::<W, 1>(xp, r, wp, k),
+            2 => tile_avx512_rows::<W, 2>(xp, r, wp, k),
+            3 => tile_avx512_rows::<W, 3>(xp, r, wp, k),
             _ => tile_avx512_full(xp, wp, k),
         }
     }
@@ -403,7 +504,11 @@ unsafe fn tile_avx512(
 /// As [`tile_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512_full(xp: &[*const f32; R], wp: &[*const f32; C], k: usize) -> [[f32; C]; R] {
+unsafe fn tile_avx512_full<W: WeightElem>(
+    xp: &[*const f32; R],
+    wp: &[*const W; C],
+    k: usize,
+) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
     let z = _mm512_setzero_ps();
     let (mut s00, mut s01, mut s02, mut s03) = (z, z, z, z);
@@ -415,10 +520,10 @@ unsafe fn tile_avx512_full(xp: &[*const f32; R], wp: &[*const f32; C], k: usize)
     while p < full {
         // SAFETY: p + 16 <= k.
         unsafe {
-            let w0 = _mm512_loadu_ps(wp[0].add(p));
-            let w1 = _mm512_loadu_ps(wp[1].add(p));
-            let w2 = _mm512_loadu_ps(wp[2].add(p));
-            let w3 = _mm512_loadu_ps(wp[3].add(p));
+            let w0 = W::load16(wp[0].add(p));
+            let w1 = W::load16(wp[1].add(p));
+            let w2 = W::load16(wp[2].add(p));
+            let w3 = W::load16(wp[3].add(p));
             let x = _mm512_loadu_ps(xp[0].add(p));
             s00 = _mm512_fmadd_ps(x, w0, s00);
             s01 = _mm512_fmadd_ps(x, w1, s01);
@@ -465,10 +570,10 @@ unsafe fn tile_avx512_full(xp: &[*const f32; R], wp: &[*const f32; C], k: usize)
 /// As [`tile_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512_rows<const RR: usize>(
+unsafe fn tile_avx512_rows<W: WeightElem, const RR: usize>(
     xp: &[*const f32; R],
     r: usize,
-    wp: &[*const f32; C],
+    wp: &[*const W; C],
     k: usize,
 ) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
@@ -478,7 +583,7 @@ unsafe fn tile_avx512_rows<const RR: usize>(
     while p < full {
         // SAFETY: p + 16 <= k.
         unsafe {
-            let wv: [__m512; C] = std::array::from_fn(|b| _mm512_loadu_ps(wp[b].add(p)));
+            let wv: [__m512; C] = std::array::from_fn(|b| W::load16(wp[b].add(p)));
             for (a, acc) in acc.iter_mut().enumerate() {
                 let xv = _mm512_loadu_ps(xp[a].add(p));
                 for (acc, &wv) in acc.iter_mut().zip(&wv) {
@@ -505,11 +610,11 @@ unsafe fn tile_avx512_rows<const RR: usize>(
 /// # Safety
 /// The CPU must have AVX2 and FMA; the pointers must hold `k` f32.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<W: WeightElem>(
     xp: &[*const f32; R],
     r: usize,
-    wp: &[*const f32; C],
+    wp: &[*const W; C],
     k: usize,
 ) -> [[f32; C]; R] {
     use std::arch::x86_64::*;
@@ -525,7 +630,7 @@ unsafe fn tile_avx2(
                 let x0 = _mm256_loadu_ps(xp[2 * half].add(p));
                 let x1 = _mm256_loadu_ps(xp[2 * half + 1].add(p));
                 for b in 0..C {
-                    let wv = _mm256_loadu_ps(wp[b].add(p));
+                    let wv = W::load8(wp[b].add(p));
                     acc[0][b] = _mm256_fmadd_ps(x0, wv, acc[0][b]);
                     acc[1][b] = _mm256_fmadd_ps(x1, wv, acc[1][b]);
                 }
@@ -555,10 +660,10 @@ unsafe fn tile_avx2(
 /// # Safety
 /// The pointers must hold `k` f32.
 #[allow(clippy::needless_range_loop)]
-unsafe fn tile_portable<const RR: usize>(
+unsafe fn tile_portable<W: WeightElem, const RR: usize>(
     xp: &[*const f32; R],
     r: usize,
-    wp: &[*const f32; C],
+    wp: &[*const W; C],
     k: usize,
 ) -> [[f32; C]; R] {
     let mut acc = [[[0f32; 8]; C]; R];
@@ -568,7 +673,7 @@ unsafe fn tile_portable<const RR: usize>(
             for b in 0..C {
                 for l in 0..8 {
                     // SAFETY: p + l < k.
-                    let (x, w) = unsafe { (*xp[a].add(p + l), *wp[b].add(p + l)) };
+                    let (x, w) = unsafe { (*xp[a].add(p + l), (*wp[b].add(p + l)).to_f32()) };
                     acc[a][b][l] += x * w;
                 }
             }
@@ -640,38 +745,124 @@ mod tests {
 
     #[test]
     fn portable_and_avx2_tiles_agree_with_the_dispatched_one() {
+        tiles_agree::<f32>(|v| v);
+        tiles_agree::<bf16>(bf16::from_f32);
+        tiles_agree::<f16>(f16::from_f32);
+    }
+
+    /// Every kernel this CPU can run, on weights of type `W` (`to_w`
+    /// rounds), against an f64 reference on the rounded weights.
+    fn tiles_agree<W: WeightElem>(to_w: fn(f32) -> W) {
         // The dispatched kernel is AVX-512 on this CPU when it has it: the
         // narrower kernels must give the same products (to rounding).
         let mut rng = Rng(11);
-        let (k, m) = (75, 4);
-        let x = rand(&mut rng, m * k);
-        let w = rand(&mut rng, C * k);
-        let xp: [*const f32; R] = std::array::from_fn(|a| x[a * k..].as_ptr());
-        let wp: [*const f32; C] = std::array::from_fn(|b| w[b * k..].as_ptr());
-        let mut kernels: Vec<Tile> = vec![tile_portable::<R>];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                kernels.push(tile_avx2);
+        for k in [75, 16, 8, 3, 33] {
+            let m = 4;
+            let x = rand(&mut rng, m * k);
+            let w: Vec<W> = rand(&mut rng, C * k).into_iter().map(to_w).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let xp: [*const f32; R] = std::array::from_fn(|a| x[a * k..].as_ptr());
+            let wp: [*const W; C] = std::array::from_fn(|b| w[b * k..].as_ptr());
+            let mut kernels: Vec<Tile<W>> = vec![tile_portable::<W, R>];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+                {
+                    kernels.push(tile_avx2::<W>);
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    kernels.push(tile_avx512::<W>);
+                }
             }
-            if std::is_x86_feature_detected!("avx512f") {
-                kernels.push(tile_avx512);
-            }
-        }
-        for (ki, tile) in kernels.into_iter().enumerate() {
-            for r in 1..=R {
-                // SAFETY: the kernels were checked against the CPU above;
-                // the rows hold k values.
-                let s = unsafe { tile(&xp, r, &wp, k) };
-                for a in 0..r {
-                    for b in 0..C {
-                        let want = dot64(&x[a * k..(a + 1) * k], &w[b * k..(b + 1) * k]);
-                        let got = s[a][b] as f64;
-                        assert!((got - want).abs() <= tol(k), "kernel {ki} r={r} ({a},{b})");
+            for (ki, tile) in kernels.into_iter().enumerate() {
+                for r in 1..=R {
+                    // SAFETY: the kernels were checked against the CPU above;
+                    // the rows hold k values.
+                    let s = unsafe { tile(&xp, r, &wp, k) };
+                    for a in 0..r {
+                        for b in 0..C {
+                            let want = dot64(&x[a * k..(a + 1) * k], &wf[b * k..(b + 1) * k]);
+                            let got = s[a][b] as f64;
+                            assert!(got.is_finite(), "kernel {ki} k={k} r={r}: {got}");
+                            assert!(
+                                (got - want).abs() <= tol(k),
+                                "kernel {ki} k={k} r={r} ({a},{b}): {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// The dispatched product with bf16 and f16 weights read as stored:
+    /// every tile shape and tail, against an f64 reference on the same
+    /// (rounded) weights; and the same numbers as the f32 kernel on the
+    /// widened weights (the widening is exact, the order of the sums the same).
+    #[test]
+    fn half_precision_weights_match_an_f64_reference_and_the_f32_kernel() {
+        fn check<W: WeightElem>(to_w: fn(f32) -> W, name: &str) {
+            let mut rng = Rng(29);
+            for (m, k, n) in SHAPES {
+                let x = rand(&mut rng, m * k);
+                let w: Vec<W> = rand(&mut rng, n * k).into_iter().map(to_w).collect();
+                let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+                let mut y = vec![f32::NAN; m * n];
+                matmul_xwt(&x, m, k, &w, n, &mut y);
+                let mut yf = vec![f32::NAN; m * n];
+                matmul_xwt(&x, m, k, &wf, n, &mut yf);
+                let mut compared = 0;
+                for i in 0..m {
+                    for j in 0..n {
+                        let r = dot64(&x[i * k..(i + 1) * k], &wf[j * k..(j + 1) * k]);
+                        let v = y[i * n + j] as f64;
+                        assert!(v.is_finite(), "{name} m={m} k={k} n={n} ({i},{j}): {v}");
+                        assert!(
+                            (v - r).abs() <= tol(k),
+                            "{name} m={m} k={k} n={n} ({i},{j}): {v} vs {r}"
+                        );
+                        assert_eq!(y[i * n + j].to_bits(), yf[i * n + j].to_bits(), "{name}");
+                        compared += 1;
+                    }
+                }
+                assert_eq!(compared, m * n);
+            }
+        }
+        check(bf16::from_f32, "bf16");
+        check(f16::from_f32, "f16");
+    }
+
+    #[test]
+    fn bf16_expert_kernels_equal_the_f32_ones_on_widened_weights() {
+        let mut rng = Rng(5);
+        let (tokens, hidden, inter) = (7, 72, 37);
+        let x = rand(&mut rng, tokens * hidden);
+        let to = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+        let (g, u, d) = (
+            to(rand(&mut rng, inter * hidden)),
+            to(rand(&mut rng, inter * hidden)),
+            to(rand(&mut rng, hidden * inter)),
+        );
+        let wide = |v: &[bf16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+        let (gf, uf, df) = (wide(&g), wide(&u), wide(&d));
+        let rows: Vec<u32> = vec![0, 3, 6, 2, 5];
+        let scale = vec![0.5f32, 0.25, 1.0, 0.75, 0.125];
+        let mut h = vec![f32::NAN; rows.len() * inter];
+        let mut hf = vec![f32::NAN; rows.len() * inter];
+        let act = Activation::Silu;
+        gate_up(&x, hidden, &rows, GateUp { gate: &g, up: &u, inter, act }, &mut h);
+        gate_up(&x, hidden, &rows, GateUp { gate: &gf, up: &uf, inter, act }, &mut hf);
+        assert!(h.iter().all(|v| v.is_finite()));
+        assert_eq!(h, hf);
+        let mut out = vec![0f32; tokens * hidden];
+        let mut outf = vec![0f32; tokens * hidden];
+        down_scatter_add(&h, inter, &d, hidden, &rows, &scale, &mut out);
+        down_scatter_add(&hf, inter, &df, hidden, &rows, &scale, &mut outf);
+        assert!(out.iter().all(|v| v.is_finite()));
+        assert_eq!(out, outf);
+        assert!(out.iter().any(|&v| v != 0.0));
     }
 
     #[test]
@@ -775,7 +966,7 @@ mod tests {
     fn empty_products_write_nothing() {
         let mut y: Vec<f32> = Vec::new();
         matmul_xwt(&[], 0, 4, &[1.0; 8], 2, &mut y);
-        matmul_xwt(&[1.0; 4], 1, 4, &[], 0, &mut y);
+        matmul_xwt::<f32>(&[1.0; 4], 1, 4, &[], 0, &mut y);
         assert!(y.is_empty());
     }
 

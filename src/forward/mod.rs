@@ -1,8 +1,11 @@
 //! The candle forward pass with an observer for router and expert values
-//! (SPEC §9). Layers are loaded one at a time from the mmap (f32 conversion
-//! once per layer), every prompt goes through a layer before the next layer is
-//! loaded, and the layer's pages are released afterwards: memory holds one
-//! layer of weights plus the prompts' hidden states, whatever the depth.
+//! (SPEC §9). Layers are loaded one at a time from the mmap (on the CPU
+//! bf16/f16 matrices as stored, read by the kernels of `expert_gemm`;
+//! everything else converted to f32 once per layer), every prompt goes
+//! through a layer before the next layer is loaded, and the layer's pages are
+//! released afterwards: memory holds one layer of weights plus the prompts'
+//! hidden states, whatever the depth. [`Forward::resident_if_fits`] keeps
+//! every layer loaded instead when the weights fit in memory.
 
 mod attention;
 pub mod config;
@@ -32,13 +35,59 @@ pub struct Forward<'m> {
     /// The forward configuration derived from the model's config.json (family rules included).
     pub cfg: ForwardConfig,
     device: Device,
-    /// With [`Forward::keep_weights`]: every layer's f32 weights, loaded on
+    /// With [`Forward::keep_weights`]: every layer's weights, loaded on
     /// first use and kept (for repeated runs on a model that fits in memory).
     resident: Option<std::sync::Mutex<Vec<Option<std::sync::Arc<LayerWeights>>>>>,
     head: std::sync::OnceLock<std::sync::Arc<HeadWeights>>,
     /// Run the top-k dispatch as tensor ops on the device even on the CPU.
     tensor_dispatch: bool,
+    /// The decision of [`Forward::resident_if_fits`], when it was asked.
+    residency: Option<Residency>,
 }
+
+/// Whether a forward pass keeps its weights resident or streams them layer
+/// by layer, and why ([`Forward::resident_if_fits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Residency {
+    /// The weights are loaded once and kept (in their stored dtype on the
+    /// CPU for bf16/f16 matrices).
+    pub resident: bool,
+    /// Bytes the resident weights take.
+    pub weight_bytes: u64,
+    /// Bytes of memory available when decided (`MemAvailable`, capped by
+    /// the cgroup limit and `--max-memory`); `None` where none could be read.
+    pub available: Option<u64>,
+    /// The device is not the CPU: weights are streamed to it per run.
+    pub device: bool,
+}
+
+impl std::fmt::Display for Residency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::memory::human;
+        let avail = self.available.map_or("unknown".to_string(), human);
+        if self.resident {
+            write!(
+                f,
+                "weights resident: {} loaded once and kept (available memory {avail})",
+                human(self.weight_bytes)
+            )
+        } else if self.device {
+            write!(f, "weights streamed layer by layer to the device")
+        } else {
+            write!(
+                f,
+                "weights streamed layer by layer: {} would take more than {} of \
+                 the available memory ({avail})",
+                human(self.weight_bytes),
+                RESIDENT_SHARE
+            )
+        }
+    }
+}
+
+/// Share of the available memory resident weights may take (the rest is
+/// for the working set, the mmap's transient pages and the page cache).
+const RESIDENT_SHARE: &str = "3/4";
 
 /// Output of [`Forward::run`].
 pub struct ForwardOutput {
@@ -47,24 +96,6 @@ pub struct ForwardOutput {
 }
 
 type R<T> = std::result::Result<T, candle_core::Error>;
-
-/// `x · Wᵀ (+ b)` for `W` in the hub layout `[out, in]`.
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Tensor> {
-    let y = x.matmul(&w.t()?)?;
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
-
-/// `x · W (+ b)` for `W` stored transposed, `[in, out]`.
-fn linear_t(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Tensor> {
-    let y = x.matmul(w)?;
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
 
 /// RMSNorm over the last axis, in f32: `x / sqrt(mean(x²) + eps) * w`.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> R<Tensor> {
@@ -92,7 +123,54 @@ impl<'m> Forward<'m> {
             resident: None,
             head: std::sync::OnceLock::new(),
             tensor_dispatch: false,
+            residency: None,
         })
+    }
+
+    /// Bytes every layer's and the head's weights take when kept resident:
+    /// bf16/f16 matrices as stored on the CPU, everything else in f32.
+    pub fn resident_weight_bytes(&self) -> u64 {
+        use crate::model::Dtype;
+        let w = self.model.weights();
+        let cpu = self.device.is_cpu();
+        w.names()
+            .into_iter()
+            .filter_map(|n| w.tensor(n).ok())
+            .map(|v| {
+                let size = match v.dtype {
+                    Dtype::BF16 | Dtype::F16 if cpu && v.shape.len() == 2 => 2,
+                    _ => 4,
+                };
+                crate::memory::product(&[v.numel(), size])
+            })
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Keeps the weights resident ([`Forward::keep_weights`]) when they fit:
+    /// on the CPU, when they take at most 3/4 of the memory available now
+    /// ([`crate::memory::available`]: `MemAvailable`, the cgroup limit,
+    /// `--max-memory`); otherwise (larger than memory, no reading of the
+    /// available memory, a GPU) streams them layer by layer with memory
+    /// bounded by one layer. The decision is in [`Forward::residency`].
+    pub fn resident_if_fits(self) -> Self {
+        let weight_bytes = self.resident_weight_bytes();
+        let available = crate::memory::available();
+        let device = !self.device.is_cpu();
+        let resident = !device && available.is_some_and(|a| weight_bytes <= a / 4 * 3);
+        let decision = Residency {
+            resident,
+            weight_bytes,
+            available,
+            device,
+        };
+        let mut f = if resident { self.keep_weights() } else { self };
+        f.residency = Some(decision);
+        f
+    }
+
+    /// The decision of [`Forward::resident_if_fits`], when it was made.
+    pub fn residency(&self) -> Option<&Residency> {
+        self.residency.as_ref()
     }
 
     /// Runs the top-k dispatch as the GPU does (tensor ops: one gather, a
@@ -104,10 +182,13 @@ impl<'m> Forward<'m> {
         self
     }
 
-    /// Keeps every layer's converted f32 weights after first use instead of
-    /// streaming them from the mmap on each run: for repeated runs (serving,
-    /// benchmarks) on a model whose f32 weights fit in memory. The default
-    /// streams one layer at a time, with memory bounded by one layer.
+    /// Keeps every layer's weights after first use instead of streaming
+    /// them from the mmap on each run: for repeated runs (serving,
+    /// benchmarks) on a model whose weights fit in memory. On the CPU the
+    /// bf16/f16 matrices are kept as stored (the kernels read them so),
+    /// everything else in f32. The default streams one layer at a time, with
+    /// memory bounded by one layer; [`Forward::resident_if_fits`] decides
+    /// from the model's size and the available memory.
     pub fn keep_weights(mut self) -> Self {
         self.resident = Some(std::sync::Mutex::new(
             (0..self.model.info.num_layers).map(|_| None).collect(),
@@ -125,16 +206,24 @@ impl<'m> Forward<'m> {
         }
         let w = std::sync::Arc::new(self.load_layer(layer)?);
         cache[layer] = Some(w.clone());
+        // The kept weights are a copy: the mmap's pages of the layer are not
+        // read again.
+        self.release_layer_pages(layer);
         Ok(w)
     }
 
     /// A projection with a weight loaded by this forward pass.
     fn lin(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> R<Tensor> {
-        if self.resident.is_some() {
-            linear_t(x, w, b)
-        } else {
-            linear(x, w, b)
+        let y = weights::linear_any(x, w, self.resident.is_some())?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         }
+    }
+
+    /// Whether the weights are kept resident across runs ([`Forward::keep_weights`]).
+    pub fn weights_resident(&self) -> bool {
+        self.resident.is_some()
     }
 
     /// Whether loaded matrices are stored transposed, `[in, out]`
@@ -240,6 +329,14 @@ impl<'m> Forward<'m> {
         } else {
             Activation::Silu
         }
+    }
+
+    /// Drops the mmap's pages of `layer` from the process (see `Weights::release`).
+    fn release_layer_pages(&self, layer: usize) {
+        let names = weights::layer_tensor_names(self.model.weights(), layer);
+        self.model
+            .weights()
+            .release(names.iter().map(String::as_str));
     }
 
     /// Loads one decoder layer's weights (for benchmarks of a single block).
@@ -364,8 +461,7 @@ impl<'m> Forward<'m> {
             drop(lw);
             observer.layer_done(layer);
             if self.resident.is_none() {
-                let names = weights::layer_tensor_names(model.weights(), layer);
-                model.weights().release(names.iter().map(String::as_str));
+                self.release_layer_pages(layer);
             }
         }
         let mut out = Vec::new();
@@ -379,6 +475,8 @@ impl<'m> Forward<'m> {
                         dev,
                         self.resident.is_some(),
                     )?);
+                    // Loaded as a copy: drop the mmap's pages of the head.
+                    model.weights().release(["lm_head.weight"]);
                     if self.resident.is_some() {
                         let _ = self.head.set(h.clone());
                     }

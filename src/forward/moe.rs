@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::expert_gemm::{self};
 use super::observer::{MoeObservation, Observer, Wants};
 use super::routing;
-use super::weights::{self, ce, Ffn, MlpWeights};
+use super::weights::{self, ce, Ffn, HostData, MlpWeights};
 use super::{Forward, R};
 use crate::error::{Error, Result};
 
@@ -98,32 +98,31 @@ impl Forward<'_> {
                         && (hf.down.rows, hf.down.cols) == (hdim, i)
                 });
                 if let Some((xh, hf)) = host {
-                    let i = hf.gate.rows;
-                    let gu = expert_gemm::GateUp {
-                        gate: hf.gate.data(),
-                        up: hf.up.data(),
-                        inter: i,
+                    let job = HostExpert {
+                        x: xh,
+                        t,
+                        hdim,
+                        inter: hf.gate.rows,
                         act,
+                        all,
+                        pairs: &by_expert[e],
                     };
-                    let d = hf.down.data();
-                    if all {
-                        let rows: Vec<u32> = (0..t as u32).collect();
-                        let mut h = vec![0f32; t * i];
-                        expert_gemm::gate_up(xh, hdim, &rows, gu, &mut h);
-                        let mut y = vec![0f32; t * hdim];
-                        expert_gemm::matmul_xwt(&h, t, i, d, hdim, &mut y);
-                        add_weighted_rows(&mut out, &y, hdim, &by_expert[e], true);
-                        if wants.all_expert_outputs {
-                            all_out.extend_from_slice(&y);
+                    let keep = wants.all_expert_outputs.then_some(&mut all_out);
+                    let done = match (hf.gate.data(), hf.up.data(), hf.down.data()) {
+                        (HostData::F32(g), HostData::F32(u), HostData::F32(d)) => {
+                            job.run(g, u, d, &mut out, keep)
                         }
-                    } else if !by_expert[e].is_empty() {
-                        let rows: Vec<u32> = by_expert[e].iter().map(|&(tok, _)| tok).collect();
-                        let scale: Vec<f32> = by_expert[e].iter().map(|&(_, w)| w).collect();
-                        let mut h = vec![0f32; rows.len() * i];
-                        expert_gemm::gate_up(xh, hdim, &rows, gu, &mut h);
-                        expert_gemm::down_scatter_add(&h, i, d, hdim, &rows, &scale, &mut out);
+                        (HostData::Bf16(g), HostData::Bf16(u), HostData::Bf16(d)) => {
+                            job.run(g, u, d, &mut out, keep)
+                        }
+                        (HostData::F16(g), HostData::F16(u), HostData::F16(d)) => {
+                            job.run(g, u, d, &mut out, keep)
+                        }
+                        _ => false,
+                    };
+                    if done {
+                        continue;
                     }
-                    continue;
                 }
                 if all {
                     let (a, y) = self.ffn(f, x).map_err(ce(&what))?;
@@ -259,15 +258,16 @@ impl Forward<'_> {
         if let (Some(xh), Some(hub)) = (x_host.filter(|_| use_cpu_kernel(t, e)), hub) {
             if let Some(r) = weights::HostMatrix::of(hub).filter(|r| r.cols == h) {
                 let mut logits = vec![0f32; t * r.rows];
-                expert_gemm::matmul_xwt(xh, t, h, r.data(), r.rows, &mut logits);
+                match r.data() {
+                    HostData::F32(d) => expert_gemm::matmul_xwt(xh, t, h, d, r.rows, &mut logits),
+                    HostData::Bf16(d) => expert_gemm::matmul_xwt(xh, t, h, d, r.rows, &mut logits),
+                    HostData::F16(d) => expert_gemm::matmul_xwt(xh, t, h, d, r.rows, &mut logits),
+                }
                 return Ok(logits);
             }
         }
-        let l = if *router_transposed {
-            x.matmul(router)
-        } else {
-            router.t().and_then(|w| x.matmul(&w))
-        };
+        // A bf16/f16 router on the CPU is kept as stored, in the hub layout.
+        let l = weights::linear_any(x, router, *router_transposed);
         l.and_then(|l| l.flatten_all()?.to_vec1()).map_err(ce(what))
     }
 
@@ -320,6 +320,61 @@ impl Forward<'_> {
         } else {
             x.zeros_like()?.index_add(&idx, &y, 0)
         }
+    }
+}
+
+/// One routed expert on the host through the grouped kernels: its tokens
+/// (`pairs`: token, routing weight) or, with `all`, every token of `x`.
+struct HostExpert<'a> {
+    x: &'a [f32],
+    t: usize,
+    hdim: usize,
+    inter: usize,
+    act: expert_gemm::Activation,
+    all: bool,
+    pairs: &'a [(u32, f32)],
+}
+
+impl HostExpert<'_> {
+    /// Adds the expert's weighted output into `out` (and, with `keep`, every
+    /// token's unweighted output to it) from weights in their stored dtype;
+    /// `false` (nothing done) when the shapes do not match.
+    fn run<W: expert_gemm::WeightElem>(
+        &self,
+        gate: &[W],
+        up: &[W],
+        down: &[W],
+        out: &mut [f32],
+        keep: Option<&mut Vec<f32>>,
+    ) -> bool {
+        let (t, hdim, i) = (self.t, self.hdim, self.inter);
+        if gate.len() != i * hdim || up.len() != i * hdim || down.len() != hdim * i {
+            return false;
+        }
+        let gu = expert_gemm::GateUp {
+            gate,
+            up,
+            inter: i,
+            act: self.act,
+        };
+        if self.all {
+            let rows: Vec<u32> = (0..t as u32).collect();
+            let mut h = vec![0f32; t * i];
+            expert_gemm::gate_up(self.x, hdim, &rows, gu, &mut h);
+            let mut y = vec![0f32; t * hdim];
+            expert_gemm::matmul_xwt(&h, t, i, down, hdim, &mut y);
+            add_weighted_rows(out, &y, hdim, self.pairs, true);
+            if let Some(keep) = keep {
+                keep.extend_from_slice(&y);
+            }
+        } else if !self.pairs.is_empty() {
+            let rows: Vec<u32> = self.pairs.iter().map(|&(tok, _)| tok).collect();
+            let scale: Vec<f32> = self.pairs.iter().map(|&(_, w)| w).collect();
+            let mut h = vec![0f32; rows.len() * i];
+            expert_gemm::gate_up(self.x, hdim, &rows, gu, &mut h);
+            expert_gemm::down_scatter_add(&h, i, down, hdim, &rows, &scale, out);
+        }
+        true
     }
 }
 

@@ -1,5 +1,7 @@
 //! Loading one decoder layer's weights (attention, norms, MLP or MoE) from the
-//! mmap into f32 candle tensors, once per layer and forward run. Hub names of
+//! mmap into candle tensors (on the CPU bf16/f16 matrices in their stored
+//! dtype, everything else f32), once per layer and forward run, or once when
+//! kept resident. Hub names of
 //! the attention and norm tensors per family live here; router and expert
 //! names come from the family adapter.
 
@@ -17,8 +19,12 @@ pub fn ce(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     }
 }
 
-/// Loads a tensor as f32 on `device` (bf16/f16/FP8 converted once, here).
-/// Matrices keep the hub layout `[out, in]`, or with `transposed` are stored
+/// Loads a tensor on `device`. On the CPU a bf16 or f16 matrix keeps its
+/// stored dtype and the hub layout `[out, in]` (whatever `transposed` says):
+/// the CPU kernels ([`host_linear`], the grouped expert kernels) read it as
+/// stored and accumulate in f32. Everything else is converted to f32 once,
+/// here (FP8 and quantised encodings, vectors, every tensor on a GPU);
+/// those matrices keep the hub layout, or with `transposed` are stored
 /// `[in, out]`: a copy that pays off when weights stay resident across runs
 /// (the matrix products then read a contiguous right-hand side).
 pub fn load(weights: &Weights, name: &str, device: &Device, transposed: bool) -> Result<Tensor> {
@@ -28,6 +34,9 @@ pub fn load(weights: &Weights, name: &str, device: &Device, transposed: bool) ->
 /// [`load`] of a view (one expert of a fused tensor is a view, not a name).
 pub fn load_view(view: &TensorView<'_>, device: &Device, transposed: bool) -> Result<Tensor> {
     let name = view.name;
+    if let Some(t) = load_half(view, device)? {
+        return Ok(t);
+    }
     let data = view.to_f32_vec();
     if data.iter().any(|x| !x.is_finite()) {
         return Err(Error::NonFinite {
@@ -40,6 +49,123 @@ pub fn load_view(view: &TensorView<'_>, device: &Device, transposed: bool) -> Re
             Tensor::from_vec(transpose(&data, rows, cols), (cols, rows), device).map_err(ce(name))
         }
         _ => Tensor::from_vec(data, view.shape.to_vec(), device).map_err(ce(name)),
+    }
+}
+
+/// A 2-D bf16 or f16 matrix on the CPU in its stored dtype (one copy of the
+/// bytes, no conversion), checked for NaN and infinities; `None` for other
+/// tensors.
+fn load_half(view: &TensorView<'_>, device: &Device) -> Result<Option<Tensor>> {
+    use crate::model::Dtype;
+    use half::vec::HalfBitsVecExt;
+    let (&[rows, cols], true) = (&view.shape[..], view.is_contiguous()) else {
+        return Ok(None);
+    };
+    if !device.is_cpu() || !matches!(view.dtype, Dtype::BF16 | Dtype::F16) {
+        return Ok(None);
+    }
+    let bytes = view.bytes();
+    let Some(n) = rows
+        .checked_mul(cols)
+        .filter(|n| n.checked_mul(2) == Some(bytes.len()))
+    else {
+        return Ok(None);
+    };
+    // One pass on all cores: the stored words copied, NaN/infinity (an
+    // all-ones exponent) checked on the way.
+    let (t, finite) = if view.dtype == Dtype::BF16 {
+        let (v, ok) = copy_words(bytes, n, 0x7f80);
+        let v: Vec<half::bf16> = v.reinterpret_into();
+        (Tensor::from_vec(v, (rows, cols), device), ok)
+    } else {
+        let (v, ok) = copy_words(bytes, n, 0x7c00);
+        let v: Vec<half::f16> = v.reinterpret_into();
+        (Tensor::from_vec(v, (rows, cols), device), ok)
+    };
+    if !finite {
+        return Err(Error::NonFinite {
+            path: view.path.to_path_buf(),
+            tensor: view.name.to_string(),
+        });
+    }
+    t.map(Some).map_err(ce(view.name))
+}
+
+/// `n` little-endian 16-bit words of `bytes`, and whether
+/// none has the exponent bits `exp` all set (infinity or NaN). One pass on
+/// all cores into zeroed (lazily mapped) memory: a plain copy where the
+/// bytes are aligned on a little-endian machine, a word-by-word read
+/// elsewhere; the check reads the copy.
+fn copy_words(bytes: &[u8], n: usize, exp: u16) -> (Vec<u16>, bool) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    let mut bits = vec![0u16; n];
+    let finite = bits
+        .par_chunks_mut(CHUNK)
+        .zip(bytes[..2 * n].par_chunks(2 * CHUNK))
+        .map(|(dst, src)| {
+            match bytemuck::try_cast_slice::<u8, u16>(src) {
+                Ok(words) if cfg!(target_endian = "little") => dst.copy_from_slice(words),
+                _ => {
+                    for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *o = u16::from_le_bytes([b[0], b[1]]);
+                    }
+                }
+            }
+            !dst.iter().fold(false, |bad, &w| bad | (w & exp == exp))
+        })
+        .reduce(|| true, |a, b| a && b);
+    (bits, finite)
+}
+
+/// `x · Wᵀ` on the CPU for a weight kept in its stored bf16 or f16 dtype
+/// (hub layout `[out, in]`, see [`load`]): the f32 activations against the
+/// stored weights, f32 accumulation (the grouped kernels' `matmul_xwt`:
+/// AVX-512 or AVX2 widening in registers, a portable loop elsewhere), on
+/// all cores split by output rows. `None` when `w` is not such a weight.
+pub fn host_linear(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
+    let wm = HostMatrix::of(w)?;
+    if matches!(wm.data(), HostData::F32(_)) {
+        return None;
+    }
+    Some((|| {
+        let k = wm.cols;
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!(
+                "input {dims:?} does not match the weight [{}, {k}]",
+                wm.rows
+            );
+        }
+        let xs: Vec<f32> = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let m = xs.len() / k.max(1);
+        let n = wm.rows;
+        let mut y = vec![0f32; m * n];
+        match wm.data() {
+            HostData::Bf16(d) => super::expert_gemm::matmul_xwt(&xs, m, k, d, n, &mut y),
+            HostData::F16(d) => super::expert_gemm::matmul_xwt(&xs, m, k, d, n, &mut y),
+            HostData::F32(d) => super::expert_gemm::matmul_xwt(&xs, m, k, d, n, &mut y),
+        }
+        let mut out = dims;
+        *out.last_mut().expect("checked above") = n;
+        Tensor::from_vec(y, out, x.device())
+    })())
+}
+
+/// `x · Wᵀ` for a weight in the forward pass's layout: a stored bf16/f16
+/// matrix through [`host_linear`], else `[in, out]` when `transposed`, else
+/// the hub layout `[out, in]`.
+pub fn linear_any(x: &Tensor, w: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
+    if let Some(y) = host_linear(x, w) {
+        return y;
+    }
+    if transposed {
+        x.matmul(w)
+    } else {
+        x.matmul(&w.t()?)
     }
 }
 
@@ -108,17 +234,15 @@ impl Ffn {
 
     /// `x · Wᵀ` for one of the block's matrices, in whichever layout it is stored.
     pub fn lin(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        if self.transposed {
-            x.matmul(w)
-        } else {
-            x.matmul(&w.t()?)
-        }
+        linear_any(x, w, self.transposed)
     }
 
     /// The three matrices as host slices in the hub layout `[out, in]`, when
-    /// they are f32 on the CPU in that layout (what the grouped CPU kernels read).
+    /// they are on the CPU in that layout: f32, or bf16/f16 as stored (what
+    /// the grouped CPU kernels read).
     pub fn host_hub(&self) -> Option<HostFfn<'_>> {
-        if self.transposed {
+        let half = |t: &Tensor| t.dtype() != candle_core::DType::F32;
+        if self.transposed && !(half(&self.gate) && half(&self.up) && half(&self.down)) {
             return None;
         }
         Some(HostFfn {
@@ -129,7 +253,18 @@ impl Ffn {
     }
 }
 
-/// A matrix's f32 storage on the CPU, borrowed (row-major, contiguous).
+/// A host matrix's values, in their dtype.
+#[derive(Clone, Copy)]
+pub enum HostData<'a> {
+    /// f32.
+    F32(&'a [f32]),
+    /// bfloat16, as stored in the checkpoint.
+    Bf16(&'a [half::bf16]),
+    /// float16, as stored in the checkpoint.
+    F16(&'a [half::f16]),
+}
+
+/// A matrix's storage on the CPU (f32, bf16 or f16), borrowed (row-major, contiguous).
 pub struct HostMatrix<'a> {
     guard: candle_core::StorageRef<'a>,
     start: usize,
@@ -140,15 +275,20 @@ pub struct HostMatrix<'a> {
 }
 
 impl<'a> HostMatrix<'a> {
-    /// The tensor's storage, if it is a contiguous f32 matrix on the CPU.
+    /// The tensor's storage, if it is a contiguous f32, bf16 or f16 matrix on the CPU.
     pub fn of(t: &'a Tensor) -> Option<HostMatrix<'a>> {
+        use candle_core::{CpuStorage, Storage};
         let (rows, cols) = t.dims2().ok()?;
         let (guard, layout) = t.storage_and_layout();
         let start = layout.contiguous_offsets()?.0;
-        match &*guard {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v))
-                if v.len() >= start + rows * cols => {}
+        let len = match &*guard {
+            Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+            Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
+            Storage::Cpu(CpuStorage::F16(v)) => v.len(),
             _ => return None,
+        };
+        if len < start + rows * cols {
+            return None;
         }
         Some(HostMatrix {
             guard,
@@ -158,13 +298,23 @@ impl<'a> HostMatrix<'a> {
         })
     }
 
-    /// The values, `rows × cols`.
-    pub fn data(&self) -> &[f32] {
+    /// The values, `rows × cols`, in their dtype.
+    pub fn data(&self) -> HostData<'_> {
+        use candle_core::{CpuStorage, Storage};
+        let span = self.start..self.start + self.rows * self.cols;
         match &*self.guard {
-            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-                &v[self.start..self.start + self.rows * self.cols]
-            }
-            _ => unreachable!("checked to be f32 on the CPU when borrowed"),
+            Storage::Cpu(CpuStorage::F32(v)) => HostData::F32(&v[span]),
+            Storage::Cpu(CpuStorage::BF16(v)) => HostData::Bf16(&v[span]),
+            Storage::Cpu(CpuStorage::F16(v)) => HostData::F16(&v[span]),
+            _ => unreachable!("checked to be f32, bf16 or f16 on the CPU when borrowed"),
+        }
+    }
+
+    /// The values, when they are f32.
+    pub fn f32_data(&self) -> Option<&[f32]> {
+        match self.data() {
+            HostData::F32(v) => Some(v),
+            _ => None,
         }
     }
 }

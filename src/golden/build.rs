@@ -247,7 +247,7 @@ pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) ->
         }
     }
     if let Some(prompts) = prompts {
-        let fwd = Forward::new(model, opts.device.clone())?;
+        let fwd = Forward::new(model, opts.device.clone())?.resident_if_fits();
         let mut rec = Recorder::new(
             info,
             prompts,
@@ -258,6 +258,10 @@ pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) ->
         fwd.run(prompts, &mut rec, false)?;
         if let Some(err) = rec.error.take() {
             return Err(err);
+        }
+        // After the run: a failing run's error stays the only line.
+        if let Some(r) = fwd.residency() {
+            progress.notice(&r.to_string());
         }
         let tokens: usize = prompts.iter().map(Vec::len).sum();
         let k = info.top_k;

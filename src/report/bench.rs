@@ -201,6 +201,24 @@ pub fn checks_line(file: &BenchFile) -> Option<String> {
     ))
 }
 
+/// One line on how the whole-model forward benchmarks held the weights
+/// (`resident` or `streamed`, see `Forward::resident_if_fits`); `None`
+/// when no forward benchmark recorded it.
+pub fn weights_line(file: &BenchFile) -> Option<String> {
+    let mut held: Vec<&str> = Vec::new();
+    for b in &file.benchmarks {
+        if let Some(w) = b.weights.as_deref() {
+            if !held.contains(&w) {
+                held.push(w);
+            }
+        }
+    }
+    if held.is_empty() {
+        return None;
+    }
+    Some(format!("forward weights {}", held.join(" and ")))
+}
+
 /// The Markdown report; `figures` are SVG file names next to it.
 pub fn markdown(
     file: &BenchFile,
@@ -248,6 +266,9 @@ pub fn markdown(
     }
     if let Some(c) = checks_line(file) {
         let _ = writeln!(s, "\nMoE layers: {c}.");
+    }
+    if let Some(w) = weights_line(file) {
+        let _ = writeln!(s, "\nWhole model: {w}.");
     }
     if let Some(b) = &file.baseline {
         let n = |st: &str| {
