@@ -540,11 +540,7 @@ impl Forward<'_> {
         let e_count = experts.len();
         let k = self.model.info.top_k;
         let logits: Vec<f32> = (|| {
-            let l = if *router_transposed {
-                x.matmul(router)?
-            } else {
-                x.matmul(&router.t()?)?
-            };
+            let l = super::weights::linear_any(x, router, *router_transposed)?;
             l.broadcast_add(&g.router_bias)?.flatten_all()?.to_vec1()
         })()
         .map_err(ce(&what))?;
