@@ -206,8 +206,31 @@ fn request(args: &BenchArgs) -> Result<Request> {
                 .unwrap_or_else(moe_inspect::bench::data_dir),
             time: args.time,
         }),
+        Some("llama.cpp") => {
+            let gguf = args.gguf.clone().ok_or_else(|| {
+                Error::Usage(
+                    "--peer llama.cpp needs --gguf FILE: the GGUF of the same weights (benches/make_gguf.py makes one with llama.cpp's converter)".into(),
+                )
+            })?;
+            Some(Peer::LlamaCpp {
+                binary: moe_inspect::bench::llama_cpp::find_binary(args.llama_bench.as_deref())
+                    .map_err(|e| {
+                        Error::Usage(format!(
+                            "--peer llama.cpp: {e}; give it with --llama-bench PATH"
+                        ))
+                    })?,
+                gguf,
+            })
+        }
         Some(path) => Some(Peer::File(PathBuf::from(path))),
     };
+    if !matches!(peer, Some(Peer::LlamaCpp { .. }))
+        && (args.gguf.is_some() || args.llama_bench.is_some())
+    {
+        return Err(Error::Usage(
+            "--gguf and --llama-bench are options of --peer llama.cpp".into(),
+        ));
+    }
     Ok(Request {
         suite,
         baseline_dir: args

@@ -558,11 +558,23 @@ pub struct BenchArgs {
     pub threshold: f64,
 
     /// Peer timings shown side by side: a bench.json-shaped FILE (from
-    /// `benches/compare_torch.py --out FILE`), or `torch` to run that script
+    /// `benches/compare_torch.py --out FILE`), `torch` to run that script
     /// (built into this binary) now with `$MOE_INSPECT_PYTHON` or `python3`
-    /// (skipped with a note when Python or PyTorch is missing).
-    #[arg(long, value_name = "FILE|torch")]
+    /// (skipped with a note when Python or PyTorch is missing), or
+    /// `llama.cpp` to run llama.cpp's `llama-bench` on `--gguf` (the same
+    /// weights as GGUF) with the same threads and token counts.
+    #[arg(long, value_name = "FILE|torch|llama.cpp")]
     pub peer: Option<String>,
+
+    /// `--peer llama.cpp`: the GGUF file of the benchmarked weights (e.g.
+    /// from llama.cpp's `convert_hf_to_gguf.py --outtype bf16`; see
+    /// `benches/make_gguf.py`).
+    #[arg(long, value_name = "FILE")]
+    pub gguf: Option<PathBuf>,
+
+    /// `--peer llama.cpp`: the `llama-bench` executable (default: found on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub llama_bench: Option<PathBuf>,
 
     /// List the benchmarks these options select, and run nothing.
     #[arg(long)]

@@ -353,3 +353,109 @@ fn benchmarks_a_real_checkpoint_of_every_family() {
         }
     }
 }
+
+/// `--peer llama.cpp` runs `llama-bench` (here a stand-in script that checks
+/// its arguments and prints llama-bench's JSON for them) on the GGUF with
+/// our thread and token counts, and shows its timings beside ours; without
+/// `--gguf` it exits 2, and a failing llama-bench is skipped with a note.
+#[cfg(unix)]
+#[test]
+fn runs_llama_bench_as_a_peer() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("model.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    let args_file = tmp.path().join("args.txt");
+    let test = |n_prompt: usize, n_gen: usize, ns: &str| {
+        format!(
+            r#"{{"build_commit": "test", "build_number": 9, "cpu_info": "cpu", "n_threads": 2, "n_prompt": {n_prompt}, "n_gen": {n_gen}, "n_depth": 0, "avg_ns": {ns}, "samples_ns": [ {ns}, {ns} ], "samples_ts": [ 1, 1 ]}}"#
+        )
+    };
+    let json = format!(
+        "[\n{},\n{}\n]",
+        test(3, 0, "2000000000"),
+        test(0, 16, "1600000000")
+    );
+    let script = tmp.path().join("llama-bench");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$@\" > '{}'\ncat <<'JSON'\n{json}\nJSON\n",
+            args_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/mixtral");
+    let base = [
+        "bench",
+        "--quick",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "3",
+        "--filter",
+        "forward",
+    ];
+    let report = tmp.path().join("report");
+    let mut args = base.to_vec();
+    args.extend([
+        "--out",
+        report.to_str().unwrap(),
+        "--peer",
+        "llama.cpp",
+        "--gguf",
+        gguf.to_str().unwrap(),
+        "--llama-bench",
+        script.to_str().unwrap(),
+    ]);
+    let (code, stdout, stderr) = run(&args, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let called = std::fs::read_to_string(&args_file).unwrap();
+    assert!(
+        called.contains(&format!("-m {}", gguf.display()))
+            && called.contains("-p 3 -n 16 -o json")
+            && called.contains("-t "),
+        "{called}"
+    );
+    // 2 s for the 3-token prompt, 0.1 s per decoded token (the table may
+    // wrap its cells at 80 columns).
+    assert!(
+        stdout.contains("│ llama.cp") && stdout.contains("2.000 s") && stdout.contains("100.00 m"),
+        "{stdout}"
+    );
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("Peer: llama.cpp build 9 (test)"), "{md}");
+    for name in [
+        "cpu/forward/prefill/mixtral/n3",
+        "cpu/forward/decode/mixtral",
+    ] {
+        assert!(md.contains(name), "{name}: {md}");
+    }
+
+    // Without --gguf; --gguf without the peer.
+    let mut no_gguf = base.to_vec();
+    no_gguf.extend(["--peer", "llama.cpp"]);
+    let (code, _, stderr) = run(&no_gguf, &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--gguf"), "{stderr}");
+    let mut stray = base.to_vec();
+    stray.extend(["--gguf", gguf.to_str().unwrap()]);
+    let (code, _, stderr) = run(&stray, &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--peer llama.cpp"), "{stderr}");
+
+    // A llama-bench that fails.
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'failed to load model' >&2\nexit 1\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(&args, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("skipped the llama.cpp comparison")
+            && stderr.contains("failed to load model"),
+        "{stderr}"
+    );
+}

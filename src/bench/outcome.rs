@@ -27,6 +27,15 @@ pub enum Peer {
         /// Measurement time per benchmark, in seconds.
         time: f64,
     },
+    /// Run llama.cpp's `llama-bench` on a GGUF of the same weights, with the
+    /// same thread count and token counts ([`crate::bench::llama_cpp`]).
+    /// When it fails, the comparison is skipped with a note.
+    LlamaCpp {
+        /// The `llama-bench` executable.
+        binary: PathBuf,
+        /// The GGUF file.
+        gguf: PathBuf,
+    },
 }
 
 /// What a benchmark run should do.
@@ -149,6 +158,12 @@ pub fn run(req: &Request, progress: &dyn Progress) -> Result<Outcome> {
         .transpose()?;
     let peer_file = match &req.peer {
         Some(Peer::File(path)) => Some((BenchFile::read(path)?, path.clone())),
+        Some(Peer::LlamaCpp { gguf, .. }) if !gguf.is_file() => {
+            return Err(Error::Invalid(format!(
+                "{}: no such file (the GGUF of the benchmarked weights)",
+                gguf.display()
+            )))
+        }
         _ => None,
     };
     let (mut results, loaded_from) = match &req.load {
@@ -169,6 +184,22 @@ pub fn run(req: &Request, progress: &dyn Progress) -> Result<Outcome> {
                 Ok(f) => (Some(f), Some(out)),
                 Err(why) => {
                     notes.push(format!("skipped the PyTorch comparison: {why}"));
+                    (None, None)
+                }
+            }
+        }
+        (Some(Peer::LlamaCpp { binary, gguf }), _) => {
+            progress.note("running llama-bench (llama.cpp on the GGUF of the same weights)...");
+            let lb = crate::bench::llama_cpp::LlamaBench {
+                binary: binary.clone(),
+                gguf: gguf.clone(),
+                threads: results.machine.threads.max(1),
+                repetitions: 5,
+            };
+            match crate::bench::llama_cpp::run(&lb, &results) {
+                Ok(f) => (Some(f), Some(gguf.clone())),
+                Err(why) => {
+                    notes.push(format!("skipped the llama.cpp comparison: {why}"));
                     (None, None)
                 }
             }
