@@ -282,20 +282,29 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
 /// checkpoint's parameter counts: every non-expert matrix (attention, dense
 /// MLPs, shared experts, output head; not the embedding rows, which are
 /// gathered) once per token, `k` routed experts per token and MoE layer,
-/// attention scores `4·T²·hidden` per layer; bytes: those weights in f32
-/// plus the expected distinct experts `E·(1-(1-k/E)^T)` per MoE layer.
-pub fn forward_work(model: &Model, tokens: usize) -> (f64, f64) {
+/// attention scores `4·T²·hidden` per layer; bytes: those weights as the
+/// forward pass reads them plus the expected distinct experts
+/// `E·(1-(1-k/E)^T)` per MoE layer. With `half_as_stored` (the CPU forward
+/// pass) bf16/f16 matrices count 2 bytes per weight, as they are read as
+/// stored; everything else counts the 4 bytes of f32.
+pub fn forward_work(model: &Model, tokens: usize, half_as_stored: bool) -> (f64, f64) {
     let w = model.weights();
     let info = &model.info;
+    // Parameters, and bytes as read.
     let (mut dense, mut expert) = (0f64, 0f64);
+    let (mut dense_b, mut expert_b) = (0f64, 0f64);
     let has_head = w.contains("lm_head.weight");
     for name in w.names() {
         let Ok(t) = w.tensor(name) else { continue };
         let n = t.shape.iter().product::<usize>() as f64;
+        let half = matches!(t.dtype.name(), "bf16" | "f16") && t.shape.len() == 2;
+        let b = n * if half && half_as_stored { 2.0 } else { 4.0 };
         if name.contains(".experts.") {
             expert += n;
+            expert_b += b;
         } else if name != "model.embed_tokens.weight" || !has_head {
             dense += n;
+            dense_b += b;
         }
     }
     let moe_layers = info.moe_layers.len().max(1) as f64;
@@ -307,7 +316,7 @@ pub fn forward_work(model: &Model, tokens: usize) -> (f64, f64) {
     let flops = 2.0 * t * dense
         + 2.0 * t * k * moe_layers * per_expert
         + 4.0 * t * t * info.hidden_size as f64 * info.num_layers as f64;
-    let bytes = 4.0 * (dense + moe_layers * active * per_expert);
+    let bytes = dense_b + active * expert_b / e;
     (flops, bytes)
 }
 
@@ -713,7 +722,7 @@ fn run_forward(
         let m = measure(&opts.device, &opts.budget, || {
             fwd.run(&ids, &mut (), true).map(drop)
         })?;
-        let (flops, bytes) = forward_work(&model, case.tokens);
+        let (flops, bytes) = forward_work(&model, case.tokens, opts.device.is_cpu());
         out.push(result(
             &case.name,
             "forward",
