@@ -80,18 +80,88 @@ fn system_available() -> Option<u64> {
     Some(bytes)
 }
 
-/// The cgroup v2 memory limit less the current usage, when one is set.
+/// What this process's memory cgroups leave it: for each cgroup from the
+/// process's own up to the root (cgroup v2 `memory.max`; v1
+/// `memory.limit_in_bytes`), its limit less its usage not counting the
+/// inactive file cache (reclaimable), the smallest over the path; `None`
+/// when no limit is set or none can be read. A container sees its own
+/// limit, and so does a process started in a smaller cgroup by systemd or
+/// a CI runner.
 fn cgroup_limit() -> Option<u64> {
-    let max: u64 = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let current: u64 = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_dirs(&own)
+        .iter()
+        .filter_map(|(dir, v2)| {
+            let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+            let (max, usage, stat) = if *v2 {
+                (
+                    read("memory.max")?,
+                    read("memory.current")?,
+                    read("memory.stat"),
+                )
+            } else {
+                (
+                    read("memory.limit_in_bytes")?,
+                    read("memory.usage_in_bytes")?,
+                    read("memory.stat"),
+                )
+            };
+            headroom(&max, &usage, stat.as_deref(), *v2)
+        })
+        .min()
+}
+
+/// The memory cgroup directories of this process, innermost first, from
+/// `/proc/self/cgroup` (`0::/path` for v2, `N:…memory…:/path` for v1).
+fn cgroup_dirs(proc_self_cgroup: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (root, v2) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", true)
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", false)
+        } else {
+            continue;
+        };
+        let mut p = path.trim_end_matches('/').to_string();
+        loop {
+            out.push((format!("{root}{p}"), v2));
+            match p.rfind('/') {
+                Some(i) => p.truncate(i),
+                None => break,
+            }
+            if p.is_empty() {
+                out.push((root.to_string(), v2));
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// A cgroup's limit less its usage net of inactive file pages; `None` when
+/// unlimited (`max`, or v1's page-rounded `i64::MAX`) or unreadable.
+fn headroom(max: &str, usage: &str, stat: Option<&str>, v2: bool) -> Option<u64> {
+    let limit: u64 = max.trim().parse().ok()?;
+    if limit >= 1 << 62 {
+        return None;
+    }
+    let usage: u64 = usage.trim().parse().ok()?;
+    let key = if v2 {
+        "inactive_file "
+    } else {
+        "total_inactive_file "
+    };
+    let cache: u64 = stat
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(key)))
+        .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    Some(max.saturating_sub(current))
+    Some(limit.saturating_sub(usage.saturating_sub(cache)))
 }
 
 /// `a × b × …` of sizes, saturating at `u64::MAX` (a saturated product is
@@ -150,6 +220,50 @@ fn ensure_fits_in(what: &str, bytes: u64, available: Option<u64>) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_paths_walk_up_to_the_root_for_v1_and_v2() {
+        let v1 = "9:name=systemd:/\n4:memory:/ci/job7\n3:cpuset:/\n";
+        assert_eq!(
+            cgroup_dirs(v1),
+            [
+                ("/sys/fs/cgroup/memory/ci/job7".to_string(), false),
+                ("/sys/fs/cgroup/memory/ci".to_string(), false),
+                ("/sys/fs/cgroup/memory".to_string(), false),
+            ]
+        );
+        assert_eq!(
+            cgroup_dirs("0::/user.slice/run.scope\n"),
+            [
+                ("/sys/fs/cgroup/user.slice/run.scope".to_string(), true),
+                ("/sys/fs/cgroup/user.slice".to_string(), true),
+                ("/sys/fs/cgroup".to_string(), true),
+            ]
+        );
+        assert_eq!(
+            cgroup_dirs("0::/\n"),
+            [("/sys/fs/cgroup".to_string(), true)]
+        );
+    }
+
+    #[test]
+    fn headroom_is_the_limit_less_usage_net_of_inactive_file_pages() {
+        let gib = 1u64 << 30;
+        let stat = "cache 100\ntotal_inactive_file 1073741824\n";
+        assert_eq!(
+            headroom(
+                &(2 * gib).to_string(),
+                &(gib + gib / 2).to_string(),
+                Some(stat),
+                false
+            ),
+            Some(gib + gib / 2)
+        );
+        assert_eq!(headroom("max", "5", None, true), None);
+        assert_eq!(headroom("9223372036854771712", "5", None, false), None);
+        assert_eq!(headroom("100", "150", None, true), Some(0));
+        assert_eq!(headroom("100", "x", None, true), None);
+    }
 
     #[test]
     fn refuses_what_does_not_fit_and_says_how_much() {
