@@ -360,7 +360,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub demo: bool,
 
-    /// Device for computations: cpu, or cuda[:N] in builds with the `cuda` feature.
+    /// Device for computations: cpu, or cuda / cuda:N in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -487,7 +487,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 
-    /// Device: cpu, or cuda[:N] in builds with the `cuda` feature.
+    /// Device: cpu, or cuda / cuda:N in builds with the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 

@@ -259,9 +259,15 @@ pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) ->
         if let Some(err) = rec.error.take() {
             return Err(err);
         }
-        // After the run: a failing run's error stays the only line.
+        // After the run: a failing run's error stays the only line. Resident
+        // weights are the ordinary case (detail, -v); streaming is worth a
+        // notice (`check` builds one snapshot per model).
         if let Some(r) = fwd.residency() {
-            progress.notice(&r.to_string());
+            if r.resident {
+                progress.detail(&r.to_string());
+            } else {
+                progress.notice(&r.to_string());
+            }
         }
         let tokens: usize = prompts.iter().map(Vec::len).sum();
         let k = info.top_k;
