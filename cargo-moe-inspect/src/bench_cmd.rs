@@ -301,7 +301,7 @@ fn render(args: &BenchArgs, outcome: &Outcome) -> Result<u8> {
         let line = format!("moe-layer {c}");
         println!("{}", moe_inspect::report::table::wrap_text(&line, width));
     }
-    if let Some(w) = report::weights_line(&file) {
+    if let Some(w) = report::weights_line(file) {
         println!("{w}");
     }
     // `--quick` (tests, smoke runs) takes a handful of tiny samples: noise

@@ -284,6 +284,37 @@ pub(crate) fn plan(
     Ok(out)
 }
 
+/// An error naming `name` when the checkpoint lacks it.
+fn require(weights: &Weights, name: &str) -> Result<()> {
+    if weights.contains(name) {
+        Ok(())
+    } else {
+        Err(Error::TensorMissing {
+            dir: weights.dir().to_path_buf(),
+            tensor: name.to_string(),
+        })
+    }
+}
+
+/// The values of an I64 or I32 tensor (`weight_shape`), as u64; `None` for other dtypes.
+fn int_values(tag: &str, bytes: &[u8]) -> Option<Vec<u64>> {
+    match tag {
+        "I64" => Some(
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        ),
+        "I32" => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as u64)
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
 fn shape2(path: &std::path::Path, name: &str, shape: &[usize]) -> Result<(usize, usize)> {
     match shape {
         [r, c] => Ok((*r, *c)),
@@ -305,12 +336,7 @@ fn scale_grid(
     cols: usize,
 ) -> Result<(GridSpec, usize)> {
     let name = format!("{module}.weight_scale");
-    if !weights.contains(&name) {
-        return Err(Error::TensorMissing {
-            dir: weights.dir().to_path_buf(),
-            tensor: name,
-        });
-    }
+    require(weights, &name)?;
     let path = weights.file_of(&name).to_path_buf();
     let (tag, shape, _) = weights.raw(&name)?;
     let dtype = float_dtype(&path, &name, tag)?;
@@ -473,17 +499,7 @@ fn fp4_virtual(
     let sname = format!("{module}.weight_shape");
     if weights.contains(&sname) {
         let (stag, sshape, sbytes) = weights.raw(&sname)?;
-        let dims: Vec<u64> = match stag {
-            "I64" => sbytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect(),
-            "I32" => sbytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as u64)
-                .collect(),
-            _ => Vec::new(),
-        };
+        let dims = int_values(stag, sbytes).unwrap_or_default();
         if sshape != [2] || dims != [rows as u64, cols as u64] {
             return Err(bad(
                 weights.file_of(&sname),
@@ -496,12 +512,7 @@ fn fp4_virtual(
         parts.push(sname);
     }
     let scale = format!("{module}.weight_scale");
-    if !weights.contains(&scale) {
-        return Err(Error::TensorMissing {
-            dir: weights.dir().to_path_buf(),
-            tensor: scale,
-        });
-    }
+    require(weights, &scale)?;
     let (stag, sshape, _) = weights.raw(&scale)?;
     let want_tag = if nv { "F8_E4M3" } else { "U8" };
     if stag != want_tag || sshape != [rows, cols / g] {
@@ -517,12 +528,7 @@ fn fp4_virtual(
     parts.push(scale.clone());
     let spec = if nv {
         let global = format!("{module}.weight_global_scale");
-        if !weights.contains(&global) {
-            return Err(Error::TensorMissing {
-                dir: weights.dir().to_path_buf(),
-                tensor: global,
-            });
-        }
+        require(weights, &global)?;
         let gpath = weights.file_of(&global).to_path_buf();
         let (gtag, gshape, _) = weights.raw(&global)?;
         let gdtype = float_dtype(&gpath, &global, gtag)?;
@@ -589,16 +595,9 @@ fn packed_virtual(
     // weight_shape: the logical [rows, cols], stored as an integer vector.
     let sname = format!("{module}.weight_shape");
     let (stag, sshape, sbytes) = weights.raw(&sname)?;
-    let dims: Vec<u64> = match (stag, sshape) {
-        ("I64", [2]) => sbytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect(),
-        ("I32", [2]) => sbytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as u64)
-            .collect(),
-        _ => {
+    let dims: Vec<u64> = match int_values(stag, sbytes).filter(|_| sshape == [2]) {
+        Some(d) => d,
+        None => {
             return Err(bad(
                 weights.file_of(&sname),
                 &sname,
@@ -634,12 +633,7 @@ fn packed_virtual(
                 ),
             ));
         }
-        if !weights.contains(&gname) {
-            return Err(Error::TensorMissing {
-                dir: weights.dir().to_path_buf(),
-                tensor: gname,
-            });
-        }
+        require(weights, &gname)?;
         let (gtag, gshape, gbytes) = weights.raw(&gname)?;
         let gpath = weights.file_of(&gname);
         if gtag != "I32" || gshape != [cols] {
