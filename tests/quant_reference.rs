@@ -408,6 +408,19 @@ fn fp4_scales_and_act_order_indices_are_checked() {
     });
     assert!(open_err(dir.path()).contains(global));
 
+    // A zero global scale (every value would decode to infinity or NaN).
+    let dir = common::copy_fixture("qwen3-moe-fp4");
+    rewrite(dir.path(), |name, tag, shape, bytes| {
+        let b = if name == global {
+            vec![0u8; bytes.len()]
+        } else {
+            bytes.to_vec()
+        };
+        Some((tag.to_string(), shape.to_vec(), b))
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains(global) && e.contains("positive finite"), "{e}");
+
     let dir = common::copy_fixture("qwen3-moe-fp4");
     common::edit_config(dir.path(), |c| {
         c["quantization_config"]["config_groups"]["group_1"]["format"] = "pack-quantized".into();

@@ -530,13 +530,23 @@ fn fp4_virtual(
         let global = format!("{module}.weight_global_scale");
         require(weights, &global)?;
         let gpath = weights.file_of(&global).to_path_buf();
-        let (gtag, gshape, _) = weights.raw(&global)?;
+        let (gtag, gshape, gbytes) = weights.raw(&global)?;
         let gdtype = float_dtype(&gpath, &global, gtag)?;
         if gshape.iter().product::<usize>() != 1 {
             return Err(bad(
                 &gpath,
                 &global,
                 format!("has shape {gshape:?}; a global scale holds one value"),
+            ));
+        }
+        // Every value is divided by it: zero, a negative or a non-finite
+        // global scale would decode to infinities or NaN.
+        let g = super::scalar(gbytes, gdtype, 0);
+        if !(g.is_finite() && g > 0.0) {
+            return Err(bad(
+                &gpath,
+                &global,
+                format!("is {g}; a global scale must be a positive finite number"),
             ));
         }
         parts.push(global.clone());

@@ -169,7 +169,7 @@ impl Grid<'_> {
 
 /// Element `i` of a float tensor's bytes.
 #[inline]
-fn scalar(bytes: &[u8], dtype: Dtype, i: usize) -> f32 {
+pub(crate) fn scalar(bytes: &[u8], dtype: Dtype, i: usize) -> f32 {
     match dtype {
         Dtype::F32 => {
             let b = &bytes[i * 4..i * 4 + 4];
