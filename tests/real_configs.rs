@@ -177,3 +177,66 @@ fn a_released_config_with_an_unknown_model_type_is_its_architectures_class() {
     assert_eq!(info.family.id(), "glm4_moe");
     assert_eq!(info.moe_layers.len(), 45);
 }
+
+#[test]
+fn qwen3_next_80b_a3b_has_512_experts_top_10_and_a_gated_shared_expert() {
+    let info = family_info("qwen3-next-80b-a3b-instruct.json");
+    assert_eq!(info.family.id(), "qwen3_next");
+    assert_eq!(info.num_layers, 48);
+    // mlp_only_layers [] and decoder_sparse_step 1: every layer is MoE (the
+    // linear/full attention hybrid is attention only).
+    assert_eq!(info.moe_layers, (0..48).collect::<Vec<_>>());
+    assert!(info.dense_layers.is_empty());
+    assert_eq!((info.num_experts, info.top_k), (512, 10));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (2048, 512));
+    assert_eq!(info.shared_intermediate, 512);
+    assert_eq!(info.dense_intermediate, None);
+}
+
+#[test]
+fn qwen3_5_35b_a3b_is_read_from_the_multimodal_text_config() {
+    let cfg = config("qwen3.5-35b-a3b.json");
+    // The release is the multimodal class: the text model's keys are nested.
+    assert_eq!(cfg.get("model_type").and_then(|v| v.as_str()), Some("qwen3_5_moe"));
+    assert!(cfg.get("num_hidden_layers").is_none());
+    let info = ModelInfo::from_config(&cfg).unwrap();
+    assert_eq!(info.family.id(), "qwen3_5_moe");
+    assert_eq!(info.num_layers, 40);
+    assert_eq!(info.moe_layers, (0..40).collect::<Vec<_>>());
+    assert!(info.dense_layers.is_empty());
+    assert_eq!((info.num_experts, info.top_k), (256, 8));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (2048, 512));
+    assert_eq!(info.shared_intermediate, 512);
+    assert_eq!(info.dense_intermediate, None);
+}
+
+#[test]
+fn qwen3_5_397b_a17b_has_512_experts_top_10_over_60_layers() {
+    let info = family_info("qwen3.5-397b-a17b.json");
+    assert_eq!(info.family.id(), "qwen3_5_moe");
+    assert_eq!(info.num_layers, 60);
+    assert_eq!(info.moe_layers, (0..60).collect::<Vec<_>>());
+    assert!(info.dense_layers.is_empty());
+    assert_eq!((info.num_experts, info.top_k), (512, 10));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (4096, 1024));
+    assert_eq!(info.shared_intermediate, 1024);
+    assert_eq!(info.dense_intermediate, None);
+}
+
+#[test]
+fn minimax_m2_7_reads_num_local_experts_and_intermediate_size_without_a_shared_expert() {
+    let cfg = config("minimax-m2.7.json");
+    // The release is FP8 (block 128×128); the geometry does not depend on it.
+    assert!(cfg.get("quantization_config").is_some());
+    let info = ModelInfo::from_config(&cfg).unwrap();
+    assert_eq!(info.family.id(), "minimax_m2");
+    assert_eq!(info.num_layers, 62);
+    assert_eq!(info.moe_layers, (0..62).collect::<Vec<_>>());
+    assert!(info.dense_layers.is_empty());
+    assert_eq!((info.num_experts, info.top_k), (256, 8));
+    // MiniMax-M2 spells the expert width `intermediate_size` (Mixtral's key).
+    assert_eq!((info.hidden_size, info.expert_intermediate), (3072, 1536));
+    // `shared_intermediate_size: 0`: no shared expert.
+    assert_eq!(info.shared_intermediate, 0);
+    assert_eq!(info.dense_intermediate, None);
+}
