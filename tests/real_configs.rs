@@ -197,7 +197,10 @@ fn qwen3_next_80b_a3b_has_512_experts_top_10_and_a_gated_shared_expert() {
 fn qwen3_5_35b_a3b_is_read_from_the_multimodal_text_config() {
     let cfg = config("qwen3.5-35b-a3b.json");
     // The release is the multimodal class: the text model's keys are nested.
-    assert_eq!(cfg.get("model_type").and_then(|v| v.as_str()), Some("qwen3_5_moe"));
+    assert_eq!(
+        cfg.get("model_type").and_then(|v| v.as_str()),
+        Some("qwen3_5_moe")
+    );
     assert!(cfg.get("num_hidden_layers").is_none());
     let info = ModelInfo::from_config(&cfg).unwrap();
     assert_eq!(info.family.id(), "qwen3_5_moe");
