@@ -273,6 +273,11 @@ pub fn result(
     }
 }
 
+/// Tokens in the key/value cache when the decode benchmark decodes one
+/// more: llama-bench's decode test (`-n 16`) generates its tokens at
+/// positions 0–15.
+pub const DECODE_CONTEXT: usize = super::llama_cpp::DECODE_TOKENS;
+
 /// Token ids of a synthetic prompt of `n` tokens.
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919) % vocab.max(1)) as u32).collect()
@@ -718,10 +723,32 @@ fn run_forward(
         progress.begin(&case.name);
         let ids = vec![prompt(case.tokens, vocab)];
         // Prefill returns the logits of every position (as `model(ids).logits`
-        // does); decode is one token through every layer and the head.
-        let m = measure(&opts.device, &opts.budget, || {
-            fwd.run(&ids, &mut (), true).map(drop)
-        })?;
+        // does); decode is one token through every layer and the head, at
+        // position DECODE_CONTEXT of a key/value cache filled by a prefill
+        // (rewound before each iteration, so every iteration decodes at the
+        // same context), where the model has one ([`Forward::decoder`]);
+        // else the token alone, without a cache.
+        let cached = case.variant == "decode" && fwd.kv_cache_unsupported().is_none();
+        if case.variant == "decode" {
+            if let Some(why) = fwd.kv_cache_unsupported() {
+                progress.note(&format!(
+                    "{why}: decode measured as a one-token forward pass"
+                ));
+            }
+        }
+        let m = if cached {
+            let context = prompt(DECODE_CONTEXT + 1, vocab);
+            let mut dec = fwd.decoder(DECODE_CONTEXT + 1)?;
+            dec.prefill(&context[..DECODE_CONTEXT], &mut ())?;
+            measure(&opts.device, &opts.budget, || {
+                dec.truncate(DECODE_CONTEXT);
+                dec.step(context[DECODE_CONTEXT], &mut ()).map(drop)
+            })?
+        } else {
+            measure(&opts.device, &opts.budget, || {
+                fwd.run(&ids, &mut (), true).map(drop)
+            })?
+        };
         let (flops, bytes) = forward_work(&model, case.tokens, opts.device.is_cpu());
         out.push(result(
             &case.name,

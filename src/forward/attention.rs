@@ -16,9 +16,7 @@ pub(super) fn rope_tables(
     device: &Device,
 ) -> R<(Tensor, Tensor)> {
     let half = dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / dim as f64)) as f32)
-        .collect();
+    let inv = inv_freq(dim, theta);
     let mut cos = Vec::with_capacity(tokens * half);
     let mut sin = Vec::with_capacity(tokens * half);
     for t in 0..tokens {
@@ -32,6 +30,13 @@ pub(super) fn rope_tables(
         Tensor::from_vec(cos, (tokens, half), device)?,
         Tensor::from_vec(sin, (tokens, half), device)?,
     ))
+}
+
+/// The rotary frequencies `1 / theta^(2i/dim)`, `i < dim/2`.
+pub(super) fn inv_freq(dim: usize, theta: f64) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / dim as f64)) as f32)
+        .collect()
 }
 
 /// Half-split (`rotate_half`) rotary embedding of `x` `[heads, tokens, d]`.
@@ -146,6 +151,7 @@ impl Forward<'_> {
         w: &AttnWeights,
         cos: &Tensor,
         sin: &Tensor,
+        kv: Option<&mut super::decode::LayerKv>,
     ) -> R<Tensor> {
         let t = x.dim(0)?;
         match (&self.cfg.attention, w) {
@@ -194,9 +200,13 @@ impl Forward<'_> {
                 // The whole head, or its first dims (GLM-4.5's partial rotary).
                 let qh = super::glm::rope_leading(&qh, cos, sin)?;
                 let kh = super::glm::rope_leading(&kh, cos, sin)?;
+                let vh = split_heads(&vx, *kv_heads)?;
+                if let Some(kv) = kv {
+                    kv.store_prefix(&kh, &vh)?;
+                }
                 let rep = heads / kv_heads;
                 let kh = repeat_kv(&kh, rep)?;
-                let vh = repeat_kv(&split_heads(&vx, *kv_heads)?, rep)?;
+                let vh = repeat_kv(&vh, rep)?;
                 let scale = self
                     .cfg
                     .attn_output_multiplier
@@ -225,6 +235,9 @@ impl Forward<'_> {
                     o,
                 },
             ) => {
+                if kv.is_some() {
+                    candle_core::bail!("no key/value cache for multi-head latent attention");
+                }
                 // The latent norms use eps 1e-6 whatever rms_norm_eps says (as the reference does).
                 let latent_eps = 1e-6;
                 let qx = match (q, q_a, q_a_norm, q_b) {

@@ -9,7 +9,9 @@
 
 mod attention;
 pub mod config;
+pub mod decode;
 mod glm;
+mod matvec;
 internal_mod!(expert_gemm);
 pub mod gpt_oss;
 mod moe;
@@ -401,6 +403,19 @@ impl<'m> Forward<'m> {
         observer: &mut dyn Observer,
         logits: bool,
     ) -> Result<ForwardOutput> {
+        self.run_cached(prompts, observer, logits, None)
+    }
+
+    /// [`Forward::run`], keeping every layer's keys and values of the
+    /// (single) prompt in `cache` when given (the prefill of
+    /// [`decode::Decoder`]).
+    fn run_cached(
+        &self,
+        prompts: &[Vec<u32>],
+        observer: &mut dyn Observer,
+        logits: bool,
+        mut cache: Option<&mut decode::KvCache>,
+    ) -> Result<ForwardOutput> {
         let model = self.model;
         let dev = &self.device;
         let vocab = self.cfg.vocab_size;
@@ -453,7 +468,8 @@ impl<'m> Forward<'m> {
                     (|| Ok::<_, candle_core::Error>((cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?)))(
                     )
                     .map_err(ce("rotary tables"))?;
-                *h = self.layer(layer, p, h, &lw, &c, &s, wants, observer)?;
+                let kv = cache.as_deref_mut().map(|c| c.layer_mut(layer));
+                *h = self.layer(layer, p, h, &lw, &c, &s, wants, observer, kv)?;
                 if !all_finite(h).map_err(ce("hidden state"))? {
                     return Err(self.diverged(layer, "hidden states"));
                 }
@@ -466,23 +482,7 @@ impl<'m> Forward<'m> {
         }
         let mut out = Vec::new();
         if logits {
-            let head = match (&self.resident, self.head.get()) {
-                (Some(_), Some(h)) => h.clone(),
-                _ => {
-                    let h = std::sync::Arc::new(HeadWeights::load(
-                        model,
-                        &self.cfg,
-                        dev,
-                        self.resident.is_some(),
-                    )?);
-                    // Loaded as a copy: drop the mmap's pages of the head.
-                    model.weights().release(["lm_head.weight"]);
-                    if self.resident.is_some() {
-                        let _ = self.head.set(h.clone());
-                    }
-                    h
-                }
-            };
+            let head = self.head_weights()?;
             for h in &hidden {
                 let l = (|| {
                     let n = rms_norm(h, &head.norm, self.cfg.rms_eps)?;
@@ -500,6 +500,27 @@ impl<'m> Forward<'m> {
         Ok(ForwardOutput { logits: out })
     }
 
+    /// The final norm and output head: loaded once when the weights are
+    /// resident, else per call (and the mmap's pages dropped).
+    fn head_weights(&self) -> Result<std::sync::Arc<HeadWeights>> {
+        if let (Some(_), Some(h)) = (&self.resident, self.head.get()) {
+            return Ok(h.clone());
+        }
+        let model = self.model;
+        let h = std::sync::Arc::new(HeadWeights::load(
+            model,
+            &self.cfg,
+            &self.device,
+            self.resident.is_some(),
+        )?);
+        // Loaded as a copy: drop the mmap's pages of the head.
+        model.weights().release(["lm_head.weight"]);
+        if self.resident.is_some() {
+            let _ = self.head.set(h.clone());
+        }
+        Ok(h)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn layer(
         &self,
@@ -511,6 +532,7 @@ impl<'m> Forward<'m> {
         sin: &Tensor,
         wants: Wants,
         observer: &mut dyn Observer,
+        kv: Option<&mut decode::LayerKv>,
     ) -> Result<Tensor> {
         if self.cfg.gpt_oss.is_some() {
             return self.gpt_oss_layer(layer, prompt, h, lw, cos, sin, wants, observer);
@@ -518,7 +540,9 @@ impl<'m> Forward<'m> {
         let eps = self.cfg.rms_eps;
         let what = format!("layer {layer}");
         let a = rms_norm(h, &lw.attn_norm, eps).map_err(ce(&what))?;
-        let mut attn = self.attention(&a, &lw.attn, cos, sin).map_err(ce(&what))?;
+        let mut attn = self
+            .attention(&a, &lw.attn, cos, sin, kv)
+            .map_err(ce(&what))?;
         if let Some(n) = &lw.post_attn_norm {
             attn = rms_norm(&attn, n, eps).map_err(ce(&what))?;
         }
