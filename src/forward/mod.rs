@@ -9,6 +9,7 @@
 
 mod attention;
 pub mod config;
+pub mod deepseek_v32;
 mod glm;
 internal_mod!(expert_gemm);
 pub mod gpt_oss;
