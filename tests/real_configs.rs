@@ -242,4 +242,23 @@ fn minimax_m2_7_reads_num_local_experts_and_intermediate_size_without_a_shared_e
     // `shared_intermediate_size: 0`: no shared expert.
     assert_eq!(info.shared_intermediate, 0);
     assert_eq!(info.dense_intermediate, None);
+
+#[test]
+fn deepseek_v3_2_has_three_dense_layers_and_the_indexer_geometry() {
+    let cfg = config("deepseek-v3.2.json");
+    let info = ModelInfo::from_config(&cfg).unwrap();
+    assert_eq!(info.family, Family::DeepSeekV32);
+    assert_eq!(info.num_layers, 61);
+    assert_eq!(info.dense_layers, vec![0, 1, 2]);
+    assert_eq!(info.moe_layers, (3..61).collect::<Vec<_>>());
+    assert_eq!((info.num_experts, info.top_k), (256, 8));
+    assert_eq!((info.hidden_size, info.expert_intermediate), (7168, 2048));
+    assert_eq!(info.shared_intermediate, 2048);
+    assert_eq!(info.dense_intermediate, Some(18432));
+    let f = moe_inspect::forward::config::ForwardConfig::from_config(&cfg, &info).unwrap();
+    let ix = f.dsa.expect("the DSA indexer");
+    assert_eq!(
+        (ix.heads, ix.head_dim, ix.topk, ix.rope_dim, ix.q_lora_rank),
+        (64, 128, 2048, 64, 1536)
+    );
 }

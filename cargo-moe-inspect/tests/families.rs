@@ -164,9 +164,9 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
 
 #[test]
 fn glm_and_minimax_run_the_dynamic_analyses_natively() {
-    // Their forward pass matches transformers (tests/forward_reference.rs);
-    // here the commands that need it run end to end.
-    for name in ["glm4_moe", "minimax_m2"] {
+    // Their forward pass matches transformers (tests/forward_reference.rs,
+    // tests/forward_deepseek_v32.rs); here the commands that need it run end to end.
+    for name in ["glm4_moe", "minimax_m2", "deepseek_v32"] {
         let dir = format!("fixtures/families/{name}");
         let json: serde_json::Value = serde_json::from_str(&analysis_json(&dir, "all")).unwrap();
         let text = json.to_string();
@@ -195,8 +195,14 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 12);
-    for f in ["granitemoe", "glm4_moe", "minimax_m2", "gpt_oss"] {
+    assert_eq!(native.len(), 13);
+    for f in [
+        "granitemoe",
+        "glm4_moe",
+        "minimax_m2",
+        "gpt_oss",
+        "deepseek_v32",
+    ] {
         assert!(native.contains(&f), "{f}");
     }
 }
@@ -267,7 +273,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, _, stderr) = run(&[
         "snapshot",
         "--model",
-        "fixtures/families/deepseek_v32",
+        "fixtures/families/hunyuan_v1_moe",
         "--golden-dir",
         g,
         "--name",
@@ -278,7 +284,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, stdout, stderr) = run(&[
         "check",
         "--model",
-        "fixtures/families/deepseek_v32",
+        "fixtures/families/hunyuan_v1_moe",
         "--golden-dir",
         g,
         "--name",
@@ -289,7 +295,7 @@ fn snapshot_of_a_static_only_family_records_the_static_analyses() {
     let (code, _, stderr) = run(&[
         "snapshot",
         "--model",
-        "fixtures/families/deepseek_v32",
+        "fixtures/families/hunyuan_v1_moe",
         "--golden-dir",
         g,
         "--name",

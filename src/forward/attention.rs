@@ -233,6 +233,7 @@ impl Forward<'_> {
                     kv_a_norm,
                     kv_b,
                     o,
+                    indexer,
                 },
             ) => {
                 if kv.is_some() {
@@ -240,11 +241,15 @@ impl Forward<'_> {
                 }
                 // The latent norms use eps 1e-6 whatever rms_norm_eps says (as the reference does).
                 let latent_eps = 1e-6;
-                let qx = match (q, q_a, q_a_norm, q_b) {
-                    (Some(q), _, _, _) => self.lin(x, q, None)?,
-                    (None, Some(a), Some(n), Some(b)) => {
-                        self.lin(&rms_norm(&self.lin(x, a, None)?, n, latent_eps)?, b, None)?
+                let q_resid = match (q, q_a, q_a_norm) {
+                    (None, Some(a), Some(n)) => {
+                        Some(rms_norm(&self.lin(x, a, None)?, n, latent_eps)?)
                     }
+                    _ => None,
+                };
+                let qx = match (q, &q_resid, q_b) {
+                    (Some(q), _, _) => self.lin(x, q, None)?,
+                    (None, Some(r), Some(b)) => self.lin(r, b, None)?,
                     _ => candle_core::bail!("MLA query weights incomplete"),
                 };
                 let qh = split_heads(&qx, *heads)?; // [H, T, nope+rope]
@@ -269,7 +274,14 @@ impl Forward<'_> {
                 let query = Tensor::cat(&[q_nope, q_pe], D::Minus1)?.contiguous()?;
                 let key = Tensor::cat(&[k_nope, k_pe], D::Minus1)?.contiguous()?;
                 let scale = 1.0 / ((nope + rope) as f64).sqrt();
-                let out = attend(&query, &key, &vh, scale, None)?;
+                let out = match (indexer, &self.cfg.dsa, &q_resid) {
+                    // DeepSeek-V3.2: only the keys its indexer keeps.
+                    (Some(iw), Some(ic), Some(r)) => {
+                        self.indexed_attention(x, r, iw, ic, (&query, &key, &vh), scale, cos, sin)?
+                    }
+                    (None, None, _) => attend(&query, &key, &vh, scale, None)?,
+                    _ => candle_core::bail!("DeepSeek-V3.2 indexer weights incomplete"),
+                };
                 self.lin(&out, o, None)
             }
             _ => candle_core::bail!("attention weights do not match the attention kind"),

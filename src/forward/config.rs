@@ -86,6 +86,8 @@ pub struct ForwardConfig {
     pub rotary_dim: Option<usize>,
     /// gpt-oss: sinks, sliding windows, YaRN, biased router, clamped SwiGLU.
     pub gpt_oss: Option<crate::forward::gpt_oss::GptOssConfig>,
+    /// DeepSeek-V3.2: the sparse-attention (DSA) lightning indexer.
+    pub dsa: Option<crate::forward::deepseek_v32::IndexerConfig>,
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
@@ -150,7 +152,10 @@ impl ForwardConfig {
                 native: Family::ALL.map(Family::id).join(", "),
             });
         }
-        let mla = matches!(fam, Family::DeepSeekV2 | Family::DeepSeekV3);
+        let mla = matches!(
+            fam,
+            Family::DeepSeekV2 | Family::DeepSeekV3 | Family::DeepSeekV32
+        );
         let heads = c.usize_in("num_attention_heads", 1, limits::HEADS)?;
         let kv_heads = c
             .usize_opt_in("num_key_value_heads", 1, heads)?
@@ -228,7 +233,7 @@ impl ForwardConfig {
                 renormalize: true,
                 scale: 1.0,
             },
-            // DeepSeek-V3 (Kimi-K2) and GLM-4.5 (the remaining native
+            // DeepSeek-V3 (Kimi-K2), V3.2 and GLM-4.5 (the remaining native
             // families, checked above): sigmoid + correction bias, groups.
             _ => Routing::DeepSeekV3 {
                 n_group,
@@ -238,7 +243,7 @@ impl ForwardConfig {
             },
         };
         let attention = match fam {
-            Family::DeepSeekV2 | Family::DeepSeekV3 => {
+            Family::DeepSeekV2 | Family::DeepSeekV3 | Family::DeepSeekV32 => {
                 let nope = c.usize_in("qk_nope_head_dim", 0, limits::HEAD_DIM)?;
                 let rope = head_dim_in(c, "qk_rope_head_dim", c.usize("qk_rope_head_dim")?, true)?;
                 let v = head_dim_in(c, "v_head_dim", c.usize("v_head_dim")?, false)?;
@@ -283,6 +288,21 @@ impl ForwardConfig {
             )?)
         } else {
             None
+        };
+        let dsa = match (&attention, fam) {
+            (
+                AttentionKind::Mla {
+                    qk_rope_head_dim,
+                    q_lora_rank,
+                    ..
+                },
+                Family::DeepSeekV32,
+            ) => Some(crate::forward::deepseek_v32::IndexerConfig::from_config(
+                c,
+                *qk_rope_head_dim,
+                *q_lora_rank,
+            )?),
+            _ => None,
         };
         let finite = |key: &str| c.f64_opt_where(key, "a finite number", |_| true);
         let positive = |key: &str| c.f64_opt_where(key, "a positive finite number", |v| v > 0.0);
@@ -336,6 +356,7 @@ impl ForwardConfig {
                 None
             },
             gpt_oss,
+            dsa,
         })
     }
 }

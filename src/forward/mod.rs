@@ -10,6 +10,7 @@
 mod attention;
 pub mod config;
 pub mod decode;
+pub mod deepseek_v32;
 mod glm;
 mod matvec;
 internal_mod!(expert_gemm);

@@ -371,6 +371,8 @@ pub enum AttnWeights {
         kv_b: Tensor,
         /// Output projection.
         o: Tensor,
+        /// DeepSeek-V3.2: the sparse-attention lightning indexer.
+        indexer: Option<crate::forward::deepseek_v32::IndexerWeights>,
     },
 }
 
@@ -510,6 +512,17 @@ impl LayerWeights {
                     kv_a_norm: get("kv_a_layernorm.weight")?,
                     kv_b: get("kv_b_proj.weight")?,
                     o: get("o_proj.weight")?,
+                    indexer: match &cfg.dsa {
+                        Some(ix) => Some(crate::forward::deepseek_v32::IndexerWeights::load(
+                            w,
+                            &a,
+                            ix,
+                            model.info.hidden_size,
+                            device,
+                            t,
+                        )?),
+                        None => None,
+                    },
                 }
             }
         };

@@ -410,6 +410,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         correction_bias: Some("mlp.gate.e_score_correction_bias"),
         router_rule: "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, × routed_scaling_factor",
         groups: Groups::Always,
+        native_forward: true,
         dense_from: "first_k_dense_replace, moe_layer_freq",
         ..BASE
     },
@@ -667,6 +668,8 @@ impl Family {
     pub const GptOss: Family = Family(8);
     /// GLM-4.5 / GLM-4.6 (`glm4_moe`).
     pub const Glm4Moe: Family = Family(9);
+    /// DeepSeek-V3.2 (`deepseek_v32`): DeepSeek-V3 with the DSA indexer.
+    pub const DeepSeekV32: Family = Family(10);
     /// MiniMax-M2 (`minimax_m2`).
     pub const MiniMaxM2: Family = Family(13);
     /// IBM Granite MoE (`granitemoe`).
@@ -678,7 +681,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 13] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -689,6 +692,7 @@ impl Family {
         Family::DeepSeekV3,
         Family::GptOss,
         Family::Glm4Moe,
+        Family::DeepSeekV32,
         Family::MiniMaxM2,
         Family::GraniteMoe,
     ];
@@ -1542,6 +1546,7 @@ mod tests {
                 "deepseek_v3",
                 "gpt_oss",
                 "glm4_moe",
+                "deepseek_v32",
                 "minimax_m2",
                 "granitemoe"
             ]
