@@ -238,9 +238,41 @@ fn scale_exact(dtype: &str, bytes: &mut [u8], factor: f32) {
 /// 6e-7 for DeepSeek-V2/V3, below any honest f32 tolerance); here it moves
 /// them by 1e-4 to 3e-3 (fixtures/FORWARD.md), at the same 1e-5.
 fn check_rope(name: &str) {
-    let r = Reference::open_file(name, "rope_reference.safetensors");
+    check_sharp(name, "rope_reference.safetensors", |_| {});
+}
+
+/// The rope parameters `fixtures/make_yarn_refs.py` gives the MLA fixtures
+/// (`ROPE` there): YaRN past an original context of 16 positions, with
+/// mscale ≠ mscale_all_dim so that the frequencies, the cos/sin factor and the
+/// softmax-scale factor all differ from the default rope's.
+fn yarn_rope() -> serde_json::Value {
+    serde_json::json!({
+        "rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+        "mscale": 0.707, "mscale_all_dim": 1.0,
+    })
+}
+
+/// The sharpened fixture with YaRN rope parameters against
+/// `yarn_reference.safetensors` (transformers' logits of the same config):
+/// the released DeepSeek-V2/V3/V3.2 and Kimi-K2 configs all ask for YaRN.
+fn check_yarn(name: &str) {
+    check_sharp(name, "yarn_reference.safetensors", |c| {
+        c["rope_parameters"] = yarn_rope();
+    });
+}
+
+/// [`check_rope`] and [`check_yarn`]: `file`'s logits against the forward
+/// pass of the fixture with sharp attention and `edit` applied to its config.
+fn check_sharp(name: &str, file: &str, edit: impl Fn(&mut serde_json::Value)) {
+    let r = Reference::open_file(name, file);
     assert_eq!(r.f32("qk_factor").1, [QK_FACTOR], "{name}: qk_factor");
     let dir = common::copy_fixture(name);
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let mut scaled = 0;
     common::rewrite_safetensors(dir.path(), "model.safetensors", |spec, bytes| {
         if QK_SCALED.iter().any(|s| spec.name.ends_with(s)) {
@@ -340,11 +372,13 @@ fn olmoe_bf16() {
 fn deepseek_v2() {
     check_family("deepseek-v2");
     check_rope("deepseek-v2");
+    check_yarn("deepseek-v2");
 }
 #[test]
 fn deepseek_v3() {
     check_family("deepseek-v3");
     check_rope("deepseek-v3");
+    check_yarn("deepseek-v3");
 }
 #[test]
 fn deepseek_moe() {

@@ -242,6 +242,7 @@ fn minimax_m2_7_reads_num_local_experts_and_intermediate_size_without_a_shared_e
     // `shared_intermediate_size: 0`: no shared expert.
     assert_eq!(info.shared_intermediate, 0);
     assert_eq!(info.dense_intermediate, None);
+}
 
 #[test]
 fn deepseek_v3_2_has_three_dense_layers_and_the_indexer_geometry() {

@@ -15,15 +15,25 @@ pub(super) fn rope_tables(
     theta: f64,
     device: &Device,
 ) -> R<(Tensor, Tensor)> {
-    let half = dim / 2;
-    let inv = inv_freq(dim, theta);
+    rope_tables_from(tokens, &inv_freq(dim, theta), 1.0, device)
+}
+
+/// cos/sin tables `[tokens, inv.len()]` of the given inverse frequencies,
+/// multiplied by `factor` (YaRN's attention factor; 1 otherwise).
+pub(super) fn rope_tables_from(
+    tokens: usize,
+    inv: &[f32],
+    factor: f32,
+    device: &Device,
+) -> R<(Tensor, Tensor)> {
+    let half = inv.len();
     let mut cos = Vec::with_capacity(tokens * half);
     let mut sin = Vec::with_capacity(tokens * half);
     for t in 0..tokens {
-        for &f in &inv {
+        for &f in inv {
             let a = t as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
+            cos.push(a.cos() * factor);
+            sin.push(a.sin() * factor);
         }
     }
     Ok((
@@ -273,7 +283,7 @@ impl Forward<'_> {
                 let k_pe = rot(&k_pe.contiguous()?)?.broadcast_as((*heads, t, *rope))?;
                 let query = Tensor::cat(&[q_nope, q_pe], D::Minus1)?.contiguous()?;
                 let key = Tensor::cat(&[k_nope, k_pe], D::Minus1)?.contiguous()?;
-                let scale = 1.0 / ((nope + rope) as f64).sqrt();
+                let scale = self.cfg.mla_softmax_factor / ((nope + rope) as f64).sqrt();
                 let out = match (indexer, &self.cfg.dsa, &q_resid) {
                     // DeepSeek-V3.2: only the keys its indexer keeps.
                     (Some(iw), Some(ic), Some(r)) => {

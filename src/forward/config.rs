@@ -88,6 +88,76 @@ pub struct ForwardConfig {
     pub gpt_oss: Option<crate::forward::gpt_oss::GptOssConfig>,
     /// DeepSeek-V3.2: the sparse-attention (DSA) lightning indexer.
     pub dsa: Option<crate::forward::deepseek_v32::IndexerConfig>,
+    /// Multi-head latent attention under YaRN `rope_scaling` (the released
+    /// DeepSeek-V2/V3/V3.2 and Kimi-K2 configs): the corrected rotary
+    /// frequencies and the factor on cos/sin, as transformers'
+    /// `_compute_yarn_parameters`; `None` for the default rope.
+    pub rope_yarn: Option<(Vec<f32>, f32)>,
+    /// Factor on the MLA softmax scale: `yarn_get_mscale(factor,
+    /// mscale_all_dim)²` under YaRN (transformers' `yarn_apply_mscale`), else 1.
+    pub mla_softmax_factor: f64,
+}
+
+/// The rope parameters object of `c` and the key it sits under
+/// (`rope_parameters` of transformers 5, or the released `rope_scaling`).
+fn rope_params(c: &Config) -> (&'static str, Option<&serde_json::Value>) {
+    use serde_json::Value;
+    match (c.get("rope_parameters"), c.get("rope_scaling")) {
+        (Some(p @ Value::Object(_)), _) => ("rope_parameters", Some(p)),
+        (_, Some(p @ Value::Object(_))) => ("rope_scaling", Some(p)),
+        _ => ("rope_parameters", None),
+    }
+}
+
+/// The rope type of `c` (`default` when none is given) and the key that
+/// gave it (`rope_parameters.rope_type`, `rope_scaling.type`, ...).
+fn rope_type(c: &Config) -> (String, String) {
+    let (prefix, p) = rope_params(c);
+    for k in ["rope_type", "type"] {
+        if let Some(ty) = p.and_then(|p| p.get(k)).and_then(serde_json::Value::as_str) {
+            return (format!("{prefix}.{k}"), ty.to_string());
+        }
+    }
+    (format!("{prefix}.rope_type"), "default".to_string())
+}
+
+/// The MLA families' rope: default, or YaRN with its frequencies, cos/sin
+/// factor and softmax-scale factor (transformers' DeepSeek-V2/V3/V3.2
+/// attention); any other type is refused naming the key.
+fn mla_rope(c: &Config, rope_dim: usize, theta: f64) -> Result<(Option<(Vec<f32>, f32)>, f64)> {
+    let (key, ty) = rope_type(c);
+    let prefix = rope_params(c).0;
+    match ty.as_str() {
+        "default" => Ok((None, 1.0)),
+        "yarn" => {
+            let p = rope_params(c).1.expect("a rope type comes from an object");
+            let num = |k: &str| crate::forward::gpt_oss::rope_num(c, prefix, p, k);
+            let factor = match num("factor")? {
+                Some(f) if f > 0.0 => f,
+                v => {
+                    return Err(Error::key(
+                        c.path(),
+                        &format!("{prefix}.factor"),
+                        format!("is {v:?}; YaRN needs a positive factor"),
+                    ))
+                }
+            };
+            let (inv, cos_sin) = crate::forward::gpt_oss::rope(c, rope_dim, theta)?;
+            let softmax = match num("mscale_all_dim")? {
+                Some(m) if m != 0.0 && factor > 1.0 => {
+                    let s = 0.1 * m * factor.ln() + 1.0;
+                    s * s
+                }
+                _ => 1.0,
+            };
+            Ok((Some((inv, cos_sin)), softmax))
+        }
+        other => Err(Error::key(
+            c.path(),
+            &key,
+            format!("is `{other}`; the multi-head latent attention reads `default` and `yarn`"),
+        )),
+    }
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
@@ -304,6 +374,28 @@ impl ForwardConfig {
             )?),
             _ => None,
         };
+        let (rope_yarn, mla_softmax_factor) = match &attention {
+            AttentionKind::Mla {
+                qk_rope_head_dim, ..
+            } => mla_rope(c, *qk_rope_head_dim, rope_theta)?,
+            AttentionKind::Standard { .. } => {
+                // Families whose forward reads its own rope parameters
+                // (gpt-oss: YaRN) are checked there; the shared rope is
+                // the default one, so another type would be silently wrong.
+                let (key, ty) = rope_type(c);
+                if fam != Family::GptOss && ty != "default" {
+                    return Err(Error::key(
+                        c.path(),
+                        &key,
+                        format!(
+                            "is `{ty}`; the {} forward pass reads only the default rope",
+                            fam.spec().name
+                        ),
+                    ));
+                }
+                (None, 1.0)
+            }
+        };
         let finite = |key: &str| c.f64_opt_where(key, "a finite number", |_| true);
         let positive = |key: &str| c.f64_opt_where(key, "a positive finite number", |v| v > 0.0);
         Ok(ForwardConfig {
@@ -311,6 +403,8 @@ impl ForwardConfig {
             vocab_size: c.usize_in("vocab_size", 1, limits::VOCAB)?,
             attention,
             rope_theta,
+            rope_yarn,
+            mla_softmax_factor,
             rms_eps: c
                 .f64_opt_where("rms_norm_eps", "a finite number from 0 to 1", |v| {
                     (0.0..=1.0).contains(&v)
@@ -550,6 +644,51 @@ mod tests {
             );
         }
         assert!(forward("olmoe", set("rms_norm_eps", 0.0)).is_ok());
+        // A rope type the shared rope does not compute is refused, never
+        // silently replaced by the default rope.
+        let scaling = |ty: &str| {
+            set(
+                "rope_scaling",
+                serde_json::json!({"type": ty, "factor": 4.0, "original_max_position_embeddings": 16}),
+            )
+        };
+        let no_params = |c: &mut Map<String, Value>| {
+            c.remove("rope_parameters");
+        };
+        for (name, ty) in [
+            ("mixtral", "yarn"),
+            ("qwen3-moe", "dynamic"),
+            ("deepseek-v3", "longrope"),
+        ] {
+            assert_key_error(
+                forward(name, |c| {
+                    no_params(c);
+                    scaling(ty)(c)
+                }),
+                "rope_scaling.type",
+                &[ty],
+            );
+        }
+        // YaRN on the MLA families: the released DeepSeek-V3 form.
+        let cfg = forward("deepseek-v3", |c| {
+            no_params(c);
+            c.insert("rope_theta".into(), 10000.0.into());
+            scaling("yarn")(c);
+            c["rope_scaling"]["mscale_all_dim"] = 1.0.into();
+        })
+        .unwrap();
+        let (inv, _) = cfg.rope_yarn.expect("yarn frequencies");
+        assert_eq!(inv.len(), 2);
+        let m = 0.1 * 4f64.ln() + 1.0;
+        assert!((cfg.mla_softmax_factor - m * m).abs() < 1e-12);
+        assert_key_error(
+            forward("deepseek-v3", |c| {
+                no_params(c);
+                c.insert("rope_scaling".into(), serde_json::json!({"type": "yarn"}));
+            }),
+            "rope_scaling.factor",
+            &["positive factor"],
+        );
         assert_key_error(
             forward("deepseek-v3", set("topk_group", 0)),
             "topk_group",

@@ -39,7 +39,7 @@ pub struct GptOssConfig {
 }
 
 /// A number of the rope parameters object, or an error naming `prefix.key`.
-fn rope_num(c: &Config, prefix: &str, p: &Value, key: &str) -> Result<Option<f64>> {
+pub(super) fn rope_num(c: &Config, prefix: &str, p: &Value, key: &str) -> Result<Option<f64>> {
     match p.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
@@ -138,7 +138,7 @@ impl GptOssConfig {
 /// Inverse frequencies and attention factor, as transformers'
 /// `_compute_yarn_parameters` (`rope_type: yarn`, gpt-oss's default) or the
 /// default rope computes them (in f32 where it does).
-fn rope(c: &Config, head_dim: usize, theta: f64) -> Result<(Vec<f32>, f32)> {
+pub(super) fn rope(c: &Config, head_dim: usize, theta: f64) -> Result<(Vec<f32>, f32)> {
     let (prefix, p) = match (c.get("rope_parameters"), c.get("rope_scaling")) {
         (Some(p @ Value::Object(_)), _) => ("rope_parameters", Some(p)),
         (_, Some(p @ Value::Object(_))) => ("rope_scaling", Some(p)),
@@ -180,7 +180,7 @@ fn rope(c: &Config, head_dim: usize, theta: f64) -> Result<(Vec<f32>, f32)> {
             return Err(Error::key(
                 c.path(),
                 &format!("{prefix}.partial_rotary_factor"),
-                format!("is {f}; the gpt-oss forward pass rotates whole heads"),
+                format!("is {f}; the YaRN rope of this forward pass rotates whole heads"),
             ));
         }
     }

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result, ValueKind};
 use crate::model::Model;
-use attention::{rope_tables, ATTENTION_BLOCK_BYTES};
+use attention::{rope_tables, rope_tables_from, ATTENTION_BLOCK_BYTES};
 use config::{AttentionKind, ForwardConfig};
 pub use moe::use_cpu_kernel;
 use observer::{Observer, Wants};
@@ -457,7 +457,10 @@ impl<'m> Forward<'m> {
         };
         let (cos, sin) = match &self.cfg.gpt_oss {
             Some(g) => g.rope_tables(max_t, dev),
-            None => rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev),
+            None => match &self.cfg.rope_yarn {
+                Some((inv, factor)) => rope_tables_from(max_t, inv, *factor, dev),
+                None => rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev),
+            },
         }
         .map_err(ce("rotary tables"))?;
         let wants = observer.wants();
