@@ -410,7 +410,7 @@ fn the_new_families_are_read_as_their_own_family_and_layout() {
         );
         assert_eq!(
             model.info.family.native_forward(),
-            ["granitemoe", "glm4_moe", "minimax_m2", "gpt_oss"].contains(&id.as_str()),
+            ["granitemoe", "glm4_moe", "minimax_m2", "gpt_oss", "llama4"].contains(&id.as_str()),
             "{name}: native forward"
         );
     }

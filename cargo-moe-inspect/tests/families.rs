@@ -166,7 +166,7 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
 fn glm_and_minimax_run_the_dynamic_analyses_natively() {
     // Their forward pass matches transformers (tests/forward_reference.rs);
     // here the commands that need it run end to end.
-    for name in ["glm4_moe", "minimax_m2"] {
+    for name in ["glm4_moe", "minimax_m2", "llama4", "llama4_multimodal"] {
         let dir = format!("fixtures/families/{name}");
         let json: serde_json::Value = serde_json::from_str(&analysis_json(&dir, "all")).unwrap();
         let text = json.to_string();
@@ -195,8 +195,8 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 12);
-    for f in ["granitemoe", "glm4_moe", "minimax_m2", "gpt_oss"] {
+    assert_eq!(native.len(), 13);
+    for f in ["granitemoe", "glm4_moe", "minimax_m2", "gpt_oss", "llama4"] {
         assert!(native.contains(&f), "{f}");
     }
 }

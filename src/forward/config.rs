@@ -86,6 +86,9 @@ pub struct ForwardConfig {
     pub rotary_dim: Option<usize>,
     /// gpt-oss: sinks, sliding windows, YaRN, biased router, clamped SwiGLU.
     pub gpt_oss: Option<crate::forward::gpt_oss::GptOssConfig>,
+    /// Llama 4: chunked attention, no-rope layers, temperature tuning, q/k
+    /// L2 norm, llama3 rope; the sigmoid weight scales the expert input.
+    pub llama4: Option<crate::forward::llama4::Llama4Config>,
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
@@ -143,6 +146,9 @@ impl ForwardConfig {
     /// Reads the forward-pass settings of a model.
     pub fn from_config(c: &Config, info: &ModelInfo) -> Result<ForwardConfig> {
         let fam = info.family;
+        // A multimodal release (Llama 4): the text model's keys.
+        let text = c.text_config();
+        let c = text.as_ref().unwrap_or(c);
         if !fam.native_forward() {
             return Err(Error::NoNativeForward {
                 path: c.path().to_path_buf(),
@@ -228,6 +234,15 @@ impl ForwardConfig {
                 renormalize: true,
                 scale: 1.0,
             },
+            // Llama 4: top-k of the logits (= of their sigmoids), weights
+            // the sigmoids, neither renormalised nor scaled (applied to the
+            // expert input by the forward pass, src/forward/llama4.rs).
+            Family::Llama4 => Routing::DeepSeekV3 {
+                n_group: 1,
+                topk_group: 1,
+                renormalize: false,
+                scale: 1.0,
+            },
             // DeepSeek-V3 (Kimi-K2) and GLM-4.5 (the remaining native
             // families, checked above): sigmoid + correction bias, groups.
             _ => Routing::DeepSeekV3 {
@@ -284,6 +299,16 @@ impl ForwardConfig {
         } else {
             None
         };
+        let llama4 = if fam == Family::Llama4 {
+            Some(crate::forward::llama4::Llama4Config::from_config(
+                c,
+                head_dim,
+                rope_theta,
+                info.num_layers,
+            )?)
+        } else {
+            None
+        };
         let finite = |key: &str| c.f64_opt_where(key, "a finite number", |_| true);
         let positive = |key: &str| c.f64_opt_where(key, "a positive finite number", |v| v > 0.0);
         Ok(ForwardConfig {
@@ -295,7 +320,11 @@ impl ForwardConfig {
                 .f64_opt_where("rms_norm_eps", "a finite number from 0 to 1", |v| {
                     (0.0..=1.0).contains(&v)
                 })?
-                .unwrap_or(if grok { 1e-5 } else { 1e-6 }),
+                .unwrap_or(if grok || fam == Family::Llama4 {
+                    1e-5
+                } else {
+                    1e-6
+                }),
             routing,
             tie_embeddings: c.bool_opt("tie_word_embeddings")?.unwrap_or(grok),
             embedding_multiplier: if grok {
@@ -336,6 +365,7 @@ impl ForwardConfig {
                 None
             },
             gpt_oss,
+            llama4,
         })
     }
 }

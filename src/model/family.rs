@@ -497,6 +497,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         dense_prefix: "feed_forward",
         router_rule: "top-k on logits, sigmoid of the kept logits scales the expert input",
         dense_from: "moe_layers, interleave_moe_layer_step",
+        native_forward: true,
         ..BASE
     },
     FamilySpec {
@@ -669,6 +670,8 @@ impl Family {
     pub const Glm4Moe: Family = Family(9);
     /// MiniMax-M2 (`minimax_m2`).
     pub const MiniMaxM2: Family = Family(13);
+    /// Llama 4 (`llama4`, `llama4_text`).
+    pub const Llama4: Family = Family(15);
     /// IBM Granite MoE (`granitemoe`).
     pub const GraniteMoe: Family = Family(18);
 
@@ -678,7 +681,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 13] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -690,6 +693,7 @@ impl Family {
         Family::GptOss,
         Family::Glm4Moe,
         Family::MiniMaxM2,
+        Family::Llama4,
         Family::GraniteMoe,
     ];
 
@@ -1543,6 +1547,7 @@ mod tests {
                 "gpt_oss",
                 "glm4_moe",
                 "minimax_m2",
+                "llama4",
                 "granitemoe"
             ]
         );
