@@ -5,13 +5,13 @@
 //! - attention: on the rope layers (`no_rope_layers[i] == 1`) the complex
 //!   (interleaved-pair) rotary embedding with llama3-scaled frequencies
 //!   (`rope_parameters`/`rope_scaling` of type `llama3`), then, with
-//!   `use_qk_norm`, an L2 norm without weight on q and k (`x / sqrt(mean(x²)
-//!   + rms_norm_eps)`); on the no-rope layers neither, but with
-//!   `attn_temperature_tuning` the queries × `log1p(floor((pos + 1) /
-//!   floor_scale)) · attn_scale + 1`. Layers of type `chunked_attention`
-//!   (`layer_types`; by default the rope layers when `attention_chunk_size`
-//!   is set) see the keys `j ≤ i` of their own chunk (`j / chunk == i /
-//!   chunk`), the others every `j ≤ i`. Scale `head_dim^−½`.
+//!   `use_qk_norm`, an L2 norm without weight on q and k,
+//!   `x / sqrt(mean(x²) + rms_norm_eps)`; on the no-rope layers neither, but with
+//!   `attn_temperature_tuning` the queries times
+//!   `log1p(floor((pos + 1) / floor_scale)) · attn_scale + 1`. Layers of type
+//!   `chunked_attention` (`layer_types`; by default the rope layers when
+//!   `attention_chunk_size` is set) see the keys `j ≤ i` of their own chunk
+//!   (`j / chunk == i / chunk`), the others every `j ≤ i`. Scale `head_dim^−½`.
 //! - MoE layers (`moe_layers`, else every `interleave_moe_layer_step`-th):
 //!   router logits `x·Wᵀ`, top-k on the logits, weight `sigmoid(logit)` of
 //!   each kept expert, which scales the expert's INPUT: the block's output
@@ -306,7 +306,8 @@ fn inv_freq(c: &Config, head_dim: usize, theta: f64) -> Result<Vec<f32>> {
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
                     let smooth = (old / wavelen - low) / (high - low);
                     let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    // transformers: `~(wavelen < high) * ~(wavelen > low)`.
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     if medium {
                         smoothed
                     } else {
