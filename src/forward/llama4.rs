@@ -117,7 +117,8 @@ impl Llama4Config {
                 ))
             }
         };
-        let chunk_size = match c.get("attention_chunk_size") {
+        // `null` (not absent: `Config::get` hides nulls): no chunked attention.
+        let chunk_size = match c.map().get("attention_chunk_size") {
             Some(Value::Null) => None,
             _ => Some(
                 c.usize_opt_in("attention_chunk_size", 1, usize::MAX)?
