@@ -415,7 +415,8 @@ fn the_new_families_are_read_as_their_own_family_and_layout() {
                 "glm4_moe",
                 "minimax_m2",
                 "gpt_oss",
-                "deepseek_v32"
+                "deepseek_v32",
+                "llama4"
             ]
             .contains(&id.as_str()),
             "{name}: native forward"

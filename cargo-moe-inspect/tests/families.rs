@@ -165,8 +165,15 @@ fn forward_commands_on_a_family_without_native_forward_exit_2() {
 #[test]
 fn glm_and_minimax_run_the_dynamic_analyses_natively() {
     // Their forward pass matches transformers (tests/forward_reference.rs,
-    // tests/forward_deepseek_v32.rs); here the commands that need it run end to end.
-    for name in ["glm4_moe", "minimax_m2", "deepseek_v32"] {
+    // tests/forward_deepseek_v32.rs, tests/forward_llama4.rs); here the
+    // commands that need it run end to end.
+    for name in [
+        "glm4_moe",
+        "minimax_m2",
+        "deepseek_v32",
+        "llama4",
+        "llama4_multimodal",
+    ] {
         let dir = format!("fixtures/families/{name}");
         let json: serde_json::Value = serde_json::from_str(&analysis_json(&dir, "all")).unwrap();
         let text = json.to_string();
@@ -202,6 +209,7 @@ fn models_lists_every_family_of_the_table() {
         "minimax_m2",
         "gpt_oss",
         "deepseek_v32",
+        "llama4",
     ] {
         assert!(native.contains(&f), "{f}");
     }

@@ -506,6 +506,12 @@ fn run_layer(
         .first()
         .ok_or_else(|| Error::Usage(format!("{}: the model has no MoE layer", l)))?;
     let fwd = Forward::new(&model, opts.device.clone())?.keep_weights();
+    if fwd.cfg.llama4.is_some() {
+        // The naive loop weighs expert outputs; Llama 4 weighs expert inputs.
+        return Err(Error::Usage(format!(
+            "{l}: the MoE-layer benchmarks weigh the experts' outputs, Llama 4's router scales their inputs; benchmark its whole forward pass (the `forward` cases)"
+        )));
+    }
     if fwd.cfg.gpt_oss.is_some() {
         // The layer variants are checked against a plain SwiGLU loop.
         return Err(Error::Usage(format!(

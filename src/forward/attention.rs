@@ -63,7 +63,7 @@ pub(super) fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
 
 /// Interleaved rotary embedding (pairs (2i, 2i+1)), returned de-interleaved
 /// (`[evens | odds]`): the same permutation for q and k leaves q·k unchanged.
-fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
+pub(super) fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> R<Tensor> {
     let dims = x.dims().to_vec();
     let d = dims[dims.len() - 1];
     let mut split = dims[..dims.len() - 1].to_vec();

@@ -96,6 +96,9 @@ pub struct ForwardConfig {
     /// Factor on the MLA softmax scale: `yarn_get_mscale(factor,
     /// mscale_all_dim)²` under YaRN (transformers' `yarn_apply_mscale`), else 1.
     pub mla_softmax_factor: f64,
+    /// Llama 4: chunked attention, no-rope layers, temperature tuning, q/k
+    /// L2 norm, llama3 rope; the sigmoid weight scales the expert input.
+    pub llama4: Option<crate::forward::llama4::Llama4Config>,
 }
 
 /// The rope parameters object of `c` and the key it sits under
@@ -215,6 +218,9 @@ impl ForwardConfig {
     /// Reads the forward-pass settings of a model.
     pub fn from_config(c: &Config, info: &ModelInfo) -> Result<ForwardConfig> {
         let fam = info.family;
+        // A multimodal release (Llama 4): the text model's keys.
+        let text = c.text_config();
+        let c = text.as_ref().unwrap_or(c);
         if !fam.native_forward() {
             return Err(Error::NoNativeForward {
                 path: c.path().to_path_buf(),
@@ -303,6 +309,15 @@ impl ForwardConfig {
                 renormalize: true,
                 scale: 1.0,
             },
+            // Llama 4: top-k of the logits (= of their sigmoids), weights
+            // the sigmoids, neither renormalised nor scaled (applied to the
+            // expert input by the forward pass, src/forward/llama4.rs).
+            Family::Llama4 => Routing::DeepSeekV3 {
+                n_group: 1,
+                topk_group: 1,
+                renormalize: false,
+                scale: 1.0,
+            },
             // DeepSeek-V3 (Kimi-K2), V3.2 and GLM-4.5 (the remaining native
             // families, checked above): sigmoid + correction bias, groups.
             _ => Routing::DeepSeekV3 {
@@ -380,10 +395,10 @@ impl ForwardConfig {
             } => mla_rope(c, *qk_rope_head_dim, rope_theta)?,
             AttentionKind::Standard { .. } => {
                 // Families whose forward reads its own rope parameters
-                // (gpt-oss: YaRN) are checked there; the shared rope is
+                // (gpt-oss: YaRN; Llama 4: llama3) are checked there; the shared rope is
                 // the default one, so another type would be silently wrong.
                 let (key, ty) = rope_type(c);
-                if fam != Family::GptOss && ty != "default" {
+                if fam != Family::GptOss && fam != Family::Llama4 && ty != "default" {
                     return Err(Error::key(
                         c.path(),
                         &key,
@@ -395,6 +410,16 @@ impl ForwardConfig {
                 }
                 (None, 1.0)
             }
+        };
+        let llama4 = if fam == Family::Llama4 {
+            Some(crate::forward::llama4::Llama4Config::from_config(
+                c,
+                head_dim,
+                rope_theta,
+                info.num_layers,
+            )?)
+        } else {
+            None
         };
         let finite = |key: &str| c.f64_opt_where(key, "a finite number", |_| true);
         let positive = |key: &str| c.f64_opt_where(key, "a positive finite number", |v| v > 0.0);
@@ -409,7 +434,11 @@ impl ForwardConfig {
                 .f64_opt_where("rms_norm_eps", "a finite number from 0 to 1", |v| {
                     (0.0..=1.0).contains(&v)
                 })?
-                .unwrap_or(if grok { 1e-5 } else { 1e-6 }),
+                .unwrap_or(if grok || fam == Family::Llama4 {
+                    1e-5
+                } else {
+                    1e-6
+                }),
             routing,
             tie_embeddings: c.bool_opt("tie_word_embeddings")?.unwrap_or(grok),
             embedding_multiplier: if grok {
@@ -451,6 +480,7 @@ impl ForwardConfig {
             },
             gpt_oss,
             dsa,
+            llama4,
         })
     }
 }

@@ -15,6 +15,7 @@ mod glm;
 mod matvec;
 internal_mod!(expert_gemm);
 pub mod gpt_oss;
+pub mod llama4;
 mod moe;
 pub mod observer;
 pub mod routing;
@@ -336,7 +337,8 @@ impl<'m> Forward<'m> {
 
     /// Drops the mmap's pages of `layer` from the process (see `Weights::release`).
     fn release_layer_pages(&self, layer: usize) {
-        let names = weights::layer_tensor_names(self.model.weights(), layer);
+        let names =
+            weights::layer_tensor_names(self.model.weights(), self.model.naming().prefix, layer);
         self.model
             .weights()
             .release(names.iter().map(String::as_str));
@@ -368,6 +370,9 @@ impl<'m> Forward<'m> {
         let wants = observer.wants();
         if self.cfg.gpt_oss.is_some() {
             return self.gpt_oss_moe(layer, 0, x, lw, wants, observer);
+        }
+        if self.cfg.llama4.is_some() {
+            return self.llama4_moe(layer, 0, x, &lw.mlp, wants, observer);
         }
         self.moe(layer, 0, x, &lw.mlp, wants, observer)
     }
@@ -455,9 +460,10 @@ impl<'m> Forward<'m> {
                 qk_rope_head_dim, ..
             } => *qk_rope_head_dim,
         };
-        let (cos, sin) = match &self.cfg.gpt_oss {
-            Some(g) => g.rope_tables(max_t, dev),
-            None => match &self.cfg.rope_yarn {
+        let (cos, sin) = match (&self.cfg.gpt_oss, &self.cfg.llama4) {
+            (Some(g), _) => g.rope_tables(max_t, dev),
+            (None, Some(l)) => l.rope_tables(max_t, dev),
+            _ => match &self.cfg.rope_yarn {
                 Some((inv, factor)) => rope_tables_from(max_t, inv, *factor, dev),
                 None => rope_tables(max_t, rope_dim, self.cfg.rope_theta, dev),
             },
@@ -518,7 +524,8 @@ impl<'m> Forward<'m> {
             self.resident.is_some(),
         )?);
         // Loaded as a copy: drop the mmap's pages of the head.
-        model.weights().release(["lm_head.weight"]);
+        let head = weights::OuterNames::of(model).lm_head;
+        model.weights().release([head.as_str()]);
         if self.resident.is_some() {
             let _ = self.head.set(h.clone());
         }
@@ -540,6 +547,9 @@ impl<'m> Forward<'m> {
     ) -> Result<Tensor> {
         if self.cfg.gpt_oss.is_some() {
             return self.gpt_oss_layer(layer, prompt, h, lw, cos, sin, wants, observer);
+        }
+        if self.cfg.llama4.is_some() {
+            return self.llama4_layer(layer, prompt, h, lw, cos, sin, wants, observer);
         }
         let eps = self.cfg.rms_eps;
         let what = format!("layer {layer}");

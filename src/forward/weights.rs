@@ -417,9 +417,11 @@ pub struct LayerWeights {
     pub gpt_oss: Option<crate::forward::gpt_oss::GptOssLayer>,
 }
 
-/// Names of every tensor of a layer (for releasing its pages afterwards).
-pub fn layer_tensor_names(weights: &Weights, layer: usize) -> Vec<String> {
-    let prefix = format!("model.layers.{layer}.");
+/// Names of every tensor of a layer whose decoder layers live under
+/// `layers` (`model.layers.`, a multimodal release's
+/// `language_model.model.layers.`...), for releasing its pages afterwards.
+pub fn layer_tensor_names(weights: &Weights, layers: &str, layer: usize) -> Vec<String> {
+    let prefix = format!("{layers}{layer}.");
     weights
         .names()
         .into_iter()
@@ -438,7 +440,7 @@ impl LayerWeights {
         t: bool,
     ) -> Result<LayerWeights> {
         let w = model.weights();
-        let p = format!("model.layers.{layer}");
+        let p = format!("{}{layer}", model.naming().prefix);
         let fam = cfg.family;
         let grok = fam == Family::Grok1;
         let norm = |name: &str| load(w, &format!("{p}.{name}"), device, t);
@@ -618,26 +620,61 @@ impl HeadWeights {
         t: bool,
     ) -> Result<HeadWeights> {
         let w = model.weights();
+        let names = OuterNames::of(model);
         let norm_name = if cfg.family == Family::Grok1 {
-            "model.norm.scale"
+            "model.norm.scale".to_string()
         } else {
-            "model.norm.weight"
+            names.norm
         };
-        let head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
-            "model.embed_tokens.weight"
+        let head = if cfg.tie_embeddings && !w.contains(&names.lm_head) {
+            names.embed
         } else {
-            "lm_head.weight"
+            names.lm_head
         };
         Ok(HeadWeights {
-            norm: load(w, norm_name, device, t)?,
-            lm_head: load(w, head, device, t)?,
+            norm: load(w, &norm_name, device, t)?,
+            lm_head: load(w, &head, device, t)?,
         })
+    }
+}
+
+/// The names of the tensors outside the decoder layers, beside the layers'
+/// prefix: `model.layers.` → `model.embed_tokens.weight`,
+/// `model.norm.weight`, `lm_head.weight`; a multimodal release's
+/// `language_model.model.layers.` → `language_model.model.embed_tokens.weight`,
+/// `language_model.model.norm.weight`, `language_model.lm_head.weight`;
+/// `model.language_model.layers.` → `model.language_model.…`, `lm_head.weight`.
+pub struct OuterNames {
+    /// The token embedding `[vocab, hidden]`.
+    pub embed: String,
+    /// The final norm.
+    pub norm: String,
+    /// The output head.
+    pub lm_head: String,
+}
+
+impl OuterNames {
+    /// The names for `model`'s layer prefix.
+    pub fn of(model: &Model) -> OuterNames {
+        let layers = model.naming().prefix;
+        let base = layers.strip_suffix("layers.").unwrap_or("model.");
+        // `language_model.model.` → `language_model.lm_head.weight`.
+        let head_base = match base.strip_suffix("model.") {
+            Some(b) if b.is_empty() || b.ends_with('.') => b,
+            _ => "",
+        };
+        OuterNames {
+            embed: format!("{base}embed_tokens.weight"),
+            norm: format!("{base}norm.weight"),
+            lm_head: format!("{head_base}lm_head.weight"),
+        }
     }
 }
 
 /// Embeddings of token ids `[tokens, hidden]`, read row by row from the mmap.
 pub fn embed(model: &Model, ids: &[u32], device: &Device) -> Result<Tensor> {
-    let name = "model.embed_tokens.weight";
+    let names = OuterNames::of(model);
+    let name = names.embed.as_str();
     let view = model.weights().tensor(name)?;
     let (rows, hidden) = match view.shape[..] {
         [rows, hidden] => (rows, hidden),

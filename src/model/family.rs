@@ -498,6 +498,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         dense_prefix: "feed_forward",
         router_rule: "top-k on logits, sigmoid of the kept logits scales the expert input",
         dense_from: "moe_layers, interleave_moe_layer_step",
+        native_forward: true,
         ..BASE
     },
     FamilySpec {
@@ -672,6 +673,8 @@ impl Family {
     pub const DeepSeekV32: Family = Family(10);
     /// MiniMax-M2 (`minimax_m2`).
     pub const MiniMaxM2: Family = Family(13);
+    /// Llama 4 (`llama4`, `llama4_text`).
+    pub const Llama4: Family = Family(15);
     /// IBM Granite MoE (`granitemoe`).
     pub const GraniteMoe: Family = Family(18);
 
@@ -694,6 +697,7 @@ impl Family {
         Family::Glm4Moe,
         Family::DeepSeekV32,
         Family::MiniMaxM2,
+        Family::Llama4,
         Family::GraniteMoe,
     ];
 
@@ -1548,6 +1552,7 @@ mod tests {
                 "glm4_moe",
                 "deepseek_v32",
                 "minimax_m2",
+                "llama4",
                 "granitemoe"
             ]
         );
