@@ -684,7 +684,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 13] = [
+    pub const ALL: [Family; 14] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
