@@ -428,7 +428,7 @@ unsafe fn product<W: WeightElem>(
             // SAFETY: x16 holds xr.len() rows of k values; the caller's
             // contract for the weights and the sink; the CPU has
             // AVX-512F and AVX-512 BF16 (checked above).
-            unsafe { columns_dpbf16(&x16, xr.len(), k, cols, &w16, sink) };
+            unsafe { columns_dpbf16(x16, xr.len(), k, cols, &w16, sink) };
             return;
         }
         // SAFETY: the caller's contract.
