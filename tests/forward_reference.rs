@@ -8,7 +8,7 @@ use moe_inspect_testkit as common;
 use candle_core::Device;
 use common::fixture;
 use moe_inspect::forward::observer::{MoeObservation, Observer, Wants};
-use moe_inspect::forward::{to_host, Forward};
+use moe_inspect::forward::{to_host, Compute, Forward, LogitRows};
 use moe_inspect::model::{Model, Weights};
 
 /// Tolerance (max-abs) 1e-5 for every fixture: the references are computed
@@ -501,5 +501,87 @@ fn bf16_matrices_are_used_as_stored_on_the_cpu() {
         let head =
             HeadWeights::load(&model, &fwd.cfg, &Device::Cpu, fwd.weights_resident()).unwrap();
         assert_eq!(head.lm_head.dtype(), DType::BF16);
+    }
+}
+
+/// `LogitRows::Last` (what `bench` prefill computes, as llama-bench does)
+/// gives one `[1, vocab]` row per prompt: the last row of the full logits.
+#[test]
+fn last_position_logits_are_the_last_row_of_every_position_logits() {
+    for name in ["mixtral", "olmoe"] {
+        let model = Model::open(&fixture(name)).unwrap();
+        let r = Reference::open(name);
+        let prompts = r.prompts();
+        let fwd = Forward::new(&model, Device::Cpu).unwrap();
+        let all = fwd.run(&prompts, &mut (), true).unwrap().logits;
+        let last = fwd
+            .run_logits(&prompts, &mut (), LogitRows::Last)
+            .unwrap()
+            .logits;
+        assert_eq!(all.len(), prompts.len(), "{name}");
+        assert_eq!(last.len(), prompts.len(), "{name}");
+        for (p, ids) in prompts.iter().enumerate() {
+            let a = to_host(&all[p]).unwrap();
+            let l = to_host(&last[p]).unwrap();
+            assert_eq!(a.len(), ids.len(), "{name} prompt {p}");
+            assert_eq!(l.len(), 1, "{name} prompt {p}: one row");
+            let d = max_abs(&l[0], &a[ids.len() - 1]);
+            assert!(d <= 1e-6, "{name} prompt {p}: last row differs by {d:e}");
+        }
+        let none = fwd
+            .run_logits(&prompts, &mut (), LogitRows::None)
+            .unwrap()
+            .logits;
+        assert!(none.is_empty());
+    }
+}
+
+/// `Compute::Bf16` (`bench --compute bf16`: activations rounded to bf16,
+/// `vdpbf16ps`) on the bf16 OLMoE and Granite fixtures, against their f32
+/// transformers references. Tolerance: each activation entering a product
+/// is rounded to 8 significant bits (relative error ≤ 2⁻⁹ ≈ 0.2%); through
+/// the layers' projections, attention and experts such errors add up to
+/// 0.17–0.28% of the largest reference logit on these fixtures (measured:
+/// see the message), so the bound is 1% of it — and the mode must really
+/// round: it differs from the exact path by more than the exact path's
+/// 1e-5. Where the CPU lacks AVX-512 BF16 the mode falls back to exact and
+/// must then match the reference at 1e-5.
+#[test]
+fn bf16_compute_is_within_bf16_rounding_of_the_f32_reference() {
+    for name in ["olmoe", "families/granitemoe"] {
+        let model = Model::open(&fixture(name)).unwrap();
+        let r = Reference::open(name);
+        let prompts = r.prompts();
+        let fwd = Forward::new(&model, Device::Cpu)
+            .unwrap()
+            .compute(Compute::Bf16);
+        let out = fwd.run(&prompts, &mut (), true).unwrap().logits;
+        assert_eq!(out.len(), prompts.len(), "{name}");
+        for (p, _) in prompts.iter().enumerate() {
+            let (_, want) = r.f32(&format!("prompt{p}.logits"));
+            let got: Vec<f32> = to_host(&out[p]).unwrap().concat();
+            let d = max_abs(&got, &want);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0 && scale.is_finite(), "{name}: reference scale");
+            eprintln!(
+                "{name} prompt {p}: bf16 compute differs by {d:e} ({:.3}% of {scale:e})",
+                100.0 * d / scale
+            );
+            if Compute::bf16_supported() {
+                assert!(
+                    d <= 0.01 * scale,
+                    "{name} prompt {p}: {d:e} vs scale {scale:e}"
+                );
+                assert!(
+                    d > 1e-5,
+                    "{name} prompt {p}: bf16 compute did not round ({d:e})"
+                );
+            } else {
+                assert!(
+                    d <= 1e-5,
+                    "{name} prompt {p}: exact fallback differs by {d:e}"
+                );
+            }
+        }
     }
 }

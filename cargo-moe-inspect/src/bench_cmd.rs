@@ -17,7 +17,7 @@ use moe_inspect::bench::{Outcome, Peer, Request};
 use moe_inspect::report::bench as report;
 use moe_inspect::{forward, Error, Result};
 
-use crate::cli::{BenchArgs, BenchDtype};
+use crate::cli::{BenchArgs, BenchCompute, BenchDtype};
 
 /// Progress on stderr: a bar on a terminal, nothing otherwise. Before the
 /// number of benchmarks is known (the peak probes) it is a spinner with the
@@ -195,6 +195,10 @@ fn request(args: &BenchArgs) -> Result<Request> {
         budget,
         probes: true,
         quick_probes: args.quick,
+        compute: match args.compute {
+            BenchCompute::Exact => forward::Compute::Exact,
+            BenchCompute::Bf16 => forward::Compute::Bf16,
+        },
     };
     let peer = match args.peer.as_deref() {
         None => None,

@@ -504,6 +504,11 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "bf16")]
     pub dtype: BenchDtype,
 
+    /// Arithmetic of the forward's CPU products on bf16 weights: exact (f32
+    /// activations) or bf16 (activations rounded to bf16, vdpbf16ps, as llama.cpp)
+    #[arg(long, value_enum, default_value = "exact")]
+    pub compute: BenchCompute,
+
     /// Add Mixtral-8x7B's full-size layer (4096 × 14336, 8 experts: 5.6 GB in f32).
     #[arg(long)]
     pub full_size: bool,
@@ -583,6 +588,12 @@ pub struct BenchArgs {
     /// Tiny probes and few samples (for tests).
     #[arg(long, hide = true)]
     pub quick: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchCompute {
+    Exact,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -224,6 +224,7 @@ pub fn parse(json: &str, source: &Path, ours: &BenchFile) -> Result<BenchFile> {
             bw_share: None,
             rel_error: None,
             weights: Some("llama.cpp (mmap)".into()),
+            compute: None,
         });
     }
     let first = tests.first();
@@ -272,6 +273,7 @@ mod tests {
             bw_share: None,
             rel_error: None,
             weights: None,
+            compute: None,
         };
         BenchFile {
             schema: SCHEMA.into(),

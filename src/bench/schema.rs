@@ -141,6 +141,10 @@ pub struct BenchResult {
     /// model's size and the available memory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
+    /// Whole-model forward benchmarks: the arithmetic of the CPU products
+    /// on bf16 weights (`exact` or `bf16`, `bench --compute`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<String>,
 }
 
 fn one() -> usize {

@@ -18,7 +18,7 @@ use crate::bench::synthetic::{FullModel, Geometry};
 use crate::bench::{cached_model, data_dir};
 use crate::error::{Error, Result};
 use crate::forward::weights::LayerWeights;
-use crate::forward::Forward;
+use crate::forward::{Compute, Forward, LogitRows};
 use crate::model::Model;
 
 /// What to benchmark, and how long.
@@ -42,6 +42,8 @@ pub struct SuiteOptions {
     pub probes: bool,
     /// Shorter machine probes (for tests).
     pub quick_probes: bool,
+    /// Arithmetic of the forward benchmarks' CPU products on bf16 weights.
+    pub compute: Compute,
 }
 
 /// Progress of a suite run (the CLI draws a bar; the default draws nothing).
@@ -270,6 +272,7 @@ pub fn result(
         bw_share: peaks.map(|p| gbs / p.gbs),
         rel_error: None,
         weights: None,
+        compute: None,
     }
 }
 
@@ -285,8 +288,9 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
 
 /// FLOPs and bytes of a forward pass over `tokens` tokens, from the
 /// checkpoint's parameter counts: every non-expert matrix (attention, dense
-/// MLPs, shared experts, output head; not the embedding rows, which are
-/// gathered) once per token, `k` routed experts per token and MoE layer,
+/// MLPs, shared experts; not the embedding rows, which are gathered) once
+/// per token, the output head once (the last position's logits,
+/// [`LogitRows::Last`]), `k` routed experts per token and MoE layer,
 /// attention scores `4·T²·hidden` per layer; bytes: those weights as the
 /// forward pass reads them plus the expected distinct experts
 /// `E·(1-(1-k/E)^T)` per MoE layer. With `half_as_stored` (the CPU forward
@@ -296,7 +300,7 @@ pub fn forward_work(model: &Model, tokens: usize, half_as_stored: bool) -> (f64,
     let w = model.weights();
     let info = &model.info;
     // Parameters, and bytes as read.
-    let (mut dense, mut expert) = (0f64, 0f64);
+    let (mut dense, mut expert, mut head) = (0f64, 0f64, 0f64);
     let (mut dense_b, mut expert_b) = (0f64, 0f64);
     let has_head = w.contains("lm_head.weight");
     for name in w.names() {
@@ -307,6 +311,10 @@ pub fn forward_work(model: &Model, tokens: usize, half_as_stored: bool) -> (f64,
         if name.contains(".experts.") {
             expert += n;
             expert_b += b;
+        } else if name == "lm_head.weight" || (name == "model.embed_tokens.weight" && !has_head) {
+            // The head runs on the last position only (`LogitRows::Last`).
+            head += n;
+            dense_b += b;
         } else if name != "model.embed_tokens.weight" || !has_head {
             dense += n;
             dense_b += b;
@@ -319,6 +327,7 @@ pub fn forward_work(model: &Model, tokens: usize, half_as_stored: bool) -> (f64,
     let t = tokens as f64;
     let active = e * (1.0 - (1.0 - (k / e).min(1.0)).powf(t));
     let flops = 2.0 * t * dense
+        + 2.0 * head
         + 2.0 * t * k * moe_layers * per_expert
         + 4.0 * t * t * info.hidden_size as f64 * info.num_layers as f64;
     let bytes = dense_b + active * expert_b / e;
@@ -706,7 +715,14 @@ fn run_forward(
 ) -> Result<()> {
     let model = open_source(opts, source, progress)?;
     let l = label(source);
-    let fwd = Forward::new(&model, opts.device.clone())?;
+    let compute = if opts.compute == Compute::Bf16 && !Compute::bf16_supported() {
+        progress
+            .note("--compute bf16: this CPU has no AVX-512 BF16; the products stay exact (f32)");
+        Compute::Exact
+    } else {
+        opts.compute
+    };
+    let fwd = Forward::new(&model, opts.device.clone())?.compute(compute);
     // Synthetic models keep their weights resident (as PyTorch holds
     // them); a real checkpoint is resident when it fits in the available
     // memory (`--max-memory`), else streamed layer by layer.
@@ -728,12 +744,13 @@ fn run_forward(
     for case in cases {
         progress.begin(&case.name);
         let ids = vec![prompt(case.tokens, vocab)];
-        // Prefill returns the logits of every position (as `model(ids).logits`
-        // does); decode is one token through every layer and the head, at
-        // position DECODE_CONTEXT of a key/value cache filled by a prefill
-        // (rewound before each iteration, so every iteration decodes at the
-        // same context), where the model has one ([`Forward::decoder`]);
-        // else the token alone, without a cache.
+        // Prefill computes the next-token logits of the last position only,
+        // as llama-bench's prompt processing does (every layer still runs on
+        // every position); decode is one token through every layer and the
+        // head, at position DECODE_CONTEXT of a key/value cache filled by a
+        // prefill (rewound before each iteration, so every iteration decodes
+        // at the same context), where the model has one
+        // ([`Forward::decoder`]); else the token alone, without a cache.
         let cached = case.variant == "decode" && fwd.kv_cache_unsupported().is_none();
         if case.variant == "decode" {
             if let Some(why) = fwd.kv_cache_unsupported() {
@@ -752,7 +769,7 @@ fn run_forward(
             })?
         } else {
             measure(&opts.device, &opts.budget, || {
-                fwd.run(&ids, &mut (), true).map(drop)
+                fwd.run_logits(&ids, &mut (), LogitRows::Last).map(drop)
             })?
         };
         let (flops, bytes) = forward_work(&model, case.tokens, opts.device.is_cpu());
@@ -769,6 +786,13 @@ fn run_forward(
         ));
         if let Some(r) = out.last_mut() {
             r.weights = Some(held.to_string());
+            r.compute = Some(
+                match compute {
+                    Compute::Exact => "exact",
+                    Compute::Bf16 => "bf16",
+                }
+                .to_string(),
+            );
         }
         progress.done();
     }
@@ -790,6 +814,7 @@ mod tests {
             budget: Budget::quick(),
             probes: false,
             quick_probes: true,
+            compute: Compute::Exact,
         }
     }
 

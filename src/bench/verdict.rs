@@ -215,6 +215,7 @@ mod tests {
             bw_share: None,
             rel_error: None,
             weights: None,
+            compute: None,
         }
     }
 

@@ -261,9 +261,12 @@ impl Decoder<'_, '_> {
                 self.capacity
             )));
         }
-        let mut out =
-            self.fwd
-                .run_cached(&[ids.to_vec()], observer, true, Some(&mut self.cache))?;
+        let mut out = self.fwd.run_cached(
+            &[ids.to_vec()],
+            observer,
+            super::LogitRows::All,
+            Some(&mut self.cache),
+        )?;
         self.len = ids.len();
         out.logits
             .pop()
