@@ -86,6 +86,8 @@ pub struct ForwardConfig {
     pub rotary_dim: Option<usize>,
     /// gpt-oss: sinks, sliding windows, YaRN, biased router, clamped SwiGLU.
     pub gpt_oss: Option<crate::forward::gpt_oss::GptOssConfig>,
+    /// Qwen3-Next / Qwen3.5: the Gated DeltaNet + gated attention stack.
+    pub hybrid: Option<crate::forward::qwen3_next::HybridConfig>,
 }
 
 fn rope_theta(c: &Config) -> Result<f64> {
@@ -143,6 +145,9 @@ impl ForwardConfig {
     /// Reads the forward-pass settings of a model.
     pub fn from_config(c: &Config, info: &ModelInfo) -> Result<ForwardConfig> {
         let fam = info.family;
+        // A multimodal release (Qwen3.5): the text model's keys.
+        let text = c.text_config();
+        let c = text.as_ref().unwrap_or(c);
         if !fam.native_forward() {
             return Err(Error::NoNativeForward {
                 path: c.path().to_path_buf(),
@@ -204,6 +209,15 @@ impl ForwardConfig {
                 renormalize: false,
                 scale: 1.0,
             },
+            // Qwen3.5 always renormalises (its router has no norm_topk_prob).
+            Family::Qwen35Moe => Routing::SoftmaxTopK {
+                renormalize: true,
+                scale: 1.0,
+            },
+            Family::Qwen3Next => Routing::SoftmaxTopK {
+                renormalize: norm_topk.unwrap_or(true),
+                scale: 1.0,
+            },
             Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe | Family::DeepSeekMoe => {
                 Routing::SoftmaxTopK {
                     renormalize: norm_topk.unwrap_or(false),
@@ -262,7 +276,7 @@ impl ForwardConfig {
                     || c.bool_opt("attention_bias")?
                         .unwrap_or(fam == Family::GptOss),
                 qk_norm: match fam {
-                    Family::Qwen3Moe => QkNorm::PerHead,
+                    Family::Qwen3Moe | Family::Qwen3Next | Family::Qwen35Moe => QkNorm::PerHead,
                     Family::Olmoe => QkNorm::Full,
                     Family::Glm4Moe => super::glm::qk_norm(c)?,
                     // MiniMax-M2 always norms q and k over the whole projection.
@@ -332,10 +346,20 @@ impl ForwardConfig {
             },
             rotary_dim: if fam == Family::Glm4Moe || fam == Family::MiniMaxM2 {
                 super::glm::rotary_dim(c, head_dim)?
+            } else if super::qwen3_next::is_hybrid(fam) {
+                super::qwen3_next::rotary_dim(c, head_dim)?
             } else {
                 None
             },
             gpt_oss,
+            hybrid: if super::qwen3_next::is_hybrid(fam) {
+                Some(super::qwen3_next::HybridConfig::from_config(
+                    c,
+                    info.num_layers,
+                )?)
+            } else {
+                None
+            },
         })
     }
 }

@@ -14,6 +14,7 @@ internal_mod!(expert_gemm);
 pub mod gpt_oss;
 mod moe;
 pub mod observer;
+pub mod qwen3_next;
 pub mod routing;
 pub mod weights;
 
@@ -476,7 +477,9 @@ impl<'m> Forward<'m> {
                         self.resident.is_some(),
                     )?);
                     // Loaded as a copy: drop the mmap's pages of the head.
-                    model.weights().release(["lm_head.weight"]);
+                    model
+                        .weights()
+                        .release([weights::lm_head_name(model).as_str()]);
                     if self.resident.is_some() {
                         let _ = self.head.set(h.clone());
                     }
@@ -514,6 +517,9 @@ impl<'m> Forward<'m> {
     ) -> Result<Tensor> {
         if self.cfg.gpt_oss.is_some() {
             return self.gpt_oss_layer(layer, prompt, h, lw, cos, sin, wants, observer);
+        }
+        if self.cfg.hybrid.is_some() {
+            return self.hybrid_layer(layer, prompt, h, lw, cos, sin, wants, observer);
         }
         let eps = self.cfg.rms_eps;
         let what = format!("layer {layer}");

@@ -353,6 +353,8 @@ pub enum AttnWeights {
         /// RMSNorm weight on k, if the family has one.
         k_norm: Option<Tensor>,
     },
+    /// Qwen3-Next / Qwen3.5 linear attention (the gated attention layers are `Standard`).
+    GatedDeltaNet(Box<crate::forward::qwen3_next::DeltaNetWeights>),
     /// DeepSeek multi-head latent attention.
     Mla {
         /// `q_proj`, or `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
@@ -417,11 +419,11 @@ pub struct LayerWeights {
 
 /// Names of every tensor of a layer (for releasing its pages afterwards).
 pub fn layer_tensor_names(weights: &Weights, layer: usize) -> Vec<String> {
-    let prefix = format!("model.layers.{layer}.");
+    let prefixes = crate::model::family::LAYER_PREFIXES.map(|p| format!("{p}{layer}."));
     weights
         .names()
         .into_iter()
-        .filter(|n| n.starts_with(&prefix))
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
         .map(str::to_string)
         .collect()
 }
@@ -436,10 +438,15 @@ impl LayerWeights {
         t: bool,
     ) -> Result<LayerWeights> {
         let w = model.weights();
-        let p = format!("model.layers.{layer}");
+        // `model.layers.{layer}`, or a multimodal release's text layers.
+        let p = model.naming().layer_tensor(layer, "");
+        let p = p.trim_end_matches('.');
         let fam = cfg.family;
         let grok = fam == Family::Grok1;
-        let norm = |name: &str| load(w, &format!("{p}.{name}"), device, t);
+        let norm = |name: &str| {
+            let name = format!("{p}.{name}");
+            super::qwen3_next::norm_weight(fam, load(w, &name, device, t)?, &name)
+        };
         let (attn_norm, post_attn_norm, mlp_norm, post_mlp_norm) = if grok {
             (
                 norm("pre_attn_norm.scale")?,
@@ -461,6 +468,9 @@ impl LayerWeights {
             format!("{p}.self_attn")
         };
         let attn = match &cfg.attention {
+            _ if cfg.hybrid.is_some() => {
+                super::qwen3_next::load_mixer(model, cfg, p, layer, device, t)?
+            }
             AttentionKind::Standard { qk_norm, .. } => {
                 let get = |n: &str| load(w, &format!("{a}.{n}"), device, t);
                 let opt = |n: &str| load_opt(w, &format!("{a}.{n}"), device, t);
@@ -606,25 +616,45 @@ impl HeadWeights {
     ) -> Result<HeadWeights> {
         let w = model.weights();
         let norm_name = if cfg.family == Family::Grok1 {
-            "model.norm.scale"
+            "model.norm.scale".to_string()
         } else {
-            "model.norm.weight"
+            text_tensor(model, "norm.weight")
         };
-        let head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
-            "model.embed_tokens.weight"
+        let lm_head = lm_head_name(model);
+        let head = if cfg.tie_embeddings && !w.contains(&lm_head) {
+            text_tensor(model, "embed_tokens.weight")
         } else {
-            "lm_head.weight"
+            lm_head
         };
+        let norm = load(w, &norm_name, device, t)?;
         Ok(HeadWeights {
-            norm: load(w, norm_name, device, t)?,
-            lm_head: load(w, head, device, t)?,
+            norm: super::qwen3_next::norm_weight(cfg.family, norm, &norm_name)?,
+            lm_head: load(w, &head, device, t)?,
         })
+    }
+}
+
+/// A text-model tensor outside the layers (`embed_tokens.weight`,
+/// `norm.weight`) under the checkpoint's prefix: `model.…`, or a multimodal
+/// release's `model.language_model.…` / `language_model.model.…`.
+pub fn text_tensor(model: &Model, rest: &str) -> String {
+    let p = model.naming().prefix;
+    format!("{}{rest}", p.strip_suffix("layers.").unwrap_or(p))
+}
+
+/// The output head: `lm_head.weight`, or `language_model.lm_head.weight`
+/// in the original multimodal layout (`language_model.model.layers.…`).
+pub fn lm_head_name(model: &Model) -> String {
+    if model.naming().prefix == "language_model.model.layers." {
+        "language_model.lm_head.weight".to_string()
+    } else {
+        "lm_head.weight".to_string()
     }
 }
 
 /// Embeddings of token ids `[tokens, hidden]`, read row by row from the mmap.
 pub fn embed(model: &Model, ids: &[u32], device: &Device) -> Result<Tensor> {
-    let name = "model.embed_tokens.weight";
+    let name = &text_tensor(model, "embed_tokens.weight");
     let view = model.weights().tensor(name)?;
     let (rows, hidden) = match view.shape[..] {
         [rows, hidden] => (rows, hidden),

@@ -424,6 +424,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared_prefix: Some("mlp.shared_expert"),
         shared_gate: Some("mlp.shared_expert_gate.weight"),
         router_rule: "softmax, top-k (norm_topk_prob); shared expert × sigmoid gate",
+        native_forward: true,
         dense_from: "mlp_only_layers, decoder_sparse_step",
         ..BASE
     },
@@ -440,6 +441,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared_prefix: Some("mlp.shared_expert"),
         shared_gate: Some("mlp.shared_expert_gate.weight"),
         router_rule: "softmax, top-k, renormalised; shared expert × sigmoid gate",
+        native_forward: true,
         ..BASE
     },
     FamilySpec {
@@ -667,6 +669,10 @@ impl Family {
     pub const GptOss: Family = Family(8);
     /// GLM-4.5 / GLM-4.6 (`glm4_moe`).
     pub const Glm4Moe: Family = Family(9);
+    /// Qwen3-Next (`qwen3_next`).
+    pub const Qwen3Next: Family = Family(11);
+    /// Qwen3.5-MoE (`qwen3_5_moe`, `qwen3_5_moe_text`).
+    pub const Qwen35Moe: Family = Family(12);
     /// MiniMax-M2 (`minimax_m2`).
     pub const MiniMaxM2: Family = Family(13);
     /// IBM Granite MoE (`granitemoe`).
@@ -678,7 +684,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 14] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -689,6 +695,8 @@ impl Family {
         Family::DeepSeekV3,
         Family::GptOss,
         Family::Glm4Moe,
+        Family::Qwen3Next,
+        Family::Qwen35Moe,
         Family::MiniMaxM2,
         Family::GraniteMoe,
     ];
@@ -1542,6 +1550,8 @@ mod tests {
                 "deepseek_v3",
                 "gpt_oss",
                 "glm4_moe",
+                "qwen3_next",
+                "qwen3_5_moe",
                 "minimax_m2",
                 "granitemoe"
             ]
