@@ -195,8 +195,15 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 12);
-    for f in ["granitemoe", "glm4_moe", "minimax_m2", "gpt_oss"] {
+    assert_eq!(native.len(), 14);
+    for f in [
+        "granitemoe",
+        "glm4_moe",
+        "minimax_m2",
+        "gpt_oss",
+        "qwen3_next",
+        "qwen3_5_moe",
+    ] {
         assert!(native.contains(&f), "{f}");
     }
 }

@@ -140,5 +140,5 @@ fn every_golden_file_follows_the_golden_schema() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 14, "golden files checked");
+    assert_eq!(checked, 16, "golden files checked");
 }
