@@ -202,7 +202,7 @@ fn models_lists_every_family_of_the_table() {
         .filter(|r| r["forward"] == "native")
         .map(|r| r["model_type"].as_str().unwrap())
         .collect();
-    assert_eq!(native.len(), 13);
+    assert_eq!(native.len(), 16);
     for f in [
         "granitemoe",
         "glm4_moe",
@@ -210,6 +210,8 @@ fn models_lists_every_family_of_the_table() {
         "gpt_oss",
         "deepseek_v32",
         "llama4",
+        "qwen3_next",
+        "qwen3_5_moe",
     ] {
         assert!(native.contains(&f), "{f}");
     }

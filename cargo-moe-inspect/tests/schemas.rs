@@ -140,5 +140,5 @@ fn every_golden_file_follows_the_golden_schema() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 15, "golden files checked");
+    assert_eq!(checked, 18, "golden files checked");
 }

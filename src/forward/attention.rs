@@ -108,7 +108,13 @@ pub(super) fn split_heads(x: &Tensor, heads: usize) -> R<Tensor> {
 /// query head). Queries are processed in blocks ([`query_block`]) over the
 /// keys they can see, so the scores never hold `heads × T × T` values at once;
 /// a prompt that fits in one block is computed exactly as a single matmul.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, softcap: Option<f64>) -> R<Tensor> {
+pub(super) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> R<Tensor> {
     let (h, t, _) = q.dims3()?;
     let block = query_block(h, t);
     let mut outs = Vec::with_capacity(t.div_ceil(block));

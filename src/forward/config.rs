@@ -96,6 +96,8 @@ pub struct ForwardConfig {
     /// Factor on the MLA softmax scale: `yarn_get_mscale(factor,
     /// mscale_all_dim)²` under YaRN (transformers' `yarn_apply_mscale`), else 1.
     pub mla_softmax_factor: f64,
+    /// Qwen3-Next / Qwen3.5: the Gated DeltaNet + gated attention stack.
+    pub hybrid: Option<crate::forward::qwen3_next::HybridConfig>,
     /// Llama 4: chunked attention, no-rope layers, temperature tuning, q/k
     /// L2 norm, llama3 rope; the sigmoid weight scales the expert input.
     pub llama4: Option<crate::forward::llama4::Llama4Config>,
@@ -218,7 +220,7 @@ impl ForwardConfig {
     /// Reads the forward-pass settings of a model.
     pub fn from_config(c: &Config, info: &ModelInfo) -> Result<ForwardConfig> {
         let fam = info.family;
-        // A multimodal release (Llama 4): the text model's keys.
+        // A multimodal release (Llama 4, Qwen3.5): the text model's keys.
         let text = c.text_config();
         let c = text.as_ref().unwrap_or(c);
         if !fam.native_forward() {
@@ -283,6 +285,15 @@ impl ForwardConfig {
             },
             Family::Grok1 => Routing::SoftmaxTopK {
                 renormalize: false,
+                scale: 1.0,
+            },
+            // Qwen3.5 always renormalises (its router has no norm_topk_prob).
+            Family::Qwen35Moe => Routing::SoftmaxTopK {
+                renormalize: true,
+                scale: 1.0,
+            },
+            Family::Qwen3Next => Routing::SoftmaxTopK {
+                renormalize: norm_topk.unwrap_or(true),
                 scale: 1.0,
             },
             Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe | Family::DeepSeekMoe => {
@@ -352,7 +363,7 @@ impl ForwardConfig {
                     || c.bool_opt("attention_bias")?
                         .unwrap_or(fam == Family::GptOss),
                 qk_norm: match fam {
-                    Family::Qwen3Moe => QkNorm::PerHead,
+                    Family::Qwen3Moe | Family::Qwen3Next | Family::Qwen35Moe => QkNorm::PerHead,
                     Family::Olmoe => QkNorm::Full,
                     Family::Glm4Moe => super::glm::qk_norm(c)?,
                     // MiniMax-M2 always norms q and k over the whole projection.
@@ -475,12 +486,22 @@ impl ForwardConfig {
             },
             rotary_dim: if fam == Family::Glm4Moe || fam == Family::MiniMaxM2 {
                 super::glm::rotary_dim(c, head_dim)?
+            } else if super::qwen3_next::is_hybrid(fam) {
+                super::qwen3_next::rotary_dim(c, head_dim)?
             } else {
                 None
             },
             gpt_oss,
             dsa,
             llama4,
+            hybrid: if super::qwen3_next::is_hybrid(fam) {
+                Some(super::qwen3_next::HybridConfig::from_config(
+                    c,
+                    info.num_layers,
+                )?)
+            } else {
+                None
+            },
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod gpt_oss;
 pub mod llama4;
 mod moe;
 pub mod observer;
+pub mod qwen3_next;
 pub mod routing;
 pub mod weights;
 
@@ -607,6 +608,9 @@ impl<'m> Forward<'m> {
         }
         if self.cfg.llama4.is_some() {
             return self.llama4_layer(layer, prompt, h, lw, cos, sin, wants, observer);
+        }
+        if self.cfg.hybrid.is_some() {
+            return self.hybrid_layer(layer, prompt, h, lw, cos, sin, wants, observer);
         }
         let eps = self.cfg.rms_eps;
         let what = format!("layer {layer}");

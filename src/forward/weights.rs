@@ -353,6 +353,8 @@ pub enum AttnWeights {
         /// RMSNorm weight on k, if the family has one.
         k_norm: Option<Tensor>,
     },
+    /// Qwen3-Next / Qwen3.5 linear attention (the gated attention layers are `Standard`).
+    GatedDeltaNet(Box<crate::forward::qwen3_next::DeltaNetWeights>),
     /// DeepSeek multi-head latent attention.
     Mla {
         /// `q_proj`, or `q_a_proj` → `q_a_layernorm` → `q_b_proj`.
@@ -443,7 +445,10 @@ impl LayerWeights {
         let p = format!("{}{layer}", model.naming().prefix);
         let fam = cfg.family;
         let grok = fam == Family::Grok1;
-        let norm = |name: &str| load(w, &format!("{p}.{name}"), device, t);
+        let norm = |name: &str| {
+            let name = format!("{p}.{name}");
+            super::qwen3_next::norm_weight(fam, load(w, &name, device, t)?, &name)
+        };
         let (attn_norm, post_attn_norm, mlp_norm, post_mlp_norm) = if grok {
             (
                 norm("pre_attn_norm.scale")?,
@@ -465,6 +470,9 @@ impl LayerWeights {
             format!("{p}.self_attn")
         };
         let attn = match &cfg.attention {
+            _ if cfg.hybrid.is_some() => {
+                super::qwen3_next::load_mixer(model, cfg, &p, layer, device, t)?
+            }
             AttentionKind::Standard { qk_norm, .. } => {
                 let get = |n: &str| load(w, &format!("{a}.{n}"), device, t);
                 let opt = |n: &str| load_opt(w, &format!("{a}.{n}"), device, t);
@@ -631,8 +639,9 @@ impl HeadWeights {
         } else {
             names.lm_head
         };
+        let norm = load(w, &norm_name, device, t)?;
         Ok(HeadWeights {
-            norm: load(w, &norm_name, device, t)?,
+            norm: super::qwen3_next::norm_weight(cfg.family, norm, &norm_name)?,
             lm_head: load(w, &head, device, t)?,
         })
     }

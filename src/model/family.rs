@@ -425,6 +425,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared_prefix: Some("mlp.shared_expert"),
         shared_gate: Some("mlp.shared_expert_gate.weight"),
         router_rule: "softmax, top-k (norm_topk_prob); shared expert × sigmoid gate",
+        native_forward: true,
         dense_from: "mlp_only_layers, decoder_sparse_step",
         ..BASE
     },
@@ -441,6 +442,7 @@ pub static FAMILIES: &[FamilySpec] = &[
         shared_prefix: Some("mlp.shared_expert"),
         shared_gate: Some("mlp.shared_expert_gate.weight"),
         router_rule: "softmax, top-k, renormalised; shared expert × sigmoid gate",
+        native_forward: true,
         ..BASE
     },
     FamilySpec {
@@ -671,6 +673,10 @@ impl Family {
     pub const Glm4Moe: Family = Family(9);
     /// DeepSeek-V3.2 (`deepseek_v32`): DeepSeek-V3 with the DSA indexer.
     pub const DeepSeekV32: Family = Family(10);
+    /// Qwen3-Next (`qwen3_next`).
+    pub const Qwen3Next: Family = Family(11);
+    /// Qwen3.5-MoE (`qwen3_5_moe`, `qwen3_5_moe_text`).
+    pub const Qwen35Moe: Family = Family(12);
     /// MiniMax-M2 (`minimax_m2`).
     pub const MiniMaxM2: Family = Family(13);
     /// Llama 4 (`llama4`, `llama4_text`).
@@ -684,7 +690,7 @@ impl Family {
     }
 
     /// The families with a native forward pass (the named constants).
-    pub const ALL: [Family; 14] = [
+    pub const ALL: [Family; 16] = [
         Family::Mixtral,
         Family::DeepSeekMoe,
         Family::Grok1,
@@ -696,6 +702,8 @@ impl Family {
         Family::GptOss,
         Family::Glm4Moe,
         Family::DeepSeekV32,
+        Family::Qwen3Next,
+        Family::Qwen35Moe,
         Family::MiniMaxM2,
         Family::Llama4,
         Family::GraniteMoe,
@@ -1551,6 +1559,8 @@ mod tests {
                 "gpt_oss",
                 "glm4_moe",
                 "deepseek_v32",
+                "qwen3_next",
+                "qwen3_5_moe",
                 "minimax_m2",
                 "llama4",
                 "granitemoe"

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use moe_inspect::model::writer::{self, TensorSpec};
 use moe_inspect::model::Weights;
 
+pub mod forward;
+
 /// The MoE fixture directories (all families), relative to the repository root.
 pub const MOE_FIXTURES: [&str; 8] = [
     "mixtral",
