@@ -416,7 +416,9 @@ fn the_new_families_are_read_as_their_own_family_and_layout() {
                 "minimax_m2",
                 "gpt_oss",
                 "deepseek_v32",
-                "llama4"
+                "llama4",
+                "qwen3_next",
+                "qwen3_5_moe"
             ]
             .contains(&id.as_str()),
             "{name}: native forward"
