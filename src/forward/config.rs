@@ -129,7 +129,10 @@ fn rope_type(c: &Config) -> (String, String) {
 /// The MLA families' rope: default, or YaRN with its frequencies, cos/sin
 /// factor and softmax-scale factor (transformers' DeepSeek-V2/V3/V3.2
 /// attention); any other type is refused naming the key.
-fn mla_rope(c: &Config, rope_dim: usize, theta: f64) -> Result<(Option<(Vec<f32>, f32)>, f64)> {
+/// YaRN frequencies with their cos/sin factor, and the softmax-scale factor.
+type MlaRope = (Option<(Vec<f32>, f32)>, f64);
+
+fn mla_rope(c: &Config, rope_dim: usize, theta: f64) -> Result<MlaRope> {
     let (key, ty) = rope_type(c);
     let prefix = rope_params(c).0;
     match ty.as_str() {

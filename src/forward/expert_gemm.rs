@@ -347,6 +347,13 @@ fn gathered(x: &[f32], k: usize, rows: &[u32]) -> Vec<Ptr> {
 /// A row pointer shared by the column chunks (read only).
 #[derive(Clone, Copy)]
 struct Ptr(*const f32);
+
+impl Ptr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
 // SAFETY: the rows are only read while the borrow they come from lives.
 unsafe impl Send for Ptr {}
 // SAFETY: as for `Send`: shared, read-only access to live rows.
@@ -397,6 +404,15 @@ unsafe fn product<W: WeightElem>(
     } else {
         rayon::current_num_threads().max(1)
     };
+    // One token (decoding): bound by reading the weights, so the single-row
+    // kernel of `matvec` (eight rows in flight per core, one range per core).
+    #[cfg(target_arch = "x86_64")]
+    if xr.len() == 1 && current_compute() == Compute::Exact && std::is_x86_feature_detected!("avx512f")
+    {
+        // SAFETY: the CPU has AVX-512F (checked); the caller's contract.
+        unsafe { single_row(xr[0], k, n, threads, w_row, sink) };
+        return;
+    }
     let tiles = n.div_ceil(C);
     // A few chunks per thread, so that uneven cores balance.
     let per = if threads == 1 {
@@ -434,6 +450,51 @@ unsafe fn product<W: WeightElem>(
         // SAFETY: the caller's contract.
         unsafe { columns(xr, k, cols, w_row, sink) };
     };
+    if chunks == 1 {
+        run(0);
+    } else {
+        (0..chunks).into_par_iter().for_each(run);
+    }
+}
+
+/// [`product`] for one token row: the columns in one contiguous range per
+/// thread, eight weight rows at a time through [`super::matvec::dot8_avx512`].
+///
+/// # Safety
+/// As [`product`]; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn single_row<W: WeightElem>(
+    x: Ptr,
+    k: usize,
+    n: usize,
+    threads: usize,
+    w_row: &(dyn Fn(usize) -> *const W + Sync),
+    sink: &Sink<'_>,
+) {
+    use super::matvec::{dot8_avx512, ROWS};
+    let per = n.div_ceil(threads).div_ceil(ROWS) * ROWS;
+    let run = |chunk: usize| {
+        let end = ((chunk + 1) * per).min(n);
+        let mut j = chunk * per;
+        while j < end {
+            let c = (end - j).min(ROWS);
+            // A short last group repeats its last row; only `c` are used.
+            let wp: [*const W; ROWS] = std::array::from_fn(|r| w_row(j + r.min(c - 1)));
+            // SAFETY: the caller's contract (k values per row); AVX-512F.
+            let s = unsafe { dot8_avx512(x.get(), &wp, k) };
+            for half in 0..ROWS.div_ceil(C) {
+                let j0 = half * C;
+                if j0 >= c {
+                    break;
+                }
+                let mut tile = [[0f32; C]; R];
+                tile[0].copy_from_slice(&s[j0..j0 + C]);
+                sink(0, 1, j + j0, (c - j0).min(C), &tile);
+            }
+            j += c;
+        }
+    };
+    let chunks = n.div_ceil(per);
     if chunks == 1 {
         run(0);
     } else {
