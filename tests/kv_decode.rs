@@ -129,6 +129,9 @@ fn unsupported_attention_and_bad_use_are_refused() {
     for (name, needle) in [
         ("deepseek-v3", "multi-head latent attention"),
         ("families/gpt_oss", "gpt-oss"),
+        ("families/llama4", "Llama 4"),
+        ("families/qwen3_next", "Gated DeltaNet"),
+        ("families/qwen3_5_moe", "Gated DeltaNet"),
     ] {
         let model = Model::open(&fixture(name)).unwrap();
         let fwd = Forward::new(&model, Device::Cpu).unwrap();

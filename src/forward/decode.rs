@@ -148,6 +148,16 @@ impl<'m> Forward<'m> {
                 "decoding with a key/value cache is not implemented for gpt-oss \
                  (attention sinks, sliding windows)",
             )
+        } else if self.cfg.llama4.is_some() {
+            Some(
+                "decoding with a key/value cache is not implemented for Llama 4 \
+                 (chunked attention, no-rope layers, temperature tuning)",
+            )
+        } else if self.cfg.hybrid.is_some() {
+            Some(
+                "decoding with a key/value cache is not implemented for Qwen3-Next / \
+                 Qwen3.5-MoE (the Gated DeltaNet layers keep a recurrent state)",
+            )
         } else if matches!(self.cfg.attention, AttentionKind::Mla { .. }) {
             Some(
                 "decoding with a key/value cache is not implemented for multi-head \
