@@ -153,3 +153,58 @@ fn unsupported_attention_and_bad_use_are_refused() {
     let e = dec.prefill(&[1], &mut ()).unwrap_err().to_string();
     assert!(e.contains("truncate(0)"), "{e}");
 }
+
+/// `Compute::Bf16` (opt-in, as llama.cpp computes on bf16 weights) reaches
+/// the decode step too: on OLMoE and Granite (bf16 weights) every step's
+/// logits stay within 1% of the largest exact logit of a full exact forward,
+/// and move away from it by more than 1e-5 where the CPU has AVX-512 BF16
+/// (the mode is taken); without it the mode is the exact kernels and the
+/// step must equal the full forward at 1e-5.
+#[test]
+fn bf16_compute_decode_stays_within_bf16_rounding() {
+    use moe_inspect::forward::expert_gemm::Compute;
+    for name in ["olmoe", "families/granitemoe"] {
+        let model = Model::open(&fixture(name)).unwrap();
+        let exact = Forward::new(&model, Device::Cpu).unwrap().keep_weights();
+        let fwd = Forward::new(&model, Device::Cpu)
+            .unwrap()
+            .keep_weights()
+            .compute(Compute::Bf16);
+        let vocab = fwd.cfg.vocab_size;
+        let ids: Vec<u32> = (0..8).map(|i| ((i * 7919 + 3) % vocab) as u32).collect();
+        let mut dec = fwd.decoder(ids.len()).unwrap();
+        dec.prefill(&ids[..2], &mut ()).unwrap();
+        let mut compared = 0;
+        for t in 2..ids.len() {
+            let got = dec.step(ids[t], &mut ()).unwrap().to_vec();
+            let out = exact.run(&[ids[..=t].to_vec()], &mut (), true).unwrap();
+            let want = to_host(&out.logits[0]).unwrap().pop().unwrap();
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0 && scale.is_finite(), "{name}: scale");
+            let mut worst = 0f32;
+            for (&g, &w) in got.iter().zip(&want) {
+                assert!(g.is_finite(), "{name} position {t}: {g}");
+                worst = worst.max((g - w).abs());
+                compared += 1;
+            }
+            if Compute::bf16_supported() {
+                assert!(
+                    worst <= 0.01 * scale,
+                    "{name} position {t}: {worst:e} vs {scale:e}"
+                );
+                assert!(
+                    worst > 1e-5,
+                    "{name} position {t}: the step stayed exact ({worst:e})"
+                );
+            } else {
+                assert!(worst <= TOL, "{name} position {t}: {worst:e}");
+            }
+        }
+        assert_eq!(
+            compared,
+            (ids.len() - 2) * vocab,
+            "{name}: every logit compared"
+        );
+    }
+}

@@ -763,9 +763,15 @@ fn run_forward(
             let context = prompt(DECODE_CONTEXT + 1, vocab);
             let mut dec = fwd.decoder(DECODE_CONTEXT + 1)?;
             dec.prefill(&context[..DECODE_CONTEXT], &mut ())?;
+            // Each step runs on a thread of the pool, which then takes part
+            // in the step's parallel products (llama-bench's main thread
+            // computes too): called from outside, every product of the
+            // step would hand its work over and wait to be woken.
             measure(&opts.device, &opts.budget, || {
-                dec.truncate(DECODE_CONTEXT);
-                dec.step(context[DECODE_CONTEXT], &mut ()).map(drop)
+                rayon::scope(|_| {
+                    dec.truncate(DECODE_CONTEXT);
+                    dec.step(context[DECODE_CONTEXT], &mut ()).map(drop)
+                })
             })?
         } else {
             measure(&opts.device, &opts.budget, || {

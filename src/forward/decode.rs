@@ -286,7 +286,14 @@ impl Decoder<'_, '_> {
     /// Feeds token `id` at the next position: every layer on this token
     /// alone, attending to the cached positions; the token's logits
     /// (`vocab` values). `observer` sees each MoE layer with one token.
+    /// The products follow the forward pass's [`super::Forward::compute`]
+    /// mode, as its full forward does.
     pub fn step(&mut self, id: u32, observer: &mut dyn Observer) -> Result<&[f32]> {
+        let compute = self.fwd.compute;
+        super::expert_gemm::with_compute(compute, || self.step_in_mode(id, observer))
+    }
+
+    fn step_in_mode(&mut self, id: u32, observer: &mut dyn Observer) -> Result<&[f32]> {
         let fwd = self.fwd;
         let vocab = fwd.cfg.vocab_size;
         if id as usize >= vocab {
@@ -429,9 +436,12 @@ impl Decoder<'_, '_> {
             std::mem::take(&mut self.v),
         );
         let r = (|| {
-            self.matvec(&a, q, q_bias.as_ref(), &mut qv)?;
-            self.matvec(&a, k, k_bias.as_ref(), &mut kv)?;
-            self.matvec(&a, v, v_bias.as_ref(), &mut vv)?;
+            self.matvec_qkv(
+                &a,
+                [q, k, v],
+                [q_bias.as_ref(), k_bias.as_ref(), v_bias.as_ref()],
+                [&mut qv, &mut kv, &mut vv],
+            )?;
             if qv.len() != heads * d || kv.len() != kvh * d || vv.len() != kvh * d {
                 candle_core::bail!(
                     "q/k/v projections give {}/{}/{} values, expected {}/{}/{}",
@@ -489,15 +499,70 @@ impl Decoder<'_, '_> {
         r
     }
 
+    /// The q, k and v projections of one token: through
+    /// [`super::matvec::matvec_many`] (one hand-off to the pool for the
+    /// three) when all three are hub-layout matrices of one dtype, else one
+    /// [`Self::matvec`] each.
+    fn matvec_qkv(
+        &self,
+        x: &[f32],
+        ws: [&Tensor; 3],
+        bs: [Option<&Tensor>; 3],
+        ys: [&mut Vec<f32>; 3],
+    ) -> R<()> {
+        let hubs: Option<Vec<HostMatrix>> = ws
+            .iter()
+            .map(|w| HostMatrix::of(w).filter(|m| self.hub_usable(m, x.len())))
+            .collect();
+        let [y0, y1, y2] = ys;
+        let done = match hubs.as_deref() {
+            Some([a, b, c]) => {
+                for (y, m) in [&mut *y0, &mut *y1, &mut *y2].into_iter().zip([a, b, c]) {
+                    y.clear();
+                    y.resize(m.rows, 0.0);
+                }
+                let mut outs = [y0.as_mut_slice(), y1.as_mut_slice(), y2.as_mut_slice()];
+                match (a.data(), b.data(), c.data()) {
+                    (HostData::F32(a), HostData::F32(b), HostData::F32(c)) => {
+                        super::matvec::matvec_many(x, &[a, b, c], &mut outs);
+                        true
+                    }
+                    (HostData::Bf16(a), HostData::Bf16(b), HostData::Bf16(c)) => {
+                        super::matvec::matvec_many(x, &[a, b, c], &mut outs);
+                        true
+                    }
+                    (HostData::F16(a), HostData::F16(b), HostData::F16(c)) => {
+                        super::matvec::matvec_many(x, &[a, b, c], &mut outs);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        for ((w, b), y) in ws.into_iter().zip(bs).zip([y0, y1, y2]) {
+            if done {
+                add_bias(y, b)?;
+            } else {
+                self.matvec(x, w, b, y)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a matrix is read by the single-token kernels: in the hub
+    /// layout with `cols` columns (an f32 matrix kept transposed for
+    /// candle's matmul is not).
+    fn hub_usable(&self, m: &HostMatrix, cols: usize) -> bool {
+        m.cols == cols && (!matches!(m.data(), HostData::F32(_)) || !self.fwd.weights_transposed())
+    }
+
     /// `y = x · Wᵀ (+ b)` for one token: a matrix in the hub layout `[out,
     /// in]` (every bf16/f16 matrix on the CPU; f32 when streamed) through
     /// the single-token kernel; an f32 matrix kept transposed (resident f32
     /// weights) through candle's matmul.
     fn matvec(&self, x: &[f32], w: &Tensor, b: Option<&Tensor>, y: &mut Vec<f32>) -> R<()> {
-        let hub = HostMatrix::of(w).filter(|m| {
-            m.cols == x.len()
-                && (!matches!(m.data(), HostData::F32(_)) || !self.fwd.weights_transposed())
-        });
+        let hub = HostMatrix::of(w).filter(|m| self.hub_usable(m, x.len()));
         match hub {
             Some(m) => {
                 y.clear();
@@ -519,15 +584,20 @@ impl Decoder<'_, '_> {
                 y.extend_from_slice(&r);
             }
         }
-        if let Some(b) = b {
-            with_host(b, |b| {
-                for (y, &b) in y.iter_mut().zip(b) {
-                    *y += b;
-                }
-            })?;
-        }
-        Ok(())
+        add_bias(y, b)
     }
+}
+
+/// `y += b` where there is a bias.
+fn add_bias(y: &mut [f32], b: Option<&Tensor>) -> R<()> {
+    if let Some(b) = b {
+        with_host(b, |b| {
+            for (y, &b) in y.iter_mut().zip(b) {
+                *y += b;
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Runs `f` on the f32 values of `t` (a vector of the CPU forward pass),

@@ -405,7 +405,7 @@ unsafe fn product<W: WeightElem>(
         rayon::current_num_threads().max(1)
     };
     // One token (decoding): bound by reading the weights, so the single-row
-    // kernel of `matvec` (eight rows in flight per core, one range per core).
+    // kernel of `matvec` (one sequential range per core).
     #[cfg(target_arch = "x86_64")]
     if xr.len() == 1 && current_compute() == Compute::Exact && std::is_x86_feature_detected!("avx512f")
     {

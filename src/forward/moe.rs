@@ -4,9 +4,10 @@
 use candle_core::Tensor;
 
 use super::expert_gemm::{self};
+use super::matvec;
 use super::observer::{MoeObservation, Observer, Wants};
 use super::routing;
-use super::weights::{self, ce, Ffn, HostData, MlpWeights};
+use super::weights::{self, ce, Ffn, HostData, HostFfn, MlpWeights};
 use super::{Forward, R};
 use crate::error::{Error, Result};
 
@@ -90,7 +91,15 @@ impl Forward<'_> {
                     .map_err(ce(&what))?,
             );
         }
-        if out_dev.is_none() {
+        // One token (decoding) through the host kernels: every chosen
+        // expert in two passes over the cores.
+        let one_token = out_dev.is_none()
+            && t == 1
+            && !all
+            && x_host
+                .as_deref()
+                .is_some_and(|xh| one_token_experts(xh, experts, &by_expert, inter, act, &mut out));
+        if out_dev.is_none() && !one_token {
             for (e, f) in experts.iter().enumerate() {
                 let host = x_host.as_deref().zip(f.host_hub()).filter(|(_, hf)| {
                     let i = hf.gate.rows;
@@ -375,6 +384,86 @@ impl HostExpert<'_> {
             expert_gemm::down_scatter_add(&h, i, down, hdim, &rows, &scale, out);
         }
         true
+    }
+}
+
+/// The routed experts of one token `x` added into `out` through
+/// [`matvec::experts_one_token`], from weights in their stored dtype, in
+/// expert order (the order the per-expert path adds them); `false` (nothing
+/// done) when an expert is not a host matrix of the common dtype and shape.
+fn one_token_experts(
+    x: &[f32],
+    experts: &[Ffn],
+    by_expert: &[Vec<(u32, f32)>],
+    inter: usize,
+    act: expert_gemm::Activation,
+    out: &mut [f32],
+) -> bool {
+    let hdim = x.len();
+    let chosen: Vec<(usize, f32)> = by_expert
+        .iter()
+        .enumerate()
+        .filter_map(|(e, p)| p.first().map(|&(_, w)| (e, w)))
+        .collect();
+    let Some(hosts) = chosen
+        .iter()
+        .map(|&(e, _)| experts[e].host_hub())
+        .collect::<Option<Vec<HostFfn>>>()
+    else {
+        return false;
+    };
+    let shaped = |hf: &HostFfn| {
+        (hf.gate.rows, hf.gate.cols, hf.up.rows, hf.up.cols) == (inter, hdim, inter, hdim)
+            && (hf.down.rows, hf.down.cols) == (hdim, inter)
+    };
+    if !hosts.iter().all(shaped) {
+        return false;
+    }
+    fn run<'a, W: expert_gemm::WeightElem>(
+        x: &[f32],
+        hosts: &'a [HostFfn],
+        chosen: &[(usize, f32)],
+        inter: usize,
+        act: expert_gemm::Activation,
+        out: &mut [f32],
+        pick: impl Fn(HostData<'a>) -> Option<&'a [W]>,
+    ) -> bool {
+        let list: Option<Vec<matvec::TokenExpert<W>>> = hosts
+            .iter()
+            .zip(chosen)
+            .map(|(hf, &(_, weight))| {
+                Some(matvec::TokenExpert {
+                    gate: pick(hf.gate.data())?,
+                    up: pick(hf.up.data())?,
+                    down: pick(hf.down.data())?,
+                    weight,
+                })
+            })
+            .collect();
+        match list {
+            Some(list) => {
+                matvec::experts_one_token(x, &list, inter, act, out);
+                true
+            }
+            None => false,
+        }
+    }
+    let Some(first) = hosts.first() else {
+        return true;
+    };
+    match first.gate.data() {
+        HostData::F32(_) => run(x, &hosts, &chosen, inter, act, out, |d| match d {
+            HostData::F32(v) => Some(v),
+            _ => None,
+        }),
+        HostData::Bf16(_) => run(x, &hosts, &chosen, inter, act, out, |d| match d {
+            HostData::Bf16(v) => Some(v),
+            _ => None,
+        }),
+        HostData::F16(_) => run(x, &hosts, &chosen, inter, act, out, |d| match d {
+            HostData::F16(v) => Some(v),
+            _ => None,
+        }),
     }
 }
 
