@@ -470,18 +470,22 @@ mod tests {
     use super::*;
     use half::bf16;
 
+    /// Reproducible values in [-0.5, 0.5) (a 64-bit LCG).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        }
+    }
+
     /// Every row, every length (tails of 0–15, row counts not a multiple of
     /// eight, one and several threads) against an f64 dot product of the
     /// same widened values.
     #[test]
     fn matvec_equals_the_f64_product_of_the_stored_values() {
-        let mut seed = 1u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut next = uniform(1);
         let mut compared = 0;
         for (n, k) in [(1, 1), (7, 17), (8, 16), (13, 33), (300, 1000), (4100, 96)] {
             let x: Vec<f32> = (0..k).map(|_| next()).collect();
@@ -512,13 +516,7 @@ mod tests {
     #[test]
     fn experts_of_one_token_equal_the_f64_sum_of_their_products() {
         use super::super::expert_gemm::Activation;
-        let mut seed = 7u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut next = uniform(7);
         let mut compared = 0;
         let mut expected = 0;
         for (k, hidden, inter) in [(1, 16, 8), (2, 37, 13), (3, 256, 200), (2, 1024, 360)] {
@@ -582,13 +580,7 @@ mod tests {
     /// split evenly; every output is compared.
     #[test]
     fn matvec_many_equals_one_matvec_per_matrix() {
-        let mut seed = 3u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut next = uniform(3);
         let mut compared = 0;
         for (k, ns) in [
             (16, vec![8, 3, 5]),
@@ -629,13 +621,7 @@ mod tests {
             eprintln!("no AVX-512 BF16 on this CPU: the mode is the exact kernels here");
             return;
         }
-        let mut seed = 11u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut next = uniform(11);
         let (n, k) = (600, 1000);
         let x: Vec<f32> = (0..k).map(|_| next()).collect();
         let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(next())).collect();
