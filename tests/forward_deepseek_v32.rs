@@ -9,7 +9,6 @@ use moe_inspect_testkit as common;
 
 use candle_core::Device;
 use common::fixture;
-use moe_inspect::forward::observer::{MoeObservation, Observer, Wants};
 use moe_inspect::forward::{to_host, Forward};
 use moe_inspect::model::{Family, Model, Weights};
 
@@ -51,45 +50,6 @@ impl Reference {
     }
 }
 
-struct Recorded {
-    prompt: usize,
-    layer: usize,
-    input: Vec<f32>,
-    router_logits: Vec<f32>,
-    selected: Vec<u32>,
-    weights: Vec<f32>,
-    expert_outputs: Vec<f32>,
-    activations: Vec<f32>,
-    shared: Option<Vec<f32>>,
-}
-
-#[derive(Default)]
-struct Recorder(Vec<Recorded>);
-
-impl Observer for Recorder {
-    fn wants(&self) -> Wants {
-        Wants {
-            all_expert_outputs: true,
-            activations: true,
-            shared_output: true,
-            input: true,
-        }
-    }
-    fn moe_layer(&mut self, o: &MoeObservation<'_>) {
-        self.0.push(Recorded {
-            prompt: o.prompt,
-            layer: o.layer,
-            input: o.input.unwrap().to_vec(),
-            router_logits: o.router_logits.to_vec(),
-            selected: o.selected.to_vec(),
-            weights: o.weights.to_vec(),
-            expert_outputs: o.expert_outputs.unwrap().to_vec(),
-            activations: o.activations.unwrap().to_vec(),
-            shared: o.shared_output.map(<[f32]>::to_vec),
-        });
-    }
-}
-
 /// Largest difference; NaN/inf on either side and length mismatches panic.
 fn max_abs(what: &str, a: &[f32], b: &[f32]) -> f32 {
     common::max_abs_diff_flat(what, a, b) as f32
@@ -126,11 +86,11 @@ fn compare(model: &Model, r: &Reference) -> ([f32; 7], usize) {
     let nl = moe_layers.len();
     let prompts = r.prompts();
     let fwd = Forward::new(model, Device::Cpu).unwrap();
-    let mut rec = Recorder::default();
+    let mut rec = common::forward::Recorder::default();
     let out = fwd.run(&prompts, &mut rec, true).unwrap();
     assert_eq!(out.logits.len(), prompts.len());
     assert_eq!(
-        rec.0.len(),
+        rec.seen.len(),
         prompts.len() * nl,
         "one observation per prompt and MoE layer"
     );
@@ -157,11 +117,7 @@ fn compare(model: &Model, r: &Reference) -> ([f32; 7], usize) {
         let (sh_s, sh) = r.f32(&format!("prompt{p}.shared_output"));
         for (li, &layer) in moe_layers.iter().enumerate() {
             let what = format!("prompt {p} layer {layer}");
-            let got = rec
-                .0
-                .iter()
-                .find(|o| o.prompt == p && o.layer == layer)
-                .unwrap_or_else(|| panic!("{what}: not observed"));
+            let got = rec.get(p, layer, &what);
             let want_sel: Vec<u32> = sel[li * t * k..(li + 1) * t * k]
                 .iter()
                 .map(|&x| x as u32)
@@ -280,10 +236,10 @@ fn kimi_k2_runs_the_deepseek_v3_forward() {
         Reference(Weights::open_file(&dir.path().join("forward_reference.safetensors")).unwrap());
     let prompts = r.prompts();
     let fwd = Forward::new(&model, Device::Cpu).unwrap();
-    let mut rec = Recorder::default();
+    let mut rec = common::forward::Recorder::default();
     let out = fwd.run(&prompts, &mut rec, true).unwrap();
     assert_eq!(out.logits.len(), prompts.len());
-    assert_eq!(rec.0.len(), prompts.len() * model.info.moe_layers.len());
+    assert_eq!(rec.seen.len(), prompts.len() * model.info.moe_layers.len());
     for (p, l) in out.logits.iter().enumerate() {
         let got: Vec<f32> = to_host(l).unwrap().concat();
         let d = max_abs("logits", &got, &r.f32(&format!("prompt{p}.logits")).1);

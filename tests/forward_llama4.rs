@@ -12,7 +12,6 @@ use moe_inspect_testkit as common;
 
 use candle_core::Device;
 use common::fixture;
-use moe_inspect::forward::observer::{MoeObservation, Observer, Wants};
 use moe_inspect::forward::{to_host, Forward};
 use moe_inspect::model::{Model, Weights};
 
@@ -49,47 +48,6 @@ impl Reference {
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
             .collect()
-    }
-}
-
-struct Recorded {
-    prompt: usize,
-    layer: usize,
-    input: Vec<f32>,
-    router_logits: Vec<f32>,
-    scores: Vec<f32>,
-    selected: Vec<u32>,
-    weights: Vec<f32>,
-    expert_outputs: Vec<f32>,
-    activations: Vec<f32>,
-    shared: Option<Vec<f32>>,
-}
-
-#[derive(Default)]
-struct Recorder(Vec<Recorded>);
-
-impl Observer for Recorder {
-    fn wants(&self) -> Wants {
-        Wants {
-            all_expert_outputs: true,
-            activations: true,
-            shared_output: true,
-            input: true,
-        }
-    }
-    fn moe_layer(&mut self, o: &MoeObservation<'_>) {
-        self.0.push(Recorded {
-            prompt: o.prompt,
-            layer: o.layer,
-            input: o.input.unwrap().to_vec(),
-            router_logits: o.router_logits.to_vec(),
-            scores: o.scores.to_vec(),
-            selected: o.selected.to_vec(),
-            weights: o.weights.to_vec(),
-            expert_outputs: o.expert_outputs.unwrap().to_vec(),
-            activations: o.activations.unwrap().to_vec(),
-            shared: o.shared_output.map(<[f32]>::to_vec),
-        });
     }
 }
 
@@ -143,11 +101,11 @@ fn check(name: &str) -> [f32; 7] {
         l4.chunk.iter().flatten().all(|&c| c < 64) && l4.chunk.iter().any(Option::is_some),
         "{name}: chunks shorter than the long prompt"
     );
-    let mut rec = Recorder::default();
+    let mut rec = common::forward::Recorder::default();
     let out = fwd.run(&prompts, &mut rec, true).unwrap();
     assert_eq!(out.logits.len(), prompts.len(), "{name}: logits per prompt");
     assert_eq!(
-        rec.0.len(),
+        rec.seen.len(),
         prompts.len() * moe_layers.len(),
         "{name}: one observation per prompt and MoE layer"
     );
@@ -178,11 +136,7 @@ fn check(name: &str) -> [f32; 7] {
         let (sh_shape, sh) = r.f32(&format!("prompt{p}.shared_output"));
         for (li, &layer) in moe_layers.iter().enumerate() {
             let what = format!("{name} prompt {p} layer {layer}");
-            let got = rec
-                .0
-                .iter()
-                .find(|o| o.prompt == p && o.layer == layer)
-                .unwrap_or_else(|| panic!("{what}: not observed"));
+            let got = rec.get(p, layer, &what);
             let want_sel: Vec<u32> = sel[li * t * k..(li + 1) * t * k]
                 .iter()
                 .map(|&x| x as u32)

@@ -69,34 +69,9 @@ impl GptOssConfig {
                     .unwrap_or(128),
             ),
         };
-        let types: Vec<bool> = match c.get("layer_types") {
-            None => (0..num_layers).map(|i| (i + 1) % 2 == 1).collect(),
-            Some(Value::Array(a)) if a.len() == num_layers => a
-                .iter()
-                .map(|v| match v.as_str() {
-                    Some("sliding_attention") => Ok(true),
-                    Some("full_attention") => Ok(false),
-                    _ => Err(Error::key(
-                        c.path(),
-                        "layer_types",
-                        format!("has {v}; expected \"sliding_attention\" or \"full_attention\""),
-                    )),
-                })
-                .collect::<Result<_>>()?,
-            Some(v) => {
-                return Err(Error::key(
-                    c.path(),
-                    "layer_types",
-                    format!(
-                        "is not a list of {num_layers} layer types (num_hidden_layers), found {}",
-                        match v {
-                            Value::Array(a) => format!("{} entries", a.len()),
-                            other => other.to_string(),
-                        }
-                    ),
-                ))
-            }
-        };
+        let types: Vec<bool> = c
+            .layer_flags(num_layers, "sliding_attention", "full_attention")?
+            .unwrap_or_else(|| (0..num_layers).map(|i| (i + 1) % 2 == 1).collect());
         let positive = |key: &str, default: f64| -> Result<f32> {
             Ok(
                 c.f64_opt_where(key, "a positive finite number", |v| v > 0.0)?

@@ -32,7 +32,6 @@
 //! The forward pass processes whole prompts; there is no decoding state.
 
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
 
 use super::attention::{attend, repeat_kv, split_heads};
 use super::config::AttentionKind;
@@ -67,37 +66,13 @@ pub struct HybridConfig {
 impl HybridConfig {
     /// Reads the hybrid keys of `c` (the text config), with transformers' defaults.
     pub fn from_config(c: &Config, num_layers: usize) -> Result<HybridConfig> {
-        let linear = match c.get("layer_types") {
+        let linear = match c.layer_flags(num_layers, "linear_attention", "full_attention")? {
+            Some(flags) => flags,
             None => {
                 let every = c
                     .usize_opt_in("full_attention_interval", 1, usize::MAX)?
                     .unwrap_or(4);
                 (0..num_layers).map(|i| (i + 1) % every != 0).collect()
-            }
-            Some(Value::Array(a)) if a.len() == num_layers => a
-                .iter()
-                .map(|v| match v.as_str() {
-                    Some("linear_attention") => Ok(true),
-                    Some("full_attention") => Ok(false),
-                    _ => Err(Error::key(
-                        c.path(),
-                        "layer_types",
-                        format!("has {v}; expected \"linear_attention\" or \"full_attention\""),
-                    )),
-                })
-                .collect::<Result<_>>()?,
-            Some(v) => {
-                return Err(Error::key(
-                    c.path(),
-                    "layer_types",
-                    format!(
-                        "is not a list of {num_layers} layer types (num_hidden_layers), found {}",
-                        match v {
-                            Value::Array(a) => format!("{} entries", a.len()),
-                            other => other.to_string(),
-                        }
-                    ),
-                ))
             }
         };
         let key_heads = c
@@ -650,7 +625,7 @@ impl Forward<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Map;
+    use serde_json::{Map, Value};
     use std::path::Path;
 
     fn cfg(edit: impl FnOnce(&mut Map<String, Value>)) -> Result<HybridConfig> {

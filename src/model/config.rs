@@ -152,6 +152,41 @@ impl Config {
             .transpose()
     }
 
+    /// `layer_types` as one flag per layer: `true` for `yes`, `false` for
+    /// `no` (e.g. `"linear_attention"` / `"full_attention"`); `None` when the
+    /// key is absent. Any other entry, or a list that is not `layers` long,
+    /// is an error naming the key.
+    pub fn layer_flags(&self, layers: usize, yes: &str, no: &str) -> Result<Option<Vec<bool>>> {
+        let key = "layer_types";
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) if a.len() == layers => a
+                .iter()
+                .map(|v| match v.as_str() {
+                    Some(s) if s == yes => Ok(true),
+                    Some(s) if s == no => Ok(false),
+                    _ => Err(Error::key(
+                        &self.path,
+                        key,
+                        format!("has {v}; expected \"{yes}\" or \"{no}\""),
+                    )),
+                })
+                .collect::<Result<_>>()
+                .map(Some),
+            Some(v) => Err(Error::key(
+                &self.path,
+                key,
+                format!(
+                    "is not a list of {layers} layer types (num_hidden_layers), found {}",
+                    match v {
+                        Value::Array(a) => format!("{} entries", a.len()),
+                        other => other.to_string(),
+                    }
+                ),
+            )),
+        }
+    }
+
     /// `v` (the value of `key`) if it lies in `min..=max`.
     pub fn check_range(&self, key: &str, v: usize, min: usize, max: usize) -> Result<usize> {
         if v < min || v > max {

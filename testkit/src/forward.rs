@@ -65,6 +65,8 @@ pub struct Recorded {
     pub input: Vec<f32>,
     /// Router logits `[T, E]`.
     pub router_logits: Vec<f32>,
+    /// The routing rule's scores `[T, E]`.
+    pub scores: Vec<f32>,
     /// Selected experts `[T, k]`.
     pub selected: Vec<u32>,
     /// Routing weights `[T, k]`.
@@ -75,6 +77,18 @@ pub struct Recorded {
     pub activations: Vec<f32>,
     /// The shared expert's output `[T, H]`, if any.
     pub shared: Option<Vec<f32>>,
+}
+
+impl Recorder {
+    /// The observation of `layer` for prompt `prompt`; panics naming `what`
+    /// when there is none.
+    pub fn get(&self, prompt: usize, layer: usize, what: &str) -> &Recorded {
+        self.seen
+            .iter()
+            .find(|(p, l, _)| (*p, *l) == (prompt, layer))
+            .map(|(_, _, r)| r)
+            .unwrap_or_else(|| panic!("{what}: not observed"))
+    }
 }
 
 impl Observer for Recorder {
@@ -93,6 +107,7 @@ impl Observer for Recorder {
             Recorded {
                 input: o.input.unwrap().to_vec(),
                 router_logits: o.router_logits.to_vec(),
+                scores: o.scores.to_vec(),
                 selected: o.selected.to_vec(),
                 weights: o.weights.to_vec(),
                 expert_outputs: o.expert_outputs.unwrap().to_vec(),
