@@ -11,6 +11,12 @@
 pub trait Cost: Copy + Send + Sync {
     /// Converts to f64.
     fn to_f64(self) -> f64;
+    /// Eight values from `p` as f64.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable values; the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m512d;
 }
 
 impl Cost for f32 {
@@ -18,12 +24,25 @@ impl Cost for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m512d {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (8 values, AVX-512F); f32 → f64 is exact.
+        unsafe { _mm512_cvtps_pd(_mm256_loadu_ps(p)) }
+    }
 }
 
 impl Cost for f64 {
     #[inline]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f64) -> std::arch::x86_64::__m512d {
+        // SAFETY: the caller's contract (8 values, AVX-512F).
+        unsafe { std::arch::x86_64::_mm512_loadu_pd(p) }
     }
 }
 
@@ -49,11 +68,18 @@ const NONE: usize = usize::MAX;
 /// near-optimal matching, which become the exact solver's starting point
 /// (see [`warm_start`]); the shortest augmenting paths then finish exactly.
 fn solve<T: Cost>(m: &[T], n: usize, sign: f64) -> Option<Vec<usize>> {
-    if m.iter().any(|x| x.to_f64().is_nan()) {
+    let scan = Scan::of(m);
+    if scan.nan {
         return None;
     }
-    let start = if m.iter().all(|x| x.to_f64().is_finite()) {
-        let (v, col4row) = auction(m, n, sign);
+    let start = if scan.finite {
+        // The benefits −sign·m span [lo, hi].
+        let (lo, hi) = if sign < 0.0 {
+            (scan.min, scan.max)
+        } else {
+            (-scan.max, -scan.min)
+        };
+        let (v, col4row) = auction(m, n, sign, hi - lo);
         warm_start(m, n, sign, v, col4row)
     } else {
         // Forbidden pairs: start from nothing.
@@ -65,6 +91,90 @@ fn solve<T: Cost>(m: &[T], n: usize, sign: f64) -> Option<Vec<usize>> {
         }
     };
     augment(m, n, sign, start)
+}
+
+/// What one pass over the matrix finds: NaN, whether every value is
+/// finite, and the smallest and largest value (of the finite ones only when
+/// some are infinite).
+#[derive(Debug, PartialEq)]
+struct Scan {
+    nan: bool,
+    finite: bool,
+    min: f64,
+    max: f64,
+}
+
+impl Scan {
+    fn of<T: Cost>(m: &[T]) -> Scan {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked).
+            let s = unsafe { Scan::of_avx512(m) };
+            // Infinite values (forbidden pairs, rare): the scalar scan gives
+            // the range of the finite ones.
+            if s.finite || s.nan {
+                return s;
+            }
+        }
+        Scan::from(m, 0, Scan::EMPTY)
+    }
+
+    const EMPTY: Scan = Scan {
+        nan: false,
+        finite: true,
+        min: f64::INFINITY,
+        max: f64::NEG_INFINITY,
+    };
+
+    /// The scalar scan of `m[from..]`, continuing `s`.
+    fn from<T: Cost>(m: &[T], from: usize, mut s: Scan) -> Scan {
+        for x in &m[from..] {
+            let x = x.to_f64();
+            if x.is_nan() {
+                s.nan = true;
+            } else if x.is_finite() {
+                s.min = s.min.min(x);
+                s.max = s.max.max(x);
+            } else {
+                s.finite = false;
+            }
+        }
+        s
+    }
+
+    /// Eight values at a time; `finite` false (and the range meaningless)
+    /// where an infinity is met.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn of_avx512<T: Cost>(m: &[T]) -> Scan {
+        use std::arch::x86_64::*;
+        let (mut lo, mut hi) = (
+            _mm512_set1_pd(f64::INFINITY),
+            _mm512_set1_pd(f64::NEG_INFINITY),
+        );
+        let inf = _mm512_set1_pd(f64::INFINITY);
+        let (mut nan, mut infinite): (__mmask8, __mmask8) = (0, 0);
+        let mut q = 0;
+        while q + 8 <= m.len() {
+            // SAFETY: q + 8 <= m.len().
+            let x = unsafe { T::load8(m.as_ptr().add(q)) };
+            nan |= _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(x, x);
+            infinite |= _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(_mm512_abs_pd(x), inf);
+            lo = _mm512_min_pd(lo, x);
+            hi = _mm512_max_pd(hi, x);
+            q += 8;
+        }
+        let s = Scan {
+            nan: nan != 0,
+            finite: infinite == 0,
+            min: _mm512_reduce_min_pd(lo),
+            max: _mm512_reduce_max_pd(hi),
+        };
+        Scan::from(m, q, s)
+    }
 }
 
 /// Dual prices and a partial matching the exact solver may start from:
@@ -120,18 +230,13 @@ fn warm_start<T: Cost>(m: &[T], n: usize, sign: f64, v: Vec<f64>, guess: Vec<usi
 /// `−sign·m`: returns costs-side prices `v` (negated object prices) and a
 /// matching row → column (`NONE` where unmatched). Only a starting point for
 /// the exact solver: its result is never trusted on its own.
-fn auction<T: Cost>(m: &[T], n: usize, sign: f64) -> (Vec<f64>, Vec<usize>) {
+fn auction<T: Cost>(m: &[T], n: usize, sign: f64, range: f64) -> (Vec<f64>, Vec<usize>) {
     let mut price = vec![0f64; n];
     let mut owner = vec![NONE; n];
     let mut col4row = vec![NONE; n];
     if n < 2 {
         return (vec![0f64; n], col4row);
     }
-    let (lo, hi) = m.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
-        let b = -sign * x.to_f64();
-        (lo.min(b), hi.max(b))
-    });
-    let range = hi - lo;
     if range <= 0.0 {
         return (vec![0f64; n], col4row);
     }
@@ -140,7 +245,12 @@ fn auction<T: Cost>(m: &[T], n: usize, sign: f64) -> (Vec<f64>, Vec<usize>) {
     // augmenting paths far more (range·1e-3/n: 0.58 s in all, against 1.5 s
     // from scratch).
     let eps_min = range * 1e-3 / n as f64;
-    let mut eps = range / 8.0;
+    // The first phase at range/50 (not range/8): the coarsest phases were
+    // the costliest and their prices are redone by the next ones
+    // (`analyze --analyses neuron-reorder` on the scaled checkpoint, 84
+    // cosine matrices of n = 3584: 19–22 s → 16–18 s; the n = 14336 random
+    // matrix of `tests::timing`: 5.3 → 4.6 s).
+    let mut eps = range / 50.0;
     // A bound on the work (100·n bids of n each; ~40·n are typical): past
     // it the exact solver starts from scratch, as without the auction.
     let mut budget = 100usize.saturating_mul(n).saturating_mul(n);
@@ -155,18 +265,7 @@ fn auction<T: Cost>(m: &[T], n: usize, sign: f64) -> (Vec<f64>, Vec<usize>) {
                 return (vec![0f64; n], vec![NONE; n]);
             }
             budget -= n;
-            let row = &m[i * n..(i + 1) * n];
-            let (mut b1, mut b2, mut j1) = (f64::NEG_INFINITY, f64::NEG_INFINITY, 0);
-            for (j, x) in row.iter().enumerate() {
-                let val = -sign * x.to_f64() - price[j];
-                if val > b1 {
-                    b2 = b1;
-                    b1 = val;
-                    j1 = j;
-                } else if val > b2 {
-                    b2 = val;
-                }
-            }
+            let (b1, b2, j1) = best_two(&m[i * n..(i + 1) * n], &price, -sign);
             price[j1] += b1 - b2 + eps;
             let prev = owner[j1];
             if prev != NONE {
@@ -183,6 +282,99 @@ fn auction<T: Cost>(m: &[T], n: usize, sign: f64) -> (Vec<f64>, Vec<usize>) {
     }
     // Benefit −sign·m − price ↔ cost sign·m − v with v = −price.
     (price.iter().map(|p| -p).collect(), col4row)
+}
+
+/// A bid's search: over `val[j] = s·row[j] − price[j]`, the largest value,
+/// the second largest (equal to the largest when it occurs twice) and the
+/// first column holding the largest. `row` holds no NaN and at least two
+/// values. The AVX-512 kernel gives exactly the scalar loop's result (the
+/// same values, the same first column); it is most of the auction's time.
+fn best_two<T: Cost>(row: &[T], price: &[f64], s: f64) -> (f64, f64, usize) {
+    assert_eq!(row.len(), price.len(), "a row and the prices differ in length");
+    #[cfg(target_arch = "x86_64")]
+    if row.len() >= 8 && std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked); the lengths agree
+        // (asserted above).
+        return unsafe { best_two_avx512(row, price, s) };
+    }
+    best_two_from(row, price, s, 0, (f64::NEG_INFINITY, f64::NEG_INFINITY, 0))
+}
+
+/// The scalar bid search over `row[from..]`, continuing from `(b1, b2, j1)`.
+fn best_two_from<T: Cost>(
+    row: &[T],
+    price: &[f64],
+    s: f64,
+    from: usize,
+    (mut b1, mut b2, mut j1): (f64, f64, usize),
+) -> (f64, f64, usize) {
+    for j in from..row.len() {
+        // s is ±1, so s·x is exact: one rounding, as the kernel's fmsub.
+        let val = s * row[j].to_f64() - price[j];
+        if val > b1 {
+            b2 = b1;
+            b1 = val;
+            j1 = j;
+        } else if val > b2 {
+            b2 = val;
+        }
+    }
+    (b1, b2, j1)
+}
+
+/// [`best_two`] eight columns at a time: each lane keeps its own largest,
+/// second largest and first column; the lanes are then merged (ties to the
+/// lowest column) and the tail done by the scalar loop.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `row.len() == price.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn best_two_avx512<T: Cost>(row: &[T], price: &[f64], s: f64) -> (f64, f64, usize) {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let sv = _mm512_set1_pd(s);
+    let mut b1 = _mm512_set1_pd(f64::NEG_INFINITY);
+    let mut b2 = b1;
+    let mut idx = _mm512_setzero_si512();
+    let mut col = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    let eight = _mm512_set1_epi64(8);
+    let mut q = 0;
+    while q + 8 <= n {
+        // SAFETY: q + 8 <= n = row.len() = price.len().
+        let (x, p) = unsafe { (T::load8(row.as_ptr().add(q)), _mm512_loadu_pd(price.as_ptr().add(q))) };
+        let val = _mm512_fmsub_pd(sv, x, p);
+        let gt = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(val, b1);
+        // Second largest: max(b2, min(val, b1)) is the scalar's update
+        // whether or not val beats b1.
+        b2 = _mm512_max_pd(b2, _mm512_min_pd(val, b1));
+        b1 = _mm512_mask_mov_pd(b1, gt, val);
+        idx = _mm512_mask_mov_epi64(idx, gt, col);
+        col = _mm512_add_epi64(col, eight);
+        q += 8;
+    }
+    let (mut l1, mut l2, mut li) = ([0f64; 8], [0f64; 8], [0u64; 8]);
+    // SAFETY: three 8-lane stores into arrays of 8.
+    unsafe {
+        _mm512_storeu_pd(l1.as_mut_ptr(), b1);
+        _mm512_storeu_pd(l2.as_mut_ptr(), b2);
+        _mm512_storeu_si512(li.as_mut_ptr() as *mut __m512i, idx);
+    }
+    // The lane holding the largest value at the lowest column.
+    let mut best = 0;
+    for l in 1..8 {
+        if l1[l] > l1[best] || (l1[l] == l1[best] && li[l] < li[best]) {
+            best = l;
+        }
+    }
+    let mut second = f64::NEG_INFINITY;
+    for l in 0..8 {
+        second = second.max(l2[l]);
+        if l != best {
+            second = second.max(l1[l]);
+        }
+    }
+    best_two_from(row, price, s, q, (l1[best], second, li[best] as usize))
 }
 
 /// Shortest augmenting paths from a [`Start`] until every row is matched.
@@ -436,6 +628,69 @@ mod tests {
             }
         }
         assert_eq!(compared, 4);
+    }
+
+    #[test]
+    fn the_scan_kernel_equals_the_scalar_scan() {
+        let mut seed = 11;
+        let mut compared = 0;
+        for n in [1, 7, 8, 9, 31, 64, 65] {
+            for special in [None, Some(f64::NAN), Some(f64::INFINITY), Some(f64::NEG_INFINITY)] {
+                for at in [0, n / 2, n - 1] {
+                    let mut m: Vec<f64> = (0..n).map(|_| lcg(&mut seed) * 2.0 - 1.0).collect();
+                    if let Some(v) = special {
+                        m[at] = v;
+                    }
+                    let want = Scan::from(&m, 0, Scan::EMPTY);
+                    assert_eq!(want.nan, special.is_some_and(f64::is_nan));
+                    assert_eq!(want.finite, special.is_none_or(f64::is_nan));
+                    let got = Scan::of(&m);
+                    assert_eq!((got.nan, got.finite), (want.nan, want.finite), "n={n} {special:?}");
+                    if !want.nan {
+                        assert_eq!((got.min, got.max), (want.min, want.max), "n={n} {special:?}");
+                        assert!(want.min.is_finite() || n == 1);
+                    }
+                    let m32: Vec<f32> = m.iter().map(|&x| x as f32).collect();
+                    let got32 = Scan::of(&m32);
+                    assert_eq!((got32.nan, got32.finite), (want.nan, want.finite));
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 7 * 4 * 3);
+    }
+
+    #[test]
+    fn the_bid_search_kernel_equals_the_scalar_loop() {
+        // Lengths around the 8-lane blocks, values with many ties (the first
+        // column of the largest must still win) and without.
+        let mut seed = 5;
+        let mut compared = 0;
+        for n in [2, 7, 8, 9, 15, 16, 17, 33, 64, 100] {
+            for trial in 0..50 {
+                let row: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let x = lcg(&mut seed);
+                        (if trial % 2 == 0 { (x * 3.0).floor() } else { x * 2.0 - 1.0 }) as f32
+                    })
+                    .collect();
+                let price: Vec<f64> = (0..n)
+                    .map(|_| {
+                        let x = lcg(&mut seed);
+                        if trial % 2 == 0 { (x * 2.0).floor() } else { x * 1e-3 }
+                    })
+                    .collect();
+                let row64: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+                for s in [1.0, -1.0] {
+                    let want = best_two_from(&row, &price, s, 0, (f64::NEG_INFINITY, f64::NEG_INFINITY, 0));
+                    assert!(want.0.is_finite() && want.1.is_finite());
+                    assert_eq!(best_two(&row, &price, s), want, "n={n} trial={trial}");
+                    assert_eq!(best_two(&row64, &price, s), want, "n={n} trial={trial} f64");
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 10 * 50 * 2);
     }
 
     #[test]
