@@ -43,16 +43,7 @@ fn main() {
         r.kendall_tau
     );
     // The same matrix in f64 for scipy (computed again; the pair result drops it).
-    let s = moe_inspect::analysis::linalg::matmul(
-        &a.unit,
-        moe_inspect::analysis::linalg::Op::N,
-        &b.unit,
-        moe_inspect::analysis::linalg::Op::T,
-        a.count,
-        a.hidden,
-        a.count,
-        1.0f32,
-    );
+    let s = a.cosines(&b);
     let path = moe_inspect::bench::data_dir().join(format!("lsa-{}.f64", a.count));
     let raw: Vec<u8> = s.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
     std::fs::write(&path, raw).unwrap();

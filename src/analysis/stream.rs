@@ -316,32 +316,94 @@ impl<'v, 'a> Pass<'v, 'a> {
     }
 }
 
+/// Coordinates per block of [`standardized_gram_add`] (its scratch, `e`
+/// blocks of f64, stays in the L1/L2 caches).
+const STD_BLOCK: usize = 512;
+
 /// Adds the chunk's coordinates, centred across the `e` experts and divided
 /// by their sample standard deviation, to the lower triangle of `std_gram`
-/// (`z` is scratch of length `e`).
-fn standardized_gram_add(buf: &[f32], len: usize, e: usize, z: &mut [f64], std_gram: &mut [f64]) {
-    for t in 0..len {
-        let mean = (0..e).map(|k| buf[k * CHUNK + t] as f64).sum::<f64>() / e as f64;
-        let mut ss = 0.0;
+/// (`z` is scratch, resized to `e` × [`STD_BLOCK`]). Blocks of coordinates
+/// at a time: each expert's standardized block, then one dot product per
+/// pair of experts over the block, eight lanes wide.
+fn standardized_gram_add(buf: &[f32], len: usize, e: usize, z: &mut Vec<f64>, std_gram: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked).
+        unsafe { standardized_gram_add_avx512(buf, len, e, z, std_gram) };
+        return;
+    }
+    standardized_gram_add_portable(buf, len, e, z, std_gram);
+}
+
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn standardized_gram_add_avx512(
+    buf: &[f32],
+    len: usize,
+    e: usize,
+    z: &mut Vec<f64>,
+    std_gram: &mut [f64],
+) {
+    standardized_gram_add_portable(buf, len, e, z, std_gram);
+}
+
+#[inline(always)]
+fn standardized_gram_add_portable(
+    buf: &[f32],
+    len: usize,
+    e: usize,
+    z: &mut Vec<f64>,
+    std_gram: &mut [f64],
+) {
+    const L: usize = 8;
+    z.resize(e * STD_BLOCK, 0.0);
+    let mut inv = [0f64; STD_BLOCK];
+    let mut t0 = 0;
+    while t0 < len {
+        let b = STD_BLOCK.min(len - t0);
+        let (mean, inv) = (&mut [0f64; STD_BLOCK][..b], &mut inv[..b]);
         for k in 0..e {
-            let d = buf[k * CHUNK + t] as f64 - mean;
-            z[k] = d;
-            ss += d * d;
+            let x = &buf[k * CHUNK + t0..k * CHUNK + t0 + b];
+            mean.iter_mut().zip(x).for_each(|(m, &x)| *m += x as f64);
         }
-        let std = (ss / (e - 1) as f64).sqrt();
-        if std == 0.0 {
-            continue; // a constant coordinate contributes nothing
-        }
-        let inv = 1.0 / std;
-        for zk in z.iter_mut().take(e) {
-            *zk *= inv;
-        }
-        for i in 0..e {
-            let zi = z[i];
-            for j in 0..=i {
-                std_gram[i * e + j] += zi * z[j];
+        mean.iter_mut().for_each(|m| *m /= e as f64);
+        inv.fill(0.0);
+        for k in 0..e {
+            let x = &buf[k * CHUNK + t0..k * CHUNK + t0 + b];
+            let zk = &mut z[k * STD_BLOCK..k * STD_BLOCK + b];
+            for ((z, &x), (&m, ss)) in zk.iter_mut().zip(x).zip(mean.iter().zip(inv.iter_mut())) {
+                let d = x as f64 - m;
+                *z = d;
+                *ss += d * d;
             }
         }
+        // A constant coordinate (std 0) contributes nothing: its z is 0.
+        for v in inv.iter_mut() {
+            let std = (*v / (e - 1) as f64).sqrt();
+            *v = if std == 0.0 { 0.0 } else { 1.0 / std };
+        }
+        for k in 0..e {
+            let zk = &mut z[k * STD_BLOCK..k * STD_BLOCK + b];
+            zk.iter_mut().zip(inv.iter()).for_each(|(z, &i)| *z *= i);
+        }
+        for i in 0..e {
+            let zi = &z[i * STD_BLOCK..i * STD_BLOCK + b];
+            for j in 0..=i {
+                let zj = &z[j * STD_BLOCK..j * STD_BLOCK + b];
+                let mut lanes = [0f64; L];
+                let (ci, cj) = (zi.chunks_exact(L), zj.chunks_exact(L));
+                let tail: f64 = ci.remainder().iter().zip(cj.remainder()).map(|(a, b)| a * b).sum();
+                for (a, c) in ci.zip(cj) {
+                    for l in 0..L {
+                        lanes[l] += a[l] * c[l];
+                    }
+                }
+                std_gram[i * e + j] += lanes.iter().sum::<f64>() + tail;
+            }
+        }
+        t0 += b;
     }
 }
 

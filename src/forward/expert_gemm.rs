@@ -240,6 +240,61 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usiz
     };
 }
 
+/// `y = x · Wᵀ` for bf16 `x` (`[m, k]`) and bf16 `w` (`[n, k]`), `y`
+/// `[m, n]`: every product exact (`vdpbf16ps` multiplies bf16 pairs into
+/// f32 without rounding), the sums in f32, as the [`Compute::Bf16`] tile
+/// computes them, here on values that need no rounding (bf16 subnormals,
+/// below 1.2e-38, count as zero). The rows of `x` go in blocks of about
+/// 512 KiB (a core's L2 cache); each block's columns are split over the
+/// cores. Returns `false`, leaving `y` untouched, on a CPU without AVX-512
+/// BF16.
+pub fn matmul_bf16_xwt(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, y: &mut [f32]) -> bool {
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    assert_eq!(w.len(), n * k, "w is not [n, k]");
+    assert_eq!(y.len(), m * n, "y is not [m, n]");
+    if !Compute::bf16_supported() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let block = ((512 << 10) / (2 * k.max(1))).max(R) / R * R;
+        let threads = rayon::current_num_threads().max(1);
+        let tiles = n.div_ceil(C);
+        let per = tiles.div_ceil(threads * 4).max(1) * C;
+        let out = Out(y.as_mut_ptr());
+        let w_row = |j: usize| w[j * k..].as_ptr();
+        let mut i0 = 0;
+        while i0 < m {
+            let rows = block.min(m - i0);
+            let xb = &x[i0 * k..(i0 + rows) * k];
+            let sink = |a0: usize, r: usize, j0: usize, c: usize, s: &[[f32; C]; R]| {
+                for (a, row) in s.iter().enumerate().take(r) {
+                    for (b, &v) in row.iter().enumerate().take(c) {
+                        // SAFETY: (i0 + a0 + a, j0 + b) is inside y (rows of
+                        // this block, columns below n); each chunk writes
+                        // its own columns.
+                        unsafe { *out.at((i0 + a0 + a) * n + j0 + b) = v };
+                    }
+                }
+            };
+            (0..n.div_ceil(per)).into_par_iter().for_each(|chunk| {
+                let cols = chunk * per..((chunk + 1) * per).min(n);
+                // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked);
+                // xb holds `rows` rows of k values, every w row j < n holds
+                // k values (lengths asserted above); the sink writes only
+                // the columns of its chunk.
+                unsafe { columns_dpbf16(xb, rows, k, cols, &w_row, &sink) };
+            });
+            i0 += rows;
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        unreachable!("bf16_supported is false off x86_64")
+    }
+}
+
 /// An expert's gate and up projections, `[inter, k]` each, and its activation.
 #[derive(Clone, Copy)]
 pub struct GateUp<'a, W: WeightElem = f32> {
@@ -962,6 +1017,38 @@ mod tests {
 
     fn rand(rng: &mut Rng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.uniform(1.0)).collect()
+    }
+
+    #[test]
+    fn bf16_products_are_exact_products_summed_in_f32() {
+        let mut rng = Rng(17);
+        let mut compared = 0;
+        // Row counts crossing the row blocks (128 rows at k = 2048), short
+        // tiles, reduction lengths with a lane tail.
+        for (m, k, n) in [(1, 1, 1), (3, 33, 5), (9, 70, 7), (130, 2048, 6)] {
+            let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.uniform(1.0))).collect();
+            let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(rng.uniform(1.0))).collect();
+            let mut y = vec![f32::NAN; m * n];
+            if !matmul_bf16_xwt(&x, m, k, &w, n, &mut y) {
+                assert!(!Compute::bf16_supported());
+                assert!(y.iter().all(|v| v.is_nan()), "y written without the kernels");
+                continue;
+            }
+            let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            for i in 0..m {
+                for j in 0..n {
+                    let want = dot64(&xf[i * k..(i + 1) * k], &wf[j * k..(j + 1) * k]);
+                    let got = y[i * n + j] as f64;
+                    assert!(got.is_finite(), "({i}, {j}) of {m}×{n}×{k}");
+                    assert!((got - want).abs() <= tol(k), "({i}, {j}) of {m}×{n}×{k}: {got} vs {want}");
+                    compared += 1;
+                }
+            }
+        }
+        if Compute::bf16_supported() {
+            assert_eq!(compared, 1 + 15 + 63 + 130 * 6);
+        }
     }
 
     fn dot64(a: &[f32], b: &[f32]) -> f64 {

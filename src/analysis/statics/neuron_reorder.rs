@@ -10,7 +10,11 @@
 //! exact for that f32 matrix). The expert pairs of a matrix are aligned in
 //! parallel, as many at a time as there are threads.
 
+use std::any::TypeId;
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
+
+use half::bf16;
 
 use rayon::prelude::*;
 
@@ -20,6 +24,7 @@ use crate::analysis::neurons;
 use crate::analysis::results::{NeuronReorderLayer, PerMatrix, ReorderMatrices};
 use crate::analysis::Progress;
 use crate::error::{Error, Result};
+use crate::forward::expert_gemm::{matmul_bf16_xwt, Compute};
 use crate::model::{Matrix, MoeLayerView};
 
 /// Above this many neurons the similarity matrix is computed and stored in f32.
@@ -33,8 +38,15 @@ pub struct Neurons<T> {
     pub hidden: usize,
     /// Norm of each neuron.
     pub norms: Vec<f64>,
-    /// Unit-norm neurons, row-major `[count, hidden]`.
+    /// Unit-norm neurons, row-major `[count, hidden]`; empty when the
+    /// neurons are kept as [`Neurons::bf16`] instead.
     pub unit: Vec<T>,
+    /// The neurons as stored, row-major `[count, hidden]`, when they are f32
+    /// similarities ([`F64_MAX_NEURONS`] exceeded), every value is a bf16
+    /// (a bf16 checkpoint) and the CPU has AVX-512 BF16: the cosines are
+    /// then products of these values (exact) summed in f32 and divided by
+    /// the norms, at twice the rate of an f32 product of unit rows.
+    pub bf16: Option<Vec<bf16>>,
     /// Frobenius norm of the whole matrix.
     pub total_norm: f64,
 }
@@ -45,12 +57,17 @@ pub trait Real: Cost + Default + 'static {
     const ONE: Self;
     /// Converts from f64 (rounding for f32).
     fn from_f64(x: f64) -> Self;
+    /// Converts a vector of f32 (exact; no copy for f32).
+    fn from_f32s(v: Vec<f32>) -> Vec<Self>;
 }
 
 impl Real for f32 {
     const ONE: f32 = 1.0;
     fn from_f64(x: f64) -> f32 {
         x as f32
+    }
+    fn from_f32s(v: Vec<f32>) -> Vec<f32> {
+        v
     }
 }
 
@@ -59,27 +76,100 @@ impl Real for f64 {
     fn from_f64(x: f64) -> f64 {
         x
     }
+    fn from_f32s(v: Vec<f32>) -> Vec<f64> {
+        v.into_iter().map(f64::from).collect()
+    }
 }
 
 impl<T: Real> Neurons<T> {
     /// Normalises each neuron (row of `[count, hidden]`).
     pub fn new(data: &[f32], count: usize, hidden: usize) -> Neurons<T> {
-        let mut norms = Vec::with_capacity(count);
-        let mut unit = Vec::with_capacity(count * hidden);
-        for row in data.chunks(hidden) {
-            let n = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-            norms.push(n);
-            let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
-            unit.extend(row.iter().map(|&x| T::from_f64(x as f64 * inv)));
-        }
+        let norms: Vec<f64> = data
+            .chunks(hidden)
+            .map(|row| row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt())
+            .collect();
         let total_norm = norms.iter().map(|n| n * n).sum::<f64>().sqrt();
+        let as_bf16 = TypeId::of::<T>() == TypeId::of::<f32>()
+            && Compute::bf16_supported()
+            && data.iter().all(|x| x.to_bits() & 0xffff == 0);
+        let (unit, bf16) = if as_bf16 {
+            let raw = data
+                .iter()
+                .map(|&x| bf16::from_bits((x.to_bits() >> 16) as u16));
+            (Vec::new(), Some(raw.collect()))
+        } else {
+            let mut unit = Vec::with_capacity(count * hidden);
+            for (row, &n) in data.chunks(hidden).zip(&norms) {
+                unit.extend(row.iter().map(|&x| T::from_f64(x as f64 * inverse(n))));
+            }
+            (unit, None)
+        };
         Neurons {
             count,
             hidden,
             norms,
             unit,
+            bf16,
             total_norm,
         }
+    }
+
+    /// The `count × other.count` matrix of neuron-to-neuron cosines,
+    /// row-major (a zero neuron has cosine 0 with every other).
+    pub fn cosines(&self, other: &Neurons<T>) -> Vec<T> {
+        assert_eq!(self.hidden, other.hidden, "neurons of different lengths");
+        let (m, n, k) = (self.count, other.count, self.hidden);
+        if let (Some(a), Some(b)) = (&self.bf16, &other.bf16) {
+            let mut dots = vec![0f32; m * n];
+            if matmul_bf16_xwt(a, m, k, b, n, &mut dots) {
+                let inv_b: Vec<f64> = other.norms.iter().map(|&x| inverse(x)).collect();
+                dots.par_chunks_mut(n.max(1))
+                    .zip(&self.norms)
+                    .for_each(|(row, &na)| {
+                        let inv_a = inverse(na);
+                        for (d, &ib) in row.iter_mut().zip(&inv_b) {
+                            *d = (*d as f64 * inv_a * ib) as f32;
+                        }
+                    });
+                return T::from_f32s(dots);
+            }
+        }
+        matmul(
+            &self.unit_rows(),
+            Op::N,
+            &other.unit_rows(),
+            Op::T,
+            m,
+            k,
+            n,
+            T::ONE,
+        )
+    }
+
+    /// The unit-norm neurons, made from [`Neurons::bf16`] when only those
+    /// are kept (the other side of a pair is not bf16).
+    pub fn unit_rows(&self) -> Cow<'_, [T]> {
+        match &self.bf16 {
+            Some(raw) if self.unit.is_empty() => Cow::Owned(
+                raw.chunks(self.hidden.max(1))
+                    .zip(&self.norms)
+                    .flat_map(|(row, &n)| {
+                        row.iter()
+                            .map(move |x| T::from_f64(x.to_f64() * inverse(n)))
+                    })
+                    .collect(),
+            ),
+            _ => Cow::Borrowed(&self.unit),
+        }
+    }
+}
+
+/// `1 / n`, 0 for a zero norm.
+fn inverse(n: f64) -> f64 {
+    if n > 0.0 {
+        1.0 / n
+    } else {
+        0.0
     }
 }
 
@@ -104,7 +194,7 @@ pub struct PairResult {
 pub fn align_pair<T: Real>(a: &Neurons<T>, b: &Neurons<T>) -> Result<PairResult> {
     let n = a.count;
     let t0 = Instant::now();
-    let s = matmul(&a.unit, Op::N, &b.unit, Op::T, n, a.hidden, n, T::ONE);
+    let s = a.cosines(b);
     let matmul_time = t0.elapsed();
     let t1 = Instant::now();
     let p = assignment::maximize(&s, n).ok_or_else(|| {
@@ -262,6 +352,61 @@ mod tests {
     use super::*;
     use crate::model::Model;
     use std::cell::RefCell;
+
+    #[test]
+    fn cosines_of_bf16_neurons_equal_the_f64_cosines() {
+        // 37 neurons of 70 values (a lane tail), one of them zero; values
+        // exactly bf16 (as read from a bf16 checkpoint), and the same
+        // neurons nudged off bf16, which take the unit-row product.
+        let (n, h) = (37, 70);
+        let mut seed = 3u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            half::bf16::from_f32(((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_f32()
+        };
+        let mut a: Vec<f32> = (0..n * h).map(|_| next()).collect();
+        let b: Vec<f32> = (0..n * h).map(|_| next()).collect();
+        a[5 * h..6 * h].fill(0.0);
+        let cos64 = |x: &[f32], y: &[f32]| {
+            let d: f64 = x.iter().zip(y).map(|(&p, &q)| p as f64 * q as f64).sum();
+            let nx = x.iter().map(|&p| (p as f64).powi(2)).sum::<f64>().sqrt();
+            let ny = y.iter().map(|&q| (q as f64).powi(2)).sum::<f64>().sqrt();
+            if nx > 0.0 && ny > 0.0 {
+                d / (nx * ny)
+            } else {
+                0.0
+            }
+        };
+        let off: Vec<f32> = b.iter().map(|&v| v * (1.0 + 1e-6)).collect();
+        let mut compared = 0;
+        for (second, bf16_side) in [(&b, true), (&off, false)] {
+            let (na, nb) = (
+                Neurons::<f32>::new(&a, n, h),
+                Neurons::<f32>::new(second, n, h),
+            );
+            assert_eq!(na.bf16.is_some(), Compute::bf16_supported());
+            assert_eq!(nb.bf16.is_some(), bf16_side && Compute::bf16_supported());
+            let s = na.cosines(&nb);
+            assert_eq!(s.len(), n * n);
+            for i in 0..n {
+                for j in 0..n {
+                    let want = cos64(&a[i * h..(i + 1) * h], &second[j * h..(j + 1) * h]);
+                    let got = s[i * n + j] as f64;
+                    assert!(
+                        got.is_finite() && (got - want).abs() <= 1e-6,
+                        "({i}, {j}): {got} vs {want}"
+                    );
+                    if i == 5 {
+                        assert_eq!(got, 0.0, "a zero neuron");
+                    }
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 2 * n * n);
+    }
 
     struct Record(RefCell<Vec<String>>);
 

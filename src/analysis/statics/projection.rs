@@ -11,6 +11,8 @@
 //!   64 (`covariance`), otherwise the top components come from randomised
 //!   subspace iteration (16 columns, 8 power iterations, `randomized`).
 
+use rayon::prelude::*;
+
 use crate::analysis::linalg::{matmul, symmetric_eigen, Op};
 use crate::analysis::neurons;
 use crate::analysis::results::{PcaResult, PerMatrix, ProjectionLayer, ProjectionMatrix};
@@ -128,11 +130,130 @@ fn randomized_basis(x: &[f32], n: usize, hidden: usize) -> Vec<f64> {
         .collect();
     orthonormalize(&mut q, hidden, k);
     for _ in 0..POWER_ITERATIONS {
-        let b = matmul(x, Op::N, &q, Op::N, n, hidden, k, 1.0);
-        q = matmul(x, Op::T, &b, Op::N, hidden, n, k, 1.0);
+        q = gram_times(x, n, hidden, &q);
         orthonormalize(&mut q, hidden, k);
     }
     q.iter().map(|&v| v as f64).collect()
+}
+
+/// Rows of x per task of [`gram_times`].
+const GRAM_BLOCK: usize = 256;
+
+/// `Xᵀ(X·q)` for `x` (`[n, hidden]`) and `q` (`[hidden, SUBSPACE]`), both
+/// row-major, in one pass over x: each block of rows computes its rows'
+/// `x_r·q` and adds `x_rᵀ(x_r·q)` into its own f32 sum while the rows are
+/// in cache; the blocks' sums are added in f64. (Two matrix products read
+/// x twice, the second time column-wise.)
+fn gram_times(x: &[f32], n: usize, hidden: usize, q: &[f32]) -> Vec<f32> {
+    assert_eq!(x.len(), n * hidden, "x is not [n, hidden]");
+    assert_eq!(q.len(), hidden * SUBSPACE, "q is not [hidden, {SUBSPACE}]");
+    if hidden == 0 {
+        return Vec::new();
+    }
+    let sum = x
+        .par_chunks(GRAM_BLOCK * hidden)
+        .map(|rows| {
+            let mut acc = vec![0f32; hidden * SUBSPACE];
+            gram_block(rows, hidden, q, &mut acc);
+            acc.into_iter().map(f64::from).collect::<Vec<f64>>()
+        })
+        .reduce(
+            || vec![0f64; hidden * SUBSPACE],
+            |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
+    sum.into_iter().map(|v| v as f32).collect()
+}
+
+/// [`gram_times`] on one block of rows, with the widest instructions the
+/// CPU has (the loops over the 16 columns are one vector each).
+fn gram_block(rows: &[f32], hidden: usize, q: &[f32], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked).
+        unsafe { gram_block_avx512(rows, hidden, q, acc) };
+        return;
+    }
+    gram_block_portable(rows, hidden, q, acc);
+}
+
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+// `h` indexes the eight rows, q and acc at once.
+#[allow(clippy::needless_range_loop)]
+unsafe fn gram_block_avx512(rows: &[f32], hidden: usize, q: &[f32], acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const { assert!(SUBSPACE == 16, "one zmm register per row of q") };
+    assert!(q.len() == hidden * SUBSPACE && acc.len() == hidden * SUBSPACE);
+    // Eight rows at a time: each row of q and of acc (L2-resident at
+    // hidden 1024 and above) is then read once per eight rows.
+    const G: usize = 8;
+    let (qp, ap) = (q.as_ptr(), acc.as_mut_ptr());
+    let mut groups = rows.chunks_exact(G * hidden);
+    for g in &mut groups {
+        let r: [&[f32]; G] = std::array::from_fn(|i| &g[i * hidden..(i + 1) * hidden]);
+        let mut b = [_mm512_setzero_ps(); G];
+        for h in 0..hidden {
+            // SAFETY: h < hidden and q holds hidden rows of 16 (asserted).
+            let qv = unsafe { _mm512_loadu_ps(qp.add(h * 16)) };
+            for i in 0..G {
+                b[i] = _mm512_fmadd_ps(_mm512_set1_ps(r[i][h]), qv, b[i]);
+            }
+        }
+        for h in 0..hidden {
+            // SAFETY: h < hidden and acc holds hidden rows of 16 (asserted).
+            unsafe {
+                let a = ap.add(h * 16);
+                let mut lo = _mm512_loadu_ps(a);
+                let mut hi = _mm512_setzero_ps();
+                for i in 0..G / 2 {
+                    lo = _mm512_fmadd_ps(_mm512_set1_ps(r[i][h]), b[i], lo);
+                    hi = _mm512_fmadd_ps(_mm512_set1_ps(r[i + G / 2][h]), b[i + G / 2], hi);
+                }
+                _mm512_storeu_ps(a, _mm512_add_ps(lo, hi));
+            }
+        }
+    }
+    gram_block_portable(groups.remainder(), hidden, q, acc);
+}
+
+#[inline(always)]
+fn gram_block_portable(rows: &[f32], hidden: usize, q: &[f32], acc: &mut [f32]) {
+    for row in rows.chunks_exact(hidden) {
+        // Four partial sums, so that the additions do not wait on each other.
+        let mut part = [[0f32; SUBSPACE]; 4];
+        let mut qs = q.chunks_exact(4 * SUBSPACE);
+        let mut vs = row.chunks_exact(4);
+        for (v4, q4) in (&mut vs).zip(&mut qs) {
+            for (u, (p, qr)) in part.iter_mut().zip(q4.chunks_exact(SUBSPACE)).enumerate() {
+                for (p, &w) in p.iter_mut().zip(qr) {
+                    *p += v4[u] * w;
+                }
+            }
+        }
+        let tail = vs.remainder();
+        for (&v, qr) in tail
+            .iter()
+            .zip(q[(hidden - tail.len()) * SUBSPACE..].chunks_exact(SUBSPACE))
+        {
+            for (p, &w) in part[0].iter_mut().zip(qr) {
+                *p += v * w;
+            }
+        }
+        let mut b = [0f32; SUBSPACE];
+        for (c, b) in b.iter_mut().enumerate() {
+            *b = (part[0][c] + part[1][c]) + (part[2][c] + part[3][c]);
+        }
+        for (&v, a) in row.iter().zip(acc.chunks_exact_mut(SUBSPACE)) {
+            for (a, &w) in a.iter_mut().zip(&b) {
+                *a += v * w;
+            }
+        }
+    }
 }
 
 /// Modified Gram-Schmidt on the columns of a row-major `rows × k` matrix (twice, for stability).
