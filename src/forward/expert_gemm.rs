@@ -244,9 +244,8 @@ pub fn matmul_xwt<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usiz
 /// `[m, n]`: every product exact (`vdpbf16ps` multiplies bf16 pairs into
 /// f32 without rounding), the sums in f32, as the [`Compute::Bf16`] tile
 /// computes them, here on values that need no rounding (bf16 subnormals,
-/// below 1.2e-38, count as zero). The rows of `x` go in blocks of about
-/// 512 KiB (a core's L2 cache); each block's columns are split over the
-/// cores. Returns `false`, leaving `y` untouched, on a CPU without AVX-512
+/// below 1.2e-38, count as zero), in a packed GEMM
+/// (`super::packed_bf16`). Returns `false`, leaving `y` untouched, on a CPU without AVX-512
 /// BF16.
 pub fn matmul_bf16_xwt(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, y: &mut [f32]) -> bool {
     assert_eq!(x.len(), m * k, "x is not [m, k]");
@@ -257,36 +256,8 @@ pub fn matmul_bf16_xwt(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, y: 
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let block = ((512 << 10) / (2 * k.max(1))).max(R) / R * R;
-        let threads = rayon::current_num_threads().max(1);
-        let tiles = n.div_ceil(C);
-        let per = tiles.div_ceil(threads * 4).max(1) * C;
-        let out = Out(y.as_mut_ptr());
-        let w_row = |j: usize| w[j * k..].as_ptr();
-        let mut i0 = 0;
-        while i0 < m {
-            let rows = block.min(m - i0);
-            let xb = &x[i0 * k..(i0 + rows) * k];
-            let sink = |a0: usize, r: usize, j0: usize, c: usize, s: &[[f32; C]; R]| {
-                for (a, row) in s.iter().enumerate().take(r) {
-                    for (b, &v) in row.iter().enumerate().take(c) {
-                        // SAFETY: (i0 + a0 + a, j0 + b) is inside y (rows of
-                        // this block, columns below n); each chunk writes
-                        // its own columns.
-                        unsafe { *out.at((i0 + a0 + a) * n + j0 + b) = v };
-                    }
-                }
-            };
-            (0..n.div_ceil(per)).into_par_iter().for_each(|chunk| {
-                let cols = chunk * per..((chunk + 1) * per).min(n);
-                // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked);
-                // xb holds `rows` rows of k values, every w row j < n holds
-                // k values (lengths asserted above); the sink writes only
-                // the columns of its chunk.
-                unsafe { columns_dpbf16(xb, rows, k, cols, &w_row, &sink) };
-            });
-            i0 += rows;
-        }
+        // SAFETY: the CPU has AVX-512F and AVX-512 BF16 (checked).
+        unsafe { super::packed_bf16::xwt(x, m, k, w, n, y) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -1023,9 +994,17 @@ mod tests {
     fn bf16_products_are_exact_products_summed_in_f32() {
         let mut rng = Rng(17);
         let mut compared = 0;
-        // Row counts crossing the row blocks (128 rows at k = 2048), short
-        // tiles, reduction lengths with a lane tail.
-        for (m, k, n) in [(1, 1, 1), (3, 33, 5), (9, 70, 7), (130, 2048, 6)] {
+        // Row counts crossing the row blocks (120 rows at k = 2048), short
+        // tiles, odd reduction lengths, 66 pair-steps (a register flush
+        // after 64), several column panels (of 32) and chunks.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 33, 5),
+            (9, 70, 7),
+            (130, 2048, 6),
+            (13, 131, 70),
+            (25, 64, 257),
+        ] {
             let x: Vec<bf16> = (0..m * k).map(|_| bf16::from_f32(rng.uniform(1.0))).collect();
             let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(rng.uniform(1.0))).collect();
             let mut y = vec![f32::NAN; m * n];
@@ -1047,7 +1026,7 @@ mod tests {
             }
         }
         if Compute::bf16_supported() {
-            assert_eq!(compared, 1 + 15 + 63 + 130 * 6);
+            assert_eq!(compared, 1 + 15 + 63 + 130 * 6 + 13 * 70 + 25 * 257);
         }
     }
 
