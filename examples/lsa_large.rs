@@ -33,7 +33,7 @@ fn main() {
     let t = Instant::now();
     let r = align_pair(&a, &b).unwrap();
     eprintln!(
-        "n={}: matmul {:.2?}, assignment {:.2?} (total {:.2?}); optimum {:.6}, similarity {:.6}, Kendall tau {:.6}",
+        "n={}: matmul {:.2?}, assignment {:.2?} (total {:.2?}); optimum {:.9}, similarity {:.6}, Kendall tau {:.6}",
         a.count,
         r.matmul_time,
         r.assignment_time,

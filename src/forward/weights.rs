@@ -126,7 +126,7 @@ fn copy_words(bytes: &[u8], n: usize, exp: u16) -> (Vec<u16>, bool) {
 /// Zen 4 cores (THP `madvise` mode) a sequential read of a 262 MB buffer went
 /// from 25 to 31–42 GB/s. Advice only: where the kernel declines (THP off,
 /// no free huge page), nothing changes.
-fn advise_huge_pages<T>(v: &mut [T]) {
+pub(crate) fn advise_huge_pages<T>(v: &mut [T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
