@@ -217,6 +217,68 @@ fn ensure_fits_in(what: &str, bytes: u64, available: Option<u64>) -> Result<()> 
     Ok(())
 }
 
+/// Large scratch buffers kept for the next use instead of being returned
+/// to the system: a buffer of hundreds of MB (the n × n similarities of a
+/// neuron-reorder pair at Mixtral-8x7B size, 822 MB) is mapped afresh by
+/// every allocation, and the kernel zeroes each of its pages on the first
+/// write; on the 2-core machine of docs/performance.md that zeroing was 14%
+/// of a Mixtral-size neuron-reorder. Keeps at most `limit` buffers (further
+/// ones are freed); [`Recycler::clear`] frees them all.
+pub(crate) struct Recycler<T> {
+    kept: std::sync::Mutex<Vec<Vec<T>>>,
+    limit: usize,
+}
+
+impl<T: Copy + Default> Recycler<T> {
+    /// An empty recycler that keeps up to `limit` buffers.
+    pub(crate) const fn new(limit: usize) -> Recycler<T> {
+        Recycler {
+            kept: std::sync::Mutex::new(Vec::new()),
+            limit,
+        }
+    }
+
+    /// `len` zeros (`T::default()`), in a kept buffer when one is large
+    /// enough (the smallest such), else newly allocated.
+    pub(crate) fn take(&self, len: usize) -> Vec<T> {
+        let found = {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            let best = (0..kept.len())
+                .filter(|&i| kept[i].capacity() >= len)
+                .min_by_key(|&i| kept[i].capacity());
+            best.map(|i| kept.swap_remove(i))
+        };
+        match found {
+            Some(mut v) => {
+                v.clear();
+                v.resize(len, T::default());
+                v
+            }
+            None => vec![T::default(); len],
+        }
+    }
+
+    /// Keeps `v` for a later [`Recycler::take`] (frees it when `limit` are
+    /// kept already).
+    pub(crate) fn give(&self, v: Vec<T>) {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < self.limit && v.capacity() > 0 {
+            kept.push(v);
+        }
+    }
+
+    /// Frees every kept buffer.
+    pub(crate) fn clear(&self) {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// How many buffers are kept.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,5 +369,34 @@ mod tests {
             let a = available().expect("MemAvailable on Linux");
             assert!(a > 0);
         }
+    }
+
+    /// A taken buffer is all zeros whether it is new or kept (a kept one
+    /// is reused, not reallocated); at most `limit` are kept; `clear`
+    /// frees them.
+    #[test]
+    fn recycled_buffers_come_back_zeroed_and_are_bounded() {
+        let r: Recycler<f32> = Recycler::new(2);
+        let mut a = r.take(1000);
+        assert_eq!(a.len(), 1000);
+        assert!(a.iter().all(|&v| v == 0.0));
+        a.fill(f32::NAN);
+        let ptr = a.as_ptr();
+        r.give(a);
+        let b = r.take(600);
+        assert_eq!(b.as_ptr(), ptr, "the kept buffer was not reused");
+        assert_eq!(b.len(), 600);
+        assert!(
+            b.iter().all(|&v| v == 0.0),
+            "a reused buffer kept old values"
+        );
+        let c = r.take(5000);
+        assert!(c.len() == 5000 && c.iter().all(|&v| v == 0.0));
+        r.give(b);
+        r.give(c);
+        r.give(vec![1.0; 10]);
+        assert_eq!(r.kept(), 2);
+        r.clear();
+        assert_eq!(r.kept(), 0);
     }
 }

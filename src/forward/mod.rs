@@ -18,7 +18,7 @@ pub mod gpt_oss;
 pub mod llama4;
 mod moe;
 pub mod observer;
-mod packed_bf16;
+pub(crate) mod packed_bf16;
 pub mod qwen3_next;
 pub mod routing;
 pub mod weights;

@@ -21,6 +21,17 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::memory::Recycler;
+
+/// The packed copies, kept from one product to the next (two per product;
+/// 235 MB for a pair at Mixtral-8x7B size): see [`Recycler`].
+static PANELS: Recycler<u32> = Recycler::new(64);
+
+/// Frees the packed copies kept for the next product.
+pub(crate) fn release() {
+    PANELS.clear();
+}
+
 /// Rows of `x` in a micro-panel (one broadcast each per step).
 const MR: usize = 12;
 /// Columns of `w` in a micro-panel (two 16-lane registers).
@@ -111,7 +122,7 @@ impl Out {
 fn pack(v: &[bf16], rows: usize, k: usize, width: usize) -> Vec<u32> {
     let steps = k.div_ceil(2);
     let panels = rows.div_ceil(width);
-    let mut out = vec![0u32; panels * steps * width];
+    let mut out = PANELS.take(panels * steps * width);
     out.par_chunks_mut((steps * width).max(1))
         .enumerate()
         .for_each(|(q, panel)| {

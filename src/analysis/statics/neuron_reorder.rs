@@ -26,6 +26,7 @@ use crate::analysis::Progress;
 use crate::error::{Error, Result};
 use crate::forward::expert_gemm::{matmul_bf16_xwt, Compute};
 use crate::forward::weights::advise_huge_pages;
+use crate::memory::Recycler;
 use crate::model::{Matrix, MoeLayerView};
 
 /// Above this many neurons the similarity matrix is computed and stored in f32.
@@ -60,7 +61,14 @@ pub trait Real: Cost + Default + 'static {
     fn from_f64(x: f64) -> Self;
     /// Converts a vector of f32 (exact; no copy for f32).
     fn from_f32s(v: Vec<f32>) -> Vec<Self>;
+    /// Hands a similarity matrix back for the next pair (f32 ones are kept,
+    /// see [`COSINES`]).
+    fn recycle(v: Vec<Self>);
 }
+
+/// The f32 similarity matrices, kept from one pair to the next (822 MB at
+/// Mixtral-8x7B size): see [`Recycler`].
+static COSINES: Recycler<f32> = Recycler::new(64);
 
 impl Real for f32 {
     const ONE: f32 = 1.0;
@@ -70,6 +78,9 @@ impl Real for f32 {
     fn from_f32s(v: Vec<f32>) -> Vec<f32> {
         v
     }
+    fn recycle(v: Vec<f32>) {
+        COSINES.give(v);
+    }
 }
 
 impl Real for f64 {
@@ -78,8 +89,11 @@ impl Real for f64 {
         x
     }
     fn from_f32s(v: Vec<f32>) -> Vec<f64> {
-        v.into_iter().map(f64::from).collect()
+        let out = v.iter().map(|&x| f64::from(x)).collect();
+        COSINES.give(v);
+        out
     }
+    fn recycle(_: Vec<f64>) {}
 }
 
 impl<T: Real> Neurons<T> {
@@ -121,9 +135,9 @@ impl<T: Real> Neurons<T> {
         assert_eq!(self.hidden, other.hidden, "neurons of different lengths");
         let (m, n, k) = (self.count, other.count, self.hidden);
         if let (Some(a), Some(b)) = (&self.bf16, &other.bf16) {
-            let mut dots = vec![0f32; m * n];
-            // Huge pages for the n×n matrix: a fresh one per pair, whose
-            // 4 KiB page faults took 5 of the 25 s of the default analyze.
+            let mut dots = COSINES.take(m * n);
+            // Huge pages for the n×n matrix when it is new: its 4 KiB page
+            // faults took 5 of the 25 s of the default analyze.
             advise_huge_pages(&mut dots);
             if matmul_bf16_xwt(a, m, k, b, n, &mut dots) {
                 let inv_b: Vec<f64> = other.norms.iter().map(|&x| inverse(x)).collect();
@@ -209,6 +223,7 @@ pub fn align_pair<T: Real>(a: &Neurons<T>, b: &Neurons<T>) -> Result<PairResult>
     let dots: f64 = (0..n)
         .map(|i| s[i * n + p[i]].to_f64() * a.norms[i] * b.norms[p[i]])
         .sum();
+    T::recycle(s);
     let denom = a.total_norm * b.total_norm;
     Ok(PairResult {
         kendall_tau: assignment::kendall_tau(&p),
@@ -324,6 +339,7 @@ pub fn layer_with_progress(
 ) -> Result<NeuronReorderLayer> {
     let n = layer.experts.first().map_or(0, |x| x.gate.shape[0]);
     let e = layer.experts.len();
+    let _release = ReleaseScratch;
     let mut pairs = Pairs {
         progress,
         layer: layer.layer,
@@ -339,6 +355,17 @@ pub fn layer_with_progress(
             down: pairs.run(layer, Matrix::Down, n)?,
         },
     })
+}
+
+/// Frees the buffers kept from pair to pair ([`COSINES`], the packed
+/// copies of the bf16 product) when a layer is done or fails.
+struct ReleaseScratch;
+
+impl Drop for ReleaseScratch {
+    fn drop(&mut self) {
+        COSINES.clear();
+        crate::forward::packed_bf16::release();
+    }
 }
 
 /// The default layer: the middle MoE layer (all expert pairs of its three
