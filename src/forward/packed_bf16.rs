@@ -10,13 +10,18 @@
 //! broadcasts per 24 instructions), so the cores' L2 caches feed it at the
 //! instruction rate: 5.1–5.4 s for the 14336 × 14336 × 4096 product on two
 //! Zen 4 cores (≈ 80 G multiply-adds/s per core), where the dot-product
-//! tiles took 7.9–8.8 s. A tile of 8 rows measured 5.3 s. The rows of `x` go in blocks that stay in L2 together
-//! with one column panel; every thread takes its own column panels.
+//! tiles took 7.9–8.8 s. A tile of 8 rows measured 5.3 s. The rows of `x`
+//! go in blocks that stay in L2 together with one column panel; every
+//! thread takes its own column panels.
 //!
 //! Every product is exact (bf16 × bf16 fits f32); the sums are f32, each
 //! accumulator summing at most [`FLUSH`] pairs before it is added into the
 //! tile's running f32 sum, so the rounding stays that of sums of ~100
 //! terms, as in the dot-product tiles.
+
+// Only x86_64 has the kernel (`vdpbf16ps`); elsewhere `matmul_bf16_xwt`
+// declines before reaching this module.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use half::bf16;
 use rayon::prelude::*;
@@ -96,6 +101,8 @@ pub(super) unsafe fn xwt(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, y
                 r0 = r1;
             }
         });
+    PANELS.give(a);
+    PANELS.give(b);
 }
 
 /// `y`'s pointer, shared by the chunks (each writes its own columns).

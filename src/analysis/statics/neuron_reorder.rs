@@ -61,8 +61,8 @@ pub trait Real: Cost + Default + 'static {
     fn from_f64(x: f64) -> Self;
     /// Converts a vector of f32 (exact; no copy for f32).
     fn from_f32s(v: Vec<f32>) -> Vec<Self>;
-    /// Hands a similarity matrix back for the next pair (f32 ones are kept,
-    /// see [`COSINES`]).
+    /// Hands a similarity matrix back for the next pair (f32 ones are kept
+    /// until the layer is done; f64 ones are freed).
     fn recycle(v: Vec<Self>);
 }
 
