@@ -385,9 +385,10 @@ unsafe impl Send for Ptr {}
 // SAFETY: as for `Send`: shared, read-only access to live rows.
 unsafe impl Sync for Ptr {}
 
-/// The output, written by the column chunks, each its own columns.
+/// The output, written by the column chunks, each its own columns (here
+/// and in `super::packed_bf16`).
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: the chunks write disjoint elements (see `product`).
 unsafe impl Send for Out {}
 // SAFETY: as for `Send`: no element is written by two chunks.
@@ -396,7 +397,7 @@ unsafe impl Sync for Out {}
 impl Out {
     /// # Safety
     /// `i` must be inside the output and written by one chunk only.
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    pub(super) unsafe fn at(self, i: usize) -> *mut f32 {
         // SAFETY: the caller's contract.
         unsafe { self.0.add(i) }
     }

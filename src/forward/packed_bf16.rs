@@ -26,6 +26,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::expert_gemm::Out;
 use crate::memory::Recycler;
 
 /// The packed copies, kept from one product to the next (two per product;
@@ -103,23 +104,6 @@ pub(super) unsafe fn xwt(x: &[bf16], m: usize, k: usize, w: &[bf16], n: usize, y
         });
     PANELS.give(a);
     PANELS.give(b);
-}
-
-/// `y`'s pointer, shared by the chunks (each writes its own columns).
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the chunks write disjoint elements (see `xwt`).
-unsafe impl Send for Out {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// # Safety
-    /// `i` must be inside the output and written by one chunk only.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: the caller's contract.
-        unsafe { self.0.add(i) }
-    }
 }
 
 /// The rows of `v` (`[rows, k]`) in panels of `width` rows: panel `q`,
