@@ -1,6 +1,6 @@
 //! Where a decode step's time goes, on a checkpoint with resident weights
 //! (timers only; for reading, not for assertions):
-//! `cargo run --release --example decode_profile -- /tmp/scaled 200`
+//! `cargo run --release --example decode_profile -- /tmp/scaled 200 [exact|bf16]`
 //!
 //! Prints the time of a whole step at a 16-token context and, separately,
 //! of its parts: the matrix–vector products at each shape (with the GB/s
@@ -39,7 +39,18 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(2)
     });
-    let fwd = Forward::new(&model, Device::Cpu).unwrap().keep_weights();
+    let compute = match args.get(2).map(String::as_str) {
+        None | Some("exact") => moe_inspect::forward::expert_gemm::Compute::Exact,
+        Some("bf16") => moe_inspect::forward::expert_gemm::Compute::Bf16,
+        Some(c) => {
+            eprintln!("unknown compute mode {c:?} (exact or bf16)");
+            std::process::exit(2);
+        }
+    };
+    let fwd = Forward::new(&model, Device::Cpu)
+        .unwrap()
+        .keep_weights()
+        .compute(compute);
     let vocab = fwd.cfg.vocab_size;
     let ids: Vec<u32> = (0..17u32).map(|i| (i * 7919) % vocab as u32).collect();
     let mut dec = fwd.decoder(17).unwrap();

@@ -91,6 +91,11 @@ fn check(name: &str, resident: bool) {
         // not grown).
         dec.truncate(split);
         assert_eq!(dec.step(ids[split], &mut ()).unwrap(), &first[..]);
+        // On a thread of the pool (as `bench` steps), with the pool's other
+        // threads kept spinning through the step: the same logits.
+        dec.truncate(split);
+        let in_pool = rayon::scope(|_| dec.step(ids[split], &mut ()).map(<[f32]>::to_vec));
+        assert_eq!(in_pool.unwrap(), first);
     }
 }
 

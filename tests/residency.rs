@@ -1,5 +1,5 @@
 //! The forward pass's choice between resident and streamed weights
-//! (`Forward::resident_if_fits`), driven by `memory::set_max_memory` (the
+//! (`Forward::resident_if_fits`, by the number of passes and the memory), driven by `memory::set_max_memory` (the
 //! CLI's `--max-memory`): one test in its own process, since the cap is
 //! process-wide.
 
@@ -7,7 +7,7 @@ use moe_inspect_testkit as common;
 
 use candle_core::Device;
 use common::fixture;
-use moe_inspect::forward::{to_host, Forward};
+use moe_inspect::forward::{to_host, Forward, Passes};
 use moe_inspect::memory;
 use moe_inspect::model::Model;
 
@@ -22,17 +22,25 @@ fn weights_are_resident_when_they_fit_and_streamed_otherwise_with_the_same_logit
         assert!(bytes > 0);
         let ids: Vec<u32> = (1..9).collect();
         let mut logits = Vec::new();
-        // Below the weights' size, at it (more than 3/4 of the cap), and twice it.
-        for (cap, resident) in [(bytes / 2, false), (bytes, false), (bytes * 2, true)] {
+        // Repeated passes: below the weights' size, at it (more than 3/4 of
+        // the cap), and twice it; one pass streams whatever the memory (each
+        // layer is read once either way).
+        for (cap, passes, resident) in [
+            (bytes / 2, Passes::Repeated, false),
+            (bytes, Passes::Repeated, false),
+            (bytes * 2, Passes::Repeated, true),
+            (bytes * 2, Passes::One, false),
+        ] {
             memory::set_max_memory(Some(cap));
             let fwd = Forward::new(&model, Device::Cpu)
                 .unwrap()
-                .resident_if_fits();
+                .resident_if_fits(passes);
             let r = fwd.residency().expect("decided").clone();
             assert_eq!(
                 r.resident, resident,
-                "{name}: cap {cap}, weights {bytes}: {r}"
+                "{name}: cap {cap}, weights {bytes}, {passes:?}: {r}"
             );
+            assert_eq!(r.passes, passes);
             assert_eq!(fwd.weights_resident(), resident);
             assert_eq!(r.weight_bytes, bytes);
             assert_eq!(r.available.map(|a| a <= cap), Some(true));
@@ -43,6 +51,11 @@ fn weights_are_resident_when_they_fit_and_streamed_otherwise_with_the_same_logit
                 } else {
                     "weights streamed"
                 }),
+                "{text}"
+            );
+            assert_eq!(
+                text.contains("one pass reads each layer once"),
+                passes == Passes::One,
                 "{text}"
             );
             // The run's own memory check (its working set, tens of MiB)
@@ -56,7 +69,7 @@ fn weights_are_resident_when_they_fit_and_streamed_otherwise_with_the_same_logit
             }
         }
         memory::set_max_memory(None);
-        assert_eq!(logits.len(), 6);
+        assert_eq!(logits.len(), 8);
         for l in &logits[1..] {
             assert_eq!(l.len(), logits[0].len());
             let d = l

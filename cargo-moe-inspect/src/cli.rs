@@ -43,10 +43,12 @@ pub struct Cli {
     pub verbose: bool,
 
     /// Memory this run may plan with (bytes, or 512M, 8G, ...; binary
-    /// units): caps the available memory read from the system. The forward
-    /// pass (trace, check, diff, dynamic analyses, bench --model) keeps the
-    /// weights resident when they fit in 3/4 of it, else streams them layer
-    /// by layer. Overrides MOE_INSPECT_MAX_MEMORY.
+    /// units): caps the available memory read from the system, and a run
+    /// whose working set would not fit stops with an error. bench --model
+    /// keeps the weights resident when they fit in 3/4 of it, else streams
+    /// them layer by layer; the single forward pass of trace, check, diff
+    /// and the dynamic analyses always streams them (each layer is read
+    /// once). Overrides MOE_INSPECT_MAX_MEMORY.
     #[arg(
         long,
         global = true,

@@ -321,7 +321,7 @@ fn trace(args: TraceArgs) -> Result<u8> {
         },
     )?;
     detail_prompts(&args.prompts);
-    let fwd = forward::Forward::new(&model, device)?.resident_if_fits();
+    let fwd = forward::Forward::new(&model, device)?.resident_if_fits(forward::Passes::One);
     let summary = timed("forward pass and trace", || {
         moe_inspect::trace::trace(&fwd, &model.info.moe_layers, &prompts, args.logits, &output)
     })?;
@@ -591,7 +591,7 @@ fn analyze(args: AnalyzeArgs, style: Styling) -> Result<u8> {
     };
     let fwd = if needs_forward {
         let f = forward::Forward::new(&model, forward::parse_device(&args.model.device)?)?
-            .resident_if_fits();
+            .resident_if_fits(forward::Passes::One);
         Some(f)
     } else {
         None

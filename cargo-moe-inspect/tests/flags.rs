@@ -506,9 +506,10 @@ fn bench_works_from_another_directory() {
     assert!(r.stdout.contains("2.00"), "{}", r.stdout);
 }
 
-/// `--max-memory` (global): the forward pass's decision between resident and
-/// streamed weights follows it and is a notice after the run; a value that
-/// is not a size is a usage error.
+/// `--max-memory` (global): `bench --model`'s decision between resident
+/// and streamed weights follows it (stated under its table), the single
+/// pass of `trace` streams whatever the memory (a notice after the run); a cap below the run's
+/// working set is an error; a value that is not a size is a usage error.
 #[test]
 fn max_memory_decides_resident_or_streamed_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -526,7 +527,37 @@ fn max_memory_decides_resident_or_streamed_weights() {
     ];
     let r = run(&[&["trace", "--max-memory", "8G"][..], &base[..]].concat());
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("weights resident:"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("weights streamed layer by layer: one pass reads each layer once"),
+        "{}",
+        r.stderr
+    );
+    let bench = |cap: &str| {
+        let out = tmp.path().join(format!("bench-{cap}"));
+        run(&[
+            "bench",
+            "--quick",
+            "--model",
+            s(&model),
+            "--tokens",
+            "3",
+            "--filter",
+            "forward/decode",
+            "--max-memory",
+            cap,
+            "--out",
+            s(&out),
+        ])
+    };
+    let r = bench("8G");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("forward weights resident"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("streamed"), "{}", r.stdout);
     // A cap below the run's working set refuses the run before it starts:
     // one error line, no residency notice before it.
     let r = run(&[&["--max-memory", "1K", "trace"][..], &base[..]].concat());

@@ -727,7 +727,7 @@ fn run_forward(
     // them); a real checkpoint is resident when it fits in the available
     // memory (`--max-memory`), else streamed layer by layer.
     let fwd = if matches!(source, Source::Real(_)) {
-        let f = fwd.resident_if_fits();
+        let f = fwd.resident_if_fits(crate::forward::Passes::Repeated);
         if let Some(r) = f.residency() {
             progress.note(&r.to_string());
         }

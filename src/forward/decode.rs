@@ -290,7 +290,12 @@ impl Decoder<'_, '_> {
     /// mode, as its full forward does.
     pub fn step(&mut self, id: u32, observer: &mut dyn Observer) -> Result<&[f32]> {
         let compute = self.fwd.compute;
-        super::expert_gemm::with_compute(compute, || self.step_in_mode(id, observer))
+        // A step is a burst of ~20 small parallel products (a few hundred
+        // microseconds each): the pool's other threads spin between them
+        // instead of going to sleep and being woken for each.
+        super::awake::with_awake_pool(|| {
+            super::expert_gemm::with_compute(compute, || self.step_in_mode(id, observer))
+        })
     }
 
     fn step_in_mode(&mut self, id: u32, observer: &mut dyn Observer) -> Result<&[f32]> {

@@ -247,7 +247,8 @@ pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) ->
         }
     }
     if let Some(prompts) = prompts {
-        let fwd = Forward::new(model, opts.device.clone())?.resident_if_fits();
+        let fwd =
+            Forward::new(model, opts.device.clone())?.resident_if_fits(crate::forward::Passes::One);
         let mut rec = Recorder::new(
             info,
             prompts,
@@ -259,15 +260,11 @@ pub fn build(model: &Model, opts: &BuildOptions<'_>, progress: &dyn Progress) ->
         if let Some(err) = rec.error.take() {
             return Err(err);
         }
-        // After the run: a failing run's error stays the only line. Resident
-        // weights are the ordinary case (detail, -v); streaming is worth a
-        // notice (`check` builds one snapshot per model).
+        // After the run: a failing run's error stays the only line. One
+        // pass always streams its weights (the ordinary case: detail, -v;
+        // `check` builds one snapshot per model).
         if let Some(r) = fwd.residency() {
-            if r.resident {
-                progress.detail(&r.to_string());
-            } else {
-                progress.notice(&r.to_string());
-            }
+            progress.detail(&r.to_string());
         }
         let tokens: usize = prompts.iter().map(Vec::len).sum();
         let k = info.top_k;
