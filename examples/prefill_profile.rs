@@ -21,7 +21,14 @@ fn main() {
     let ids: Vec<u32> = (0..256u32).map(|i| (i * 7919) % 32000).collect();
     for _ in 0..runs {
         let t = std::time::Instant::now();
-        fwd.run(std::slice::from_ref(&ids), &mut (), true).unwrap();
+        // The last position's logits, as `bench` and llama-bench's prompt
+        // processing compute them.
+        fwd.run_logits(
+            std::slice::from_ref(&ids),
+            &mut (),
+            moe_inspect::forward::LogitRows::Last,
+        )
+        .unwrap();
         eprintln!("prefill 256: {:?}", t.elapsed());
     }
 }
