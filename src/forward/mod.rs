@@ -14,6 +14,7 @@ pub mod config;
 pub mod decode;
 pub mod deepseek_v32;
 mod glm;
+pub mod heap;
 mod matvec;
 internal_mod!(expert_gemm);
 pub mod gpt_oss;
