@@ -636,12 +636,35 @@ unsafe fn columns_with<W: WeightElem>(
     tile: Tile<W>,
 ) {
     let m = xr.len();
+    // The next block's weight rows are prefetched into L2 a share per
+    // token tile, so that its first tile does not wait on memory (weights
+    // are read once per pass, never cache-hot): 89 → 96–103 GFLOP/s on a
+    // single core at k = 1024 and 64 tokens, no change at k = 3584.
+    let row_lines = (k * std::mem::size_of::<W>()).div_ceil(64);
+    let tiles = m.div_ceil(R);
     let mut j0 = cols.start;
     while j0 < cols.end {
         let c = (cols.end - j0).min(C);
         let wp: [*const W; C] = std::array::from_fn(|b| w_row(j0 + b.min(c - 1)));
+        let next = j0 + c;
+        let nc = cols.end.saturating_sub(next).min(C);
+        let np: [*const W; C] = std::array::from_fn(|b| {
+            if b < nc {
+                w_row(next + b)
+            } else {
+                std::ptr::null()
+            }
+        });
+        let lines = nc * row_lines;
+        let per = lines.div_ceil(tiles);
+        let mut line = 0;
         let mut i0 = 0;
         while i0 < m {
+            let end = (line + per).min(lines);
+            for l in line..end {
+                prefetch_l2(np[l / row_lines].cast::<u8>().wrapping_add(l % row_lines * 64));
+            }
+            line = end;
             let r = (m - i0).min(R);
             let xp: [*const f32; R] = std::array::from_fn(|a| xr[i0 + a.min(r - 1)].0);
             // SAFETY: every pointer is a valid row (the caller's contract);
@@ -652,6 +675,20 @@ unsafe fn columns_with<W: WeightElem>(
         }
         j0 += c;
     }
+}
+
+/// A hint to bring the cache line of `p` into L2 (nothing off x86_64);
+/// never faults, whatever `p`.
+#[inline(always)]
+fn prefetch_l2(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it reads nothing architecturally and
+    // does not fault on any address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast::<i8>())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[cfg(target_arch = "x86_64")]
