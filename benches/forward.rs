@@ -44,8 +44,6 @@ impl Observer for AllExperts {
 }
 
 fn forward(c: &mut Criterion) {
-    // As the CLI: freed buffers stay in the heap for the next layer.
-    moe_inspect::forward::heap::keep_freed_buffers();
     let full = FullModel {
         vocab: 32000,
         heads: 16,

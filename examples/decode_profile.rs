@@ -29,7 +29,6 @@ fn time(runs: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    moe_inspect::forward::heap::keep_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(dir) = args.first() else {
         eprintln!("usage: decode_profile MODEL_DIR [RUNS]");

@@ -7,7 +7,6 @@ use moe_inspect::forward::Forward;
 use moe_inspect::model::Model;
 
 fn main() {
-    moe_inspect::forward::heap::keep_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(dir) = args.first() else {
         eprintln!("usage: prefill_profile MODEL_DIR [RUNS]");

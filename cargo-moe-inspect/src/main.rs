@@ -33,8 +33,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     restore_sigpipe();
-    // Forward passes reuse their freed buffers (no page faults per layer).
-    moe_inspect::forward::heap::keep_freed_buffers();
     // `cargo moe-inspect ...` runs us as `cargo-moe-inspect moe-inspect ...`.
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "moe-inspect") {

@@ -23,10 +23,12 @@ pub const TRIM_THRESHOLD: usize = 1 << 30;
 /// Keeps freed buffers below [`MMAP_THRESHOLD`] in the heap (up to
 /// [`TRIM_THRESHOLD`] free at its top) for the next layer and pass to
 /// reuse, where the allocator is glibc's (`mallopt`); nothing elsewhere.
-/// Process-wide, so it is the program's choice: the CLI and the benchmark
-/// and profiling examples call it first thing; a library user may.
-/// Memory still does not grow with depth: every layer reuses the same
-/// buffers.
+/// Process-wide: [`super::Forward::new`] calls it, so a process that runs
+/// forward passes keeps its buffers, and one that only runs the static
+/// analyses (one pass over each layer's weights, no activations) keeps
+/// glibc's defaults, under which its peak memory is checked
+/// (`cargo-moe-inspect/tests/memory.rs`). Memory still does not grow with
+/// depth: every layer reuses the same buffers.
 pub fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

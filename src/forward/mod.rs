@@ -170,9 +170,13 @@ fn all_finite(x: &Tensor) -> R<bool> {
 }
 
 impl<'m> Forward<'m> {
-    /// Prepares a forward pass of `model` on `device`.
+    /// Prepares a forward pass of `model` on `device`, and keeps the
+    /// process's freed buffers in its heap for the layers to reuse
+    /// ([`heap::keep_freed_buffers`]).
     pub fn new(model: &'m Model, device: Device) -> Result<Forward<'m>> {
         let cfg = ForwardConfig::from_config(&model.config, &model.info)?;
+        // Its layers reuse each other's freed buffers (see `heap`).
+        heap::keep_freed_buffers();
         Ok(Forward {
             model,
             cfg,
