@@ -230,27 +230,19 @@ impl Activation {
     }
 }
 
-/// `v / (1 + e^-v)` on eight values at once, `e^-v` by Cody–Waite range
-/// reduction and Cephes' degree-7 `expf` polynomial (within 1–2 ulp of the
-/// correctly rounded exponential; candle's scalar [`Activation::apply`]
-/// uses libm's), scaled by `vscalefps` so that large arguments overflow to
-/// infinity and small ones underflow to zero as `expf` does. NaN stays NaN.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
+/// `e^x` on 16 lanes: Cody–Waite range reduction and Cephes' degree-7
+/// `expf` polynomial (within 1–2 ulp of the correctly rounded exponential),
+/// scaled by `vscalefps`, so that large arguments overflow to infinity and
+/// small ones underflow to zero as `expf` does. NaN stays NaN.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn silu8_avx512(v: [f32; 8]) -> [f32; 8] {
+pub(super) fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let mut lanes = [0f32; 16];
-    lanes[..8].copy_from_slice(&v);
-    // SAFETY: `lanes` holds 16 f32.
-    let v = unsafe { _mm512_loadu_ps(lanes.as_ptr()) };
     let s = _mm512_set1_ps;
-    // -v within [-104, 89] (beyond them e^x is 0 or ∞ in f32 either way);
+    // x within [-104, 89] (beyond them e^x is 0 or ∞ in f32 either way);
     // `max`/`min` return their second operand when one is NaN, so NaN passes.
-    let x = _mm512_min_ps(s(89.0), _mm512_max_ps(s(-104.0), _mm512_sub_ps(s(0.0), v)));
+    let x = _mm512_min_ps(s(89.0), _mm512_max_ps(s(-104.0), x));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
         x,
         s(std::f32::consts::LOG2_E),
@@ -264,8 +256,25 @@ fn silu8_avx512(v: [f32; 8]) -> [f32; 8] {
         p = _mm512_fmadd_ps(p, r, s(c));
     }
     let e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), s(1.0));
-    let e = _mm512_scalef_ps(e, n);
-    let y = _mm512_div_ps(v, _mm512_add_ps(s(1.0), e));
+    _mm512_scalef_ps(e, n)
+}
+
+/// `v / (1 + e^-v)` on eight values at once, `e^-v` by [`exp_avx512`]
+/// (candle's scalar [`Activation::apply`] uses libm's `expf`).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn silu8_avx512(v: [f32; 8]) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    let mut lanes = [0f32; 16];
+    lanes[..8].copy_from_slice(&v);
+    // SAFETY: `lanes` holds 16 f32.
+    let v = unsafe { _mm512_loadu_ps(lanes.as_ptr()) };
+    let e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), v));
+    let y = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0), e));
     // SAFETY: `lanes` holds 16 f32.
     unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), y) };
     std::array::from_fn(|i| lanes[i])
