@@ -444,6 +444,158 @@ pub fn down_scatter_add<W: WeightElem>(
     };
 }
 
+/// One routed expert of a layer, for [`routed_experts`]: its weights, the
+/// token rows routed to it and their routing weights (`scale`, one per row).
+#[derive(Clone, Copy)]
+pub struct Routed<'a, W: WeightElem = f32> {
+    /// Gate and up projections and the activation.
+    pub gate_up: GateUp<'a, W>,
+    /// Down projection `[hidden, inter]`, row-major.
+    pub down: &'a [W],
+    /// The token rows of `x` routed to the expert.
+    pub rows: &'a [u32],
+    /// The routing weight of each row.
+    pub scale: &'a [f32],
+}
+
+/// A layer's routed experts added into `out` (`[tokens, hidden]`):
+/// [`gate_up`] then [`down_scatter_add`] for each expert in the order
+/// given, with the same results bit for bit, in two passes over the cores
+/// instead of two per expert: the gate/up products of every expert in one
+/// (their column chunks in any order), the activations of all, then the
+/// down products in one, each task one column chunk of every expert in
+/// turn (so each output element gets the experts' terms in the given order).
+/// The hidden activations of all the experts are held at once
+/// (`2 × rows × inter` f32 per expert).
+pub fn routed_experts<W: WeightElem>(
+    x: &[f32],
+    k: usize,
+    hidden: usize,
+    experts: &[Routed<'_, W>],
+    out: &mut [f32],
+) {
+    type WRow<'b, W> = Box<dyn Fn(usize) -> *const W + Sync + 'b>;
+    type BoxSink<'b> = Box<Sink<'b>>;
+    let live: Vec<&Routed<'_, W>> = experts.iter().filter(|e| !e.rows.is_empty()).collect();
+    for e in &live {
+        let inter = e.gate_up.inter;
+        assert_eq!(e.gate_up.gate.len(), inter * k, "gate is not [inter, k]");
+        assert_eq!(e.gate_up.up.len(), inter * k, "up is not [inter, k]");
+        assert_eq!(e.down.len(), hidden * inter, "down is not [hidden, inter]");
+        assert_eq!(e.scale.len(), e.rows.len(), "one scale per row");
+        assert!(
+            e.rows.iter().all(|&t| (t as usize + 1) * hidden <= out.len()),
+            "a row index is outside the output"
+        );
+    }
+    let xrs: Vec<Vec<Ptr>> = live.iter().map(|e| gathered(x, k, e.rows)).collect();
+    let mut hs: Vec<Vec<f32>> = live
+        .iter()
+        .map(|e| vec![0f32; e.rows.len() * e.gate_up.inter])
+        .collect();
+    let mut us: Vec<Vec<f32>> = hs.iter().map(|h| vec![0f32; h.len()]).collect();
+    {
+        let mut w_rows: Vec<WRow<'_, W>> = Vec::with_capacity(live.len());
+        let mut sinks: Vec<BoxSink<'_>> = Vec::with_capacity(live.len());
+        for ((e, h), u) in live.iter().zip(&mut hs).zip(&mut us) {
+            let GateUp {
+                gate, up, inter, ..
+            } = e.gate_up;
+            // As in `gate_up`: column 2j is gate row j, column 2j + 1 up row j.
+            w_rows.push(Box::new(move |c: usize| {
+                let m = if c.is_multiple_of(2) { gate } else { up };
+                m[(c / 2) * k..].as_ptr()
+            }));
+            let (g_out, u_out) = (Out(h.as_mut_ptr()), Out(u.as_mut_ptr()));
+            sinks.push(Box::new(move |i0, r, c0, c, s: &[[f32; C]; R]| {
+                for (a, row) in s.iter().enumerate().take(r) {
+                    for b in (0..c).step_by(2) {
+                        let at = (i0 + a) * inter + (c0 + b) / 2;
+                        // SAFETY: as in `gate_up`: i0 + a < rows, (c0 + b) / 2 < inter.
+                        unsafe {
+                            *g_out.at(at) = row[b];
+                            *u_out.at(at) = row[b + 1];
+                        }
+                    }
+                }
+            }));
+        }
+        let jobs: Vec<_> = live
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                (
+                    xrs[i].as_slice(),
+                    k,
+                    2 * e.gate_up.inter,
+                    &*w_rows[i] as &(dyn Fn(usize) -> *const W + Sync),
+                    &*sinks[i] as &Sink<'_>,
+                )
+            })
+            .collect();
+        // SAFETY: token rows checked by `gathered`, weight rows hold k values
+        // (asserted above); each sink writes its own expert's h and u, rows
+        // < rows.len() and columns < inter, borrowed mutably until the block ends.
+        unsafe { products(&jobs, false) };
+    }
+    hs.par_iter_mut()
+        .zip(&us)
+        .zip(&live)
+        .for_each(|((h, u), e)| e.gate_up.act.apply_gated(h, u));
+    drop(us);
+    let hrs: Vec<Vec<Ptr>> = live
+        .iter()
+        .zip(&hs)
+        .map(|(e, h)| {
+            (0..e.rows.len())
+                .map(|i| Ptr(h[i * e.gate_up.inter..].as_ptr()))
+                .collect()
+        })
+        .collect();
+    let dst = Out(out.as_mut_ptr());
+    let w_rows: Vec<WRow<'_, W>> = live
+        .iter()
+        .map(|e| {
+            let (down, inter) = (e.down, e.gate_up.inter);
+            Box::new(move |j: usize| down[j * inter..].as_ptr()) as WRow<'_, W>
+        })
+        .collect();
+    let sinks: Vec<BoxSink<'_>> = live
+        .iter()
+        .map(|e| {
+            let (rows, scale) = (e.rows, e.scale);
+            Box::new(move |i0: usize, r: usize, j0: usize, c: usize, s: &[[f32; C]; R]| {
+                for (a, row) in s.iter().enumerate().take(r) {
+                    let (t, g) = (rows[i0 + a] as usize, scale[i0 + a]);
+                    for (b, &v) in row.iter().enumerate().take(c) {
+                        // SAFETY: output rows checked above; the element is
+                        // in this task's column chunk (see `products`).
+                        unsafe { *dst.at(t * hidden + j0 + b) += g * v };
+                    }
+                }
+            }) as BoxSink<'_>
+        })
+        .collect();
+    let jobs: Vec<_> = live
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            (
+                hrs[i].as_slice(),
+                e.gate_up.inter,
+                hidden,
+                &*w_rows[i] as &(dyn Fn(usize) -> *const W + Sync),
+                &*sinks[i] as &Sink<'_>,
+            )
+        })
+        .collect();
+    // SAFETY: rows of h hold `inter` values, rows of down too (asserted);
+    // output rows checked above; every product has n = hidden, so in the
+    // ordered pass each output element is written by one task only, and
+    // `out` is borrowed mutably for the whole call.
+    unsafe { products(&jobs, true) };
+}
+
 /// Pointers to the rows `rows` of `x` (`[_, k]`), each checked to hold `k` values.
 fn gathered(x: &[f32], k: usize, rows: &[u32]) -> Vec<Ptr> {
     rows.iter()
@@ -498,7 +650,6 @@ type Sink<'a> = dyn Fn(usize, usize, usize, usize, &[[f32; C]; R]) + Sync + 'a;
 ///
 /// # Safety
 /// Every `xr[i]` and `w_row(j)`, `j < n`, must point to `k` readable f32.
-/// `sink` may only write outputs of the columns it is given.
 unsafe fn product<W: WeightElem>(
     xr: &[Ptr],
     k: usize,
@@ -509,64 +660,187 @@ unsafe fn product<W: WeightElem>(
     if xr.is_empty() || n == 0 {
         return;
     }
-    // Small products (a router on one token) run on the calling thread:
-    // handing them to the pool costs more than the arithmetic.
-    let threads = if xr.len() * n * k < 1 << 18 {
-        1
-    } else {
-        rayon::current_num_threads().max(1)
-    };
+    let threads = threads_for(xr.len(), k, n);
     // One token (decoding): bound by reading the weights, so the single-row
     // kernel of `matvec` (one sequential range per core).
     #[cfg(target_arch = "x86_64")]
-    if xr.len() == 1 && current_compute() == Compute::Exact && std::is_x86_feature_detected!("avx512f")
-    {
+    if is_single_row(xr.len()) {
         // SAFETY: the CPU has AVX-512F (checked); the caller's contract.
         unsafe { single_row(xr[0], k, n, threads, w_row, sink) };
         return;
     }
-    let tiles = n.div_ceil(C);
-    // A few chunks per thread, so that uneven cores balance.
-    let per = if threads == 1 {
-        n
+    let job = Job::new(xr, k, n, threads, w_row, sink);
+    if job.chunks == 1 {
+        // SAFETY: the caller's contract.
+        unsafe { job.run(0) };
     } else {
-        tiles.div_ceil(threads * 4).max(1) * C
-    };
-    let chunks = n.div_ceil(per);
-    // Bf16 mode on bf16 weights: the token rows rounded to bf16 once, here.
+        // SAFETY: the caller's contract.
+        (0..job.chunks).into_par_iter().for_each(|c| unsafe { job.run(c) });
+    }
+}
+
+/// How many cores a product of `m × k` by `k × n` is split across: small
+/// products (a router on one token) run on the calling thread, where
+/// handing them to the pool costs more than the arithmetic.
+fn threads_for(m: usize, k: usize, n: usize) -> usize {
+    if m.saturating_mul(n).saturating_mul(k) < 1 << 18 {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    }
+}
+
+/// Whether a product of `m` token rows takes [`single_row`]'s path.
+#[cfg(target_arch = "x86_64")]
+fn is_single_row(m: usize) -> bool {
+    m == 1 && current_compute() == Compute::Exact && std::is_x86_feature_detected!("avx512f")
+}
+
+/// One [`product`] split into column chunks of whole tiles (a few per
+/// core, so that uneven cores balance), each computed by [`Job::run`].
+struct Job<'a, W: WeightElem> {
+    xr: &'a [Ptr],
+    k: usize,
+    n: usize,
+    per: usize,
+    chunks: usize,
+    w_row: &'a (dyn Fn(usize) -> *const W + Sync),
+    sink: &'a Sink<'a>,
+    /// Bf16 mode on bf16 weights: the token rows rounded to bf16 once.
     #[cfg(target_arch = "x86_64")]
-    let x16: Option<Vec<bf16>> = (std::any::TypeId::of::<W>() == std::any::TypeId::of::<bf16>()
-        && current_compute() == Compute::Bf16
-        && Compute::bf16_supported())
-    .then(|| {
-        let mut v = Vec::with_capacity(xr.len() * k);
-        for p in xr {
-            // SAFETY: the caller's contract (k readable f32 per row).
-            let row = unsafe { std::slice::from_raw_parts(p.0, k) };
-            v.extend(row.iter().map(|&x| bf16::from_f32(x)));
-        }
-        v
-    });
-    let run = |chunk: usize| {
-        let cols = chunk * per..((chunk + 1) * per).min(n);
+    x16: Option<Vec<bf16>>,
+}
+
+impl<'a, W: WeightElem> Job<'a, W> {
+    /// The chunks of a product of `xr` (not empty) with `n` (> 0) weight rows on `threads` cores.
+    fn new(
+        xr: &'a [Ptr],
+        k: usize,
+        n: usize,
+        threads: usize,
+        w_row: &'a (dyn Fn(usize) -> *const W + Sync),
+        sink: &'a Sink<'a>,
+    ) -> Self {
+        let tiles = n.div_ceil(C);
+        let per = if threads == 1 {
+            n
+        } else {
+            tiles.div_ceil(threads * 4).max(1) * C
+        };
         #[cfg(target_arch = "x86_64")]
-        if let Some(x16) = &x16 {
-            // W is bf16 (checked above): the same pointers, retyped.
-            let w16 = |j: usize| w_row(j) as *const bf16;
+        let x16: Option<Vec<bf16>> = (std::any::TypeId::of::<W>()
+            == std::any::TypeId::of::<bf16>()
+            && current_compute() == Compute::Bf16
+            && Compute::bf16_supported())
+        .then(|| {
+            let mut v = Vec::with_capacity(xr.len() * k);
+            for p in xr {
+                // SAFETY: the caller's contract (k readable f32 per row).
+                let row = unsafe { std::slice::from_raw_parts(p.0, k) };
+                v.extend(row.iter().map(|&x| bf16::from_f32(x)));
+            }
+            v
+        });
+        Job {
+            xr,
+            k,
+            n,
+            per,
+            chunks: n.div_ceil(per),
+            w_row,
+            sink,
+            #[cfg(target_arch = "x86_64")]
+            x16,
+        }
+    }
+
+    /// Computes column chunk `chunk` (< `self.chunks`).
+    ///
+    /// # Safety
+    /// As [`product`], for the job's rows, weights and sink.
+    unsafe fn run(&self, chunk: usize) {
+        let cols = chunk * self.per..((chunk + 1) * self.per).min(self.n);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(x16) = &self.x16 {
+            // W is bf16 (checked in `new`): the same pointers, retyped.
+            let w16 = |j: usize| (self.w_row)(j) as *const bf16;
             // SAFETY: x16 holds xr.len() rows of k values; the caller's
             // contract for the weights and the sink; the CPU has
-            // AVX-512F and AVX-512 BF16 (checked above).
-            unsafe { columns_dpbf16(x16, xr.len(), k, cols, &w16, sink) };
+            // AVX-512F and AVX-512 BF16 (checked in `new`).
+            unsafe { columns_dpbf16(x16, self.xr.len(), self.k, cols, &w16, self.sink) };
             return;
         }
         // SAFETY: the caller's contract.
-        unsafe { columns(xr, k, cols, w_row, sink) };
-    };
-    if chunks == 1 {
-        run(0);
-    } else {
-        (0..chunks).into_par_iter().for_each(run);
+        unsafe { columns(self.xr, self.k, cols, self.w_row, self.sink) };
     }
+}
+
+/// Several [`product`]s in one pass over the cores (one join instead of
+/// one per product). With `ordered`, the products share their sink's
+/// output and must have the same `n`: each task runs one column chunk of
+/// every product in turn, so every output element is written by one task,
+/// products in the order given, as the products one after another would;
+/// a one-token product ([`single_row`]'s kernel) ends a pass and runs
+/// alone, keeping that order. Without `ordered`, the products write
+/// disjoint outputs and their chunks run in any order.
+///
+/// # Safety
+/// As [`product`], for each `(xr, k, n, w_row, sink)`.
+#[allow(clippy::type_complexity)]
+unsafe fn products<W: WeightElem>(
+    jobs: &[(
+        &[Ptr],
+        usize,
+        usize,
+        &(dyn Fn(usize) -> *const W + Sync),
+        &Sink<'_>,
+    )],
+    ordered: bool,
+) {
+    let threads = rayon::current_num_threads().max(1);
+    let mut pending: Vec<Job<'_, W>> = Vec::new();
+    let flush = |pending: &mut Vec<Job<'_, W>>| {
+        if pending.is_empty() {
+            return;
+        }
+        if ordered {
+            let chunks = pending.iter().map(|j| j.chunks).max().unwrap_or(0);
+            (0..chunks).into_par_iter().for_each(|c| {
+                for j in pending.iter().filter(|j| c < j.chunks) {
+                    // SAFETY: the caller's contract; chunk c of every
+                    // product covers the same columns (same n, same plan).
+                    unsafe { j.run(c) };
+                }
+            });
+        } else {
+            let tasks: Vec<(usize, usize)> = pending
+                .iter()
+                .enumerate()
+                .flat_map(|(i, j)| (0..j.chunks).map(move |c| (i, c)))
+                .collect();
+            // SAFETY: the caller's contract (disjoint outputs).
+            tasks
+                .into_par_iter()
+                .for_each(|(i, c)| unsafe { pending[i].run(c) });
+        }
+        pending.clear();
+    };
+    for &(xr, k, n, w_row, sink) in jobs {
+        if xr.is_empty() || n == 0 {
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_single_row(xr.len()) {
+            if ordered {
+                flush(&mut pending);
+            }
+            // SAFETY: the caller's contract.
+            unsafe { product(xr, k, n, w_row, sink) };
+            continue;
+        }
+        pending.push(Job::new(xr, k, n, threads, w_row, sink));
+    }
+    flush(&mut pending);
 }
 
 /// [`product`] for one token row: the columns in one contiguous range per
@@ -1547,6 +1821,81 @@ mod tests {
                     out[t * hidden..(t + 1) * hidden],
                     before[t * hidden..(t + 1) * hidden]
                 );
+            }
+        }
+    }
+
+    /// All the routed experts in two passes give the bits of `gate_up`
+    /// then `down_scatter_add` expert after expert: bf16 weights in both
+    /// compute modes, an expert with no tokens, one with a single token
+    /// (`single_row`'s kernel, which ends an ordered pass), many tokens
+    /// (several column chunks per expert), and the output's prior values
+    /// kept under the additions. Every output element is compared.
+    #[test]
+    fn routed_experts_are_the_experts_one_after_another() {
+        let mut rng = Rng(41);
+        let (tokens, hidden, inter) = (37, 96, 200);
+        let x = rand(&mut rng, tokens * hidden);
+        let experts = 5;
+        let mats: Vec<[Vec<bf16>; 3]> = (0..experts)
+            .map(|_| {
+                std::array::from_fn(|_| {
+                    rand(&mut rng, inter * hidden)
+                        .into_iter()
+                        .map(bf16::from_f32)
+                        .collect()
+                })
+            })
+            .collect();
+        // Expert 1 gets no token, expert 3 one; tokens are routed to two each.
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); experts];
+        for t in 0..tokens as u32 {
+            let a = [0, 2, 4][t as usize % 3];
+            let b = if t == 5 { 3 } else { [2, 4, 0][t as usize % 3] };
+            rows[a].push(t);
+            rows[b].push(t);
+        }
+        assert!(rows[1].is_empty() && rows[3].len() == 1);
+        let scales: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&t| 0.5 + t as f32 / 64.0).collect())
+            .collect();
+        let before = rand(&mut rng, tokens * hidden);
+        for mode in [Compute::Exact, Compute::Bf16] {
+            let routed: Vec<Routed<bf16>> = (0..experts)
+                .map(|e| Routed {
+                    gate_up: GateUp {
+                        gate: &mats[e][0],
+                        up: &mats[e][1],
+                        inter,
+                        act: Activation::Silu,
+                    },
+                    down: &mats[e][2],
+                    rows: &rows[e],
+                    scale: &scales[e],
+                })
+                .collect();
+            let mut want = before.clone();
+            let mut got = before.clone();
+            with_compute(mode, || {
+                for r in &routed {
+                    if r.rows.is_empty() {
+                        continue;
+                    }
+                    let mut h = vec![f32::NAN; r.rows.len() * inter];
+                    gate_up(&x, hidden, r.rows, r.gate_up, &mut h);
+                    down_scatter_add(&h, inter, r.down, hidden, r.rows, r.scale, &mut want);
+                }
+                routed_experts(&x, hidden, hidden, &routed, &mut got);
+            });
+            assert_eq!(got.len(), tokens * hidden);
+            assert!(got.iter().all(|v| v.is_finite()), "{mode:?}");
+            assert!(
+                got.iter().zip(&before).filter(|(a, b)| a != b).count() == got.len(),
+                "{mode:?}: every token got its experts' terms"
+            );
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{mode:?} element {i}: {a} vs {b}");
             }
         }
     }

@@ -91,15 +91,15 @@ impl Forward<'_> {
                     .map_err(ce(&what))?,
             );
         }
-        // One token (decoding) through the host kernels: every chosen
-        // expert in two passes over the cores.
-        let one_token = out_dev.is_none()
-            && t == 1
+        // The routed experts through the host kernels: one token
+        // (decoding) in two passes over the cores for all its experts,
+        // many tokens in two passes for all the routed experts.
+        let on_host = out_dev.is_none()
             && !all
-            && x_host
-                .as_deref()
-                .is_some_and(|xh| one_token_experts(xh, experts, &by_expert, inter, act, &mut out));
-        if out_dev.is_none() && !one_token {
+            && x_host.as_deref().is_some_and(|xh| {
+                experts_on_host(xh, hdim, experts, &by_expert, inter, act, &mut out)
+            });
+        if out_dev.is_none() && !on_host {
             for (e, f) in experts.iter().enumerate() {
                 let host = x_host.as_deref().zip(f.host_hub()).filter(|(_, hf)| {
                     let i = hf.gate.rows;
@@ -387,27 +387,28 @@ impl HostExpert<'_> {
     }
 }
 
-/// The routed experts of one token `x` added into `out` through
-/// [`matvec::experts_one_token`], from weights in their stored dtype, in
-/// expert order (the order the per-expert path adds them); `false` (nothing
-/// done) when an expert is not a host matrix of the common dtype and shape.
-fn one_token_experts(
-    x: &[f32],
+/// What runs on the chosen experts' host matrices once their common dtype
+/// is known ([`with_host_experts`]).
+trait OnHostExperts {
+    /// Runs on `(gate, up, down)` of each chosen expert, in order; `false`
+    /// when nothing was done.
+    fn run<W: expert_gemm::WeightElem>(self, mats: &[[&[W]; 3]]) -> bool;
+}
+
+/// Runs `f` on the `chosen` experts' matrices when every one is a host
+/// matrix in the hub layout, all of one dtype (the stored bf16/f16, or
+/// f32), gate and up `[inter, hdim]`, down `[hdim, inter]`; `false`
+/// (nothing done) otherwise, `true` when none is chosen.
+fn with_host_experts(
     experts: &[Ffn],
-    by_expert: &[Vec<(u32, f32)>],
+    chosen: &[usize],
     inter: usize,
-    act: expert_gemm::Activation,
-    out: &mut [f32],
+    hdim: usize,
+    f: impl OnHostExperts,
 ) -> bool {
-    let hdim = x.len();
-    let chosen: Vec<(usize, f32)> = by_expert
-        .iter()
-        .enumerate()
-        .filter_map(|(e, p)| p.first().map(|&(_, w)| (e, w)))
-        .collect();
     let Some(hosts) = chosen
         .iter()
-        .map(|&(e, _)| experts[e].host_hub())
+        .map(|&e| experts[e].host_hub())
         .collect::<Option<Vec<HostFfn>>>()
     else {
         return false;
@@ -419,52 +420,124 @@ fn one_token_experts(
     if !hosts.iter().all(shaped) {
         return false;
     }
-    fn run<'a, W: expert_gemm::WeightElem>(
-        x: &[f32],
+    fn all<'a, W>(
         hosts: &'a [HostFfn],
-        chosen: &[(usize, f32)],
-        inter: usize,
-        act: expert_gemm::Activation,
-        out: &mut [f32],
         pick: impl Fn(HostData<'a>) -> Option<&'a [W]>,
-    ) -> bool {
-        let list: Option<Vec<matvec::TokenExpert<W>>> = hosts
+    ) -> Option<Vec<[&'a [W]; 3]>> {
+        hosts
             .iter()
-            .zip(chosen)
-            .map(|(hf, &(_, weight))| {
-                Some(matvec::TokenExpert {
-                    gate: pick(hf.gate.data())?,
-                    up: pick(hf.up.data())?,
-                    down: pick(hf.down.data())?,
-                    weight,
-                })
+            .map(|hf| {
+                Some([
+                    pick(hf.gate.data())?,
+                    pick(hf.up.data())?,
+                    pick(hf.down.data())?,
+                ])
             })
-            .collect();
-        match list {
-            Some(list) => {
-                matvec::experts_one_token(x, &list, inter, act, out);
-                true
-            }
-            None => false,
-        }
+            .collect()
     }
     let Some(first) = hosts.first() else {
         return true;
     };
     match first.gate.data() {
-        HostData::F32(_) => run(x, &hosts, &chosen, inter, act, out, |d| match d {
+        HostData::F32(_) => all(&hosts, |d| match d {
             HostData::F32(v) => Some(v),
             _ => None,
-        }),
-        HostData::Bf16(_) => run(x, &hosts, &chosen, inter, act, out, |d| match d {
+        })
+        .is_some_and(|m| f.run(&m)),
+        HostData::Bf16(_) => all(&hosts, |d| match d {
             HostData::Bf16(v) => Some(v),
             _ => None,
-        }),
-        HostData::F16(_) => run(x, &hosts, &chosen, inter, act, out, |d| match d {
+        })
+        .is_some_and(|m| f.run(&m)),
+        HostData::F16(_) => all(&hosts, |d| match d {
             HostData::F16(v) => Some(v),
             _ => None,
-        }),
+        })
+        .is_some_and(|m| f.run(&m)),
     }
+}
+
+/// The routed experts of the tokens `x` (`[tokens, hdim]`) added into
+/// `out`, from weights in their stored dtype: one token through
+/// [`matvec::experts_one_token`] (expert order, the order the per-expert
+/// path adds them), more through [`expert_gemm::routed_experts`] (the
+/// per-expert loop's results, bit for bit); `false` (nothing done) when a
+/// chosen expert is not a host matrix of the common dtype and shape.
+fn experts_on_host(
+    x: &[f32],
+    hdim: usize,
+    experts: &[Ffn],
+    by_expert: &[Vec<(u32, f32)>],
+    inter: usize,
+    act: expert_gemm::Activation,
+    out: &mut [f32],
+) -> bool {
+    struct Job<'a> {
+        x: &'a [f32],
+        hdim: usize,
+        rows: Vec<Vec<u32>>,
+        scales: Vec<Vec<f32>>,
+        inter: usize,
+        act: expert_gemm::Activation,
+        out: &'a mut [f32],
+    }
+    impl OnHostExperts for Job<'_> {
+        fn run<W: expert_gemm::WeightElem>(self, mats: &[[&[W]; 3]]) -> bool {
+            if self.x.len() == self.hdim {
+                let list: Vec<matvec::TokenExpert<W>> = mats
+                    .iter()
+                    .zip(&self.scales)
+                    .map(|(&[gate, up, down], s)| matvec::TokenExpert {
+                        gate,
+                        up,
+                        down,
+                        weight: s[0],
+                    })
+                    .collect();
+                matvec::experts_one_token(self.x, &list, self.inter, self.act, self.out);
+            } else {
+                let list: Vec<expert_gemm::Routed<W>> = mats
+                    .iter()
+                    .zip(self.rows.iter().zip(&self.scales))
+                    .map(|(&[gate, up, down], (rows, scale))| expert_gemm::Routed {
+                        gate_up: expert_gemm::GateUp {
+                            gate,
+                            up,
+                            inter: self.inter,
+                            act: self.act,
+                        },
+                        down,
+                        rows,
+                        scale,
+                    })
+                    .collect();
+                expert_gemm::routed_experts(self.x, self.hdim, self.hdim, &list, self.out);
+            }
+            true
+        }
+    }
+    if hdim == 0 || x.len() != out.len() || !x.len().is_multiple_of(hdim) {
+        return false;
+    }
+    let chosen: Vec<usize> = (0..by_expert.len())
+        .filter(|&e| !by_expert[e].is_empty())
+        .collect();
+    let job = Job {
+        x,
+        hdim,
+        rows: chosen
+            .iter()
+            .map(|&e| by_expert[e].iter().map(|&(t, _)| t).collect())
+            .collect(),
+        scales: chosen
+            .iter()
+            .map(|&e| by_expert[e].iter().map(|&(_, w)| w).collect())
+            .collect(),
+        inter,
+        act,
+        out,
+    };
+    with_host_experts(experts, &chosen, inter, hdim, job)
 }
 
 /// `x`'s values on the host, flattened, when `wanted`.
