@@ -386,9 +386,11 @@ impl Forward<'_> {
                 },
             ) => {
                 let eps = self.cfg.rms_eps;
-                let mut qx = self.lin(x, q, q_bias.as_ref())?;
-                let mut kx = self.lin(x, k, k_bias.as_ref())?;
-                let vx = self.lin(x, v, v_bias.as_ref())?;
+                let [mut qx, mut kx, vx] = self.lins(
+                    x,
+                    [q, k, v],
+                    [q_bias.as_ref(), k_bias.as_ref(), v_bias.as_ref()],
+                )?;
                 if *qk_norm == QkNorm::Full {
                     qx = rms_norm(&qx, q_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;
                     kx = rms_norm(&kx, k_norm.as_ref().expect("loaded with QkNorm::Full"), eps)?;

@@ -299,23 +299,69 @@ unsafe fn silu_gated_avx512(g: &mut [f32], u: &[f32]) {
 /// `y = x · Wᵀ`: `x` is `[m, k]`, `w` is `[n, k]`, `y` is `[m, n]`, all
 /// row-major and contiguous.
 pub fn matmul_xwt<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, y: &mut [f32]) {
-    assert_eq!(x.len(), m * k, "x is not [m, k]");
     assert_eq!(w.len(), n * k, "w is not [n, k]");
-    assert_eq!(y.len(), m * n, "y is not [m, n]");
-    let xr: Vec<Ptr> = (0..m).map(|i| Ptr(x[i * k..].as_ptr())).collect();
-    let out = Out(y.as_mut_ptr());
-    // SAFETY: rows of x and w hold k values each (lengths asserted above);
-    // the sink writes y[i, j] for i < m, j < n, and `y` is borrowed mutably
-    // for the whole call.
-    unsafe {
-        product(&xr, k, n, &|j| w[j * k..].as_ptr(), &|i0, r, j0, c, s| {
-            for (a, row) in s.iter().enumerate().take(r) {
-                for (b, &v) in row.iter().enumerate().take(c) {
-                    *out.at((i0 + a) * n + j0 + b) = v;
-                }
-            }
+    matmul_xwt_many(x, m, k, &[w], &mut [y]);
+}
+
+/// [`matmul_xwt`] of one `x` (`[m, k]`) with several weights `ws[i]`
+/// (`[nᵢ, k]`) into `ys[i]` (`[m, nᵢ]`), in one pass over the cores (the
+/// query, key and value projections of a layer): the same results as one
+/// product after another.
+pub fn matmul_xwt_many<W: WeightElem>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ws: &[&[W]],
+    ys: &mut [&mut [f32]],
+) {
+    assert_eq!(x.len(), m * k, "x is not [m, k]");
+    assert_eq!(ws.len(), ys.len(), "one output per weight");
+    let ns: Vec<usize> = ws
+        .iter()
+        .zip(ys.iter())
+        .map(|(w, y)| {
+            let n = w.len().checked_div(k).unwrap_or(0);
+            assert_eq!(w.len(), n * k, "w is not [n, k]");
+            assert_eq!(y.len(), m * n, "y is not [m, n]");
+            n
         })
-    };
+        .collect();
+    let xr: Vec<Ptr> = (0..m).map(|i| Ptr(x[i * k..].as_ptr())).collect();
+    type WRow<'b, W> = Box<dyn Fn(usize) -> *const W + Sync + 'b>;
+    let w_rows: Vec<WRow<'_, W>> = ws
+        .iter()
+        .map(|&w| Box::new(move |j: usize| w[j * k..].as_ptr()) as WRow<'_, W>)
+        .collect();
+    let sinks: Vec<Box<Sink<'_>>> = ys
+        .iter_mut()
+        .zip(&ns)
+        .map(|(y, &n)| {
+            let out = Out(y.as_mut_ptr());
+            Box::new(move |i0: usize, r: usize, j0: usize, c: usize, s: &[[f32; C]; R]| {
+                for (a, row) in s.iter().enumerate().take(r) {
+                    for (b, &v) in row.iter().enumerate().take(c) {
+                        // SAFETY: i0 + a < m, j0 + b < n: inside y, written
+                        // by the one chunk holding column j0 + b.
+                        unsafe { *out.at((i0 + a) * n + j0 + b) = v };
+                    }
+                }
+            }) as Box<Sink<'_>>
+        })
+        .collect();
+    let jobs: Vec<_> = (0..ws.len())
+        .map(|i| {
+            (
+                xr.as_slice(),
+                k,
+                ns[i],
+                &*w_rows[i] as &(dyn Fn(usize) -> *const W + Sync),
+                &*sinks[i] as &Sink<'_>,
+            )
+        })
+        .collect();
+    // SAFETY: rows of x and of every w hold k values (lengths asserted
+    // above); each sink writes its own y, borrowed mutably for the call.
+    unsafe { products(&jobs, false) };
 }
 
 /// `y = x · Wᵀ` for bf16 `x` (`[m, k]`) and bf16 `w` (`[n, k]`), `y`
@@ -1897,6 +1943,50 @@ mod tests {
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{mode:?} element {i}: {a} vs {b}");
             }
+        }
+    }
+
+    /// Several weights in one pass give each product's own bits, for one
+    /// token (`single_row`'s kernel) and for many, widths with partial
+    /// tiles, and an empty weight; every element of every output compared.
+    #[test]
+    fn products_of_one_x_with_several_weights_are_the_products() {
+        let mut rng = Rng(43);
+        let k = 72;
+        for m in [1, 3, 29] {
+            let x = rand(&mut rng, m * k);
+            let ws: Vec<Vec<bf16>> = [130, 0, 64, 7]
+                .iter()
+                .map(|&n| rand(&mut rng, n * k).into_iter().map(bf16::from_f32).collect())
+                .collect();
+            let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * (w.len() / k)]).collect();
+            let refs: Vec<&[bf16]> = ws.iter().map(|w| w.as_slice()).collect();
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+            matmul_xwt_many(&x, m, k, &refs, &mut outs);
+            let mut compared = 0;
+            for (w, y) in ws.iter().zip(&ys) {
+                let n = w.len() / k;
+                let mut want = vec![f32::NAN; m * n];
+                // One product alone, through the single-product path.
+                let xr: Vec<Ptr> = (0..m).map(|i| Ptr(x[i * k..].as_ptr())).collect();
+                let out = Out(want.as_mut_ptr());
+                // SAFETY: rows hold k values; the sink writes want[i, j], i < m, j < n.
+                unsafe {
+                    product(&xr, k, n, &|j| w[j * k..].as_ptr(), &|i0, r, j0, c, s| {
+                        for (a, row) in s.iter().enumerate().take(r) {
+                            for (b, &v) in row.iter().enumerate().take(c) {
+                                *out.at((i0 + a) * n + j0 + b) = v;
+                            }
+                        }
+                    })
+                };
+                for (a, b) in y.iter().zip(&want) {
+                    assert!(a.is_finite(), "m={m} n={n}");
+                    assert_eq!(a.to_bits(), b.to_bits(), "m={m} n={n}");
+                    compared += 1;
+                }
+            }
+            assert_eq!(compared, m * (130 + 64 + 7));
         }
     }
 

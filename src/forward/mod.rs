@@ -297,6 +297,33 @@ impl<'m> Forward<'m> {
         }
     }
 
+    /// [`Forward::lin`] of one `x` with several weights (a layer's query,
+    /// key and value projections): stored bf16/f16 weights in one pass over
+    /// the cores.
+    fn lins<const N: usize>(
+        &self,
+        x: &Tensor,
+        ws: [&Tensor; N],
+        bs: [Option<&Tensor>; N],
+    ) -> R<[Tensor; N]> {
+        let ys: Vec<Tensor> = match weights::host_linears(x, &ws) {
+            Some(ys) => ys?,
+            None => ws
+                .iter()
+                .map(|w| weights::linear_any(x, w, self.resident.is_some()))
+                .collect::<R<_>>()?,
+        };
+        let ys = ys
+            .into_iter()
+            .zip(bs)
+            .map(|(y, b)| match b {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            })
+            .collect::<R<Vec<_>>>()?;
+        Ok(ys.try_into().expect("one output per weight"))
+    }
+
     /// Whether the weights are kept resident across runs ([`Forward::keep_weights`]).
     pub fn weights_resident(&self) -> bool {
         self.resident.is_some()

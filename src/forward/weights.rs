@@ -154,34 +154,79 @@ pub(crate) fn advise_huge_pages<T>(v: &mut [T]) {
 /// AVX-512 or AVX2 widening in registers, a portable loop elsewhere), on
 /// all cores split by output rows. `None` when `w` is not such a weight.
 pub fn host_linear(x: &Tensor, w: &Tensor) -> Option<candle_core::Result<Tensor>> {
-    let wm = HostMatrix::of(w)?;
-    if matches!(wm.data(), HostData::F32(_)) {
+    host_linears(x, &[w]).map(|r| r.map(|mut ys| ys.remove(0)))
+}
+
+/// [`host_linear`] of one `x` with several weights (a layer's query, key
+/// and value projections) in one pass over the cores; `None` unless every
+/// weight is a stored bf16/f16 matrix, all of one dtype.
+pub fn host_linears(x: &Tensor, ws: &[&Tensor]) -> Option<candle_core::Result<Vec<Tensor>>> {
+    let wms: Vec<HostMatrix> = ws
+        .iter()
+        .map(|w| HostMatrix::of(w))
+        .collect::<Option<_>>()?;
+    let first = wms.first()?;
+    let same = |a: &HostData, b: &HostData| {
+        matches!(
+            (a, b),
+            (HostData::Bf16(_), HostData::Bf16(_)) | (HostData::F16(_), HostData::F16(_))
+        )
+    };
+    if !wms.iter().all(|w| same(&first.data(), &w.data())) {
         return None;
     }
     Some((|| {
-        let k = wm.cols;
+        let k = first.cols;
         let dims = x.dims().to_vec();
-        if dims.last() != Some(&k) {
-            candle_core::bail!(
-                "input {dims:?} does not match the weight [{}, {k}]",
-                wm.rows
-            );
+        for wm in &wms {
+            if dims.last() != Some(&wm.cols) {
+                candle_core::bail!(
+                    "input {dims:?} does not match the weight [{}, {}]",
+                    wm.rows,
+                    wm.cols
+                );
+            }
         }
         let xs: Vec<f32> = x
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
         let m = xs.len() / k.max(1);
-        let n = wm.rows;
-        let mut y = vec![0f32; m * n];
-        match wm.data() {
-            HostData::Bf16(d) => super::expert_gemm::matmul_xwt(&xs, m, k, d, n, &mut y),
-            HostData::F16(d) => super::expert_gemm::matmul_xwt(&xs, m, k, d, n, &mut y),
-            HostData::F32(d) => super::expert_gemm::matmul_xwt(&xs, m, k, d, n, &mut y),
+        let mut ys: Vec<Vec<f32>> = wms.iter().map(|w| vec![0f32; m * w.rows]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        fn all<'a, W>(
+            wms: &'a [HostMatrix],
+            pick: impl Fn(HostData<'a>) -> Option<&'a [W]>,
+        ) -> Vec<&'a [W]> {
+            wms.iter()
+                .map(|w| pick(w.data()).expect("one dtype, checked above"))
+                .collect()
         }
-        let mut out = dims;
-        *out.last_mut().expect("checked above") = n;
-        Tensor::from_vec(y, out, x.device())
+        match first.data() {
+            HostData::Bf16(_) => {
+                let ws = all(&wms, |d| match d {
+                    HostData::Bf16(v) => Some(v),
+                    _ => None,
+                });
+                super::expert_gemm::matmul_xwt_many(&xs, m, k, &ws, &mut outs)
+            }
+            HostData::F16(_) => {
+                let ws = all(&wms, |d| match d {
+                    HostData::F16(v) => Some(v),
+                    _ => None,
+                });
+                super::expert_gemm::matmul_xwt_many(&xs, m, k, &ws, &mut outs)
+            }
+            HostData::F32(_) => unreachable!("f32 weights take candle's matmul"),
+        }
+        ys.into_iter()
+            .zip(&wms)
+            .map(|(y, w)| {
+                let mut out = dims.clone();
+                *out.last_mut().expect("checked above") = w.rows;
+                Tensor::from_vec(y, out, x.device())
+            })
+            .collect()
     })())
 }
 
