@@ -327,7 +327,6 @@ pub fn matmul_xwt_many<W: WeightElem>(
         })
         .collect();
     let xr: Vec<Ptr> = (0..m).map(|i| Ptr(x[i * k..].as_ptr())).collect();
-    type WRow<'b, W> = Box<dyn Fn(usize) -> *const W + Sync + 'b>;
     let w_rows: Vec<WRow<'_, W>> = ws
         .iter()
         .map(|&w| Box::new(move |j: usize| w[j * k..].as_ptr()) as WRow<'_, W>)
@@ -419,27 +418,11 @@ pub fn gate_up<W: WeightElem>(x: &[f32], k: usize, rows: &[u32], w: GateUp<'_, W
     let xr = gathered(x, k, rows);
     // The up projections, until the activation pass multiplies them in.
     let mut u = vec![0f32; h.len()];
-    let (g_out, u_out) = (Out(h.as_mut_ptr()), Out(u.as_mut_ptr()));
-    // Column 2j is gate row j, column 2j + 1 up row j: a tile of 4 columns
-    // holds two (gate, up) pairs and a chunk of whole tiles never splits one.
-    let w_row = |c: usize| {
-        let m = if c.is_multiple_of(2) { gate } else { up };
-        m[(c / 2) * k..].as_ptr()
-    };
+    let (w_row, sink) = gate_up_parts(w, k, Out(h.as_mut_ptr()), Out(u.as_mut_ptr()));
     // SAFETY: token rows are checked by `gathered`, weight rows hold k values
-    // (lengths asserted above); the sink writes h[i, j] and u[i, j] for
-    // i < rows.len(), j < inter, both borrowed mutably for the whole call.
-    unsafe {
-        product(&xr, k, 2 * inter, &w_row, &|i0, r, c0, c, s| {
-            for (a, row) in s.iter().enumerate().take(r) {
-                for b in (0..c).step_by(2) {
-                    let at = (i0 + a) * inter + (c0 + b) / 2;
-                    *g_out.at(at) = row[b];
-                    *u_out.at(at) = row[b + 1];
-                }
-            }
-        })
-    };
+    // (lengths asserted above); h and u hold rows.len() × inter values,
+    // borrowed mutably for the whole call.
+    unsafe { product(&xr, k, 2 * inter, &*w_row, &*sink) };
     // The activation over whole rows (sixteen lanes at a time), not per
     // tile: per tile it took 5% of a prefill, as the scalar one had.
     act.apply_gated(h, &u);
@@ -467,27 +450,77 @@ pub fn down_scatter_add<W: WeightElem>(
     let hr: Vec<Ptr> = (0..rows.len())
         .map(|i| Ptr(h[i * inter..].as_ptr()))
         .collect();
-    let dst = Out(out.as_mut_ptr());
+    let (w_row, sink) = down_parts(down, inter, hidden, rows, scale, Out(out.as_mut_ptr()));
     // SAFETY: rows of h and down hold `inter` values; output rows were
-    // checked above; the sink writes out[rows[i], j] for j < hidden, its
-    // column chunk alone (a token listed twice is added twice, in order,
-    // by the same chunk), and `out` is borrowed mutably for the whole call.
-    unsafe {
-        product(
-            &hr,
-            inter,
-            hidden,
-            &|j| down[j * inter..].as_ptr(),
-            &|i0, r, j0, c, s| {
-                for (a, row) in s.iter().enumerate().take(r) {
-                    let (t, g) = (rows[i0 + a] as usize, scale[i0 + a]);
-                    for (b, &v) in row.iter().enumerate().take(c) {
-                        *dst.at(t * hidden + j0 + b) += g * v;
-                    }
+    // checked above, and `out` is borrowed mutably for the whole call.
+    unsafe { product(&hr, inter, hidden, &*w_row, &*sink) };
+}
+
+/// A boxed weight-row lookup, for [`products`].
+type WRow<'a, W> = Box<dyn Fn(usize) -> *const W + Sync + 'a>;
+
+/// The weight rows and the sink of an expert's gate/up product. Column
+/// 2j is gate row j, column 2j + 1 up row j: a tile of 4 columns holds two
+/// (gate, up) pairs and a chunk of whole tiles never splits one. The sink
+/// stores row i's gate values at `g[i · inter + j]`, its up values at
+/// `u[i · inter + j]`: `g` and `u` must hold `rows × inter` values, and
+/// nothing else may use them while the product runs.
+fn gate_up_parts<'a, W: WeightElem>(
+    w: GateUp<'a, W>,
+    k: usize,
+    g: Out,
+    u: Out,
+) -> (WRow<'a, W>, Box<Sink<'a>>) {
+    let GateUp {
+        gate, up, inter, ..
+    } = w;
+    let w_row = Box::new(move |c: usize| {
+        let m = if c.is_multiple_of(2) { gate } else { up };
+        m[(c / 2) * k..].as_ptr()
+    });
+    let sink = Box::new(move |i0: usize, r: usize, c0: usize, c: usize, s: &[[f32; C]; R]| {
+        for (a, row) in s.iter().enumerate().take(r) {
+            for b in (0..c).step_by(2) {
+                let at = (i0 + a) * inter + (c0 + b) / 2;
+                // SAFETY: i0 + a < rows and (c0 + b) / 2 < inter: inside g
+                // and u (this function's contract), each element written by
+                // the one chunk holding its column.
+                unsafe {
+                    *g.at(at) = row[b];
+                    *u.at(at) = row[b + 1];
                 }
-            },
-        )
-    };
+            }
+        }
+    });
+    (w_row, sink)
+}
+
+/// The weight rows and the sink of an expert's down product, adding
+/// `scale[i] · (h[i]·Dᵀ)` into row `rows[i]` of `out` (`[_, hidden]`):
+/// every `rows[i]` must be a row of `out`, and nothing else may use
+/// `out` while the product runs but other such sinks, in the ordered
+/// passes of [`products`] (a chunk's elements written by that chunk alone;
+/// a token listed twice is added twice, in order, by the same chunk).
+fn down_parts<'a, W: WeightElem>(
+    down: &'a [W],
+    inter: usize,
+    hidden: usize,
+    rows: &'a [u32],
+    scale: &'a [f32],
+    out: Out,
+) -> (WRow<'a, W>, Box<Sink<'a>>) {
+    let w_row = Box::new(move |j: usize| down[j * inter..].as_ptr());
+    let sink = Box::new(move |i0: usize, r: usize, j0: usize, c: usize, s: &[[f32; C]; R]| {
+        for (a, row) in s.iter().enumerate().take(r) {
+            let (t, g) = (rows[i0 + a] as usize, scale[i0 + a]);
+            for (b, &v) in row.iter().enumerate().take(c) {
+                // SAFETY: row t of `out`, column j0 + b < hidden (this
+                // function's contract), in this task's column chunk.
+                unsafe { *out.at(t * hidden + j0 + b) += g * v };
+            }
+        }
+    });
+    (w_row, sink)
 }
 
 /// One routed expert of a layer, for [`routed_experts`]: its weights, the
@@ -520,8 +553,6 @@ pub fn routed_experts<W: WeightElem>(
     experts: &[Routed<'_, W>],
     out: &mut [f32],
 ) {
-    type WRow<'b, W> = Box<dyn Fn(usize) -> *const W + Sync + 'b>;
-    type BoxSink<'b> = Box<Sink<'b>>;
     let live: Vec<&Routed<'_, W>> = experts.iter().filter(|e| !e.rows.is_empty()).collect();
     for e in &live {
         let inter = e.gate_up.inter;
@@ -541,31 +572,12 @@ pub fn routed_experts<W: WeightElem>(
         .collect();
     let mut us: Vec<Vec<f32>> = hs.iter().map(|h| vec![0f32; h.len()]).collect();
     {
-        let mut w_rows: Vec<WRow<'_, W>> = Vec::with_capacity(live.len());
-        let mut sinks: Vec<BoxSink<'_>> = Vec::with_capacity(live.len());
-        for ((e, h), u) in live.iter().zip(&mut hs).zip(&mut us) {
-            let GateUp {
-                gate, up, inter, ..
-            } = e.gate_up;
-            // As in `gate_up`: column 2j is gate row j, column 2j + 1 up row j.
-            w_rows.push(Box::new(move |c: usize| {
-                let m = if c.is_multiple_of(2) { gate } else { up };
-                m[(c / 2) * k..].as_ptr()
-            }));
-            let (g_out, u_out) = (Out(h.as_mut_ptr()), Out(u.as_mut_ptr()));
-            sinks.push(Box::new(move |i0, r, c0, c, s: &[[f32; C]; R]| {
-                for (a, row) in s.iter().enumerate().take(r) {
-                    for b in (0..c).step_by(2) {
-                        let at = (i0 + a) * inter + (c0 + b) / 2;
-                        // SAFETY: as in `gate_up`: i0 + a < rows, (c0 + b) / 2 < inter.
-                        unsafe {
-                            *g_out.at(at) = row[b];
-                            *u_out.at(at) = row[b + 1];
-                        }
-                    }
-                }
-            }));
-        }
+        let (w_rows, sinks): (Vec<_>, Vec<_>) = live
+            .iter()
+            .zip(&mut hs)
+            .zip(&mut us)
+            .map(|((e, h), u)| gate_up_parts(e.gate_up, k, Out(h.as_mut_ptr()), Out(u.as_mut_ptr())))
+            .unzip();
         let jobs: Vec<_> = live
             .iter()
             .enumerate()
@@ -599,29 +611,10 @@ pub fn routed_experts<W: WeightElem>(
         })
         .collect();
     let dst = Out(out.as_mut_ptr());
-    let w_rows: Vec<WRow<'_, W>> = live
+    let (w_rows, sinks): (Vec<_>, Vec<_>) = live
         .iter()
-        .map(|e| {
-            let (down, inter) = (e.down, e.gate_up.inter);
-            Box::new(move |j: usize| down[j * inter..].as_ptr()) as WRow<'_, W>
-        })
-        .collect();
-    let sinks: Vec<BoxSink<'_>> = live
-        .iter()
-        .map(|e| {
-            let (rows, scale) = (e.rows, e.scale);
-            Box::new(move |i0: usize, r: usize, j0: usize, c: usize, s: &[[f32; C]; R]| {
-                for (a, row) in s.iter().enumerate().take(r) {
-                    let (t, g) = (rows[i0 + a] as usize, scale[i0 + a]);
-                    for (b, &v) in row.iter().enumerate().take(c) {
-                        // SAFETY: output rows checked above; the element is
-                        // in this task's column chunk (see `products`).
-                        unsafe { *dst.at(t * hidden + j0 + b) += g * v };
-                    }
-                }
-            }) as BoxSink<'_>
-        })
-        .collect();
+        .map(|e| down_parts(e.down, e.gate_up.inter, hidden, e.rows, e.scale, dst))
+        .unzip();
     let jobs: Vec<_> = live
         .iter()
         .enumerate()
